@@ -1,0 +1,48 @@
+# offramp: `make demo` runs the system, `make test` runs the tests. Each sets itself up.
+PYTHON      ?= python3.11
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+# torch is only for training/export. 2.13.0 is the CPU build the project's machines carry; elsewhere
+# add TORCH_INDEX=--extra-index-url=https://download.pytorch.org/whl/cpu to avoid a CUDA build.
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP       := $(VENV)/.installed
+
+.PHONY: help setup system-deps demo test lint typecheck pytest bench-hop clean
+
+help:
+	@echo "make demo      run offramp locally (broker + services) and show it working"
+	@echo "make test      lint, type check and the test suite (real Mosquitto, real ONNX models)"
+	@echo "make bench-hop one bus hop vs bare paho-mqtt (bench/results/hop.json)"
+
+system-deps:
+	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh
+
+$(STAMP): pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_INDEX) -e '.[dev,train]'
+	touch $(STAMP)
+
+setup: system-deps $(STAMP)
+
+demo: setup
+	$(VENV)/bin/offramp demo
+
+lint: setup
+	$(VENV)/bin/ruff check shared services tests bench
+
+typecheck: setup
+	$(VENV)/bin/mypy shared services
+
+pytest: setup
+	$(PY) -m pytest -q
+
+test: lint typecheck pytest
+
+bench-hop: setup
+	$(PY) bench/hop.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install what offramp needs from the OS (Debian/Ubuntu): Mosquitto and its clients, and the
+# venv module for Python. Does nothing when they are present. Uses sudo when not root.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3.11}
+need=()
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then need+=(mosquitto); fi
+if ! command -v mosquitto_pub >/dev/null 2>&1; then need+=(mosquitto-clients); fi
+if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=("${PYTHON}-venv"); fi
+[ ${#need[@]} -eq 0 ] && exit 0
+
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "offramp needs: ${need[*]}. Install them with your package manager and run make again." >&2
+  exit 1
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO=sudo; else
+    echo "offramp needs: ${need[*]} (apt-get install -y ${need[*]}), and this user cannot sudo." >&2
+    exit 1
+  fi
+fi
+echo "installing system packages: ${need[*]}" >&2
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"

@@ -1,0 +1,1 @@
+"""admission-controller: owns every frame from ingest to its one result."""

@@ -1,0 +1,1 @@
+"""exit-arbiter: the control plane of exit policy (thresholds from calibration curves)."""

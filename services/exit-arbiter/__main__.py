@@ -1,0 +1,9 @@
+"""Entry point: `python -m offramp.services.exit_arbiter`."""
+
+import sys
+
+from offramp.service import main
+from offramp.services.exit_arbiter.service import PREFIX, ArbiterSettings, run
+
+if __name__ == "__main__":
+    sys.exit(main(ArbiterSettings, PREFIX, run))

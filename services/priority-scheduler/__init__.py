@@ -1,0 +1,1 @@
+"""priority-scheduler: the control plane of placement (sources, nodes, the plan)."""

@@ -1,0 +1,9 @@
+"""Entry point: `python -m offramp.services.priority_scheduler`."""
+
+import sys
+
+from offramp.service import main
+from offramp.services.priority_scheduler.service import PREFIX, SchedulerSettings, run
+
+if __name__ == "__main__":
+    sys.exit(main(SchedulerSettings, PREFIX, run))

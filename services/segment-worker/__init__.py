@@ -1,0 +1,1 @@
+"""segment-worker: runs model segments, exits samples early, forwards the rest."""

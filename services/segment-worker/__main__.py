@@ -1,0 +1,9 @@
+"""Entry point: `python -m offramp.services.segment_worker`."""
+
+import sys
+
+from offramp.service import main
+from offramp.services.segment_worker.service import PREFIX, WorkerSettings, run
+
+if __name__ == "__main__":
+    sys.exit(main(WorkerSettings, PREFIX, run))

@@ -1,0 +1,145 @@
+"""A private Mosquitto for local runs and tests: free port, generated config, clean stop.
+
+``offramp`` starts one when ``OFFRAMP_BROKER_URL`` is empty. It listens on 127.0.0.1 only,
+with anonymous access (it is reachable from this machine alone) and explicit packet limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from offramp.errors import BrokerError
+
+INSTALL_HINT = (
+    "the 'mosquitto' broker is not installed. Install it with:\n"
+    "  Debian/Ubuntu:  sudo apt-get install -y mosquitto mosquitto-clients\n"
+    "  Fedora:         sudo dnf install -y mosquitto\n"
+    "  macOS:          brew install mosquitto\n"
+    "or point OFFRAMP_BROKER_URL at a running broker (mqtt://host:1883)."
+)
+
+
+def find_mosquitto() -> str:
+    """Path of the mosquitto binary (also looked for in /usr/sbin), or BrokerError with a hint."""
+    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if not found:
+        raise BrokerError(INSTALL_HINT)
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def render_config(port: int, *, max_packet_bytes: int = 64 * 1024 * 1024,
+                  extra: str = "") -> str:
+    """The generated mosquitto.conf of a private broker."""
+    return "\n".join([
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+        "persistence false",
+        f"max_packet_size {max_packet_bytes}",
+        "max_inflight_messages 100",
+        "max_queued_messages 10000",
+        "max_keepalive 3600",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "connection_messages false",
+        extra,
+        "",
+    ])
+
+
+class LocalBroker:
+    """A Mosquitto child process. ``stop()`` and ``start()`` again keep the same port."""
+
+    def __init__(self, port: int | None = None, *, max_packet_bytes: int = 64 * 1024 * 1024,
+                 extra_config: str = "", workdir: Path | None = None) -> None:
+        self.binary = find_mosquitto()
+        self.port = port or free_port()
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="offramp-broker-")
+            workdir = Path(self._tmp.name)
+        self.workdir = workdir
+        self.config_path = workdir / "mosquitto.conf"
+        self.log_path = workdir / "mosquitto.log"
+        self.config_path.write_text(render_config(self.port, max_packet_bytes=max_packet_bytes,
+                                                  extra=extra_config))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self.running:
+            return
+        log = self.log_path.open("ab")
+        self._proc = subprocess.Popen([self.binary, "-c", str(self.config_path)],
+                                      stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise BrokerError(f"mosquitto exited with code {self._proc.returncode} at start; "
+                                  f"its log says: {self.log_tail()}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.port), timeout=0.2
+            ):
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise BrokerError(f"mosquitto did not listen on port {self.port} within {timeout} s")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_tail(self, lines: int = 10) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,260 @@
+"""The MQTT bus every service uses: a thin, supervised wrapper over aiomqtt.
+
+- MQTT v5, a stable client id, a will message on the node's ``state/...`` topic.
+- Reconnects with jittered exponential backoff; on every (re)connect it subscribes again, which
+  also makes the broker send retained control messages again.
+- Each subscription has its own bounded :class:`~offramp.inbox.Inbox` with a named overflow
+  policy; drops are counted and logged. Messages are routed into inboxes from aiomqtt's queue hook
+  on the event loop, with no extra task per message: the loop only moves messages.
+- Subscription filters must not overlap: a message goes to the first subscription it matches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import aiomqtt
+import structlog
+from paho.mqtt.client import topic_matches_sub
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from offramp.errors import BusError
+from offramp.inbox import Inbox, Overflow, RateLimitedWarning
+from offramp.settings import BrokerAddress, BusSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A received message: topic, payload bytes, and whether the broker replayed it as retained."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    received: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(slots=True)
+class BusStats:
+    connects: int = 0
+    reconnects: int = 0
+    published: int = 0
+    received: int = 0
+    unrouted: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+class Subscription:
+    """One topic filter and its bounded inbox. Iterate it, or call :meth:`get`."""
+
+    def __init__(self, bus: Bus, topic_filter: str, qos: int, inbox: Inbox[Message],
+                 shared_group: str | None) -> None:
+        self._bus = bus
+        self.filter = topic_filter
+        self.qos = qos
+        self.inbox = inbox
+        self.mqtt_filter = (f"$share/{shared_group}/{topic_filter}" if shared_group
+                            else topic_filter)
+
+    async def get(self) -> Message:
+        return await self.inbox.get()
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while True:
+            yield await self.inbox.get()
+
+    async def close(self) -> None:
+        await self._bus.unsubscribe(self)
+
+
+class _Router(asyncio.Queue[Any]):
+    """aiomqtt's incoming queue, replaced: every message goes straight into its inbox."""
+
+    def __init__(self, bus: Bus, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self._bus = bus
+
+    def put_nowait(self, item: Any) -> None:
+        self._bus._route(item)
+
+
+class Bus:
+    """A supervised MQTT connection. Use as ``async with Bus(settings, client_id) as bus:``."""
+
+    def __init__(self, settings: BusSettings, client_id: str, *, will: Will | None = None,
+                 address: BrokerAddress | None = None) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.address = address or settings.address()
+        self.will = will
+        self.stats = BusStats()
+        self.connected = asyncio.Event()
+        self._subs: list[Subscription] = []
+        self._client: aiomqtt.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._log = structlog.get_logger("offramp.bus").bind(client_id=client_id)
+        self._drop_warning = RateLimitedWarning()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._supervise(), name=f"bus:{self.client_id}")
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Disconnect cleanly (the broker does not send the will) and stop reconnecting."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.connected.clear()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except TimeoutError:
+            raise BusError(
+                f"no connection to {self.address.url()} within {timeout:.1f} s"
+            ) from None
+
+    # -- publish / subscribe ------------------------------------------------------------------
+    async def publish(self, topic: str, payload: bytes | bytearray | memoryview, *, qos: int = 0,
+                      retain: bool = False) -> None:
+        """Publish; wait up to ``publish_timeout_s`` for a connection, then raise BusError."""
+        if len(payload) > self.settings.max_message_bytes:
+            raise BusError(
+                f"message of {len(payload)} bytes to {topic} is over OFFRAMP_MAX_MESSAGE_BYTES"
+            )
+        deadline = time.monotonic() + self.settings.publish_timeout_s
+        while True:
+            client = self._client
+            if client is not None and self.connected.is_set():
+                try:
+                    await client.publish(topic, bytes(payload) if isinstance(payload, memoryview)
+                                         else payload, qos=qos, retain=retain)
+                    self.stats.published += 1
+                    return
+                except aiomqtt.MqttError as exc:
+                    self._log.debug("publish_retry", topic=topic, error=str(exc))
+                    self.connected.clear()
+            remaining = deadline - time.monotonic()
+            if self._closing or remaining <= 0:
+                raise BusError(f"could not publish to {topic}: not connected to "
+                               f"{self.address.url()}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.connected.wait(), remaining)
+
+    async def subscribe(self, topic_filter: str, *, qos: int = 0, maxsize: int | None = None,
+                        overflow: Overflow = "drop-oldest",
+                        shared_group: str | None = None) -> Subscription:
+        """Add a subscription that outlives reconnects; messages land in its bounded inbox."""
+        name = f"{self.client_id}:{topic_filter}"
+        inbox: Inbox[Message] = Inbox(name, maxsize or self.settings.inbound_queue, overflow,
+                                      on_drop=self._on_drop)
+        sub = Subscription(self, topic_filter, qos, inbox, shared_group)
+        self._subs.append(sub)
+        client = self._client
+        if client is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError):  # a reconnect resubscribes
+                await client.subscribe(sub.mqtt_filter, qos)
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+        client = self._client
+        if client is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.unsubscribe(sub.mqtt_filter)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _route(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload
+        data = payload if isinstance(payload, bytes) else str(payload or "").encode()
+        msg = Message(topic, data, bool(message.retain), time.time())
+        self.stats.received += 1
+        for sub in self._subs:
+            if topic_matches_sub(sub.filter, topic):
+                sub.inbox.put(msg)
+                return
+        self.stats.unrouted += 1
+
+    def _on_drop(self, inbox: str, item: Message, total: int) -> None:
+        self.stats.dropped[inbox] = total
+        count = self._drop_warning.should_log()
+        if count:
+            self._log.warning("inbox_overflow", inbox=inbox, dropped_now=count,
+                              dropped_total=total, topic=item.topic)
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        addr = self.address
+        kwargs: dict[str, Any] = {
+            "hostname": addr.host, "port": addr.port, "identifier": self.client_id,
+            "protocol": aiomqtt.ProtocolVersion.V5, "keepalive": self.settings.keepalive_s,
+            "username": addr.username, "password": addr.password, "timeout": 10,
+            "queue_type": lambda maxsize=0: _Router(self, maxsize),
+        }
+        if self.will is not None:
+            kwargs["will"] = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos,
+                                          self.will.retain)
+        if self.settings.session_expiry_s > 0:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.settings.session_expiry_s
+            kwargs["properties"] = props
+        if addr.tls:
+            ctx = ssl.create_default_context(cafile=self.settings.tls_ca or None)
+            kwargs["tls_context"] = ctx
+        return kwargs
+
+    async def _supervise(self) -> None:
+        delay = self.settings.reconnect_min_s
+        while not self._closing:
+            try:
+                async with aiomqtt.Client(**self._client_kwargs()) as client:
+                    self._client = client
+                    for sub in list(self._subs):
+                        await client.subscribe(sub.mqtt_filter, sub.qos)
+                    self.stats.connects += 1
+                    if self.stats.connects > 1:
+                        self.stats.reconnects += 1
+                    self.connected.set()
+                    delay = self.settings.reconnect_min_s
+                    self._log.info("bus_connected", broker=self.address.url(),
+                                   subscriptions=len(self._subs), connects=self.stats.connects)
+                    async for _ in client.messages:  # the router takes messages; this only ends
+                        pass  # pragma: no cover     # when the connection drops
+            except aiomqtt.MqttError as exc:
+                self._log.warning("bus_disconnected", error=str(exc), retry_in_s=round(delay, 3))
+            finally:
+                self.connected.clear()
+                self._client = None
+            if self._closing:
+                return
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.settings.reconnect_max_s)

@@ -1,0 +1,80 @@
+"""The ``offramp`` command. Each sub-command lives in its own module; this file only dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from offramp.errors import OfframpError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _broker(args: argparse.Namespace) -> int:
+    import time
+
+    from offramp.broker import LocalBroker
+
+    with LocalBroker(args.port) as broker:
+        print(f"mosquitto listening: {broker.url}  (config {broker.config_path}); Ctrl-C stops it")
+        try:
+            while broker.running:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> int:
+    from offramp.settings import describe
+    from offramp.settings_catalog import catalog
+
+    for service, (cls, prefix) in catalog().items():
+        if args.service and service != args.service:
+            continue
+        print(f"# {service}")
+        for name, default, doc in describe(cls, prefix):
+            print(f"{name:<40} {default!s:<14} {doc}")
+        print()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from offramp.demo import run_demo
+
+    return run_demo(seconds=args.seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offramp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("broker", help="run a private Mosquitto on 127.0.0.1 in the foreground")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.set_defaults(handler=_broker)
+
+    p = sub.add_parser("settings", help="list every OFFRAMP_* setting with default and meaning")
+    p.add_argument("service", nargs="?", default=None)
+    p.set_defaults(handler=_settings)
+
+    p = sub.add_parser("demo", help="start a broker and the services, show them working, stop")
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except OfframpError as exc:
+        print(f"offramp: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

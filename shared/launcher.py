@@ -1,0 +1,98 @@
+"""Start offramp services as child processes (``offramp up``, ``make demo``, tests) and stop them.
+
+Each child gets the parent's environment plus its own ``OFFRAMP_*`` variables, writes its log
+lines to a file, and is stopped with SIGTERM (then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+SERVICES = {
+    "admission-controller": "offramp.services.admission_controller",
+    "segment-worker": "offramp.services.segment_worker",
+    "exit-arbiter": "offramp.services.exit_arbiter",
+    "priority-scheduler": "offramp.services.priority_scheduler",
+}
+
+
+@dataclass
+class ServiceProcess:
+    service: str
+    node: str
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        if self.service not in SERVICES:
+            raise ValueError(f"unknown service {self.service!r}; one of {', '.join(SERVICES)}")
+        self._log = self.log_path.open("ab")
+        env = {**os.environ, **self.env, "OFFRAMP_NODE": self.node, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", SERVICES[self.service]], env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL; return the exit code."""
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
+
+class ProcessGroup:
+    """Several service processes started together and stopped in reverse order."""
+
+    def __init__(self, logdir: Path, env: Mapping[str, str]) -> None:
+        self.logdir = logdir
+        self.env = dict(env)
+        self.members: list[ServiceProcess] = []
+        logdir.mkdir(parents=True, exist_ok=True)
+
+    def add(self, service: str, node: str, env: Mapping[str, str] | None = None) -> ServiceProcess:
+        member = ServiceProcess(service, node, {**self.env, **(env or {})},
+                                self.logdir / f"{node}.log")
+        member.start()
+        self.members.append(member)
+        return member
+
+    def stop(self, grace_s: float = 10.0) -> dict[str, int | None]:
+        codes: dict[str, int | None] = {}
+        for member in reversed(self.members):
+            member.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for member in reversed(self.members):
+            codes[member.node] = member.stop(max(0.1, deadline - time.monotonic()))
+        return codes

@@ -1,0 +1,123 @@
+"""What every service shares at run time: entry point, signals, bus with will, heartbeats.
+
+A service's ``__main__`` calls :func:`main` with its settings class and its ``run`` coroutine.
+``run(settings, stop)`` opens a :class:`Runtime`, does its work until ``stop`` is set, and
+returns; the runtime publishes the offline state and disconnects on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import structlog
+
+from offramp.bus import Bus, Will
+from offramp.errors import OfframpError, SettingsError
+from offramp.log import configure_logging
+from offramp.settings import CommonSettings, load
+from offramp.topics import Topics, check_name
+from offramp.wire import Heartbeat
+
+S = TypeVar("S")
+HeartbeatBuilder = Callable[[Heartbeat], Heartbeat]
+
+
+def main(settings_cls: type[S], prefix: str,
+         run: Callable[[S, asyncio.Event], Awaitable[None]]) -> int:
+    """Entry point: load settings (one clear line on error), configure logging, run until signal."""
+    try:
+        settings = load(settings_cls, prefix)
+        common: CommonSettings = settings.common  # type: ignore[attr-defined]
+        configure_logging(common.log_level, common.log_format)
+        check_name(common.node_name(), "OFFRAMP_NODE")
+    except OfframpError as exc:
+        print(f"offramp: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_run_until_signal(settings, run))
+    except OfframpError as exc:
+        structlog.get_logger("offramp").error("service_failed", error=str(exc))
+        return 1
+    return 0
+
+
+async def _run_until_signal(settings: S, run: Callable[[S, asyncio.Event], Awaitable[None]]
+                            ) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run(settings, stop)
+
+
+class Runtime:
+    """A connected service: node name, topics, bus (with will) and the heartbeat task.
+
+    ``heartbeat`` is called every period with the base heartbeat and returns the one to send,
+    so a service adds its own queue state without owning the timing.
+    """
+
+    def __init__(self, role: str, common: CommonSettings, *,
+                 heartbeat: HeartbeatBuilder | None = None, bus_address: Any = None) -> None:
+        if not common.bus.broker_url and bus_address is None:
+            raise SettingsError("OFFRAMP_BROKER_URL is not set: point it at your broker, "
+                                "e.g. mqtt://127.0.0.1:1883 (offramp up starts one for you)")
+        self.role = role
+        self.common = common
+        self.node = check_name(common.node_name(), "OFFRAMP_NODE")
+        self.topics = Topics(common.bus.topic_prefix)
+        self.state_topic = self.topics.state(role, self.node)
+        will = Will(self.state_topic, Heartbeat(role, self.node, online=False).encode())
+        self.bus = Bus(common.bus, f"offramp-{role}-{self.node}", will=will, address=bus_address)
+        self.log = structlog.get_logger(f"offramp.{role}").bind(node=self.node)
+        self._heartbeat = heartbeat or (lambda hb: hb)
+        self._seq = 0
+        self._hb_task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.bus.__aenter__()
+        self._hb_task = asyncio.create_task(self._beat(), name=f"heartbeat:{self.node}")
+        self.log.info("service_started", role=self.role, broker=self.bus.address.url())
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._hb_task is not None:
+            self._hb_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._hb_task
+        if self.bus.connected.is_set():
+            with contextlib.suppress(OfframpError):
+                offline = Heartbeat(self.role, self.node, online=False, seq=self._seq + 1,
+                                    ts=time.time())
+                await asyncio.wait_for(self._publish_state(offline), 2.0)
+        await self.bus.close()
+        self.log.info("service_stopped", role=self.role)
+
+    def base_heartbeat(self) -> Heartbeat:
+        self._seq += 1
+        return Heartbeat(self.role, self.node, online=True, seq=self._seq, ts=time.time())
+
+    async def _publish_state(self, hb: Heartbeat) -> None:
+        await self.bus.publish(self.state_topic, hb.encode(), qos=0, retain=True)
+
+    async def _beat(self) -> None:
+        """Heartbeat on a fixed schedule (not sleep-after-send), skipping beats while offline."""
+        period = self.common.heartbeat_s
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            await self.bus.connected.wait()
+            try:
+                await self._publish_state(self._heartbeat(self.base_heartbeat()))
+            except OfframpError as exc:
+                self.log.warning("heartbeat_failed", error=str(exc))
+            next_at = max(next_at + period, loop.time())
+            await asyncio.sleep(next_at - loop.time())

@@ -1,0 +1,225 @@
+"""Settings: frozen dataclasses read from ``OFFRAMP_*`` environment variables, validated at start.
+
+Each field is declared with :func:`setting`, which carries its documentation and its bounds, so
+that the variable name, the default, the check and the docs live in one place. A service's
+settings class nests :class:`CommonSettings` (variables ``OFFRAMP_*``) and adds its own fields
+under its own prefix (for example ``OFFRAMP_WORKER_*``). ``offramp settings`` prints them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args, get_origin
+from urllib.parse import unquote, urlsplit
+
+from offramp.errors import SettingsError
+
+T = TypeVar("T")
+
+PREFIX = "OFFRAMP_"
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    env: str | None = None,
+    secret: bool = False,
+) -> Any:
+    """Declare one setting: default, one-line documentation and optional numeric bounds."""
+    meta = {"doc": doc, "min": min, "max": max, "env": env, "secret": secret}
+    if isinstance(default, list | dict | set):
+        raise TypeError("use a tuple for sequence defaults")
+    return field(default=default, metadata=meta)
+
+
+def nested(cls: type[Any], prefix: str) -> Any:
+    """A nested settings group read under its own variable prefix."""
+    return field(default_factory=cls, metadata={"prefix": prefix})
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """Where the MQTT broker is, parsed from ``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://``."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str, *, variable: str = "broker url") -> BrokerAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise SettingsError(
+                f"{variable}={url!r}: expected mqtt://host:port or mqtts://host:port"
+            )
+        if not parts.hostname:
+            raise SettingsError(f"{variable}={url!r}: no host name")
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise SettingsError(f"{variable}={url!r}: bad port ({exc})") from None
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        return cls(parts.hostname, port, tls, user, password)
+
+    def url(self) -> str:
+        scheme = "mqtts" if self.tls else "mqtt"
+        auth = f"{self.username}@" if self.username else ""
+        return f"{scheme}://{auth}{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class BusSettings:
+    """How a service talks to the broker (variables ``OFFRAMP_*``)."""
+
+    broker_url: str = setting(
+        "", "Broker URL, mqtt://[user:pass@]host:port or mqtts://...; empty: start a private broker"
+    )
+    username: str = setting("", "Broker user name (overrides the one in the URL)")
+    password: str = setting("", "Broker password (overrides the one in the URL)", secret=True)
+    tls_ca: str = setting("", "CA certificate file for mqtts:// (empty: system CAs)")
+    topic_prefix: str = setting("offramp/v1", "Prefix of every topic offramp uses")
+    keepalive_s: int = setting(15, "MQTT keepalive in seconds", min=2, max=3600)
+    session_expiry_s: int = setting(
+        0, "MQTT v5 session expiry; 0 = clean sessions (queued messages die with the client)",
+        min=0, max=86400,
+    )
+    inbound_queue: int = setting(1024, "Default bound of each subscription's inbound queue",
+                                 min=1, max=1_000_000)
+    reconnect_min_s: float = setting(0.1, "First reconnect delay (doubles, jittered)",
+                                     min=0.001, max=60)
+    reconnect_max_s: float = setting(5.0, "Largest reconnect delay", min=0.01, max=600)
+    publish_timeout_s: float = setting(
+        10.0, "How long a publish waits for a connection before it fails", min=0.0, max=3600
+    )
+    max_message_bytes: int = setting(
+        16 * 1024 * 1024, "Largest message accepted or sent", min=1024, max=256 * 1024 * 1024
+    )
+
+    def address(self) -> BrokerAddress:
+        if not self.broker_url:
+            raise SettingsError("OFFRAMP_BROKER_URL is empty and no local broker was started")
+        addr = BrokerAddress.parse(self.broker_url, variable="OFFRAMP_BROKER_URL")
+        if self.username:
+            addr = dataclasses.replace(addr, username=self.username)
+        if self.password:
+            addr = dataclasses.replace(addr, password=self.password)
+        return addr
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    """Settings every service has (variables ``OFFRAMP_*``)."""
+
+    node: str = setting("", "Node name, unique per process; empty: host name")
+    log_level: str = setting("info", "debug, info, warning or error")
+    log_format: Literal["auto", "json", "console"] = setting(
+        "auto", "auto (JSON unless on a TTY), json or console"
+    )
+    heartbeat_s: float = setting(0.25, "Heartbeat period in seconds", min=0.01, max=60)
+    bus: BusSettings = nested(BusSettings, PREFIX)
+
+    def node_name(self) -> str:
+        return self.node or socket.gethostname()
+
+
+S = TypeVar("S")
+
+
+def load(cls: type[S], prefix: str = PREFIX, env: Mapping[str, str] | None = None) -> S:
+    """Build ``cls`` from environment variables named ``prefix + FIELD``; raise SettingsError."""
+    source = os.environ if env is None else env
+    return _load(cls, prefix, source)
+
+
+def _load(cls: type[S], prefix: str, env: Mapping[str, str]) -> S:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        hint = hints[f.name]
+        if "prefix" in f.metadata:
+            values[f.name] = _load(hint, f.metadata["prefix"], env)
+            continue
+        name = f.metadata.get("env") or prefix + f.name.upper()
+        if name in env:
+            value = _parse(name, env[name], hint)
+        else:
+            value = f.default
+        _check(name, value, f.metadata)
+        values[f.name] = value
+    try:
+        return cls(**values)
+    except SettingsError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{cls.__name__}: {exc}") from None
+
+
+def _parse(name: str, raw: str, hint: Any) -> Any:
+    origin = get_origin(hint)
+    raw = raw.strip()
+    if origin is Literal:
+        choices = get_args(hint)
+        if raw not in choices:
+            raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(map(str, choices))}")
+        return raw
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if raw == "" or raw.lower() == "none":
+            return None
+        return _parse(name, raw, args[0])
+    if origin is tuple:
+        (item, *_rest) = get_args(hint)
+        return tuple(_parse(name, part, item) for part in raw.split(",") if part.strip())
+    if hint is bool:
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name}={raw!r}: expected true or false")
+    if hint is int or hint is float:
+        try:
+            return hint(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r}: expected a{'n integer' if hint is int else ' number'}") from None
+    if hint is str:
+        return raw
+    raise SettingsError(f"{name}: unsupported setting type {hint!r}")
+
+
+def _check(name: str, value: Any, meta: Mapping[str, Any]) -> None:
+    lo, hi = meta.get("min"), meta.get("max")
+    items = value if isinstance(value, tuple) else (value,)
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            continue
+        if lo is not None and item < lo:
+            raise SettingsError(f"{name}={item!r}: must be >= {lo}")
+        if hi is not None and item > hi:
+            raise SettingsError(f"{name}={item!r}: must be <= {hi}")
+
+
+def describe(cls: type[Any], prefix: str = PREFIX) -> Iterator[tuple[str, str, str]]:
+    """Yield (variable, default, doc) for every setting of ``cls``, nested groups included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "prefix" in f.metadata:
+            yield from describe(hints[f.name], f.metadata["prefix"])
+            continue
+        name = f.metadata.get("env") or prefix + f.name.upper()
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+        yield name, shown, f.metadata.get("doc", "")
