@@ -34,7 +34,7 @@ lint: setup
 	$(VENV)/bin/ruff check shared services tests bench
 
 typecheck: setup
-	$(VENV)/bin/mypy shared services
+	$(PY) scripts/typecheck.py
 
 pytest: setup
 	$(PY) -m pytest -q

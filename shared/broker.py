@@ -7,6 +7,7 @@ with anonymous access (it is reachable from this machine alone) and explicit pac
 from __future__ import annotations
 
 import contextlib
+import getpass
 import shutil
 import socket
 import subprocess
@@ -43,12 +44,18 @@ def free_port() -> int:
 
 
 def render_config(port: int, *, max_packet_bytes: int = 64 * 1024 * 1024,
-                  extra: str = "") -> str:
-    """The generated mosquitto.conf of a private broker."""
+                  persistence_dir: Path | None = None, extra: str = "") -> str:
+    """The generated mosquitto.conf of a private broker (persistence keeps retained messages
+    and sessions across a restart)."""
+    persistence = (["persistence true", f"persistence_location {persistence_dir}/"]
+                   if persistence_dir is not None else ["persistence false"])
     return "\n".join([
         f"listener {port} 127.0.0.1",
+        # Started as root, mosquitto would switch to user 'mosquitto', who cannot write our
+        # temporary directory; run as whoever started it (ignored when not root).
+        f"user {getpass.getuser()}",
         "allow_anonymous true",
-        "persistence false",
+        *persistence,
         f"max_packet_size {max_packet_bytes}",
         "max_inflight_messages 100",
         "max_queued_messages 10000",
@@ -67,7 +74,8 @@ class LocalBroker:
     """A Mosquitto child process. ``stop()`` and ``start()`` again keep the same port."""
 
     def __init__(self, port: int | None = None, *, max_packet_bytes: int = 64 * 1024 * 1024,
-                 extra_config: str = "", workdir: Path | None = None) -> None:
+                 persistence: bool = False, extra_config: str = "",
+                 workdir: Path | None = None) -> None:
         self.binary = find_mosquitto()
         self.port = port or free_port()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -77,8 +85,9 @@ class LocalBroker:
         self.workdir = workdir
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
-        self.config_path.write_text(render_config(self.port, max_packet_bytes=max_packet_bytes,
-                                                  extra=extra_config))
+        self.config_path.write_text(render_config(
+            self.port, max_packet_bytes=max_packet_bytes,
+            persistence_dir=workdir if persistence else None, extra=extra_config))
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -88,14 +88,14 @@ class RateLimitedWarning:
 
     def __init__(self, period_s: float = 1.0) -> None:
         self._period = period_s
-        self._last = 0.0
+        self._last: float | None = None
         self._pending = 0
 
     def should_log(self) -> int:
         """Count one occurrence; return how many to report now, or 0 to stay quiet."""
         self._pending += 1
         now = time.monotonic()
-        if now - self._last < self._period:
+        if self._last is not None and now - self._last < self._period:
             return 0
         self._last = now
         count, self._pending = self._pending, 0

@@ -13,9 +13,8 @@ import sys
 from typing import Any
 
 import structlog
-from structlog.contextvars import bound_contextvars as bound
-
 from offramp.errors import SettingsError
+from structlog.contextvars import bound_contextvars as bound
 
 __all__ = ["bound", "configure_logging", "get_logger"]
 

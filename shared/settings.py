@@ -153,10 +153,7 @@ def _load(cls: type[S], prefix: str, env: Mapping[str, str]) -> S:
             values[f.name] = _load(hint, f.metadata["prefix"], env)
             continue
         name = f.metadata.get("env") or prefix + f.name.upper()
-        if name in env:
-            value = _parse(name, env[name], hint)
-        else:
-            value = f.default
+        value = _parse(name, env[name], hint) if name in env else f.default
         _check(name, value, f.metadata)
         values[f.name] = value
     try:
@@ -194,7 +191,8 @@ def _parse(name: str, raw: str, hint: Any) -> Any:
         try:
             return hint(raw)
         except ValueError:
-            raise SettingsError(f"{name}={raw!r}: expected a{'n integer' if hint is int else ' number'}") from None
+            kind = "an integer" if hint is int else "a number"
+            raise SettingsError(f"{name}={raw!r}: expected {kind}") from None
     if hint is str:
         return raw
     raise SettingsError(f"{name}: unsupported setting type {hint!r}")

@@ -54,17 +54,17 @@ class Hop:
 
     @classmethod
     def from_wire(cls, r: Reader, key: str) -> Hop:
-        raw = r.list(key)
+        raw = r.array(key)
         if len(raw) != 5:
             raise WireError(f"{r.path}.{key}: a hop has 5 fields, got {len(raw)}")
-        node = r.item(key, 0).str("_")
-        seg = r.item(key, 1).int("_")
-        a, s, f = (r.item(key, i).float("_") for i in (2, 3, 4))
+        node = r.item(key, 0).text("_")
+        seg = r.item(key, 1).integer("_")
+        a, s, f = (r.item(key, i).number("_") for i in (2, 3, 4))
         return cls(node, seg, a, s, f)
 
 
 def _hops(r: Reader, key: str) -> tuple[Hop, ...]:
-    outer = Reader({f"h{i}": v for i, v in enumerate(r.list(key))}, f"{r.path}.{key}")
+    outer = Reader({f"h{i}": v for i, v in enumerate(r.array(key))}, f"{r.path}.{key}")
     return tuple(Hop.from_wire(outer, f"h{i}") for i in range(len(outer.keys())))
 
 
@@ -88,11 +88,11 @@ class Sample:
 
     @classmethod
     def from_wire(cls, r: Reader) -> Sample:
-        prio = r.float("prio")
+        prio = r.number("prio")
         if prio <= 0:
             raise WireError(f"{r.path}.prio: priority must be > 0, got {prio}")
-        return cls(r.str("task"), r.str("src"), r.str("frame"), prio, r.float("created"),
-                   r.opt_float("deadline"), r.int("attempt"), _hops(r, "hops"))
+        return cls(r.text("task"), r.text("src"), r.text("frame"), prio, r.number("created"),
+                   r.opt_number("deadline"), r.integer("attempt"), _hops(r, "hops"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +129,9 @@ class ActivationPacket(_Message):
     @classmethod
     def from_wire(cls, r: Reader) -> ActivationPacket:
         emb = r.opt_map("emb")
-        return cls(r.str("model"), r.int("seg"), tuple(Sample.from_wire(s) for s in r.maps("samples")),
+        return cls(r.text("model"), r.integer("seg"), tuple(Sample.from_wire(s) for s in r.maps("samples")),
                    Tensor.from_wire(r.map("tensor")),
-                   None if emb is None else Tensor.from_wire(emb), r.float("sent"))
+                   None if emb is None else Tensor.from_wire(emb), r.number("sent"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +154,8 @@ class SegmentLoad:
 
     @classmethod
     def from_wire(cls, r: Reader) -> SegmentLoad:
-        return cls(r.str("model"), r.int("seg"), r.int("queued"), r.float("backlog_s"),
-                   r.float("rate"), r.float("batch"), r.int("exited"), r.int("fwd"))
+        return cls(r.text("model"), r.integer("seg"), r.integer("queued"), r.number("backlog_s"),
+                   r.number("rate"), r.number("batch"), r.integer("exited"), r.integer("fwd"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +181,9 @@ class Heartbeat(_Message):
     @classmethod
     def from_wire(cls, r: Reader) -> Heartbeat:
         stats = r.map("stats")
-        return cls(r.str("role"), r.str("node"), r.bool("online"), r.int("seq"), r.float("ts"),
+        return cls(r.text("role"), r.text("node"), r.flag("online"), r.integer("seq"), r.number("ts"),
                    tuple(SegmentLoad.from_wire(s) for s in r.maps("segments")),
-                   r.float("flops"), r.float("cap_s"), {k: stats.float(k) for k in stats.keys()})
+                   r.number("flops"), r.number("cap_s"), {k: stats.number(k) for k in stats})
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,12 +214,12 @@ class Completion(_Message):
 
     @classmethod
     def from_wire(cls, r: Reader) -> Completion:
-        reason = r.str("reason")
+        reason = r.text("reason")
         if reason not in EXIT_REASONS:
             raise WireError(f"{r.path}.reason: {reason!r} is not one of {', '.join(EXIT_REASONS)}")
-        return cls(r.str("task"), r.str("src"), r.str("frame"), r.int("attempt"), r.int("label"),
-                   r.float("conf"), r.int("exit"), reason, r.str("node"),  # type: ignore[arg-type]
-                   r.float("ts"), _hops(r, "hops"), tuple(r.floats("thr")), r.float("created"))
+        return cls(r.text("task"), r.text("src"), r.text("frame"), r.integer("attempt"), r.integer("label"),
+                   r.number("conf"), r.integer("exit"), reason, r.text("node"),  # type: ignore[arg-type]
+                   r.number("ts"), _hops(r, "hops"), tuple(r.numbers("thr")), r.number("created"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,26 +248,26 @@ class Plan(_Message):
     def from_wire(cls, r: Reader) -> Plan:
         nodes_r = r.map("nodes")
         nodes: dict[str, tuple[SegmentRef, ...]] = {}
-        for node in nodes_r.keys():
+        for node in nodes_r:
             refs = []
-            for i in range(len(nodes_r.list(node))):
+            for i in range(len(nodes_r.array(node))):
                 pair = nodes_r.item(node, i)
-                items = pair.list("_")
+                items = pair.array("_")
                 if len(items) != 2:
                     raise WireError(f"{pair.path}: a segment reference is [model, segment]")
-                refs.append(SegmentRef(pair.item("_", 0).str("_"), pair.item("_", 1).int("_")))
+                refs.append(SegmentRef(pair.item("_", 0).text("_"), pair.item("_", 1).integer("_")))
             nodes[node] = tuple(refs)
         routes_r = r.map("routes")
         routes: dict[str, dict[int, str]] = {}
-        for src in routes_r.keys():
+        for src in routes_r:
             route = routes_r.map(src)
             parsed: dict[int, str] = {}
-            for key in route.keys():
+            for key in route:
                 if not key.isdigit():
                     raise WireError(f"{route.path}: segment key {key!r} is not a number")
-                parsed[int(key)] = route.str(key)
+                parsed[int(key)] = route.text(key)
             routes[src] = parsed
-        return cls(r.int("epoch"), r.float("ts"), nodes, routes)
+        return cls(r.integer("epoch"), r.number("ts"), nodes, routes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,11 +290,11 @@ class ExitPolicy(_Message):
 
     @classmethod
     def from_wire(cls, r: Reader) -> ExitPolicy:
-        crit = r.str("criterion")
+        crit = r.text("criterion")
         if crit not in CRITERIA:
             raise WireError(f"{r.path}.criterion: {crit!r} is not one of {', '.join(CRITERIA)}")
-        return cls(r.str("model"), r.int("epoch"), r.float("ts"), crit,  # type: ignore[arg-type]
-                   tuple(r.floats("thr")), r.opt_float("target"), r.float("expected"))
+        return cls(r.text("model"), r.integer("epoch"), r.number("ts"), crit,  # type: ignore[arg-type]
+                   tuple(r.numbers("thr")), r.opt_number("target"), r.number("expected"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,7 +321,7 @@ class FrameEnvelope(_Message):
     @classmethod
     def from_wire(cls, r: Reader) -> FrameEnvelope:
         tensor = r.opt_map("tensor")
-        label = r.int("label") if r.has("label") else None
-        return cls(r.str("frame"), r.float("ts"), r.opt_bytes("image"),
-                   None if tensor is None else Tensor.from_wire(tensor), r.opt_float("deadline"),
+        label = r.integer("label") if r.has("label") else None
+        return cls(r.text("frame"), r.number("ts"), r.opt_blob("image"),
+                   None if tensor is None else Tensor.from_wire(tensor), r.opt_number("deadline"),
                    label)

@@ -7,11 +7,10 @@ versions, over-limit sizes), surfaces as one :class:`~offramp.errors.WireError`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import msgpack
-
 from offramp.errors import WireError
 
 VERSION = 1
@@ -20,7 +19,8 @@ DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 
 def pack(kind: str, body: dict[str, Any]) -> bytes:
     """msgpack a message body with its version and kind. Buffers (memoryview) pack as bin."""
-    return msgpack.packb({"v": VERSION, "k": kind, **body}, use_bin_type=True)
+    packed: bytes = msgpack.packb({"v": VERSION, "k": kind, **body}, use_bin_type=True)
+    return packed
 
 
 def unpack(data: bytes | bytearray | memoryview, kind: str, *, max_bytes: int) -> Reader:
@@ -42,10 +42,10 @@ def unpack(data: bytes | bytearray | memoryview, kind: str, *, max_bytes: int) -
     if not isinstance(obj, dict):
         raise WireError(f"{kind}: expected a map at the top, got {type(obj).__name__}")
     top = Reader(obj, kind)
-    version = top.int("v")
+    version = top.integer("v")
     if version != VERSION:
         raise WireError(f"{kind}: unsupported format version {version} (this build reads {VERSION})")
-    got = top.str("k")
+    got = top.text("k")
     if got != kind:
         raise WireError(f"{kind}: message is a {got!r}, not a {kind!r}")
     return top
@@ -73,22 +73,22 @@ class Reader:
     def has(self, key: str) -> bool:
         return key in self._map and self._map[key] is not None
 
-    def str(self, key: str) -> str:
+    def text(self, key: str) -> str:
         value = self._raw(key)
         if not isinstance(value, str):
             raise self._bad(key, "a string", value)
         return value
 
-    def opt_str(self, key: str) -> str | None:
-        return self.str(key) if self.has(key) else None
+    def opt_text(self, key: str) -> str | None:
+        return self.text(key) if self.has(key) else None
 
-    def int(self, key: str) -> int:
+    def integer(self, key: str) -> int:
         value = self._raw(key)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._bad(key, "an integer", value)
         return value
 
-    def float(self, key: str) -> float:
+    def number(self, key: str) -> float:
         value = self._raw(key)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self._bad(key, "a number", value)
@@ -97,35 +97,35 @@ class Reader:
             raise WireError(f"{self._path}.{key}: must be finite, got {result}")
         return result
 
-    def opt_float(self, key: str) -> float | None:
-        return self.float(key) if self.has(key) else None
+    def opt_number(self, key: str) -> float | None:
+        return self.number(key) if self.has(key) else None
 
-    def bool(self, key: str) -> bool:
+    def flag(self, key: str) -> bool:
         value = self._raw(key)
         if not isinstance(value, bool):
             raise self._bad(key, "true or false", value)
         return value
 
-    def bytes(self, key: str) -> bytes:
+    def blob(self, key: str) -> bytes:
         value = self._raw(key)
         if not isinstance(value, bytes):
             raise self._bad(key, "binary data", value)
         return value
 
-    def opt_bytes(self, key: str) -> bytes | None:
-        return self.bytes(key) if self.has(key) else None
+    def opt_blob(self, key: str) -> bytes | None:
+        return self.blob(key) if self.has(key) else None
 
-    def list(self, key: str) -> list[Any]:
+    def array(self, key: str) -> list[Any]:
         value = self._raw(key)
         if not isinstance(value, list):
             raise self._bad(key, "an array", value)
         return value
 
-    def floats(self, key: str) -> list[float]:
-        return [self.item(key, i).float("_") for i in range(len(self.list(key)))]
+    def numbers(self, key: str) -> list[float]:
+        return [self.item(key, i).number("_") for i in range(len(self.array(key)))]
 
-    def strs(self, key: str) -> list[str]:
-        values = self.list(key)
+    def texts(self, key: str) -> list[str]:
+        values = self.array(key)
         for i, v in enumerate(values):
             if not isinstance(v, str):
                 raise WireError(f"{self._path}.{key}[{i}]: expected a string, got {type(v).__name__}")
@@ -142,7 +142,7 @@ class Reader:
 
     def maps(self, key: str) -> list[Reader]:
         out = []
-        for i, value in enumerate(self.list(key)):
+        for i, value in enumerate(self.array(key)):
             if not isinstance(value, dict):
                 raise WireError(f"{self._path}.{key}[{i}]: expected a map, got {type(value).__name__}")
             out.append(Reader(value, f"{self._path}.{key}[{i}]"))
@@ -150,11 +150,14 @@ class Reader:
 
     def item(self, key: str, index: int) -> Reader:
         """Wrap element ``index`` of array ``key`` as a one-field reader under the name ``_``."""
-        return Reader({"_": self.list(key)[index]}, f"{self._path}.{key}[{index}]")
+        return Reader({"_": self.array(key)[index]}, f"{self._path}.{key}[{index}]")
 
     @property
     def path(self) -> str:
         return self._path
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
 
     def keys(self) -> list[str]:
         for key in self._map:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-
 from offramp.errors import WireError
 from offramp.wire.reader import Reader
 
@@ -21,6 +20,11 @@ Codec = Literal["raw", "fp16", "int8", "ae"]
 CODECS: tuple[Codec, ...] = ("raw", "fp16", "int8", "ae")
 DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
 MAX_RANK = 8
+
+
+def _bytes_view(array: np.ndarray) -> memoryview:
+    """A flat byte view of a contiguous array: what msgpack packs as bin without a copy."""
+    return memoryview(array.data).cast("B")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +57,13 @@ class Tensor:
             dtype = "float32"
         else:
             stored = np.ascontiguousarray(array)
-        return cls(dtype, tuple(int(d) for d in array.shape), codec, memoryview(stored).cast("B"), scale)
+        return cls(dtype, tuple(int(d) for d in array.shape), codec, _bytes_view(stored), scale)
 
     @classmethod
     def latent(cls, array: np.ndarray) -> Tensor:
         """Wrap an autoencoder latent (fp16 storage) that the receiver decodes with its model."""
         stored = np.ascontiguousarray(array, dtype=np.float16)
-        return cls("float32", tuple(int(d) for d in array.shape), "ae", memoryview(stored).cast("B"))
+        return cls("float32", tuple(int(d) for d in array.shape), "ae", _bytes_view(stored))
 
     @property
     def nbytes(self) -> int:
@@ -87,6 +91,14 @@ class Tensor:
             return stored.astype(np.float32) * np.float32(self.scale)
         return stored
 
+    @staticmethod
+    def decode_bytes(tensor: Tensor) -> np.ndarray:
+        """Decode through the wire (encode to msgpack and back), as a receiver would see it."""
+        from offramp.wire.reader import pack, unpack
+
+        r = unpack(pack("tensor", {"t": tensor.to_wire()}), "tensor", max_bytes=1 << 30)
+        return Tensor.from_wire(r.map("t")).to_numpy()
+
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape), "codec": self.codec,
                                "data": self.data}
@@ -96,23 +108,23 @@ class Tensor:
 
     @classmethod
     def from_wire(cls, r: Reader) -> Tensor:
-        dtype = r.str("dtype")
+        dtype = r.text("dtype")
         if dtype not in DTYPES:
             raise WireError(f"{r.path}.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-        codec = r.str("codec")
+        codec = r.text("codec")
         if codec not in CODECS:
             raise WireError(f"{r.path}.codec: {codec!r} is not one of {', '.join(CODECS)}")
-        shape_raw = r.list("shape")
+        shape_raw = r.array("shape")
         if len(shape_raw) > MAX_RANK:
             raise WireError(f"{r.path}.shape: rank {len(shape_raw)} is over {MAX_RANK}")
-        shape = tuple(r.item("shape", i).int("_") for i in range(len(shape_raw)))
+        shape = tuple(r.item("shape", i).integer("_") for i in range(len(shape_raw)))
         if any(d < 0 for d in shape):
             raise WireError(f"{r.path}.shape: negative dimension in {list(shape)}")
-        scale = r.float("scale") if codec == "int8" else 1.0
+        scale = r.number("scale") if codec == "int8" else 1.0
         if codec == "int8" and not scale > 0:
             raise WireError(f"{r.path}.scale: must be > 0, got {scale}")
-        data = r.bytes("data")
-        tensor = cls(dtype, shape, codec, data, scale)  # type: ignore[arg-type]
+        data = r.blob("data")
+        tensor = cls(dtype, shape, codec, data, scale)
         expected = math.prod(shape) * tensor.storage_dtype().itemsize
         if expected != len(data):
             raise WireError(

@@ -1,0 +1,199 @@
+"""``make bench-hop``: one bus hop of an activation packet vs two bare paho-mqtt clients.
+
+A hop is: encode the packet, hand it to the bus, broker, receive, decode to a numpy array.
+Measured as a ping-pong (each side decodes and re-encodes), halved, so that one clock times
+both directions. The baseline is the same number of bytes ping-ponged between two bare paho
+clients (network threads, no encoding), halved, against the same broker in the same run.
+Throughput: 64 KiB packets per second one way, offramp (encode + publish, receive + decode)
+vs bare paho, both QoS 0, counted at the receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import percentile_ms, write_result
+
+from offramp.broker import LocalBroker
+from offramp.bus import Bus
+from offramp.settings import BusSettings
+from offramp.topics import Topics
+from offramp.wire import ActivationPacket, Sample, Tensor
+
+SIZES = {"16KiB": 16 * 1024, "64KiB": 64 * 1024, "256KiB": 256 * 1024, "1MiB": 1024 * 1024}
+ROUNDS = 300
+WARMUP = 30
+THROUGHPUT_N = 3000
+
+
+def _packet(nbytes: int) -> ActivationPacket:
+    arr = np.random.default_rng(0).standard_normal((1, nbytes // 4)).astype(np.float32)
+    return ActivationPacket("bench", 2, (Sample("task-0", "cam-0", "frame-0"),), Tensor.encode(arr))
+
+
+async def offramp_pingpong(url: str, nbytes: int) -> list[float]:
+    settings = BusSettings(broker_url=url, topic_prefix="bench")
+    t = Topics("bench")
+    ping, pong = t.act("bench", 2, "a"), t.act("bench", 2, "b")
+    packet = _packet(nbytes)
+    async with Bus(settings, "hop-a") as a, Bus(settings, "hop-b") as b:
+        sub_a = await a.subscribe(pong)
+        sub_b = await b.subscribe(ping)
+        await asyncio.gather(a.wait_connected(5), b.wait_connected(5))
+
+        async def echo() -> None:
+            while True:
+                msg = await sub_b.get()
+                got = ActivationPacket.decode(msg.payload)
+                got.tensor.to_numpy()
+                await b.publish(pong, got.encode())
+
+        task = asyncio.create_task(echo())
+        times = []
+        for i in range(WARMUP + ROUNDS):
+            t0 = time.perf_counter()
+            await a.publish(ping, packet.encode())
+            back = ActivationPacket.decode((await sub_a.get()).payload)
+            back.tensor.to_numpy()
+            if i >= WARMUP:
+                times.append((time.perf_counter() - t0) / 2)
+        task.cancel()
+    return times
+
+
+def paho_pingpong(port: int, nbytes: int) -> list[float]:
+    payload = b"x" * nbytes
+    got = threading.Event()
+    a = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, "base-a", protocol=mqtt.MQTTv5)
+    b = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, "base-b", protocol=mqtt.MQTTv5)
+    a.on_message = lambda c, u, m: got.set()
+    b.on_message = lambda c, u, m: b.publish("base/pong", m.payload)
+    for c, topic in ((a, "base/pong"), (b, "base/ping")):
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        c.subscribe(topic)
+    time.sleep(0.5)
+    times = []
+    for i in range(WARMUP + ROUNDS):
+        got.clear()
+        t0 = time.perf_counter()
+        a.publish("base/ping", payload)
+        if not got.wait(5):
+            raise RuntimeError("baseline ping-pong lost a message")
+        if i >= WARMUP:
+            times.append((time.perf_counter() - t0) / 2)
+    for c in (a, b):
+        c.loop_stop()
+        c.disconnect()
+    return times
+
+
+def offramp_throughput(url: str, nbytes: int) -> float:
+    """Sender and receiver each run their own event loop in their own thread, as two services
+    would (and as the two paho clients of the baseline each have their network thread)."""
+    settings = BusSettings(broker_url=url, topic_prefix="bench", inbound_queue=THROUGHPUT_N)
+    topic = Topics("bench").act("bench", 2, "tp")
+    packet = _packet(nbytes)
+    ready = threading.Event()
+    finished: dict[str, float] = {}
+
+    async def receive() -> None:
+        async with Bus(settings, "tp-rx") as rx:
+            sub = await rx.subscribe(topic)
+            await rx.wait_connected(5)
+            ready.set()
+            received = 0
+            try:
+                async with asyncio.timeout(30):
+                    while received < THROUGHPUT_N:
+                        ActivationPacket.decode((await sub.get()).payload).tensor.to_numpy()
+                        received += 1
+            except TimeoutError:
+                pass
+            finished.update(count=received, at=time.perf_counter())
+
+    async def send() -> float:
+        async with Bus(settings, "tp-tx") as tx:
+            await tx.wait_connected(5)
+            ready.wait(10)
+            t0 = time.perf_counter()
+            for i in range(THROUGHPUT_N):
+                await tx.publish(topic, packet.encode())
+                if i % 16 == 0:
+                    await asyncio.sleep(0)  # let the writer drain, as a service's loop would
+            while "at" not in finished:
+                await asyncio.sleep(0.01)
+            return t0
+
+    rx_thread = threading.Thread(target=asyncio.run, args=(receive(),))
+    rx_thread.start()
+    t0 = asyncio.run(send())
+    rx_thread.join()
+    return finished["count"] / (finished["at"] - t0)
+
+
+def paho_throughput(port: int, nbytes: int) -> float:
+    payload = b"x" * nbytes
+    count = 0
+    done = threading.Event()
+
+    def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
+        nonlocal count
+        count += 1
+        if count >= THROUGHPUT_N:
+            done.set()
+
+    tx = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, "tp-base-tx", protocol=mqtt.MQTTv5)
+    rx = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, "tp-base-rx", protocol=mqtt.MQTTv5)
+    rx.on_message = on_message
+    for c in (tx, rx):
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+    rx.subscribe("base/tp")
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    for _ in range(THROUGHPUT_N):
+        tx.publish("base/tp", payload)
+    done.wait(30)
+    elapsed = time.perf_counter() - t0
+    for c in (tx, rx):
+        c.loop_stop()
+        c.disconnect()
+    return count / elapsed
+
+
+def main() -> None:
+    sizes: dict[str, dict[str, float]] = {}
+    with LocalBroker() as broker:
+        for name, nbytes in SIZES.items():
+            base = paho_pingpong(broker.port, nbytes)
+            ours = asyncio.run(offramp_pingpong(broker.url, nbytes))
+            sizes[name] = {
+                "offramp_p50_ms": percentile_ms(ours, 50), "offramp_p99_ms": percentile_ms(ours, 99),
+                "baseline_p50_ms": percentile_ms(base, 50),
+                "baseline_p99_ms": percentile_ms(base, 99),
+            }
+            sizes[name]["ratio_p50"] = round(sizes[name]["offramp_p50_ms"]
+                                             / sizes[name]["baseline_p50_ms"], 3)
+            print(name, sizes[name], flush=True)
+        base_tp = paho_throughput(broker.port, SIZES["64KiB"])
+        ours_tp = offramp_throughput(broker.url, SIZES["64KiB"])
+    write_result("hop", {
+        "rounds": ROUNDS, "sizes": sizes,
+        "throughput_64KiB": {"offramp_msgs_per_s": round(ours_tp, 1),
+                             "baseline_msgs_per_s": round(base_tp, 1)},
+        "throughput_ratio": round(ours_tp / base_tp, 3),
+        "goals": {"ratio_p50_at_64KiB": "<= 1.3", "throughput_ratio": ">= 0.7"},
+    })
+
+
+if __name__ == "__main__":
+    main()

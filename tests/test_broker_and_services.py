@@ -1,0 +1,95 @@
+"""The local broker and the service entry points, run as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from offramp.broker import LocalBroker, find_mosquitto
+from offramp.bus import Bus
+from offramp.errors import BrokerError
+from offramp.launcher import SERVICES, ServiceProcess
+from offramp.settings import BusSettings
+from offramp.topics import Topics
+from offramp.wire import Heartbeat
+
+
+def test_missing_mosquitto_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr("shutil.which", lambda *a, **k: None)
+    with pytest.raises(BrokerError, match="apt-get install -y mosquitto"):
+        find_mosquitto()
+
+
+def test_broker_that_cannot_start_reports_its_log(tmp_path: Path) -> None:
+    broker = LocalBroker(extra_config="this_is_not_an_option 1", workdir=tmp_path)
+    with pytest.raises(BrokerError, match="exited with code"):
+        broker.start()
+
+
+def test_private_broker_stops_and_restarts_on_the_same_port() -> None:
+    with LocalBroker() as broker:
+        port = broker.port
+        broker.restart()
+        assert broker.running and broker.port == port
+    assert not broker.running
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+async def test_service_heartbeats_then_stops_cleanly_on_sigterm(
+        service: str, broker: LocalBroker, bus_settings: BusSettings, topics: Topics,
+        prefix: str, tmp_path: Path) -> None:
+    proc = ServiceProcess(service, f"{service}-t", {
+        "OFFRAMP_BROKER_URL": broker.url, "OFFRAMP_TOPIC_PREFIX": prefix,
+        "OFFRAMP_LOG_FORMAT": "json"}, tmp_path / "svc.log")
+    beats: list[Heartbeat] = []
+    async with Bus(bus_settings, "observer") as bus:
+        sub = await bus.subscribe(topics.state_all())
+        await bus.wait_connected(5)
+        proc.start()
+        try:
+            first = None
+            while first is None or time.monotonic() - first < 1.0:
+                hb = Heartbeat.decode((await asyncio.wait_for(sub.get(), 20)).payload)
+                first = first or time.monotonic()
+                beats.append(hb)
+            code = await asyncio.to_thread(proc.stop, 10)
+            last = Heartbeat.decode((await asyncio.wait_for(sub.get(), 5)).payload)
+            while last.online:
+                last = Heartbeat.decode((await asyncio.wait_for(sub.get(), 5)).payload)
+        finally:
+            proc.kill()
+    assert code == 0, (tmp_path / "svc.log").read_text()
+    assert len(beats) >= 4, "at least 4 heartbeats a second"
+    assert all(hb.online and hb.node == f"{service}-t" for hb in beats)
+    assert [hb.seq for hb in beats] == sorted(hb.seq for hb in beats)
+    assert not last.online
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"OFFRAMP_HEARTBEAT_S": "fast"}, "OFFRAMP_HEARTBEAT_S='fast': expected a number"),
+    ({"OFFRAMP_NODE": "bad/name"}, "OFFRAMP_NODE 'bad/name' is not a valid topic level"),
+    ({"OFFRAMP_BROKER_URL": ""}, "OFFRAMP_BROKER_URL is not set"),
+])
+def test_bad_settings_stop_a_service_with_one_clear_line(env: dict[str, str], words: str,
+                                                         broker: LocalBroker) -> None:
+    full = {**os.environ, "OFFRAMP_BROKER_URL": broker.url, **env}
+    out = subprocess.run([sys.executable, "-m", SERVICES["segment-worker"]], env=full, check=False,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert words in out.stderr
+
+
+def test_sigint_also_stops_a_service(broker: LocalBroker, tmp_path: Path) -> None:
+    proc = ServiceProcess("exit-arbiter", "arb-int", {"OFFRAMP_BROKER_URL": broker.url},
+                          tmp_path / "a.log")
+    proc.start()
+    time.sleep(1.5)
+    proc.signal(signal.SIGINT)
+    assert proc.proc is not None and proc.proc.wait(10) == 0

@@ -1,0 +1,151 @@
+"""The bus against a real Mosquitto: round trips, bounded inboxes, wills, restarts, sharing."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from offramp.broker import LocalBroker
+from offramp.bus import Bus
+from offramp.errors import BusError
+from offramp.settings import BusSettings
+from offramp.topics import Topics
+from offramp.wire import ActivationPacket, Heartbeat, Sample, Tensor
+from structlog.testing import capture_logs
+
+HELPERS = Path(__file__).parent / "helpers"
+
+
+async def _next(sub: object, timeout: float = 5.0) -> object:
+    return await asyncio.wait_for(sub.get(), timeout)  # type: ignore[attr-defined]
+
+
+async def test_tensor_round_trip_over_the_broker(bus_settings: BusSettings, topics: Topics) -> None:
+    arr = np.random.default_rng(0).standard_normal((4, 32, 8, 8)).astype(np.float32)
+    samples = tuple(Sample(f"t{i}", "cam", f"f{i}") for i in range(4))
+    packet = ActivationPacket("mnv2", 2, samples, Tensor.encode(arr, "fp16"))
+    async with Bus(bus_settings, "rx") as rx, Bus(bus_settings, "tx") as tx:
+        sub = await rx.subscribe(topics.act("mnv2", 2, "n1"))
+        await rx.wait_connected(5)
+        await tx.publish(topics.act("mnv2", 2, "n1"), packet.encode())
+        msg = await _next(sub)
+        got = ActivationPacket.decode(msg.payload)  # type: ignore[attr-defined]
+    assert got.samples == samples
+    np.testing.assert_allclose(got.tensor.to_numpy(), arr, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(("overflow", "kept"), [("drop-oldest", [15, 16, 17, 18, 19]),
+                                                ("drop-newest", [0, 1, 2, 3, 4])])
+async def test_full_inbox_drops_by_its_policy_and_counts_and_logs(
+        bus_settings: BusSettings, topics: Topics, overflow: str, kept: list[int]) -> None:
+    topic = topics.ingest("cam")
+    with capture_logs() as logs:
+        async with Bus(bus_settings, "rx") as rx, Bus(bus_settings, "tx") as tx:
+            sub = await rx.subscribe(topic, maxsize=5, overflow=overflow, qos=1)  # type: ignore[arg-type]
+            await rx.wait_connected(5)
+            for i in range(20):
+                await tx.publish(topic, str(i).encode(), qos=1)
+            for _ in range(100):
+                if rx.stats.received >= 20:
+                    break
+                await asyncio.sleep(0.02)
+            got = [int(sub.inbox.get_nowait().payload) for _ in range(len(sub.inbox))]  # type: ignore[union-attr]
+    assert got == kept
+    assert sub.inbox.stats.dropped == 15
+    assert sum(rx.stats.dropped.values()) == 15
+    assert any(e["event"] == "inbox_overflow" for e in logs)
+
+
+async def test_will_is_published_when_a_client_process_is_killed(
+        broker: LocalBroker, bus_settings: BusSettings, topics: Topics, prefix: str) -> None:
+    async with Bus(bus_settings, "watcher") as bus:
+        sub = await bus.subscribe(topics.state_all("worker"))
+        await bus.wait_connected(5)
+        cmd = [sys.executable, str(HELPERS / "will_client.py"), broker.url, prefix, "doomed"]
+        proc = subprocess.Popen(cmd)  # noqa: ASYNC220 - started once, reaped below
+        try:
+            hb = Heartbeat.decode((await _next(sub, 20)).payload)  # type: ignore[attr-defined]
+            assert (hb.node, hb.online) == ("doomed", True)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            hb = Heartbeat.decode((await _next(sub, 20)).payload)  # type: ignore[attr-defined]
+        finally:
+            proc.kill()
+    assert (hb.node, hb.online) == ("doomed", False)
+
+
+async def test_client_survives_a_broker_restart_and_rereads_retained(
+        broker: LocalBroker, bus_settings: BusSettings, topics: Topics) -> None:
+    policy_topic = topics.exit_policy("mnv2")
+    async with Bus(bus_settings, "pub") as pub, Bus(bus_settings, "sub") as rx:
+        sub = await rx.subscribe(topics.ingest("cam"))
+        control = await rx.subscribe(policy_topic)
+        await asyncio.gather(pub.wait_connected(5), rx.wait_connected(5))
+        await pub.publish(policy_topic, b"thresholds-v1", qos=1, retain=True)
+        assert (await _next(control)).payload == b"thresholds-v1"  # type: ignore[attr-defined]
+        await pub.publish(topics.ingest("cam"), b"before", qos=1)
+        assert (await _next(sub)).payload == b"before"  # type: ignore[attr-defined]
+
+        await asyncio.to_thread(broker.restart)
+        await asyncio.sleep(0.2)
+        await asyncio.gather(pub.wait_connected(10), rx.wait_connected(10))
+        replay = await _next(control, 10)
+        assert replay.payload == b"thresholds-v1" and replay.retain  # type: ignore[attr-defined]
+        await pub.publish(topics.ingest("cam"), b"after", qos=1)
+        assert (await _next(sub, 10)).payload == b"after"  # type: ignore[attr-defined]
+    assert rx.stats.reconnects >= 1 and pub.stats.reconnects >= 1
+
+
+async def test_publish_fails_clearly_when_no_broker_answers(bus_settings: BusSettings) -> None:
+    from dataclasses import replace
+
+    dead = replace(bus_settings, broker_url="mqtt://127.0.0.1:9", publish_timeout_s=0.3)
+    async with Bus(dead, "lonely") as bus:
+        with pytest.raises(BusError, match=r"not connected to mqtt://127\.0\.0\.1:9"):
+            await bus.publish("offramp-test/x", b"1")
+        with pytest.raises(BusError, match="no connection"):
+            await bus.wait_connected(0.2)
+
+
+async def test_oversized_publish_is_refused(bus_settings: BusSettings) -> None:
+    from dataclasses import replace
+
+    small = replace(bus_settings, max_message_bytes=1024)
+    async with Bus(small, "big") as bus:
+        with pytest.raises(BusError, match="over OFFRAMP_MAX_MESSAGE_BYTES"):
+            await bus.publish("offramp-test/x", b"x" * 2048)
+
+
+async def test_shared_subscription_gives_each_message_to_one_member(
+        bus_settings: BusSettings, topics: Topics) -> None:
+    topic = topics.act("m", 1)
+    async with (Bus(bus_settings, "w1") as w1, Bus(bus_settings, "w2") as w2,
+                Bus(bus_settings, "tx") as tx):
+        s1 = await w1.subscribe(topic, shared_group="workers", qos=1)
+        s2 = await w2.subscribe(topic, shared_group="workers", qos=1)
+        await asyncio.gather(w1.wait_connected(5), w2.wait_connected(5))
+        for i in range(40):
+            await tx.publish(topic, str(i).encode(), qos=1)
+        for _ in range(100):
+            if len(s1.inbox) + len(s2.inbox) >= 40:
+                break
+            await asyncio.sleep(0.02)
+        a = {m.payload for m in s1.inbox.drain()}
+        b = {m.payload for m in s2.inbox.drain()}
+    assert len(a) + len(b) == 40 and not a & b
+    assert a and b
+
+
+async def test_unmatched_messages_are_counted(bus_settings: BusSettings, topics: Topics) -> None:
+    async with Bus(bus_settings, "rx") as rx, Bus(bus_settings, "tx") as tx:
+        sub = await rx.subscribe(topics.ingest("a"))
+        await rx.wait_connected(5)
+        await sub.close()
+        await tx.publish(topics.ingest("a"), b"late", qos=1)
+        await asyncio.sleep(0.2)
+    assert rx.stats.received == 0 or rx.stats.unrouted >= 1

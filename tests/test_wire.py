@@ -1,0 +1,221 @@
+"""Wire format: round trips for every message, and strict decoding of anything else."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from offramp.errors import WireError
+from offramp.wire import (
+    ActivationPacket,
+    Completion,
+    ExitPolicy,
+    FrameEnvelope,
+    Heartbeat,
+    Hop,
+    Plan,
+    Result,
+    Sample,
+    SegmentLoad,
+    SegmentRef,
+    Tensor,
+)
+
+text = st.text(min_size=1, max_size=12)
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+hops = st.builds(Hop, text, st.integers(1, 9), finite, finite, finite)
+
+
+def samples(n: int) -> st.SearchStrategy[tuple[Sample, ...]]:
+    one = st.builds(Sample, text, text, text, st.floats(0.01, 100), finite,
+                    st.none() | finite, st.integers(0, 5), st.tuples(hops) | st.just(()))
+    return st.lists(one, min_size=n, max_size=n).map(tuple)
+
+
+@st.composite
+def packets(draw: st.DrawFn) -> ActivationPacket:
+    batch = draw(st.integers(1, 4))
+    dtype = draw(st.sampled_from(["float32", "float16", "int8", "uint8", "int64"]))
+    shape = (batch, *draw(hnp.array_shapes(min_dims=0, max_dims=3, max_side=5)))
+    arr = draw(hnp.arrays(dtype, shape))
+    emb = draw(st.none() | hnp.arrays("float32", (batch, 4), elements=st.floats(-1, 1, width=32)))
+    return ActivationPacket(draw(text), draw(st.integers(1, 9)), draw(samples(batch)),
+                            Tensor.encode(arr), None if emb is None else Tensor.encode(emb),
+                            draw(finite))
+
+
+@given(packets())
+def test_activation_packet_round_trips(packet: ActivationPacket) -> None:
+    back = ActivationPacket.decode(packet.encode())
+    assert back.samples == packet.samples
+    assert (back.model, back.segment, back.sent) == (packet.model, packet.segment, packet.sent)
+    np.testing.assert_array_equal(back.tensor.to_numpy(), packet.tensor.to_numpy())
+    if packet.embedding is not None:
+        assert back.embedding is not None
+        np.testing.assert_array_equal(back.embedding.to_numpy(), packet.embedding.to_numpy())
+
+
+@given(hnp.arrays("float32", hnp.array_shapes(max_dims=4, max_side=6),
+                  elements=st.floats(-1e4, 1e4, width=32)))
+def test_lossy_codecs_stay_within_their_error_bound(arr: np.ndarray) -> None:
+    fp16 = Tensor.decode_bytes(Tensor.encode(arr, "fp16"))
+    np.testing.assert_allclose(fp16, arr, rtol=1e-3, atol=1e-3 * max(1.0, np.abs(arr).max()))
+    int8 = Tensor.decode_bytes(Tensor.encode(arr, "int8"))
+    step = np.abs(arr).max() / 127 if arr.size and np.abs(arr).max() > 0 else 1.0
+    assert np.all(np.abs(int8 - arr) <= step / 2 + 1e-3 * step)
+    assert fp16.dtype == np.float32 and int8.dtype == np.float32
+
+
+def test_raw_decode_is_a_view_of_the_payload_not_a_copy() -> None:
+    arr = np.arange(64 * 1024 // 4, dtype=np.float32).reshape(1, -1)
+    packet = ActivationPacket("m", 2, (Sample("t", "s", "f"),), Tensor.encode(arr))
+    payload = packet.encode()
+    decoded = ActivationPacket.decode(payload).tensor.to_numpy()
+    assert not decoded.flags.owndata
+    np.testing.assert_array_equal(decoded, arr)
+
+
+def test_fp16_halves_the_bytes() -> None:
+    arr = np.ones((2, 32, 16, 16), np.float32)
+    assert Tensor.encode(arr, "fp16").nbytes == arr.nbytes // 2
+    assert Tensor.encode(arr, "int8").nbytes == arr.nbytes // 4
+
+
+@given(st.builds(Heartbeat, text, text, st.booleans(), st.integers(0, 2**40), finite,
+                 st.lists(st.builds(SegmentLoad, text, st.integers(1, 9), st.integers(0, 99),
+                                    finite, finite, finite, st.integers(0, 9),
+                                    st.integers(0, 9)), max_size=3).map(tuple),
+                 finite, finite, st.dictionaries(text, finite, max_size=3)))
+def test_heartbeat_round_trips(hb: Heartbeat) -> None:
+    assert Heartbeat.decode(hb.encode()) == hb
+
+
+@given(st.builds(Completion, text, text, text, st.integers(0, 5), st.integers(0, 999), finite,
+                 st.integers(1, 9), st.sampled_from(["threshold", "final", "deadline",
+                                                     "feature-difference"]),
+                 text, finite, st.lists(hops, max_size=3).map(tuple),
+                 st.lists(finite, max_size=4).map(tuple), finite))
+def test_completion_round_trips(done: Completion) -> None:
+    assert Completion.decode(done.encode()) == done
+
+
+@given(st.builds(Plan, st.integers(0, 10**6), finite,
+                 st.dictionaries(text, st.lists(st.builds(SegmentRef, text, st.integers(1, 9)),
+                                                max_size=3).map(tuple), max_size=3),
+                 st.dictionaries(text, st.dictionaries(st.integers(1, 9), text, max_size=3),
+                                 max_size=3)))
+def test_plan_round_trips(plan: Plan) -> None:
+    assert Plan.decode(plan.encode()) == plan
+
+
+@given(st.builds(ExitPolicy, text, st.integers(0, 99), finite,
+                 st.sampled_from(["confidence", "entropy", "margin", "feature-difference"]),
+                 st.lists(st.floats(0, 1), max_size=4).map(tuple), st.none() | st.floats(0, 1),
+                 st.floats(0, 1)))
+def test_exit_policy_round_trips(policy: ExitPolicy) -> None:
+    assert ExitPolicy.decode(policy.encode()) == policy
+
+
+def test_frame_envelope_round_trips_with_image_or_tensor() -> None:
+    img = FrameEnvelope("f1", 1.5, image=b"\x89PNG...", deadline=2.0, label=3)
+    assert FrameEnvelope.decode(img.encode()) == img
+    ten = FrameEnvelope("f2", 1.5, tensor=Tensor.encode(np.zeros((3, 8, 8), np.float32)))
+    back = FrameEnvelope.decode(ten.encode())
+    assert back.tensor is not None and back.tensor.shape == (3, 8, 8)
+    with pytest.raises(WireError, match="exactly one"):
+        FrameEnvelope("f3", 0.0)
+
+
+@given(st.builds(Result, text, text, text, st.sampled_from(["ok", "dropped", "expired", "error"]),
+                 st.none() | st.integers(0, 9), st.none() | text, st.none() | st.floats(0, 1),
+                 st.none() | st.integers(1, 5), st.none() | text, st.none() | text,
+                 st.dictionaries(text, st.floats(0, 1e4), max_size=3),
+                 st.lists(text, max_size=3), st.lists(st.floats(0, 1), max_size=3), finite))
+def test_result_json_round_trips(result: Result) -> None:
+    assert Result.from_json(result.to_json()) == result
+
+
+# -- strict decoding ------------------------------------------------------------------------
+
+DECODERS = [ActivationPacket.decode, Heartbeat.decode, Completion.decode, Plan.decode,
+            ExitPolicy.decode, FrameEnvelope.decode]
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=512), st.sampled_from(DECODERS))
+def test_random_bytes_raise_only_wire_error(data: bytes, decode: object) -> None:
+    with contextlib.suppress(WireError):
+        decode(data)  # type: ignore[operator]
+
+
+def _valid_packet() -> bytes:
+    arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    return ActivationPacket("m", 1, (Sample("a", "s", "f"), Sample("b", "s", "g")),
+                            Tensor.encode(arr)).encode()
+
+
+@given(st.data())
+def test_truncated_and_bit_flipped_packets_raise_only_wire_error(data: st.DataObject) -> None:
+    payload = bytearray(_valid_packet())
+    cut = data.draw(st.integers(0, len(payload) - 1))
+    with pytest.raises(WireError):
+        ActivationPacket.decode(bytes(payload[:cut]))
+    pos = data.draw(st.integers(0, len(payload) - 1))
+    payload[pos] ^= data.draw(st.integers(1, 255))
+    with contextlib.suppress(WireError):
+        ActivationPacket.decode(bytes(payload))
+
+
+def _tamper(**changes: object) -> bytes:
+    obj = msgpack.unpackb(_valid_packet(), raw=False)
+    for path, value in changes.items():
+        node = obj
+        *parents, leaf = path.split("__")
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[leaf] = value
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"v": 9}, "unsupported format version 9"),
+    ({"k": "hb"}, "not a 'act'"),
+    ({"seg": "two"}, "act.seg: expected an integer"),
+    ({"tensor__shape": [2, 3, 5]}, "needs 120 bytes, got 96"),
+    ({"tensor__dtype": "complex128"}, "act.tensor.dtype"),
+    ({"tensor__codec": "zstd"}, "act.tensor.codec"),
+    ({"tensor__shape": [2, -3, -4]}, "negative dimension"),
+    ({"samples": []}, "at least one sample"),
+    ({"sent": float("nan")}, "act.sent: must be finite"),
+    ({"samples__0__prio": 0}, "priority must be > 0"),
+    ({"samples__0__hops": [["n", 1, 0.0]]}, "a hop has 5 fields"),
+])
+def test_wrong_fields_are_named_in_the_error(changes: dict[str, object], words: str) -> None:
+    with pytest.raises(WireError, match=words.replace("(", r"\(")):
+        ActivationPacket.decode(_tamper(**changes))
+
+
+def test_batch_size_must_match_the_sample_headers() -> None:
+    obj = msgpack.unpackb(_valid_packet(), raw=False)
+    obj["samples"] = obj["samples"][:1]
+    with pytest.raises(WireError, match="does not match 1 samples"):
+        ActivationPacket.decode(msgpack.packb(obj, use_bin_type=True))
+
+
+def test_over_limit_messages_are_rejected_before_unpacking() -> None:
+    payload = _valid_packet()
+    with pytest.raises(WireError, match="over the limit"):
+        ActivationPacket.decode(payload, max_bytes=len(payload) - 1)
+
+
+def test_result_from_json_rejects_garbage() -> None:
+    for bad in (b"\xff", b"[]", b'{"v": 1}', b'{"v": 2, "task_id": "t"}'):
+        with pytest.raises(WireError):
+            Result.from_json(bad)
+    with pytest.raises(WireError, match="status"):
+        Result("t", "s", "f", "maybe")  # type: ignore[arg-type]
