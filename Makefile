@@ -42,7 +42,7 @@ pytest: setup
 test: lint typecheck pytest
 
 bench-hop: setup
-	$(PY) bench/hop.py
+	$(PY) -m bench.hop
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

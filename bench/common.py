@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ def write_result(name: str, payload: dict[str, Any]) -> None:
     """Write bench/results/<name>.json and print it as the last line of output."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+           "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
            **payload}
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(doc, separators=(",", ":")))

@@ -11,17 +11,13 @@ vs bare paho, both QoS 0, counted at the receiver.
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import percentile_ms, write_result
-
+from bench.common import percentile_ms, write_result
 from offramp.broker import LocalBroker
 from offramp.bus import Bus
 from offramp.settings import BusSettings
@@ -102,7 +98,7 @@ def offramp_throughput(url: str, nbytes: int) -> float:
     settings = BusSettings(broker_url=url, topic_prefix="bench", inbound_queue=THROUGHPUT_N)
     topic = Topics("bench").act("bench", 2, "tp")
     packet = _packet(nbytes)
-    ready = threading.Event()
+    ready, done = threading.Event(), threading.Event()
     finished: dict[str, float] = {}
 
     async def receive() -> None:
@@ -119,6 +115,7 @@ def offramp_throughput(url: str, nbytes: int) -> float:
             except TimeoutError:
                 pass
             finished.update(count=received, at=time.perf_counter())
+            done.set()
 
     async def send() -> float:
         async with Bus(settings, "tp-tx") as tx:
@@ -129,8 +126,7 @@ def offramp_throughput(url: str, nbytes: int) -> float:
                 await tx.publish(topic, packet.encode())
                 if i % 16 == 0:
                     await asyncio.sleep(0)  # let the writer drain, as a service's loop would
-            while "at" not in finished:
-                await asyncio.sleep(0.01)
+            await asyncio.to_thread(done.wait, 60)
             return t0
 
     rx_thread = threading.Thread(target=asyncio.run, args=(receive(),))

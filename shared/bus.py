@@ -24,12 +24,13 @@ from typing import Any, Self
 import aiomqtt
 import paho.mqtt.client as mqtt
 import structlog
-from offramp.errors import BusError
-from offramp.inbox import Inbox, Overflow, RateLimitedWarning
-from offramp.settings import BrokerAddress, BusSettings
 from paho.mqtt.client import topic_matches_sub
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from offramp.errors import BusError
+from offramp.inbox import Inbox, Overflow, RateLimitedWarning
+from offramp.settings import BrokerAddress, BusSettings
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from offramp.broker import LocalBroker
 from offramp.bus import Bus
 from offramp.errors import OfframpError, WireError
@@ -16,8 +19,6 @@ from offramp.launcher import ProcessGroup
 from offramp.settings import BusSettings
 from offramp.topics import Topics
 from offramp.wire import Heartbeat
-from rich.console import Console
-from rich.table import Table
 
 ROLES = {"admission-controller": "admission", "segment-worker": "worker",
          "exit-arbiter": "arbiter", "priority-scheduler": "scheduler"}

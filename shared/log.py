@@ -13,8 +13,9 @@ import sys
 from typing import Any
 
 import structlog
-from offramp.errors import SettingsError
 from structlog.contextvars import bound_contextvars as bound
+
+from offramp.errors import SettingsError
 
 __all__ = ["bound", "configure_logging", "get_logger"]
 

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import structlog
+
 from offramp.bus import Bus, Will
 from offramp.errors import OfframpError, SettingsError
 from offramp.log import configure_logging

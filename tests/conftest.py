@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
 from offramp.broker import LocalBroker
 from offramp.settings import BusSettings
 from offramp.topics import Topics

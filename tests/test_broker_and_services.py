@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from offramp.broker import LocalBroker, find_mosquitto
 from offramp.bus import Bus
 from offramp.errors import BrokerError

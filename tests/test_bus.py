@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
+
 from offramp.broker import LocalBroker
 from offramp.bus import Bus
 from offramp.errors import BusError
 from offramp.settings import BusSettings
 from offramp.topics import Topics
 from offramp.wire import ActivationPacket, Heartbeat, Sample, Tensor
-from structlog.testing import capture_logs
 
 HELPERS = Path(__file__).parent / "helpers"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from offramp.errors import SettingsError
 from offramp.services.segment_worker.service import PREFIX, WorkerSettings
 from offramp.settings import BrokerAddress, BusSettings, CommonSettings, describe, load

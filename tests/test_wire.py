@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
 from offramp.errors import WireError
 from offramp.wire import (
     ActivationPacket,

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import msgpack
+
 from offramp.errors import WireError
 
 VERSION = 1

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+
 from offramp.errors import WireError
 from offramp.wire.reader import Reader
 

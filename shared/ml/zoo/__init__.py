@@ -1,0 +1,37 @@
+"""The model zoo and its registry: ``create_model(name, num_classes, exits=..., **cfg)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+from offramp.ml.zoo.base import ExitHead, FeatureInfo, MultiExitNet
+from offramp.ml.zoo.mobilenetv2 import mobilenetv2
+from offramp.ml.zoo.resnet import resnet_cifar, resnet_imagenet
+from offramp.ml.zoo.wideresnet import wideresnet
+
+Factory = Callable[..., MultiExitNet]
+
+REGISTRY: dict[str, Factory] = {
+    "mobilenetv2": mobilenetv2,
+    "resnet20": partial(resnet_cifar, 20),
+    "resnet56": partial(resnet_cifar, 56),
+    "resnet18": partial(resnet_imagenet, 18),
+    "resnet50": partial(resnet_imagenet, 50),
+    "wideresnet": wideresnet,
+    "wrn16_4": partial(wideresnet, depth=16, width=4),
+}
+
+
+def create_model(name: str, num_classes: int, exits: Sequence[int] | None = None,
+                 **cfg: Any) -> MultiExitNet:
+    """Build a zoo model; ``exits`` are block indices (the last block always carries one)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; one of {', '.join(sorted(REGISTRY))}")
+    model = REGISTRY[name](num_classes, exits, **cfg)
+    model.config["name"] = name
+    return model
+
+
+__all__ = ["REGISTRY", "ExitHead", "FeatureInfo", "MultiExitNet", "create_model"]

@@ -1,0 +1,92 @@
+"""Turning a frame into the model's input tensor, exactly as training saw it (numpy + Pillow).
+
+A bundle's manifest holds an :class:`InputSpec`; the admission-controller applies it to every
+decoded image, and training applies the same function to its uint8 images.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from offramp.errors import OfframpError
+
+
+class FrameError(OfframpError):
+    """A frame that cannot become a model input: undecodable, wrong shape, wrong type."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Input of segment 1: ``channels x height x width`` float32, from RGB uint8 images as
+    ``(pixel / 255 - mean) / std`` per channel."""
+
+    channels: int = 3
+    height: int = 32
+    width: int = 32
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        return cls(int(d["channels"]), int(d["height"]), int(d["width"]),
+                   tuple(float(x) for x in d["mean"]), tuple(float(x) for x in d["std"]))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """JPEG/PNG bytes to an RGB uint8 array (H, W, 3); FrameError if it is not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise FrameError(f"not a decodable JPEG or PNG image ({exc})") from None
+
+
+def resize_uint8(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize (N, H, W, 3) uint8 images with bilinear filtering."""
+    if images.shape[1:3] == (height, width):
+        return images
+    return np.stack([np.asarray(Image.fromarray(im).resize((width, height), Image.Resampling.BILINEAR))
+                     for im in images])
+
+
+def normalise(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(N, H, W, 3) uint8 at the spec's size to (N, C, H, W) float32."""
+    scaled = images.astype(np.float32) * np.float32(1 / 255.0)
+    x = (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    out: np.ndarray = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+    return out
+
+
+def image_to_input(image: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """One RGB uint8 image of any size to the (C, H, W) float32 input."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise FrameError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+    resized = resize_uint8(image[None], spec.height, spec.width)
+    out: np.ndarray = normalise(resized, spec)[0]
+    return out
+
+
+def check_tensor(x: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """A tensor given directly (``.npy`` or envelope) must already be the model input."""
+    if x.shape != spec.shape:
+        raise FrameError(f"tensor shape {list(x.shape)} does not match the model input "
+                         f"{list(spec.shape)}")
+    if x.dtype not in (np.float32, np.float16, np.float64):
+        raise FrameError(f"tensor dtype {x.dtype} is not a float type")
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise FrameError("tensor has NaN or infinite values")
+    return arr
