@@ -8,12 +8,14 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: help setup system-deps demo test lint typecheck pytest bench-hop clean
+.PHONY: help setup system-deps demo test lint typecheck pytest bench-hop bench-exits bench-segments clean
 
 help:
 	@echo "make demo      run offramp locally (broker + services) and show it working"
 	@echo "make test      lint, type check and the test suite (real Mosquitto, real ONNX models)"
 	@echo "make bench-hop one bus hop vs bare paho-mqtt (bench/results/hop.json)"
+	@echo "make bench-exits     early-exit savings on digits (bench/results/exits.json)"
+	@echo "make bench-segments  chained segments vs monolithic ONNX (bench/results/segments.json)"
 
 system-deps:
 	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh
@@ -43,6 +45,12 @@ test: lint typecheck pytest
 
 bench-hop: setup
 	$(PY) -m bench.hop
+
+bench-exits: setup
+	$(PY) -m bench.exits
+
+bench-segments: setup
+	$(PY) -m bench.segments
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

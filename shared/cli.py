@@ -46,6 +46,24 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds)
 
 
+def _register_ml(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Training commands need the ``train`` extra; without torch they explain how to get it."""
+    try:
+        from offramp.ml.cli import register
+    except ImportError as exc:
+        missing = exc.name or "torch"
+
+        def unavailable(args: argparse.Namespace) -> int:
+            print(f"offramp {args.command}: needs the training extra ({missing} is missing): "
+                  "pip install 'offramp[train]'", file=sys.stderr)
+            return 2
+
+        for name in ("build", "train", "export", "calibrate", "compress"):
+            sub.add_parser(name, help="(needs the train extra)").set_defaults(handler=unavailable)
+        return
+    register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offramp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("settings", help="list every OFFRAMP_* setting with default and meaning")
     p.add_argument("service", nargs="?", default=None)
     p.set_defaults(handler=_settings)
+
+    _register_ml(sub)
 
     p = sub.add_parser("demo", help="start a broker and the services, show them working, stop")
     p.add_argument("--seconds", type=float, default=4.0)

@@ -19,8 +19,13 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 
 
-def make_session(path: Path, *, device: str = "cpu", threads: int = 1) -> ort.InferenceSession:
-    """An inference session on the best available of the requested providers."""
+def make_session(path: Path, *, device: str = "cpu", threads: int = 1,
+                 spin: bool = False) -> ort.InferenceSession:
+    """An inference session on the best available of the requested providers.
+
+    Intra-op threads do not spin-wait by default: a worker hosts several segment sessions, and
+    on a small CPU each session's spinning threads steal the cores the next one needs.
+    """
     wanted = {"cpu": ["cpu"], "cuda": ["cuda", "cpu"], "tensorrt": ["tensorrt", "cuda", "cpu"]}
     if device not in wanted:
         raise BundleError(f"device {device!r} is not one of {', '.join(wanted)}")
@@ -30,6 +35,7 @@ def make_session(path: Path, *, device: str = "cpu", threads: int = 1) -> ort.In
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files

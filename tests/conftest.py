@@ -8,6 +8,9 @@ from collections.abc import Iterator
 import pytest
 
 from offramp.broker import LocalBroker
+from offramp.bundle import Bundle
+from offramp.ml.build import Recipe, build
+from offramp.ml.train import TrainConfig
 from offramp.settings import BusSettings
 from offramp.topics import Topics
 
@@ -43,3 +46,17 @@ def topics(prefix: str) -> Topics:
 def bus_settings(broker: LocalBroker, prefix: str) -> BusSettings:
     return BusSettings(broker_url=broker.url, topic_prefix=prefix, reconnect_min_s=0.05,
                        reconnect_max_s=0.3, publish_timeout_s=5.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe() -> Recipe:
+    """A small real model on the real digits data: about 40 s to train on 2 cores."""
+    return Recipe("test-tiny", "mobilenetv2", {"width": 0.35, "stem_stride": 2},
+                  train=TrainConfig(epochs=8, lr=6e-3))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_recipe: Recipe) -> Bundle:
+    """A real ONNX bundle (4 segments, calibrated) trained and exported in this test session."""
+    bundle, _ = build(tiny_recipe, tmp_path_factory.mktemp("bundle") / "tiny", progress=False)
+    return bundle

@@ -24,7 +24,9 @@ class FeatureInfo:
 
 
 class ExitHead(nn.Module):
-    """pool + linear (+ one strided conv first for early, wide, high-resolution features).
+    """pool + linear (+ one strided depthwise-separable conv first for early, high-resolution
+    features: it sees more than a global average of them, at a few percent of the segment's
+    cost; a full 3x3 conv there cost more than every other head together).
 
     Every head, the final one included, maps to an embedding of the same size ``embed_dim``
     (so feature-difference distances are defined between exits) and then to logits.
@@ -37,8 +39,10 @@ class ExitHead(nn.Module):
         if conv:
             width = max(channels * 2, 64)
             self.conv = nn.Sequential(
-                nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels, bias=False),
+                nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+                nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True))
         self.embed = nn.Linear(width, embed_dim)
         self.classifier = nn.Linear(embed_dim, num_classes)
         self.embed_dim = embed_dim

@@ -1,0 +1,118 @@
+"""Training is deterministic and resumable; compression and the CLI work on a real bundle."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from offramp.bundle import Bundle, load_bundle
+from offramp.errors import OfframpError
+from offramp.ml.build import Recipe, ablation_configs, load_data, load_trained, make_model
+from offramp.ml.compress import compare_codecs, default_cut, export_autoencoder, train_autoencoder
+from offramp.ml.train import TrainConfig, train
+from offramp.preprocess import InputSpec
+from offramp.runtime import make_session
+
+QUICK = Recipe("quick", "mobilenetv2", {"width": 0.25, "stem_stride": 2},
+               train=TrainConfig(epochs=2, batch_size=128))
+
+
+def _train(cfg: TrainConfig, ckpt: Path | None = None) -> dict[str, torch.Tensor]:
+    recipe = replace(QUICK, train=cfg)
+    model = make_model(recipe, 10)
+    train(model, load_data(recipe), InputSpec(), cfg, checkpoint=ckpt, progress=False)
+    return model.state_dict()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_same_weights_other_seed_other_weights() -> None:
+    a, b = _train(QUICK.train), _train(QUICK.train)
+    assert _same(a, b)
+    assert not _same(a, _train(replace(QUICK.train, seed=1)))
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    straight = _train(QUICK.train)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def crash_after_first_checkpoint(*args: object, **kwargs: object) -> None:
+        real_save(*args, **kwargs)  # type: ignore[arg-type]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "run.pt"
+    monkeypatch.setattr(torch, "save", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        _train(QUICK.train, ckpt)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert _same(_train(QUICK.train, ckpt), straight)
+    with pytest.raises(OfframpError, match="other settings"):
+        _train(replace(QUICK.train, lr=1e-4), ckpt)
+
+
+def test_ablation_switches_off_one_term_at_a_time() -> None:
+    runs = ablation_configs(TrainConfig())
+    assert [(c.loss.distill, c.loss.feature) for c in runs.values()] == [
+        (True, True), (False, True), (True, False), (False, False)]
+
+
+def test_autoencoder_at_a_cut_exports_and_is_compared(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, root)
+    bundle = load_bundle(root)
+    model = load_trained(root / "model.pt")
+    data = load_data(Recipe("t", "mobilenetv2", {}))
+    cut = default_cut(bundle)
+    enc, dec = train_autoencoder(model, bundle, data, cut, 4, epochs=1)
+    spec = export_autoencoder(bundle, cut, 4, enc, dec)
+    reloaded = load_bundle(root)
+    assert reloaded.autoencoder(cut) == spec
+    assert make_session(reloaded.path(spec.encoder)).get_outputs()[0].name == "latent"
+    reports = {r.codec: r for r in compare_codecs(model, bundle, data, cut, {4: (enc, dec)})}
+    raw = reports["raw"].bytes_per_sample
+    assert reports["fp16"].bytes_per_sample * 2 == raw == reports["int8"].bytes_per_sample * 4
+    assert reports["ae r=4"].bytes_per_sample == raw // 8
+    assert abs(reports["fp16"].final_accuracy - reports["raw"].final_accuracy) <= 0.01
+
+
+def _offramp(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "offramp.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=300, check=False)
+
+
+def test_calibrate_cli_prints_thresholds_and_expected_cost(tiny_bundle: Bundle) -> None:
+    out = _offramp("calibrate", str(tiny_bundle.root), "--target-accuracy", "0.85")
+    assert out.returncode == 0, out.stderr
+    assert "thresholds for target accuracy 0.8500" in out.stdout
+    assert "expected FLOPs per sample" in out.stdout
+    out = _offramp("calibrate", str(tiny_bundle.root), "--flops-budget", "0.5")
+    assert out.returncode == 0 and "within 0.50" in out.stdout
+
+
+def test_export_cli_makes_two_segments_from_a_four_exit_model(tiny_bundle: Bundle,
+                                                              tmp_path: Path) -> None:
+    out = _offramp("export", str(tiny_bundle.path("model.pt")), "--out", str(tmp_path / "two"),
+                   "--cuts", "2")
+    assert out.returncode == 0, out.stderr
+    assert load_bundle(tmp_path / "two").num_segments == 2
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    out = _offramp("calibrate", str(tmp_path / "nothing"))
+    assert out.returncode == 2
+    assert "does not exist" in out.stderr and "Traceback" not in out.stderr
