@@ -16,7 +16,7 @@ import contextlib
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -185,12 +185,19 @@ class Bus:
                 await asyncio.wait_for(self.connected.wait(), remaining)
 
     async def subscribe(self, topic_filter: str, *, qos: int = 0, maxsize: int | None = None,
-                        overflow: Overflow = "drop-oldest",
-                        shared_group: str | None = None) -> Subscription:
-        """Add a subscription that outlives reconnects; messages land in its bounded inbox."""
+                        overflow: Overflow = "drop-oldest", shared_group: str | None = None,
+                        on_drop: Callable[[Message], None] | None = None) -> Subscription:
+        """Add a subscription that outlives reconnects; messages land in its bounded inbox.
+        ``on_drop`` is told of every message the inbox discards (after it is counted)."""
         name = f"{self.client_id}:{topic_filter}"
+
+        def dropped(inbox: str, item: Message, total: int) -> None:
+            self._on_drop(inbox, item, total)
+            if on_drop is not None:
+                on_drop(item)
+
         inbox: Inbox[Message] = Inbox(name, maxsize or self.settings.inbound_queue, overflow,
-                                      on_drop=self._on_drop)
+                                      on_drop=dropped)
         sub = Subscription(self, topic_filter, qos, inbox, shared_group)
         self._subs.append(sub)
         client = self._client

@@ -81,6 +81,16 @@ class Calibration:
         shares = np.bincount(idx, minlength=self.num_exits) / max(1, self.num_samples)
         return Outcome(accuracy, tuple(float(x) for x in shares), float(self.cost[idx].mean()))
 
+    def accuracy_at_exits(self, criterion: str, thresholds: tuple[float, ...] | list[float]
+                          ) -> list[float]:
+        """Accuracy of the validation samples that take each exit under ``thresholds``
+        (NaN where none does): what a realised exit share implies."""
+        idx = self.exit_index(criterion, thresholds)
+        rows = np.arange(self.num_samples)
+        right = self.correct[rows, idx]
+        return [float(right[idx == k].mean()) if np.any(idx == k) else float("nan")
+                for k in range(self.num_exits)]
+
     # -- threshold selection --------------------------------------------------------------------
     def _candidates(self, criterion: str, k: int) -> np.ndarray:
         values = np.unique(self.scores[criterion][:, k])

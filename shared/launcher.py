@@ -56,11 +56,13 @@ class ServiceProcess:
         if self.proc is not None:
             self.proc.wait()
 
-    def stop(self, grace_s: float = 10.0) -> int | None:
-        """SIGTERM, wait up to ``grace_s``, then SIGKILL; return the exit code."""
+    def stop(self, grace_s: float = 10.0, *, signalled: bool = False) -> int | None:
+        """SIGTERM (unless ``signalled`` already), wait up to ``grace_s``, then SIGKILL; return
+        the exit code. A second SIGTERM could land after the service removed its handler."""
         if self.proc is None:
             return None
-        self.signal(signal.SIGTERM)
+        if not signalled:
+            self.signal(signal.SIGTERM)
         try:
             code = self.proc.wait(grace_s)
         except subprocess.TimeoutExpired:
@@ -94,5 +96,6 @@ class ProcessGroup:
             member.signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for member in reversed(self.members):
-            codes[member.node] = member.stop(max(0.1, deadline - time.monotonic()))
+            codes[member.node] = member.stop(max(0.1, deadline - time.monotonic()),
+                                             signalled=True)
         return codes

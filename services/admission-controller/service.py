@@ -1,15 +1,38 @@
 """admission-controller: owns every frame from ingest to its one result.
 
-This issue's version connects, heartbeats on ``state/admission/{node}`` and exits cleanly on SIGTERM.
+Subscribes to ``ingest/+``; decodes and preprocesses each frame off the event loop; admits it
+(a per-source bound on frames in flight; beyond it the frame is answered ``dropped`` at once);
+sends the first activation to the least-backlogged worker hosting segment 1, in micro-batches;
+turns workers' completions into exactly one JSON result per frame on ``results/{source}``;
+re-dispatches work whose worker died or stalled, and answers ``expired`` at the deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import contextlib
+import itertools
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Literal
 
+import numpy as np
+
+from offramp.bundle import Bundle, load_bundle
+from offramp.bus import Bus, Message, Subscription
+from offramp.errors import OfframpError, TopicError, WireError
+from offramp.peers import PeerTable
+from offramp.policy.offload import choose
+from offramp.preprocess import FrameError
 from offramp.service import Runtime
-from offramp.settings import CommonSettings, nested
+from offramp.services.admission_controller.frames import Frame, decode_frame
+from offramp.services.admission_controller.tracker import Task, Tracker
+from offramp.settings import CommonSettings, nested, setting
+from offramp.topics import Topics
+from offramp.wire import ActivationPacket, Completion, Heartbeat, Result, Sample, Status, Tensor
 
 PREFIX = "OFFRAMP_ADMISSION_"
 
@@ -17,8 +40,220 @@ PREFIX = "OFFRAMP_ADMISSION_"
 @dataclass(frozen=True)
 class AdmissionSettings:
     common: CommonSettings = nested(CommonSettings, "OFFRAMP_")
+    bundle: str = setting("bundles/demo", "Model bundle directory")
+    max_in_flight: int = setting(256, "Frames in flight per source; beyond it: 'dropped'",
+                                 min=1, max=1_000_000)
+    ingest_queue: int = setting(2048, "Bound of the ingest inbox; overflow: 'dropped'", min=1,
+                                max=1_000_000)
+    progress_timeout_s: float = setting(5.0, "Dispatch again when no result after this long",
+                                        min=0.05, max=3600)
+    max_attempts: int = setting(3, "Dispatches per frame before it is answered 'error'", min=1,
+                                max=100)
+    deadline_s: float = setting(0.0, "Default deadline per frame after arrival (0: none)", min=0,
+                                max=86400)
+    dispatch_batch: int = setting(8, "Frames per first-activation packet", min=1, max=1024)
+    dispatch_wait_ms: float = setting(1.0, "Longest wait to fill a packet", min=0, max=1000)
+    codec: Literal["raw", "fp16"] = setting("raw", "Codec of the input tensor")
+
+
+class Admission:
+    def __init__(self, settings: AdmissionSettings, bundle: Bundle, runtime: Runtime) -> None:
+        self.s = settings
+        self.bundle = bundle
+        self.rt = runtime
+        self.bus: Bus = runtime.bus
+        self.topics: Topics = runtime.topics
+        self.peers = PeerTable(runtime.node)
+        self.tracker = Tracker(settings.max_in_flight, settings.progress_timeout_s,
+                               settings.max_attempts)
+        self.pending: list[Task] = []
+        self.pending_event = asyncio.Event()
+        self.unanswered_drops: list[Message] = []
+        self.counts: Counter[str] = Counter()
+        self.ids = itertools.count()
+        self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
+        self.max_bytes = settings.common.bus.max_message_bytes
+
+    # -- results ----------------------------------------------------------------------------------
+    async def answer(self, task_id: str, source: str, frame_id: str, status: Status, *,
+                     error: str | None = None, done: Completion | None = None,
+                     created: float | None = None) -> None:
+        now = time.time()
+        result = Result(task_id, source, frame_id, status, error=error, ts=now)
+        if done is not None:
+            queue = sum(h.started - h.arrived for h in done.hops)
+            compute = sum(h.finished - h.started for h in done.hops)
+            total = now - done.created
+            result = replace(result, label=done.label,
+                             class_name=self.bundle.manifest.classes[done.label]
+                             if 0 <= done.label < len(self.bundle.manifest.classes) else None,
+                             confidence=round(done.confidence, 6), exit_index=done.exit_index,
+                             reason=done.reason, nodes=[h.node for h in done.hops],
+                             thresholds=list(done.thresholds),
+                             latency_ms={"total": round(1000 * total, 3),
+                                         "queue": round(1000 * queue, 3),
+                                         "compute": round(1000 * compute, 3),
+                                         "transfer": round(1000 * max(0.0, total - queue - compute), 3)})
+        elif created is not None:
+            result = replace(result, latency_ms={"total": round(1000 * (now - created), 3)})
+        self.counts[status] += 1
+        try:
+            await self.bus.publish(self.topics.results(source), result.to_json(), qos=1)
+        except OfframpError as exc:
+            self.rt.log.error("result_not_published", task_id=task_id, error=str(exc))
+
+    # -- ingest -----------------------------------------------------------------------------------
+    def new_id(self) -> str:
+        return f"{self.rt.node}-{next(self.ids)}"
+
+    async def ingest(self, sub: Subscription) -> None:
+        loop = asyncio.get_running_loop()
+        spec = self.bundle.manifest.input
+        async for msg in sub:
+            try:
+                source = self.topics.parse(msg.topic).source
+            except TopicError:
+                continue
+            self.counts["frames"] += 1
+            task_id = self.new_id()
+            try:
+                frame: Frame = await loop.run_in_executor(
+                    self.decoder, partial(decode_frame, msg.payload, spec, max_bytes=self.max_bytes))
+            except FrameError as exc:
+                await self.answer(task_id, source, f"{source}-{task_id}", "error", error=str(exc))
+                continue
+            frame_id = frame.frame_id or f"{source}-{task_id}"
+            now = time.time()
+            if not self.tracker.can_admit(source):
+                await self.answer(task_id, source, frame_id, "dropped", created=now,
+                                  error=f"{self.s.max_in_flight} frames of {source} in flight")
+                continue
+            deadline = frame.deadline or (now + self.s.deadline_s if self.s.deadline_s else None)
+            task = Task(task_id, source, frame_id, frame.x, now, deadline, frame.label)
+            self.tracker.add(task)
+            self.pending.append(task)
+            self.pending_event.set()
+
+    def on_ingest_overflow(self, msg: Message) -> None:
+        self.unanswered_drops.append(msg)
+        self.pending_event.set()
+
+    async def answer_overflow(self) -> None:
+        drops, self.unanswered_drops = self.unanswered_drops, []
+        for msg in drops:
+            with contextlib.suppress(TopicError):
+                source = self.topics.parse(msg.topic).source
+                task_id = self.new_id()
+                await self.answer(task_id, source, f"{source}-{task_id}", "dropped",
+                                  error="ingest queue full")
+
+    # -- dispatch ---------------------------------------------------------------------------------
+    async def dispatcher(self) -> None:
+        wait = self.s.dispatch_wait_ms / 1000
+        while True:
+            await self.pending_event.wait()
+            self.pending_event.clear()
+            if self.unanswered_drops:
+                await self.answer_overflow()
+            if wait and 0 < len(self.pending) < self.s.dispatch_batch:
+                await asyncio.sleep(wait)
+            while self.pending:
+                batch = self.pending[:self.s.dispatch_batch]
+                del self.pending[:self.s.dispatch_batch]
+                await self.dispatch(batch)
+
+    async def dispatch(self, tasks: list[Task]) -> None:
+        model = self.bundle.name
+        live = [t for t in tasks if self.tracker_has(t)]
+        if not live:
+            return
+        choice = choose(self.peers.candidates(model, 1, len(live)), 0,
+                        stale_after_s=3 * self.s.common.heartbeat_s)
+        node = choice.node if choice else None
+        topic = self.topics.act(model, 1, node)
+        now = time.time()
+        for t in live:
+            self.tracker.dispatched(t, now, node)
+        samples = tuple(Sample(t.task_id, t.source, t.frame_id, t.priority, t.created, t.deadline,
+                               t.attempt) for t in live)
+        x = np.stack([t.x for t in live])
+        packet = ActivationPacket(model, 1, samples, Tensor.encode(x, self.s.codec), None, now)
+        try:
+            await self.bus.publish(topic, packet.encode(), qos=0)
+        except OfframpError as exc:
+            self.rt.log.warning("dispatch_failed", error=str(exc), tasks=len(live))
+
+    def tracker_has(self, task: Task) -> bool:
+        return task.task_id in self.tracker._tasks
+
+    # -- completions, liveness, deadlines ------------------------------------------------------
+    async def completions(self, sub: Subscription) -> None:
+        async for msg in sub:
+            try:
+                done = Completion.decode(msg.payload, max_bytes=self.max_bytes)
+            except WireError as exc:
+                self.counts["bad_completions"] += 1
+                self.rt.log.warning("bad_completion", error=str(exc))
+                continue
+            task = self.tracker.complete(done.task_id)
+            if task is None:
+                continue
+            await self.answer(task.task_id, task.source, task.frame_id, "ok", done=done)
+
+    async def states(self, sub: Subscription) -> None:
+        async for msg in sub:
+            try:
+                hb = Heartbeat.decode(msg.payload)
+            except WireError:
+                continue
+            if self.peers.update(hb):
+                lost = self.tracker.lost(hb.node)
+                self.rt.log.warning("worker_lost", worker=hb.node, redispatch=len(lost))
+                self.counts["redispatched"] += len(lost)
+                await self.dispatch(lost)
+
+    async def sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            sweep = self.tracker.sweep(time.time())
+            for t in sweep.expired:
+                await self.answer(t.task_id, t.source, t.frame_id, "expired", created=t.created,
+                                  error="deadline passed")
+            for t in sweep.failed:
+                await self.answer(t.task_id, t.source, t.frame_id, "error", created=t.created,
+                                  error=f"no result after {t.attempt} dispatches")
+            if sweep.redispatch:
+                self.counts["redispatched"] += len(sweep.redispatch)
+                await self.dispatch(sweep.redispatch)
+
+    def heartbeat(self, hb: Heartbeat) -> Heartbeat:
+        stats = {k: float(v) for k, v in self.counts.items()}
+        stats["in_flight"] = float(len(self.tracker))
+        stats["duplicates"] = float(self.tracker.duplicates)
+        return replace(hb, stats=stats)
 
 
 async def run(settings: AdmissionSettings, stop: asyncio.Event) -> None:
-    async with Runtime("admission", settings.common):
-        await stop.wait()
+    bundle = load_bundle(settings.bundle)
+    holder: dict[str, Admission] = {}
+    runtime = Runtime("admission", settings.common,
+                      heartbeat=lambda hb: holder["a"].heartbeat(hb) if "a" in holder else hb)
+    async with runtime:
+        adm = Admission(settings, bundle, runtime)
+        holder["a"] = adm
+        bus, topics = runtime.bus, runtime.topics
+        done = await bus.subscribe(topics.done_all(), qos=1, maxsize=65536)
+        states = await bus.subscribe(topics.state_all("worker"), maxsize=1024)
+        ingest = await bus.subscribe(topics.ingest_all(), qos=1, maxsize=settings.ingest_queue,
+                                     overflow="drop-newest", on_drop=adm.on_ingest_overflow)
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(c) for c in (adm.ingest(ingest), adm.dispatcher(),
+                                                 adm.completions(done), adm.states(states),
+                                                 adm.sweeper())]
+            await stop.wait()
+            for t in tasks:
+                t.cancel()
+        for task in adm.tracker.drain():
+            await adm.answer(task.task_id, task.source, task.frame_id, "error",
+                             created=task.created, error="admission-controller stopped")
+        adm.decoder.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,68 @@
+"""Turning an ingest payload into a model input: JPEG, PNG, .npy, or a msgpack frame envelope.
+
+Anything else raises :class:`~offramp.preprocess.FrameError` with a message saying what was
+expected; the admission-controller answers it with an ``error`` result.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from offramp.errors import WireError
+from offramp.preprocess import FrameError, InputSpec, check_tensor, decode_image, image_to_input
+from offramp.wire import FrameEnvelope
+
+PNG = b"\x89PNG\r\n\x1a\n"
+JPEG = b"\xff\xd8\xff"
+NPY = b"\x93NUMPY"
+
+
+@dataclass(frozen=True)
+class Frame:
+    x: np.ndarray  # the model input (C, H, W) float32
+    frame_id: str | None = None
+    deadline: float | None = None
+    label: int | None = None
+
+
+def _from_array(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
+    if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
+        return image_to_input(arr, spec)
+    return check_tensor(arr, spec)
+
+
+def _npy(data: bytes, spec: InputSpec) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise FrameError(f"not a readable .npy array ({exc})") from None
+    return _from_array(arr, spec)
+
+
+def decode_frame(data: bytes, spec: InputSpec, *, max_bytes: int) -> Frame:
+    """The model input for one ingest payload, or FrameError saying why not."""
+    if len(data) > max_bytes:
+        raise FrameError(f"frame of {len(data)} bytes is over the limit of {max_bytes}")
+    if not data:
+        raise FrameError("empty frame")
+    if data.startswith(PNG) or data.startswith(JPEG):
+        return Frame(image_to_input(decode_image(data), spec))
+    if data.startswith(NPY):
+        return Frame(_npy(data, spec))
+    try:
+        env = FrameEnvelope.decode(data, max_bytes=max_bytes)
+    except WireError as exc:
+        raise FrameError("unrecognised frame: expected JPEG, PNG, .npy or a msgpack frame "
+                         f"envelope ({exc})") from None
+    if env.image is not None:
+        x = image_to_input(decode_image(env.image), spec)
+    else:
+        assert env.tensor is not None
+        try:
+            x = _from_array(env.tensor.to_numpy(), spec)
+        except WireError as exc:
+            raise FrameError(str(exc)) from None
+    return Frame(x, env.frame_id, env.deadline, env.label)

@@ -1,0 +1,99 @@
+"""Ownership of admitted frames until their one result (pure: no I/O, clock passed in).
+
+A task is answered exactly once: by its first completion, by ``expired`` when its deadline
+passes, or by ``error`` when ``max_attempts`` dispatches made no progress. A task whose worker
+died, or that made no progress within ``progress_timeout_s``, is dispatched again (the
+duplicate completion that may follow is dropped by task id).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Task:
+    task_id: str
+    source: str
+    frame_id: str
+    x: np.ndarray
+    created: float
+    deadline: float | None = None
+    label: int | None = None
+    priority: float = 1.0
+    attempt: int = 0
+    dispatched_at: float = 0.0
+    target: str | None = None
+
+
+@dataclass
+class Sweep:
+    expired: list[Task] = field(default_factory=list)
+    redispatch: list[Task] = field(default_factory=list)
+    failed: list[Task] = field(default_factory=list)
+
+
+class Tracker:
+    def __init__(self, max_in_flight: int, progress_timeout_s: float, max_attempts: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.progress_timeout_s = progress_timeout_s
+        self.max_attempts = max_attempts
+        self._tasks: dict[str, Task] = {}
+        self._per_source: dict[str, int] = defaultdict(int)
+        self.duplicates = 0
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def in_flight(self, source: str) -> int:
+        return self._per_source[source]
+
+    def can_admit(self, source: str) -> bool:
+        return self._per_source[source] < self.max_in_flight
+
+    def add(self, task: Task) -> None:
+        self._tasks[task.task_id] = task
+        self._per_source[task.source] += 1
+
+    def dispatched(self, task: Task, now: float, target: str | None) -> None:
+        task.attempt += 1
+        task.dispatched_at = now
+        task.target = target
+
+    def _remove(self, task_id: str) -> Task | None:
+        task = self._tasks.pop(task_id, None)
+        if task is not None:
+            self._per_source[task.source] -= 1
+        return task
+
+    def complete(self, task_id: str) -> Task | None:
+        """The task a completion answers, or None for a duplicate or unknown id."""
+        task = self._remove(task_id)
+        if task is None:
+            self.duplicates += 1
+        return task
+
+    def sweep(self, now: float) -> Sweep:
+        out = Sweep()
+        for task in list(self._tasks.values()):
+            if task.deadline is not None and now >= task.deadline:
+                out.expired.append(task)
+            elif task.attempt > 0 and now - task.dispatched_at >= self.progress_timeout_s:
+                (out.redispatch if task.attempt < self.max_attempts else out.failed).append(task)
+        for task in out.expired + out.failed:
+            self._remove(task.task_id)
+        return out
+
+    def lost(self, node: str) -> list[Task]:
+        """Tasks last dispatched to ``node`` (which just went offline): to dispatch again."""
+        return [t for t in self._tasks.values() if t.target == node and
+                t.attempt < self.max_attempts]
+
+    def drain(self) -> list[Task]:
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            self._remove(t.task_id)
+        return tasks

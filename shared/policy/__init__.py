@@ -1,0 +1,1 @@
+"""Pure decision rules (no I/O): exits, batching, offloading. Tested without a broker."""
