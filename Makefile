@@ -8,7 +8,7 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: help setup system-deps demo test lint typecheck pytest bench-hop bench-exits bench-segments clean
+.PHONY: help setup system-deps demo test lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline clean
 
 help:
 	@echo "make demo      run offramp locally (broker + services) and show it working"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench-hop one bus hop vs bare paho-mqtt (bench/results/hop.json)"
 	@echo "make bench-exits     early-exit savings on digits (bench/results/exits.json)"
 	@echo "make bench-segments  chained segments vs monolithic ONNX (bench/results/segments.json)"
+	@echo "make bench-pipeline  the distributed system vs one ONNX session (bench/results/pipeline.json)"
 
 system-deps:
 	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh
@@ -51,6 +52,9 @@ bench-exits: setup
 
 bench-segments: setup
 	$(PY) -m bench.segments
+
+bench-pipeline: setup
+	$(PY) -m bench.pipeline
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

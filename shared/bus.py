@@ -249,6 +249,10 @@ class Bus:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self.settings.session_expiry_s
             kwargs["properties"] = props
+            # Each reconnect makes a new aiomqtt client, whose own "clean start first only"
+            # would throw the session (and the QoS 1 messages queued in it) away: only the
+            # process's first connection starts clean.
+            kwargs["clean_start"] = self.stats.connects == 0
         if addr.tls:
             ctx = ssl.create_default_context(cafile=self.settings.tls_ca or None)
             kwargs["tls_context"] = ctx

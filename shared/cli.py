@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from offramp.errors import OfframpError
 
@@ -43,7 +44,7 @@ def _settings(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from offramp.demo import run_demo
 
-    return run_demo(seconds=args.seconds)
+    return run_demo(args.bundle, args.workers, args.rate)
 
 
 def _register_ml(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -78,9 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     _register_ml(sub)
 
-    p = sub.add_parser("demo", help="start a broker and the services, show them working, stop")
-    p.add_argument("--seconds", type=float, default=4.0)
+    p = sub.add_parser("demo", help="build the demo model if needed, run the system on the "
+                                     "digits test split, print a summary")
+    p.add_argument("--bundle", type=Path, default=Path("bundles/demo"))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rate", type=float, default=150.0, help="frames per second")
     p.set_defaults(handler=_demo)
+
+    from offramp.commands import register as register_commands
+
+    register_commands(sub)
     return parser
 
 

@@ -93,8 +93,8 @@ class BusSettings:
     topic_prefix: str = setting("offramp/v1", "Prefix of every topic offramp uses")
     keepalive_s: int = setting(15, "MQTT keepalive in seconds", min=2, max=3600)
     session_expiry_s: int = setting(
-        0, "MQTT v5 session expiry; 0 = clean sessions (queued messages die with the client)",
-        min=0, max=86400,
+        30, "MQTT v5 session expiry: QoS 1 messages wait this long for a client that "
+        "reconnects (broker restart, network blip); 0 = clean sessions", min=0, max=86400,
     )
     inbound_queue: int = setting(1024, "Default bound of each subscription's inbound queue",
                                  min=1, max=1_000_000)

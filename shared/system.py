@@ -79,7 +79,7 @@ class LocalSystem:
             self._tmp = tempfile.TemporaryDirectory(prefix="offramp-up-")
             self.logdir = Path(self._tmp.name)
         if not self.broker_url:
-            self.broker = LocalBroker()
+            self.broker = LocalBroker(persistence=True)
             self.broker.start()
         self.group = ProcessGroup(self.logdir, self.base_env())
         self.assignment = split_segments([s.flops for s in self.bundle.manifest.segments],

@@ -24,6 +24,7 @@ import numpy as np
 from offramp.bundle import Bundle, load_bundle
 from offramp.bus import Bus, Message, Subscription
 from offramp.errors import OfframpError, TopicError, WireError
+from offramp.outbox import Outbox
 from offramp.peers import PeerTable
 from offramp.policy.offload import choose
 from offramp.preprocess import FrameError
@@ -54,6 +55,8 @@ class AdmissionSettings:
     dispatch_batch: int = setting(8, "Frames per first-activation packet", min=1, max=1024)
     dispatch_wait_ms: float = setting(1.0, "Longest wait to fill a packet", min=0, max=1000)
     codec: Literal["raw", "fp16"] = setting("raw", "Codec of the input tensor")
+    results_in_flight: int = setting(256, "Results being published at once (QoS 1)", min=1,
+                                     max=100_000)
 
 
 class Admission:
@@ -72,6 +75,7 @@ class Admission:
         self.counts: Counter[str] = Counter()
         self.ids = itertools.count()
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
+        self.outbox = Outbox(settings.results_in_flight)
         self.max_bytes = settings.common.bus.max_message_bytes
 
     # -- results ----------------------------------------------------------------------------------
@@ -97,8 +101,11 @@ class Admission:
         elif created is not None:
             result = replace(result, latency_ms={"total": round(1000 * (now - created), 3)})
         self.counts[status] += 1
+        await self.outbox.send(self._publish_result(task_id, source, result.to_json()))
+
+    async def _publish_result(self, task_id: str, source: str, payload: bytes) -> None:
         try:
-            await self.bus.publish(self.topics.results(source), result.to_json(), qos=1)
+            await self.bus.publish(self.topics.results(source), payload, qos=1)
         except OfframpError as exc:
             self.rt.log.error("result_not_published", task_id=task_id, error=str(exc))
 
@@ -198,6 +205,9 @@ class Admission:
             task = self.tracker.complete(done.task_id)
             if task is None:
                 continue
+            self.rt.log.debug("completion_received", task_id=done.task_id,
+                              wire_ms=round(1000 * (msg.received - done.ts), 2),
+                              inbox_ms=round(1000 * (time.time() - msg.received), 2))
             await self.answer(task.task_id, task.source, task.frame_id, "ok", done=done)
 
     async def states(self, sub: Subscription) -> None:
@@ -256,4 +266,5 @@ async def run(settings: AdmissionSettings, stop: asyncio.Event) -> None:
         for task in adm.tracker.drain():
             await adm.answer(task.task_id, task.source, task.frame_id, "error",
                              created=task.created, error="admission-controller stopped")
+        await adm.outbox.flush(5.0)
         adm.decoder.shutdown(wait=False, cancel_futures=True)

@@ -17,6 +17,7 @@ import structlog
 from offramp.bundle import Bundle
 from offramp.errors import WireError
 from offramp.inbox import RateLimitedWarning
+from offramp.outbox import Outbox
 from offramp.peers import PeerTable
 from offramp.policy.exits import decide
 from offramp.policy.offload import Candidate, Choice, choose
@@ -94,6 +95,7 @@ class Engine:
         self.stats = {s: SegmentStats() for s in cfg.segments}
         self.counters = Counters()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{cfg.node}")
+        self.outbox = Outbox(1024)
         self.log = structlog.get_logger("offramp.worker").bind(node=cfg.node, model=self.model)
         self._warn = RateLimitedWarning()
         self._inflight = 0
@@ -147,7 +149,8 @@ class Engine:
                 self._inflight -= len(items)
 
     def idle(self) -> bool:
-        return self._inflight == 0 and all(len(q) == 0 for q in self.queues.values())
+        return (self._inflight == 0 and len(self.outbox) == 0
+                and all(len(q) == 0 for q in self.queues.values()))
 
     def _infer(self, segment: int, x: np.ndarray) -> tuple[SegmentOutput, float, float]:
         started = time.time()
@@ -182,8 +185,10 @@ class Engine:
         done = [i for i in range(len(items)) if d.exits[i]]
         stay = [i for i in range(len(items)) if not d.exits[i]]
         thresholds = tuple(policy.thresholds) if policy else ()
-        await asyncio.gather(*(self._complete(samples[i], int(d.labels[i]), float(d.confidence[i]),
-                                              segment, d.reasons[i], thresholds) for i in done))
+        for i in done:
+            await self.outbox.send(self._complete(samples[i], int(d.labels[i]),
+                                                  float(d.confidence[i]), segment, d.reasons[i],
+                                                  thresholds))
         self.stats[segment].exited += len(done)
         if stay and out.activation is not None:
             await self._forward(segment + 1, [samples[i] for i in stay],

@@ -1,0 +1,159 @@
+"""``make bench-pipeline``: the distributed system against one monolithic ONNX Runtime session.
+
+Same machine, same run, same model: MobileNetV2 width 1.0 on 32x32 digits (trained by the
+``mnv2-digits`` preset, cached under bundles/bench), exported as 3 segments on 3 worker
+processes (1 intra-op thread each), CPU.
+
+- pipeline_efficiency: frames/s of the system with exits closed / frames/s of one monolithic
+  session given the same total threads (3; also 2 = the cores, and the better one is used).
+- exit_speedup: frames/s with thresholds for target = final - 1 point / with exits closed,
+  with the realised accuracy beside it.
+- latency p50/p99 at 50% and 90% of the measured capacity (exits on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import percentile_ms, write_result
+from offramp.bundle import Bundle, load_bundle
+from offramp.bus import Bus
+from offramp.client import collect, envelope, publish_frames, wait_for_workers
+from offramp.ml.build import build, load_data, load_trained, preset
+from offramp.ml.calibrate import calibrate_bundle
+from offramp.ml.data import Split
+from offramp.ml.export import export_bundle
+from offramp.runtime import FullModelRunner
+from offramp.settings import BusSettings
+from offramp.system import LocalSystem
+from offramp.topics import Topics
+from offramp.wire import ExitPolicy, Result
+
+WORKERS = 3
+FRAMES = 1200
+ROOT = Path("bundles/bench")
+ENV = {"OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "100000", "OFFRAMP_ADMISSION_INGEST_QUEUE": "100000",
+       "OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "120", "OFFRAMP_ADMISSION_DISPATCH_BATCH": "16",
+       "OFFRAMP_LOG_LEVEL": "warning"}
+WORKER_ENV = {"OFFRAMP_WORKER_THREADS": "1", "OFFRAMP_WORKER_BATCH_MAX": "16",
+              "OFFRAMP_WORKER_QUEUE_MAX": "100000"}
+
+
+def three_segments() -> Bundle:
+    """The trained mnv2-digits model exported with the two cuts that balance FLOPs best."""
+    recipe = preset("mnv2-digits")
+    trained_dir = ROOT / "mnv2-digits-joint"
+    build(recipe, trained_dir, progress=False)
+    model = load_trained(trained_dir / "model.pt")
+    out = ROOT / "mnv2-digits-3seg"
+    if (out / "manifest.json").exists():
+        bundle = load_bundle(out)
+        if bundle.manifest.calibration:
+            return bundle
+    full = load_bundle(trained_dir)
+    seg_flops = [s.flops for s in full.manifest.segments]
+    best = min(itertools.combinations(range(1, len(seg_flops)), 2),
+               key=lambda c: max(sum(seg_flops[a:b]) for a, b in
+                                 zip((0, *c), (*c, len(seg_flops)), strict=True)))
+    bundle = export_bundle(model, out, name="digits-mnv2-3seg", classes=full.manifest.classes,
+                           spec=full.manifest.input, cuts=best,
+                           metrics={"dataset": "digits"})
+    calibrate_bundle(bundle, load_data(recipe).val)
+    return load_bundle(out)
+
+
+def monolithic_rate(bundle: Bundle, x: np.ndarray, threads: int, batch: int = 16) -> float:
+    runner = FullModelRunner(bundle, threads=threads)
+    for i in range(3):
+        runner.run(x[i * batch:(i + 1) * batch])
+    t0, n = time.perf_counter(), 0
+    for start in range(0, len(x), batch):
+        runner.run(x[start:start + batch])
+        n += len(x[start:start + batch])
+    return n / (time.perf_counter() - t0)
+
+
+async def drive(system: LocalSystem, payloads: list[bytes], rate: float) -> tuple[list[Result],
+                                                                                  float]:
+    topics = Topics(system.prefix)
+    async with Bus(BusSettings(broker_url=system.url, publish_timeout_s=60),
+                   "bench-client") as bus:
+        await bus.wait_connected(10)
+        await wait_for_workers(bus, topics, system.workers, 60)
+        pol = await bus.subscribe(topics.exit_policy(system.bundle.name))
+        ExitPolicy.decode((await asyncio.wait_for(pol.get(), 30)).payload)
+        results = await bus.subscribe(topics.results_all(), qos=1, maxsize=1_000_000)
+        warm = await publish_frames(bus, topics.ingest("warmup"), payloads[:64], 0)
+        await collect(results, 64, 60)
+        start = time.perf_counter()
+        sender = asyncio.create_task(publish_frames(bus, topics.ingest("cam-1"), payloads, rate))
+        got = await collect(results, len(payloads), 300)
+        await sender
+        del warm
+        return got.results, got.last - start
+
+
+def run_system(bundle: Bundle, payloads: list[bytes], rate: float, exits: bool
+               ) -> tuple[list[Result], float]:
+    env = {**ENV, "OFFRAMP_ARBITER_DISABLE_EXITS": "false" if exits else "true"}
+    with LocalSystem(bundle, WORKERS, env=env, worker_env=WORKER_ENV) as system:
+        return asyncio.run(drive(system, payloads, rate))
+
+
+def summarise(results: list[Result], seconds: float, labels: dict[str, int]) -> dict[str, Any]:
+    ok = [r for r in results if r.status == "ok"]
+    lat = [r.latency_ms["total"] / 1000 for r in ok]
+    return {"frames": len(results), "status": dict(Counter(r.status for r in results)),
+            "fps": round(len(results) / seconds, 1),
+            "accuracy": round(sum(labels[r.frame_id] == r.label for r in ok) / max(1, len(ok)), 4),
+            "exit_shares": {str(k): round(v / max(1, len(ok)), 3) for k, v in
+                            sorted(Counter(r.exit_index for r in ok).items())},
+            "latency_p50_ms": percentile_ms(lat, 50), "latency_p99_ms": percentile_ms(lat, 99)}
+
+
+def main() -> None:
+    bundle = three_segments()
+    test: Split = load_data(preset("mnv2-digits")).test
+    reps = -(-FRAMES // len(test))
+    images = np.concatenate([test.images] * reps)[:FRAMES]
+    y = np.concatenate([test.labels] * reps)[:FRAMES]
+    labels = {f"b{i}": int(v) for i, v in enumerate(y)}
+    payloads = [envelope(f"b{i}", image=im) for i, im in enumerate(images)]
+    from offramp.preprocess import normalise
+
+    x = normalise(images, bundle.manifest.input)
+    mono = {t: monolithic_rate(bundle, x, t) for t in (WORKERS, 2)}
+    baseline = max(mono.values())
+    closed = summarise(*run_system(bundle, payloads, 0, exits=False), labels)
+    opened = summarise(*run_system(bundle, payloads, 0, exits=True), labels)
+    capacity = opened["fps"]
+    loads = {}
+    for share in (0.5, 0.9):
+        n = int(min(FRAMES, capacity * share * 8))
+        loads[f"{int(share * 100)}%"] = summarise(
+            *run_system(bundle, payloads[:n], capacity * share, exits=True), labels)
+    write_result("pipeline", {
+        "model": "mobilenetv2 width 1.0, 32x32 digits, 3 segments on 3 worker processes, CPU",
+        "segments": [[s.first_block, s.last_block] for s in bundle.manifest.segments],
+        "monolithic_fps": {f"{t}_threads": round(v, 1) for t, v in mono.items()},
+        "exits_closed": closed, "exits_open": opened,
+        "pipeline_efficiency": round(closed["fps"] / baseline, 3),
+        "exit_speedup": round(opened["fps"] / closed["fps"], 3),
+        "realised_accuracy_with_exits": opened["accuracy"],
+        "accuracy_without_exits": closed["accuracy"],
+        "latency_at_load": {k: {"offered_fps": round(capacity * float(k[:-1]) / 100, 1),
+                                "p50_ms": v["latency_p50_ms"], "p99_ms": v["latency_p99_ms"],
+                                "status": v["status"]} for k, v in loads.items()},
+        "goals": {"pipeline_efficiency": ">= 0.85", "exit_speedup": ">= 2.0"},
+    })
+
+
+if __name__ == "__main__":
+    main()

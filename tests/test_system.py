@@ -1,0 +1,172 @@
+"""The whole system as separate processes on a real broker, with a real bundle.
+
+The oracle: for the same frames and thresholds, the distributed answer (label, exit,
+confidence) of every frame equals an in-process run of the chained segments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from offramp.bundle import Bundle
+from offramp.bus import Bus
+from offramp.client import collect, envelope, publish_frames, wait_for_workers
+from offramp.ml.data import load_digits
+from offramp.policy.exits import decide
+from offramp.preprocess import normalise
+from offramp.runtime import SegmentRunner
+from offramp.services.exit_arbiter.service import ArbiterSettings, make_policy
+from offramp.settings import BusSettings
+from offramp.system import LocalSystem
+from offramp.topics import Topics
+from offramp.wire import ExitPolicy, Result
+
+FAST = {"OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "1.5", "OFFRAMP_ARBITER_REPUBLISH_S": "0.5",
+        "OFFRAMP_RECONNECT_MAX_S": "0.5"}
+
+
+@dataclass
+class Answer:
+    label: int
+    exit_index: int
+    confidence: float
+
+
+def reference(bundle: Bundle, images: np.ndarray, policy: ExitPolicy) -> list[Answer]:
+    """The chained segments in this process, one sample at a time, same rule."""
+    x = normalise(images, bundle.manifest.input)
+    runners = [SegmentRunner(bundle, s.index) for s in bundle.manifest.segments]
+    answers = []
+    for i in range(len(x)):
+        h = x[i:i + 1]
+        for k, runner in enumerate(runners, start=1):
+            out = runner.run(h)
+            last = k == len(runners)
+            d = decide(policy.criterion, None if last else policy.thresholds[k - 1], out.logits,
+                       last=last)
+            if d.exits[0]:
+                answers.append(Answer(int(d.labels[0]), k, float(d.confidence[0])))
+                break
+            assert out.activation is not None
+            h = out.activation
+    return answers
+
+
+async def _run(system: LocalSystem, payloads: list[bytes], *, rate: float = 200,
+               during: object = None, timeout: float = 60) -> list[Result]:
+    topics = Topics(system.prefix)
+    settings = BusSettings(broker_url=system.url, topic_prefix=system.prefix, session_expiry_s=60,
+                           reconnect_max_s=0.5, publish_timeout_s=30)
+    async with Bus(settings, f"test-client-{os.getpid()}") as bus:
+        await bus.wait_connected(10)
+        await wait_for_workers(bus, topics, system.workers, 60)
+        policy = await bus.subscribe(topics.exit_policy(system.bundle.name))
+        await asyncio.wait_for(policy.get(), 30)
+        results = await bus.subscribe(topics.results_all(), qos=1, maxsize=100_000)
+        sender = asyncio.create_task(publish_frames(bus, topics.ingest("cam-1"), payloads, rate))
+        if during is not None:
+            await during(bus)  # type: ignore[operator]
+        await sender
+        got = await collect(results, len(payloads), timeout)
+        late = await collect(results, 1, 1.5)
+    return got.results + late.results
+
+
+def _frames(n: int, offset: int = 0) -> tuple[np.ndarray, list[bytes]]:
+    test = load_digits().test
+    images = test.images[offset:offset + n]
+    return images, [envelope(f"f{i}", image=im) for i, im in enumerate(images)]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_distributed_answers_equal_the_in_process_chain(tiny_bundle: Bundle, workers: int,
+                                                        prefix: str) -> None:
+    images, payloads = _frames(60)
+    policy = make_policy(ArbiterSettings(), tiny_bundle.calibration(), tiny_bundle.name, 1)
+    want = reference(tiny_bundle, images, policy)
+    assert len({a.exit_index for a in want}) > 1, "thresholds should make some samples exit early"
+    with LocalSystem(tiny_bundle, workers, prefix=prefix, env=FAST) as system:
+        results = asyncio.run(_run(system, payloads))
+        codes = system.stop()
+    by_frame = {r.frame_id: r for r in results}
+    assert len(results) == len(payloads) == len(by_frame)
+    for i, expected in enumerate(want):
+        r = by_frame[f"f{i}"]
+        assert r.status == "ok", r
+        assert (r.label, r.exit_index) == (expected.label, expected.exit_index), (i, r, expected)
+        assert r.confidence == pytest.approx(expected.confidence, abs=1e-4)
+    assert all(code == 0 for code in codes.values()), codes
+
+
+def test_malformed_frames_get_error_results_and_nothing_stops(tiny_bundle: Bundle,
+                                                              prefix: str) -> None:
+    _, good = _frames(30)
+    bad = [b"", b"hello", b"\xff\xd8\xff-not-a-jpeg", b"\x93NUMPY\x01\x00garbage",
+           envelope("wrong-shape", tensor=np.zeros((3, 8, 8), np.float32)),
+           envelope("nan", tensor=np.full((3, 32, 32), np.nan, np.float32)), b"\x81\xa1v\x07"]
+    payloads = good[:15] + bad + good[15:]
+
+    async def garbage_on_worker_topics(bus: Bus) -> None:
+        topics = Topics(prefix)
+        for topic in (topics.act(tiny_bundle.name, 1, "worker-1"), topics.act(tiny_bundle.name, 2),
+                      topics.done("cam-1"), topics.exit_policy(tiny_bundle.name)):
+            await bus.publish(topic, b"\x00garbage", qos=1)
+
+    with LocalSystem(tiny_bundle, 2, prefix=prefix, env=FAST) as system:
+        results = asyncio.run(_run(system, payloads, during=garbage_on_worker_topics))
+        codes = system.stop()
+    status = Counter(r.status for r in results)
+    assert len(results) == len(payloads)
+    assert status == {"ok": len(good), "error": len(bad)}
+    errors = [r.error or "" for r in results if r.status == "error"]
+    assert any("does not match the model input" in e for e in errors)
+    assert any("NaN" in e for e in errors)
+    assert any("unrecognised frame" in e for e in errors)
+    assert all(code == 0 for code in codes.values()), codes
+
+
+def test_killed_worker_is_replaced_and_every_frame_still_answered_once(
+        tiny_bundle: Bundle, prefix: str) -> None:
+    _, payloads = _frames(200)
+    with LocalSystem(tiny_bundle, 2, prefix=prefix, env=FAST) as system:
+        victim = system.member("worker-2")
+        segments = system.assignment[1]
+
+        async def kill_and_replace(bus: Bus) -> None:
+            await asyncio.sleep(0.6)
+            victim.signal(signal.SIGKILL)
+            await asyncio.sleep(0.3)
+            system.add_worker("worker-3", segments)
+
+        results = asyncio.run(_run(system, payloads, rate=150, during=kill_and_replace))
+        system.stop()
+    per_frame = Counter(r.frame_id for r in results)
+    assert len(results) == len(payloads) and set(per_frame.values()) == {1}
+    assert Counter(r.status for r in results) == {"ok": len(payloads)}
+    assert any("worker-3" in r.nodes for r in results)
+
+
+def test_broker_restart_mid_stream_loses_no_frame(tiny_bundle: Bundle, prefix: str) -> None:
+    _, payloads = _frames(200)
+    with LocalSystem(tiny_bundle, 2, prefix=prefix, env=FAST) as system:
+        assert system.broker is not None
+
+        async def restart(bus: Bus) -> None:
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(system.broker.restart)  # type: ignore[union-attr]
+
+        results = asyncio.run(_run(system, payloads, rate=150, during=restart, timeout=90))
+        logs = system.logs()
+        codes = system.stop()
+    per_frame = Counter(r.frame_id for r in results)
+    assert len(per_frame) == len(payloads), logs[-3000:]
+    assert set(per_frame.values()) == {1}
+    assert Counter(r.status for r in results)["ok"] == len(payloads)
+    assert all(code == 0 for code in codes.values()), codes
