@@ -98,6 +98,25 @@ def _publish_qos0(client: aiomqtt.Client, topic: str, payload: bytes | bytearray
         raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
 
 
+async def _publish_until_lost(client: aiomqtt.Client, topic: str, payload: bytes | bytearray,
+                              qos: int, retain: bool, lost: asyncio.Event) -> None:
+    """A QoS 1/2 publish that fails as soon as its connection is lost, instead of waiting out
+    aiomqtt's timeout for an acknowledgement that can no longer come."""
+    publish = asyncio.ensure_future(client.publish(topic, payload, qos=qos, retain=retain))
+    if lost.is_set():
+        publish.cancel()
+        raise aiomqtt.MqttError("connection lost")
+    watcher = asyncio.ensure_future(lost.wait())
+    try:
+        await asyncio.wait({publish, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not publish.done():
+        publish.cancel()
+        raise aiomqtt.MqttError("connection lost before the broker acknowledged")
+    publish.result()
+
+
 class _Router(asyncio.Queue[Any]):
     """aiomqtt's incoming queue, replaced: every message goes straight into its inbox."""
 
@@ -122,6 +141,7 @@ class Bus:
         self.connected = asyncio.Event()
         self._subs: list[Subscription] = []
         self._client: aiomqtt.Client | None = None
+        self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._log = structlog.get_logger("offramp.bus").bind(client_id=client_id)
@@ -163,26 +183,29 @@ class Bus:
                 f"message of {len(payload)} bytes to {topic} is over OFFRAMP_MAX_MESSAGE_BYTES"
             )
         deadline = time.monotonic() + self.settings.publish_timeout_s
+        data = bytes(payload) if isinstance(payload, memoryview) else payload
         while True:
-            client = self._client
+            client, lost = self._client, self._lost
             if client is not None and self.connected.is_set():
-                data = bytes(payload) if isinstance(payload, memoryview) else payload
                 try:
                     if qos == 0:
                         _publish_qos0(client, topic, data, retain)
                     else:
-                        await client.publish(topic, data, qos=qos, retain=retain)
+                        await _publish_until_lost(client, topic, data, qos, retain, lost)
                     self.stats.published += 1
                     return
                 except aiomqtt.MqttError as exc:
+                    # Only the supervisor marks the bus (dis)connected: it alone knows whether
+                    # this connection is gone or a new one is already up.
                     self._log.debug("publish_retry", topic=topic, error=str(exc))
-                    self.connected.clear()
+                    await asyncio.sleep(0.01)
             remaining = deadline - time.monotonic()
             if self._closing or remaining <= 0:
                 raise BusError(f"could not publish to {topic}: not connected to "
                                f"{self.address.url()}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.connected.wait(), remaining)
+            if not self.connected.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.connected.wait(), remaining)
 
     async def subscribe(self, topic_filter: str, *, qos: int = 0, maxsize: int | None = None,
                         overflow: Overflow = "drop-oldest", shared_group: str | None = None,
@@ -263,6 +286,7 @@ class Bus:
         while True:
             try:
                 async with aiomqtt.Client(**self._client_kwargs()) as client:
+                    self._lost = asyncio.Event()
                     self._client = client
                     for sub in list(self._subs):
                         await client.subscribe(sub.mqtt_filter, sub.qos)
@@ -279,6 +303,7 @@ class Bus:
                 self._log.warning("bus_disconnected", error=str(exc), retry_in_s=round(delay, 3))
             finally:
                 self.connected.clear()
+                self._lost.set()
                 self._client = None
             if self._closing:
                 return

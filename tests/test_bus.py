@@ -150,3 +150,32 @@ async def test_unmatched_messages_are_counted(bus_settings: BusSettings, topics:
         await tx.publish(topics.ingest("a"), b"late", qos=1)
         await asyncio.sleep(0.2)
     assert rx.stats.received == 0 or rx.stats.unrouted >= 1
+
+
+async def test_qos1_publishes_across_a_broker_restart_neither_fail_nor_wedge_the_bus(
+        broker: LocalBroker, bus_settings: BusSettings, topics: Topics) -> None:
+    """A publish pending when the connection drops is retried on the next connection at once,
+    and the bus stays usable (it once waited out aiomqtt's timeout, then marked itself
+    disconnected while connected, and every later publish failed)."""
+    topic = topics.ingest("cam")
+    async with Bus(bus_settings, "steady") as pub:
+        await pub.wait_connected(5)
+
+        stop = asyncio.Event()
+
+        async def keep_publishing() -> int:
+            sent = 0
+            while not stop.is_set():  # back to back: one is always awaiting its PUBACK
+                await pub.publish(topic, str(sent).encode(), qos=1)
+                sent += 1
+            return sent
+
+        sender = asyncio.create_task(keep_publishing())
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(broker.restart)
+        await asyncio.sleep(1.0)
+        stop.set()
+        sent = await asyncio.wait_for(sender, 5)  # the old bus sat 10 s on the lost PUBACK
+        assert sent > 0
+        await pub.publish(topic, b"after", qos=1)
+    assert pub.stats.reconnects >= 1
