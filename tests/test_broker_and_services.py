@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from offramp.broker import LocalBroker, find_mosquitto
+from offramp.bundle import Bundle
 from offramp.bus import Bus
 from offramp.errors import BrokerError
 from offramp.launcher import SERVICES, ServiceProcess
@@ -42,13 +43,21 @@ def test_private_broker_stops_and_restarts_on_the_same_port() -> None:
     assert not broker.running
 
 
+@pytest.fixture
+def bundle_env(tiny_bundle: Bundle) -> dict[str, str]:
+    """Every service that needs a model bundle gets the one built in this test session."""
+    root = str(tiny_bundle.root)
+    return {"OFFRAMP_ADMISSION_BUNDLE": root, "OFFRAMP_WORKER_BUNDLE": root,
+            "OFFRAMP_ARBITER_BUNDLE": root}
+
+
 @pytest.mark.parametrize("service", sorted(SERVICES))
 async def test_service_heartbeats_then_stops_cleanly_on_sigterm(
         service: str, broker: LocalBroker, bus_settings: BusSettings, topics: Topics,
-        prefix: str, tmp_path: Path) -> None:
+        prefix: str, tmp_path: Path, bundle_env: dict[str, str]) -> None:
     proc = ServiceProcess(service, f"{service}-t", {
         "OFFRAMP_BROKER_URL": broker.url, "OFFRAMP_TOPIC_PREFIX": prefix,
-        "OFFRAMP_LOG_FORMAT": "json"}, tmp_path / "svc.log")
+        "OFFRAMP_LOG_FORMAT": "json", **bundle_env}, tmp_path / "svc.log")
     beats: list[Heartbeat] = []
     async with Bus(bus_settings, "observer") as bus:
         sub = await bus.subscribe(topics.state_all())
@@ -77,19 +86,24 @@ async def test_service_heartbeats_then_stops_cleanly_on_sigterm(
     ({"OFFRAMP_HEARTBEAT_S": "fast"}, "OFFRAMP_HEARTBEAT_S='fast': expected a number"),
     ({"OFFRAMP_NODE": "bad/name"}, "OFFRAMP_NODE 'bad/name' is not a valid topic level"),
     ({"OFFRAMP_BROKER_URL": ""}, "OFFRAMP_BROKER_URL is not set"),
+    ({"OFFRAMP_WORKER_BUNDLE": "/nonexistent"}, "model bundle directory /nonexistent does not exist"),
+    ({"OFFRAMP_WORKER_SEGMENTS": "1,9"}, "OFFRAMP_WORKER_SEGMENTS: segment 9 is not in 1..4"),
+    ({"OFFRAMP_WORKER_DEVICE": "tpu"}, "OFFRAMP_WORKER_DEVICE='tpu': expected one of cpu, cuda"),
 ])
 def test_bad_settings_stop_a_service_with_one_clear_line(env: dict[str, str], words: str,
-                                                         broker: LocalBroker) -> None:
-    full = {**os.environ, "OFFRAMP_BROKER_URL": broker.url, **env}
+                                                         broker: LocalBroker,
+                                                         bundle_env: dict[str, str]) -> None:
+    full = {**os.environ, "OFFRAMP_BROKER_URL": broker.url, **bundle_env, **env}
     out = subprocess.run([sys.executable, "-m", SERVICES["segment-worker"]], env=full, check=False,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert words in out.stderr
 
 
-def test_sigint_also_stops_a_service(broker: LocalBroker, tmp_path: Path) -> None:
-    proc = ServiceProcess("exit-arbiter", "arb-int", {"OFFRAMP_BROKER_URL": broker.url},
-                          tmp_path / "a.log")
+def test_sigint_also_stops_a_service(broker: LocalBroker, tmp_path: Path,
+                                     bundle_env: dict[str, str]) -> None:
+    proc = ServiceProcess("exit-arbiter", "arb-int", {"OFFRAMP_BROKER_URL": broker.url,
+                                                      **bundle_env}, tmp_path / "a.log")
     proc.start()
     time.sleep(1.5)
     proc.signal(signal.SIGINT)
