@@ -90,13 +90,12 @@ async def drive(system: LocalSystem, payloads: list[bytes], rate: float) -> tupl
         pol = await bus.subscribe(topics.exit_policy(system.bundle.name))
         ExitPolicy.decode((await asyncio.wait_for(pol.get(), 30)).payload)
         results = await bus.subscribe(topics.results_all(), qos=1, maxsize=1_000_000)
-        warm = await publish_frames(bus, topics.ingest("warmup"), payloads[:64], 0)
+        await publish_frames(bus, topics.ingest("warmup"), payloads[:64], 0)  # warm sessions
         await collect(results, 64, 60)
         start = time.perf_counter()
         sender = asyncio.create_task(publish_frames(bus, topics.ingest("cam-1"), payloads, rate))
         got = await collect(results, len(payloads), 300)
         await sender
-        del warm
         return got.results, got.last - start
 
 

@@ -19,6 +19,7 @@ from offramp.errors import OfframpError
 from offramp.settings import BusSettings
 from offramp.system import LocalSystem
 from offramp.topics import Topics
+from offramp.wire import Result
 
 MALFORMED = [b"this is not an image", b"\x89PNG\r\n\x1a\n-truncated-", b"\x93NUMPY garbage"]
 
@@ -42,7 +43,7 @@ def run_demo(bundle_dir: Path = Path("bundles/demo"), workers: int = 2, rate: fl
     with LocalSystem(bundle, workers) as system:
         topics = Topics(system.prefix)
 
-        async def drive() -> tuple[list, float]:  # type: ignore[type-arg]
+        async def drive() -> tuple[list[Result], float]:
             async with Bus(BusSettings(broker_url=system.url), f"offramp-demo-{os.getpid()}") as bus:
                 await bus.wait_connected(10)
                 await wait_for_workers(bus, topics, workers, 60)
@@ -67,7 +68,7 @@ def run_demo(bundle_dir: Path = Path("bundles/demo"), workers: int = 2, rate: fl
                     time.monotonic() - t0)
 
 
-def _summary(console: Console, results: list, labels: dict[str, int], sent: int,  # type: ignore[type-arg]
+def _summary(console: Console, results: list[Result], labels: dict[str, int], sent: int,
              span: float, codes: dict[str, int | None], wall: float) -> int:
     status = Counter(r.status for r in results)
     ok = [r for r in results if r.status == "ok"]

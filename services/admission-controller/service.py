@@ -171,7 +171,7 @@ class Admission:
 
     async def dispatch(self, tasks: list[Task]) -> None:
         model = self.bundle.name
-        live = [t for t in tasks if self.tracker_has(t)]
+        live = [t for t in tasks if t.task_id in self.tracker]
         if not live:
             return
         choice = choose(self.peers.candidates(model, 1, len(live)), 0,
@@ -189,9 +189,6 @@ class Admission:
             await self.bus.publish(topic, packet.encode(), qos=0)
         except OfframpError as exc:
             self.rt.log.warning("dispatch_failed", error=str(exc), tasks=len(live))
-
-    def tracker_has(self, task: Task) -> bool:
-        return task.task_id in self.tracker._tasks
 
     # -- completions, liveness, deadlines ------------------------------------------------------
     async def completions(self, sub: Subscription) -> None:

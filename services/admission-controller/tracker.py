@@ -48,6 +48,9 @@ class Tracker:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._tasks
+
     def in_flight(self, source: str) -> int:
         return self._per_source[source]
 

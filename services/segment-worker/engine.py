@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -76,7 +76,6 @@ class Counters:
     queue_overflow: int = 0
     dropped_unroutable: int = 0
     completions: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Engine:
