@@ -38,9 +38,12 @@ class ServiceProcess:
             raise ValueError(f"unknown service {self.service!r}; one of {', '.join(SERVICES)}")
         self._log = self.log_path.open("ab")
         env = {**os.environ, **self.env, "OFFRAMP_NODE": self.node, "PYTHONUNBUFFERED": "1"}
+        # A session of its own: a Ctrl-C in the terminal reaches only the parent, which then
+        # stops each service once with SIGTERM (a second signal would land after the
+        # service's handler is gone and kill it mid-drain).
         self.proc = subprocess.Popen([sys.executable, "-m", SERVICES[self.service]], env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
 
     @property
     def alive(self) -> bool:

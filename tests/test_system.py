@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +172,34 @@ def test_broker_restart_mid_stream_loses_no_frame(tiny_bundle: Bundle, prefix: s
     assert set(per_frame.values()) == {1}
     assert Counter(r.status for r in results)["ok"] == len(payloads)
     assert all(code == 0 for code in codes.values()), codes
+
+
+def test_offramp_up_serves_and_stops_every_service_cleanly_on_ctrl_c(tiny_bundle: Bundle,
+                                                                     tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole foreground process group; services run in their own session,
+    so only `offramp up` sees it and stops each of them once (all exit 0)."""
+    import json
+    import subprocess
+    import sys
+
+    from offramp.broker import free_port
+
+    port = free_port()
+    log = tmp_path / "up.log"
+    with log.open("w") as sink:  # a file, not a pipe: the live view writes all the time
+        proc = subprocess.Popen([sys.executable, "-m", "offramp.cli", "up", "--bundle",
+                                 str(tiny_bundle.root), "--port", str(port)],
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "COLUMNS": "120"})
+    try:
+        system = LocalSystem(tiny_bundle, 2, broker_url=f"mqtt://127.0.0.1:{port}")
+        _, payloads = _frames(20)
+        time.sleep(3)
+        results = asyncio.run(_run(system, payloads, rate=100))
+        assert Counter(r.status for r in results) == {"ok": 20}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    out = log.read_text()
+    stopped = json.loads(out[out.index('{"stopped"'):].splitlines()[0])["stopped"]
+    assert len(stopped) == 5 and set(stopped.values()) == {0}, out[-2000:]
