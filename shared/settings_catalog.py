@@ -1,23 +1,20 @@
-"""Every service's settings class and variable prefix, for ``offramp settings`` and the docs."""
+"""Every service's settings class and variable prefix, for ``offramp settings`` and the docs.
+
+Derived from :data:`offramp.launcher.SERVICES`: each service module exposes ``SETTINGS`` and
+``PREFIX``, so a new service is registered in one place.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
+
+from offramp.launcher import SERVICES
 
 
 def catalog() -> dict[str, tuple[type[Any], str]]:
-    from offramp.services.admission_controller.service import PREFIX as A
-    from offramp.services.admission_controller.service import AdmissionSettings
-    from offramp.services.exit_arbiter.service import PREFIX as E
-    from offramp.services.exit_arbiter.service import ArbiterSettings
-    from offramp.services.priority_scheduler.service import PREFIX as P
-    from offramp.services.priority_scheduler.service import SchedulerSettings
-    from offramp.services.segment_worker.service import PREFIX as W
-    from offramp.services.segment_worker.service import WorkerSettings
-
-    return {
-        "admission-controller": (AdmissionSettings, A),
-        "segment-worker": (WorkerSettings, W),
-        "exit-arbiter": (ArbiterSettings, E),
-        "priority-scheduler": (SchedulerSettings, P),
-    }
+    out = {}
+    for name, module in SERVICES.items():
+        service = importlib.import_module(f"{module}.service")
+        out[name] = (service.SETTINGS, service.PREFIX)
+    return out

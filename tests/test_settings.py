@@ -63,3 +63,15 @@ def test_describe_lists_every_variable_with_its_doc() -> None:
     names = [r[0] for r in rows]
     assert "OFFRAMP_BROKER_URL" in names
     assert all(doc for _, _, doc in rows)
+
+
+def test_settings_catalog_covers_every_launchable_service() -> None:
+    from offramp.launcher import SERVICES
+    from offramp.settings_catalog import catalog
+
+    cat = catalog()
+    assert set(cat) == set(SERVICES)
+    for cls, prefix in cat.values():
+        names = [name for name, _, _ in describe(cls, prefix)]
+        assert "OFFRAMP_BROKER_URL" in names
+        assert prefix.startswith("OFFRAMP_") and prefix.endswith("_")

@@ -3,7 +3,7 @@
 import sys
 
 from offramp.service import main
-from offramp.services.admission_controller.service import PREFIX, AdmissionSettings, run
+from offramp.services.admission_controller.service import PREFIX, SETTINGS, run
 
 if __name__ == "__main__":
-    sys.exit(main(AdmissionSettings, PREFIX, run))
+    sys.exit(main(SETTINGS, PREFIX, run))

@@ -59,6 +59,9 @@ class AdmissionSettings:
                                      max=100_000)
 
 
+SETTINGS = AdmissionSettings  # what `offramp settings` and the entry point read
+
+
 class Admission:
     def __init__(self, settings: AdmissionSettings, bundle: Bundle, runtime: Runtime) -> None:
         self.s = settings

@@ -3,7 +3,7 @@
 import sys
 
 from offramp.service import main
-from offramp.services.exit_arbiter.service import PREFIX, ArbiterSettings, run
+from offramp.services.exit_arbiter.service import PREFIX, SETTINGS, run
 
 if __name__ == "__main__":
-    sys.exit(main(ArbiterSettings, PREFIX, run))
+    sys.exit(main(SETTINGS, PREFIX, run))

@@ -40,6 +40,9 @@ class ArbiterSettings:
                                  max=86400)
 
 
+SETTINGS = ArbiterSettings  # what `offramp settings` and the entry point read
+
+
 def make_policy(settings: ArbiterSettings, calib: Calibration, model: str, epoch: int
                 ) -> ExitPolicy:
     """The policy the settings ask for, with the accuracy the calibration expects of it."""

@@ -3,7 +3,7 @@
 import sys
 
 from offramp.service import main
-from offramp.services.priority_scheduler.service import PREFIX, SchedulerSettings, run
+from offramp.services.priority_scheduler.service import PREFIX, SETTINGS, run
 
 if __name__ == "__main__":
-    sys.exit(main(SchedulerSettings, PREFIX, run))
+    sys.exit(main(SETTINGS, PREFIX, run))

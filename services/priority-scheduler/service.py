@@ -19,6 +19,9 @@ class SchedulerSettings:
     common: CommonSettings = nested(CommonSettings, "OFFRAMP_")
 
 
+SETTINGS = SchedulerSettings  # what `offramp settings` and the entry point read
+
+
 async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     async with Runtime("scheduler", settings.common):
         await stop.wait()

@@ -3,7 +3,7 @@
 import sys
 
 from offramp.service import main
-from offramp.services.segment_worker.service import PREFIX, WorkerSettings, run
+from offramp.services.segment_worker.service import PREFIX, SETTINGS, run
 
 if __name__ == "__main__":
-    sys.exit(main(WorkerSettings, PREFIX, run))
+    sys.exit(main(SETTINGS, PREFIX, run))

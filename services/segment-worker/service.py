@@ -46,6 +46,9 @@ class WorkerSettings:
                               max=100)
 
 
+SETTINGS = WorkerSettings  # what `offramp settings` and the entry point read
+
+
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     bundle = load_bundle(settings.bundle)
     segments = settings.segments or tuple(range(1, bundle.num_segments + 1))
