@@ -93,7 +93,9 @@ class ProcessGroup:
         self.members.append(member)
         return member
 
-    def stop(self, grace_s: float = 10.0) -> dict[str, int | None]:
+    def stop(self, grace_s: float = 15.0) -> dict[str, int | None]:
+        """Grace outlasts a worker's default drain (10 s): a parent that kills at the moment
+        the child gives up draining turns a clean exit into SIGKILL."""
         codes: dict[str, int | None] = {}
         for member in reversed(self.members):
             member.signal(signal.SIGTERM)

@@ -52,9 +52,10 @@ class Tensor:
             stored = np.ascontiguousarray(array, dtype=np.float16)
             dtype = "float32"
         elif codec == "int8":
+            # float64 arithmetic: for tiny (subnormal) peaks the scale underflows in float32
             peak = float(np.max(np.abs(array))) if array.size else 0.0
             scale = peak / 127.0 if peak > 0 else 1.0
-            stored = np.clip(np.rint(array / scale), -127, 127).astype(np.int8)
+            stored = np.clip(np.rint(array.astype(np.float64) / scale), -127, 127).astype(np.int8)
             dtype = "float32"
         else:
             stored = np.ascontiguousarray(array)
@@ -89,7 +90,7 @@ class Tensor:
         if self.codec == "fp16":
             return stored.astype(np.float32)
         if self.codec == "int8":
-            return stored.astype(np.float32) * np.float32(self.scale)
+            return (stored.astype(np.float64) * self.scale).astype(np.float32)
         return stored
 
     @staticmethod
