@@ -8,7 +8,7 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: help setup system-deps demo test lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline clean
+.PHONY: help setup system-deps demo test lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control clean
 
 help:
 	@echo "make demo      run offramp locally (broker + services) and show it working"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench-exits     early-exit savings on digits (bench/results/exits.json)"
 	@echo "make bench-segments  chained segments vs monolithic ONNX (bench/results/segments.json)"
 	@echo "make bench-pipeline  the distributed system vs one ONNX session (bench/results/pipeline.json)"
+	@echo "make bench-control   admission strategies and priorities (bench/results/control.json)"
 
 system-deps:
 	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh
@@ -55,6 +56,9 @@ bench-segments: setup
 
 bench-pipeline: setup
 	$(PY) -m bench.pipeline
+
+bench-control: setup
+	$(PY) -m bench.control
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -272,10 +272,13 @@ class Bus:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self.settings.session_expiry_s
             kwargs["properties"] = props
-            # Each reconnect makes a new aiomqtt client, whose own "clean start first only"
-            # would throw the session (and the QoS 1 messages queued in it) away: only the
-            # process's first connection starts clean.
-            kwargs["clean_start"] = self.stats.connects == 0
+            # Never start clean. Each reconnect makes a new aiomqtt client, whose own "clean
+            # start first only" would throw the session (and the QoS 1 messages queued in it)
+            # away; and Mosquitto 2.0 does not save a session that began with clean start
+            # across its own restart, even with an expiry (measured: frames published between
+            # a broker restart and our resubscribe were lost). A restarted service therefore
+            # resumes its session too, and gets what was queued for it while it was away.
+            kwargs["clean_start"] = False
         if addr.tls:
             ctx = ssl.create_default_context(cafile=self.settings.tls_ca or None)
             kwargs["tls_context"] = ctx

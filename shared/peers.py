@@ -1,7 +1,9 @@
-"""What a node knows of the other workers, from their heartbeats and wills.
+"""What a node knows of the others, from their heartbeats and wills.
 
-Used by segment-workers (where to send the next task) and the admission-controller (where to
-send the first one). Turns heartbeats into :class:`offramp.policy.offload.Candidate`s.
+Used by segment-workers and the admission-controller: which neighbours host a segment, what
+their backlog costs a task of a given priority, how much credit they granted this node, and
+(receiver side) what the others want to send and say they have sent. Turns heartbeats into
+:class:`offramp.policy.offload.Candidate`\\ s and :class:`offramp.policy.credits.Request`\\ s.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from offramp.policy.offload import Candidate
+from offramp.policy.credits import Request, SendWindow
+from offramp.policy.offload import UNLIMITED, Candidate
 from offramp.wire import Heartbeat, SegmentLoad
 
 
@@ -26,7 +29,7 @@ class PeerTable:
         self._peers: dict[str, Peer] = {}
 
     def update(self, hb: Heartbeat, now: float | None = None) -> bool:
-        """Record a heartbeat; return True when a known worker went offline."""
+        """Record a heartbeat; return True when a known node went offline."""
         now = time.monotonic() if now is None else now
         if hb.node == self.own_node:
             return False
@@ -38,8 +41,18 @@ class PeerTable:
     def forget(self, node: str) -> None:
         self._peers.pop(node, None)
 
-    def nodes(self) -> list[str]:
-        return sorted(self._peers)
+    def nodes(self, role: str | None = None) -> list[str]:
+        return sorted(n for n, p in self._peers.items()
+                      if role is None or p.heartbeat.role == role)
+
+    def heartbeat(self, node: str) -> Heartbeat | None:
+        peer = self._peers.get(node)
+        return peer.heartbeat if peer else None
+
+    def age(self, node: str, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        peer = self._peers.get(node)
+        return now - peer.seen if peer else float("inf")
 
     def load(self, node: str, model: str, segment: int) -> SegmentLoad | None:
         peer = self._peers.get(node)
@@ -48,14 +61,43 @@ class PeerTable:
         return next((s for s in peer.heartbeat.segments
                      if s.model == model and s.segment == segment), None)
 
-    def candidates(self, model: str, segment: int, batch: int = 1,
+    def candidates(self, model: str, segment: int, batch: int = 1, *, priority: float = 0.0,
+                   window: SendWindow | None = None, link_bps: float = 0.0, rtt_s: float = 0.0,
                    now: float | None = None) -> list[Candidate]:
-        """Every known worker hosting ``segment`` of ``model``, as an offloading candidate."""
+        """Every known worker hosting ``segment`` of ``model``, as an offloading candidate: its
+        backlog counts only work of priority >= ``priority``; with a ``window``, its credit for
+        this node; ``link_bps``/``rtt_s`` describe this node's outgoing link."""
         now = time.monotonic() if now is None else now
         out = []
         for peer in self._peers.values():
-            for s in peer.heartbeat.segments:
-                if s.model == model and s.segment == segment:
-                    service = batch / s.service_rate if s.service_rate > 0 else 0.0
-                    out.append(Candidate(peer.node, s.backlog_s, service, now - peer.seen))
+            hb = peer.heartbeat
+            if hb.role != "worker":
+                continue
+            for s in hb.segments:
+                if s.model != model or s.segment != segment:
+                    continue
+                per = 1.0 / s.service_rate if s.service_rate > 0 else 0.0
+                backlog = s.queued_at_or_above(priority) * per if s.by_priority else s.backlog_s
+                credit = UNLIMITED
+                if window is not None:
+                    credit = window.available(peer.node, hb.boot, model, segment,
+                                              s.credits.get(window.node))
+                out.append(Candidate(peer.node, backlog, batch * per, now - peer.seen,
+                                     link_bps, rtt_s, credit=credit, boot=hb.boot))
         return out
+
+    def requests(self, model: str, segment: int, stale_after_s: float,
+                 now: float | None = None) -> list[Request]:
+        """What fresh senders want to send to ``segment`` of ``model`` (grant round input)."""
+        now = time.monotonic() if now is None else now
+        return [Request(p.node, p.heartbeat.boot, w.priority, w.count)
+                for p in self._peers.values() if now - p.seen <= stale_after_s
+                for w in p.heartbeat.wants if w.model == model and w.segment == segment]
+
+    def sent_to(self, receiver: str, receiver_boot: float, model: str, segment: int
+                ) -> list[tuple[str, float, int]]:
+        """(sender, sender boot, count) that senders report having sent to this receiver."""
+        return [(p.node, p.heartbeat.boot, c.count) for p in self._peers.values()
+                for c in p.heartbeat.sent
+                if c.receiver == receiver and c.receiver_boot == receiver_boot
+                and c.model == model and c.segment == segment]

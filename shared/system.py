@@ -19,6 +19,8 @@ def split_segments(flops: list[int], workers: int) -> list[tuple[int, ...]]:
     """Contiguous groups of segments (1-based), one per worker, balanced by FLOPs. With more
     workers than segments, the extra workers host copies of the heaviest groups."""
     k = len(flops)
+    if workers <= 0:
+        return []
     groups = min(workers, k)
     target = sum(flops) / groups
     out: list[list[int]] = [[]]
@@ -72,7 +74,8 @@ class LocalSystem:
         return {"OFFRAMP_BROKER_URL": self.url, "OFFRAMP_TOPIC_PREFIX": self.prefix,
                 "OFFRAMP_LOG_FORMAT": "json", "OFFRAMP_ADMISSION_BUNDLE": str(self.bundle.root),
                 "OFFRAMP_WORKER_BUNDLE": str(self.bundle.root),
-                "OFFRAMP_ARBITER_BUNDLE": str(self.bundle.root), **self.env}
+                "OFFRAMP_ARBITER_BUNDLE": str(self.bundle.root),
+                "OFFRAMP_SCHEDULER_BUNDLE": str(self.bundle.root), **self.env}
 
     def start(self) -> None:
         if self.logdir is None:

@@ -17,6 +17,7 @@ from offramp.wire import (
     Completion,
     ExitPolicy,
     FrameEnvelope,
+    Grant,
     Heartbeat,
     Hop,
     Plan,
@@ -24,7 +25,9 @@ from offramp.wire import (
     Sample,
     SegmentLoad,
     SegmentRef,
+    SentCount,
     Tensor,
+    Want,
 )
 
 text = st.text(min_size=1, max_size=12)
@@ -47,7 +50,7 @@ def packets(draw: st.DrawFn) -> ActivationPacket:
     emb = draw(st.none() | hnp.arrays("float32", (batch, 4), elements=st.floats(-1, 1, width=32)))
     return ActivationPacket(draw(text), draw(st.integers(1, 9)), draw(samples(batch)),
                             Tensor.encode(arr), None if emb is None else Tensor.encode(emb),
-                            draw(finite))
+                            draw(finite), draw(st.just("") | text), draw(finite))
 
 
 @given(packets())
@@ -87,11 +90,23 @@ def test_fp16_halves_the_bytes() -> None:
     assert Tensor.encode(arr, "int8").nbytes == arr.nbytes // 4
 
 
+loads = st.builds(SegmentLoad, text, st.integers(1, 9), st.integers(0, 99), finite, finite,
+                  finite, st.integers(0, 9), st.integers(0, 9), st.integers(0, 999),
+                  st.lists(st.tuples(finite, st.integers(0, 99)), max_size=3).map(tuple),
+                  st.dictionaries(text, st.builds(Grant, finite, st.integers(0, 10**6)),
+                                  max_size=3))
+
+
 @given(st.builds(Heartbeat, text, text, st.booleans(), st.integers(0, 2**40), finite,
-                 st.lists(st.builds(SegmentLoad, text, st.integers(1, 9), st.integers(0, 99),
-                                    finite, finite, finite, st.integers(0, 9),
-                                    st.integers(0, 9)), max_size=3).map(tuple),
-                 finite, finite, st.dictionaries(text, finite, max_size=3)))
+                 st.lists(loads, max_size=3).map(tuple), finite,
+                 st.dictionaries(text, finite, max_size=3), finite,
+                 st.lists(st.builds(Want, text, st.integers(1, 9), finite, st.integers(0, 99)),
+                          max_size=3).map(tuple),
+                 st.lists(st.builds(SentCount, text, finite, text, st.integers(1, 9),
+                                    st.integers(0, 10**6)), max_size=3).map(tuple),
+                 finite, finite,
+                 st.lists(st.builds(SegmentRef, text, st.integers(1, 9)), max_size=3).map(tuple),
+                 st.integers(0, 9)))
 def test_heartbeat_round_trips(hb: Heartbeat) -> None:
     assert Heartbeat.decode(hb.encode()) == hb
 
@@ -109,7 +124,8 @@ def test_completion_round_trips(done: Completion) -> None:
                  st.dictionaries(text, st.lists(st.builds(SegmentRef, text, st.integers(1, 9)),
                                                 max_size=3).map(tuple), max_size=3),
                  st.dictionaries(text, st.dictionaries(st.integers(1, 9), text, max_size=3),
-                                 max_size=3)))
+                                 max_size=3),
+                 st.dictionaries(text, finite, max_size=3), text))
 def test_plan_round_trips(plan: Plan) -> None:
     assert Plan.decode(plan.encode()) == plan
 

@@ -1,10 +1,13 @@
 """admission-controller: owns every frame from ingest to its one result.
 
-Subscribes to ``ingest/+``; decodes and preprocesses each frame off the event loop; admits it
-(a per-source bound on frames in flight; beyond it the frame is answered ``dropped`` at once);
-sends the first activation to the least-backlogged worker hosting segment 1, in micro-batches;
-turns workers' completions into exactly one JSON result per frame on ``results/{source}``;
-re-dispatches work whose worker died or stalled, and answers ``expired`` at the deadline.
+Subscribes to ``ingest/+``; decodes and preprocesses each frame off the event loop; looks its
+source up in the registry (priority, deadline; unknown sources per ``OFFRAMP_SOURCES_UNKNOWN``);
+admits it by the strategy in force (:mod:`offramp.policy.admission`; beyond the per-source
+in-flight bound, or above the admitted rate, the frame is answered ``dropped`` at once); sends
+the first activation to a host of segment 1 within that host's credit, highest priority first
+(:mod:`offramp.services.admission_controller.dispatch`); turns workers' completions into
+exactly one JSON result per frame on ``results/{source}``; re-dispatches work whose worker died
+or stalled, and answers ``expired`` at the deadline.
 """
 
 from __future__ import annotations
@@ -19,21 +22,21 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Literal
 
-import numpy as np
-
 from offramp.bundle import Bundle, load_bundle
 from offramp.bus import Bus, Message, Subscription
 from offramp.errors import OfframpError, TopicError, WireError
 from offramp.outbox import Outbox
-from offramp.peers import PeerTable
-from offramp.policy.offload import choose
+from offramp.policy.admission import ControlSettings
 from offramp.preprocess import FrameError
 from offramp.service import Runtime
+from offramp.services.admission_controller.dispatch import Dispatcher
 from offramp.services.admission_controller.frames import Frame, decode_frame
+from offramp.services.admission_controller.gate import Gate
 from offramp.services.admission_controller.tracker import Task, Tracker
 from offramp.settings import CommonSettings, nested, setting
+from offramp.sources import Registry, SourceSettings
 from offramp.topics import Topics
-from offramp.wire import ActivationPacket, Completion, Heartbeat, Result, Sample, Status, Tensor
+from offramp.wire import Completion, Heartbeat, Plan, Result, Status
 
 PREFIX = "OFFRAMP_ADMISSION_"
 
@@ -41,6 +44,8 @@ PREFIX = "OFFRAMP_ADMISSION_"
 @dataclass(frozen=True)
 class AdmissionSettings:
     common: CommonSettings = nested(CommonSettings, "OFFRAMP_")
+    sources: SourceSettings = nested(SourceSettings, "OFFRAMP_SOURCES_")
+    control: ControlSettings = nested(ControlSettings, "OFFRAMP_CONTROL_")
     bundle: str = setting("bundles/demo", "Model bundle directory")
     max_in_flight: int = setting(256, "Frames in flight per source; beyond it: 'dropped'",
                                  min=1, max=1_000_000)
@@ -69,11 +74,11 @@ class Admission:
         self.rt = runtime
         self.bus: Bus = runtime.bus
         self.topics: Topics = runtime.topics
-        self.peers = PeerTable(runtime.node)
+        self.registry = Registry(settings.sources)
+        self.gate: Gate[Task] = Gate(settings.control)
         self.tracker = Tracker(settings.max_in_flight, settings.progress_timeout_s,
                                settings.max_attempts)
-        self.pending: list[Task] = []
-        self.pending_event = asyncio.Event()
+        self.dispatcher = Dispatcher(self, runtime)
         self.unanswered_drops: list[Message] = []
         self.counts: Counter[str] = Counter()
         self.ids = itertools.count()
@@ -132,21 +137,35 @@ class Admission:
             except FrameError as exc:
                 await self.answer(task_id, source, f"{source}-{task_id}", "error", error=str(exc))
                 continue
-            frame_id = frame.frame_id or f"{source}-{task_id}"
-            now = time.time()
-            if not self.tracker.can_admit(source):
-                await self.answer(task_id, source, frame_id, "dropped", created=now,
-                                  error=f"{self.s.max_in_flight} frames of {source} in flight")
-                continue
-            deadline = frame.deadline or (now + self.s.deadline_s if self.s.deadline_s else None)
-            task = Task(task_id, source, frame_id, frame.x, now, deadline, frame.label)
-            self.tracker.add(task)
-            self.pending.append(task)
-            self.pending_event.set()
+            await self.admit(source, task_id, frame)
+
+    async def admit(self, source: str, task_id: str, frame: Frame) -> None:
+        frame_id = frame.frame_id or f"{source}-{task_id}"
+        now = time.time()
+        info = self.registry.lookup(source)
+        if info is None:
+            await self.answer(task_id, source, frame_id, "error", created=now,
+                              error=f"unknown source {source!r} (OFFRAMP_SOURCES_UNKNOWN=reject)")
+            return
+        if not self.tracker.can_admit(source):
+            await self.answer(task_id, source, frame_id, "dropped", created=now,
+                              error=f"{self.s.max_in_flight} frames of {source} in flight")
+            return
+        deadline = frame.deadline or (now + info.deadline_s if info.deadline_s else None) or \
+            (now + self.s.deadline_s if self.s.deadline_s else None)
+        task = Task(task_id, source, frame_id, frame.x, now, deadline, frame.label, info.priority)
+        verdict = self.gate.offer(source, task, now)
+        if verdict == "drop":
+            await self.answer(task_id, source, frame_id, "dropped", created=now,
+                              error="over the admitted rate")
+            return
+        self.tracker.add(task)
+        if verdict == "admit":
+            self.dispatcher.submit([task])
 
     def on_ingest_overflow(self, msg: Message) -> None:
         self.unanswered_drops.append(msg)
-        self.pending_event.set()
+        self.dispatcher.wake()
 
     async def answer_overflow(self) -> None:
         drops, self.unanswered_drops = self.unanswered_drops, []
@@ -157,43 +176,7 @@ class Admission:
                 await self.answer(task_id, source, f"{source}-{task_id}", "dropped",
                                   error="ingest queue full")
 
-    # -- dispatch ---------------------------------------------------------------------------------
-    async def dispatcher(self) -> None:
-        wait = self.s.dispatch_wait_ms / 1000
-        while True:
-            await self.pending_event.wait()
-            self.pending_event.clear()
-            if self.unanswered_drops:
-                await self.answer_overflow()
-            if wait and 0 < len(self.pending) < self.s.dispatch_batch:
-                await asyncio.sleep(wait)
-            while self.pending:
-                batch = self.pending[:self.s.dispatch_batch]
-                del self.pending[:self.s.dispatch_batch]
-                await self.dispatch(batch)
-
-    async def dispatch(self, tasks: list[Task]) -> None:
-        model = self.bundle.name
-        live = [t for t in tasks if t.task_id in self.tracker]
-        if not live:
-            return
-        choice = choose(self.peers.candidates(model, 1, len(live)), 0,
-                        stale_after_s=3 * self.s.common.heartbeat_s)
-        node = choice.node if choice else None
-        topic = self.topics.act(model, 1, node)
-        now = time.time()
-        for t in live:
-            self.tracker.dispatched(t, now, node)
-        samples = tuple(Sample(t.task_id, t.source, t.frame_id, t.priority, t.created, t.deadline,
-                               t.attempt) for t in live)
-        x = np.stack([t.x for t in live])
-        packet = ActivationPacket(model, 1, samples, Tensor.encode(x, self.s.codec), None, now)
-        try:
-            await self.bus.publish(topic, packet.encode(), qos=0)
-        except OfframpError as exc:
-            self.rt.log.warning("dispatch_failed", error=str(exc), tasks=len(live))
-
-    # -- completions, liveness, deadlines ------------------------------------------------------
+    # -- completions, liveness, deadlines, control ---------------------------------------------
     async def completions(self, sub: Subscription) -> None:
         async for msg in sub:
             try:
@@ -205,9 +188,6 @@ class Admission:
             task = self.tracker.complete(done.task_id)
             if task is None:
                 continue
-            self.rt.log.debug("completion_received", task_id=done.task_id,
-                              wire_ms=round(1000 * (msg.received - done.ts), 2),
-                              inbox_ms=round(1000 * (time.time() - msg.received), 2))
             await self.answer(task.task_id, task.source, task.frame_id, "ok", done=done)
 
     async def states(self, sub: Subscription) -> None:
@@ -216,11 +196,33 @@ class Admission:
                 hb = Heartbeat.decode(msg.payload)
             except WireError:
                 continue
-            if self.peers.update(hb):
+            if self.dispatcher.peers.update(hb):
+                self.dispatcher.window.forget(hb.node)
                 lost = self.tracker.lost(hb.node)
-                self.rt.log.warning("worker_lost", worker=hb.node, redispatch=len(lost))
-                self.counts["redispatched"] += len(lost)
-                await self.dispatch(lost)
+                if lost:
+                    self.rt.log.warning("worker_lost", worker=hb.node, redispatch=len(lost))
+                    self.counts["redispatched"] += len(lost)
+                    self.dispatcher.submit(lost)
+            self.dispatcher.wake()
+
+    async def registrations(self, sub: Subscription) -> None:
+        async for msg in sub:
+            try:
+                source = self.topics.parse(msg.topic).source
+                spec = self.registry.update(source, msg.payload)
+            except (TopicError, WireError) as exc:
+                self.counts["bad_registrations"] += 1
+                self.rt.log.warning("bad_source_registration", topic=msg.topic, error=str(exc))
+                continue
+            self.rt.log.info("source_registered", source=source,
+                             priority=spec.priority if spec else None)
+
+    async def plans(self, sub: Subscription) -> None:
+        async for msg in sub:
+            try:
+                self.dispatcher.plan = Plan.decode(msg.payload)
+            except WireError as exc:
+                self.rt.log.warning("bad_plan", error=str(exc))
 
     async def sweeper(self) -> None:
         while True:
@@ -234,13 +236,33 @@ class Admission:
                                   error=f"no result after {t.attempt} dispatches")
             if sweep.redispatch:
                 self.counts["redispatched"] += len(sweep.redispatch)
-                await self.dispatch(sweep.redispatch)
+                self.dispatcher.submit(sweep.redispatch)
+
+    async def control(self) -> None:
+        """The rate strategy's loop: adapt admitted rates, let waiting frames through."""
+        tick = self.s.control.tick_s
+        next_tick = time.monotonic()
+        while True:
+            await asyncio.sleep(0.005 if self.s.control.buffer else tick)
+            if time.monotonic() >= next_tick:
+                next_tick += tick
+                self.gate.tick({src: self.dispatcher.path_backlog(self._priority(src))
+                                for src in self.gate.sources()})
+            released = [t for _, t in self.gate.release(time.time()) if t.task_id in self.tracker]
+            if released:
+                self.dispatcher.submit(released)
+
+    def _priority(self, source: str) -> float:
+        info = self.registry.lookup(source)
+        return info.priority if info else self.s.sources.default_priority
 
     def heartbeat(self, hb: Heartbeat) -> Heartbeat:
         stats = {k: float(v) for k, v in self.counts.items()}
         stats["in_flight"] = float(len(self.tracker))
         stats["duplicates"] = float(self.tracker.duplicates)
-        return replace(hb, stats=stats)
+        stats["pending"] = float(len(self.dispatcher.pending))
+        stats.update(self.gate.stats())
+        return self.dispatcher.heartbeat(replace(hb, stats=stats))
 
 
 async def run(settings: AdmissionSettings, stop: asyncio.Event) -> None:
@@ -254,12 +276,15 @@ async def run(settings: AdmissionSettings, stop: asyncio.Event) -> None:
         bus, topics = runtime.bus, runtime.topics
         done = await bus.subscribe(topics.done_all(), qos=1, maxsize=65536)
         states = await bus.subscribe(topics.state_all("worker"), maxsize=1024)
+        sources = await bus.subscribe(topics.source_all(), qos=1, maxsize=1024)
+        plans = await bus.subscribe(topics.plan(), maxsize=8, overflow="drop-oldest")
         ingest = await bus.subscribe(topics.ingest_all(), qos=1, maxsize=settings.ingest_queue,
                                      overflow="drop-newest", on_drop=adm.on_ingest_overflow)
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(c) for c in (adm.ingest(ingest), adm.dispatcher(),
-                                                 adm.completions(done), adm.states(states),
-                                                 adm.sweeper())]
+            tasks = [tg.create_task(c) for c in (
+                adm.ingest(ingest), adm.dispatcher.run(), adm.completions(done),
+                adm.states(states), adm.registrations(sources), adm.plans(plans),
+                adm.sweeper(), adm.control())]
             await stop.wait()
             for t in tasks:
                 t.cancel()

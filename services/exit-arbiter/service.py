@@ -5,22 +5,30 @@ ones), and publishes them retained on ``control/exit-policy/{model}`` (again eve
 ``OFFRAMP_ARBITER_REPUBLISH_S``, so a broker that lost its retained messages gets them back).
 Watches completions (``done/+``) for the realised exit shares and reports, in its heartbeat,
 the accuracy they imply: sum over exits of share x calibrated accuracy of that exit.
+
+With ``OFFRAMP_CONTROL_STRATEGY=threshold`` it also adapts the thresholds to the backlog along
+the model (ALGORITHMS.md 1.4), every ``OFFRAMP_CONTROL_TICK_S``, between the calibrated floor
+(thresholds that keep ``OFFRAMP_CONTROL_ACCURACY_FLOOR``) and the configured policy as ceiling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
 from offramp.bundle import load_bundle
+from offramp.bus import Subscription
 from offramp.calibration import Calibration
 from offramp.errors import OfframpError, SettingsError, WireError
+from offramp.peers import PeerTable
+from offramp.policy.admission import ControlSettings, adapt_thresholds, path_backlog
 from offramp.service import Runtime
 from offramp.settings import CommonSettings, nested, setting
-from offramp.wire import Completion, Criterion, ExitPolicy
+from offramp.wire import Completion, Criterion, ExitPolicy, Heartbeat
 
 PREFIX = "OFFRAMP_ARBITER_"
 
@@ -28,6 +36,7 @@ PREFIX = "OFFRAMP_ARBITER_"
 @dataclass(frozen=True)
 class ArbiterSettings:
     common: CommonSettings = nested(CommonSettings, "OFFRAMP_")
+    control: ControlSettings = nested(ControlSettings, "OFFRAMP_CONTROL_")
     bundle: str = setting("bundles/demo", "Model bundle directory")
     criterion: Criterion = setting("confidence", "confidence, entropy, margin or feature-difference")
     target_accuracy: float = setting(-1.0, "Target accuracy; < 0: final-exit accuracy minus "
@@ -63,11 +72,39 @@ def make_policy(settings: ArbiterSettings, calib: Calibration, model: str, epoch
     return ExitPolicy(model, epoch, time.time(), settings.criterion, thresholds, target, expected)
 
 
+class Adapter:
+    """Exit-threshold adaptation between a calibrated floor and the configured ceiling."""
+
+    def __init__(self, settings: ArbiterSettings, calib: Calibration, base: ExitPolicy) -> None:
+        self.s = settings.control
+        self.calib = calib
+        self.base = base
+        floor_acc = (self.s.accuracy_floor if self.s.accuracy_floor >= 0
+                     else calib.exit_accuracy()[-1] - 0.05)
+        floor = calib.thresholds_for_accuracy(base.criterion, floor_acc)
+        self.ceiling = base.thresholds
+        self.floor = tuple(min(f, c) for f, c in zip(floor, self.ceiling, strict=True))
+
+    def step(self, policy: ExitPolicy, q_path_s: float, dt_s: float) -> ExitPolicy | None:
+        """The next policy, or None when the thresholds did not move."""
+        new = adapt_thresholds(policy.thresholds, q_path_s, self.s, self.floor, self.ceiling,
+                               dt_s)
+        if max((abs(a - b) for a, b in zip(new, policy.thresholds, strict=True)),
+               default=0.0) < 1e-3:
+            return None
+        expected = self.calib.simulate(policy.criterion, new).accuracy
+        return replace(policy, epoch=policy.epoch + 1, ts=time.time(), thresholds=new,
+                       expected_accuracy=expected)
+
+
 class ShareTracker:
     """Realised exit shares from completions, and the accuracy they imply."""
 
     def __init__(self, calib: Calibration, policy: ExitPolicy) -> None:
         self.counts: Counter[int] = Counter()
+        self.per_exit = calib.accuracy_at_exits(policy.criterion, policy.thresholds)
+
+    def retarget(self, calib: Calibration, policy: ExitPolicy) -> None:
         self.per_exit = calib.accuracy_at_exits(policy.criterion, policy.thresholds)
 
     def add(self, exit_index: int) -> None:
@@ -88,40 +125,89 @@ class ShareTracker:
         return out
 
 
+class Arbiter:
+    """The running arbiter: the policy in force, its adaptation and the realised shares."""
+
+    def __init__(self, settings: ArbiterSettings, calib: Calibration, model: str,
+                 runtime: Runtime) -> None:
+        self.s = settings
+        self.calib = calib
+        self.model = model
+        self.rt = runtime
+        self.policy = make_policy(settings, calib, model, epoch=1)
+        self.adapter = Adapter(settings, calib, self.policy)
+        self.shares = ShareTracker(calib, self.policy)
+        self.peers = PeerTable()
+        self.changed = asyncio.Event()
+
+    def heartbeat(self, hb: Heartbeat) -> Heartbeat:
+        stats = self.shares.stats()
+        stats["epoch"] = float(self.policy.epoch)
+        for k, t in enumerate(self.policy.thresholds, start=1):
+            stats[f"threshold_{k}"] = round(t, 4)
+        return replace(hb, stats=stats)
+
+    async def publish(self) -> None:
+        bus, topic = self.rt.bus, self.rt.topics.exit_policy(self.model)
+        while True:
+            try:
+                await bus.publish(topic, self.policy.encode(), qos=1, retain=True)
+            except OfframpError as exc:
+                self.rt.log.warning("policy_not_published", error=str(exc))
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), self.s.republish_s)
+
+    async def watch(self, done: Subscription) -> None:
+        async for msg in done:
+            try:
+                self.shares.add(Completion.decode(msg.payload).exit_index)
+            except WireError:
+                continue
+
+    async def watch_workers(self, states: Subscription) -> None:
+        async for msg in states:
+            with contextlib.suppress(WireError):
+                self.peers.update(Heartbeat.decode(msg.payload))
+
+    async def adapt(self, num_segments: int) -> None:
+        stale = 3 * self.s.common.heartbeat_s
+        tick = self.s.control.tick_s
+        while True:
+            await asyncio.sleep(tick)
+            q = path_backlog([[c.backlog_s + c.service_s for c in self.peers.candidates(self.model, seg)
+                               if c.age_s <= stale] for seg in range(1, num_segments + 1)])
+            new = self.adapter.step(self.policy, q, tick)
+            if new is not None:
+                self.policy = new
+                self.shares.retarget(self.calib, new)
+                self.changed.set()
+
+
 async def run(settings: ArbiterSettings, stop: asyncio.Event) -> None:
     bundle = load_bundle(settings.bundle)
     calib = bundle.calibration()
-    policy = make_policy(settings, calib, bundle.name, epoch=1)
-    shares = ShareTracker(calib, policy)
+    holder: dict[str, Arbiter] = {}
     runtime = Runtime("arbiter", settings.common,
-                      heartbeat=lambda hb: replace(hb, stats=shares.stats()))
+                      heartbeat=lambda hb: holder["a"].heartbeat(hb) if "a" in holder else hb)
+    adaptive = settings.control.strategy == "threshold"
     async with runtime:
+        arb = holder["a"] = Arbiter(settings, calib, bundle.name, runtime)
         bus, topics = runtime.bus, runtime.topics
         done = await bus.subscribe(topics.done_all(), maxsize=65536)
-        runtime.log.info("exit_policy", model=bundle.name, thresholds=list(policy.thresholds),
-                         target=policy.target_accuracy, expected=round(policy.expected_accuracy, 4))
-
-        async def publish_policy() -> None:
-            while True:
-                try:
-                    await bus.publish(topics.exit_policy(bundle.name), policy.encode(), qos=1,
-                                      retain=True)
-                except OfframpError as exc:
-                    runtime.log.warning("policy_not_published", error=str(exc))
-                await asyncio.sleep(settings.republish_s)
-
-        async def watch() -> None:
-            async for msg in done:
-                try:
-                    shares.add(Completion.decode(msg.payload).exit_index)
-                except WireError:
-                    continue
-
+        states = await bus.subscribe(topics.state_all("worker"), maxsize=1024)
+        base = arb.policy
+        runtime.log.info("exit_policy", model=bundle.name, thresholds=list(base.thresholds),
+                         target=base.target_accuracy, expected=round(base.expected_accuracy, 4),
+                         adaptive=adaptive, floor=list(arb.adapter.floor))
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(publish_policy()), tg.create_task(watch())]
+            tasks = [tg.create_task(arb.publish()), tg.create_task(arb.watch(done))]
+            if adaptive:
+                tasks += [tg.create_task(arb.watch_workers(states)),
+                          tg.create_task(arb.adapt(bundle.num_segments))]
             await stop.wait()
             for t in tasks:
                 t.cancel()
 
 
-__all__ = ["ArbiterSettings", "ShareTracker", "make_policy", "run"]
+__all__ = ["Adapter", "Arbiter", "ArbiterSettings", "ShareTracker", "make_policy", "run"]

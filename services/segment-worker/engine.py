@@ -1,15 +1,18 @@
 """The worker's data path: queue -> micro-batch -> segment (off the event loop) -> per-sample
-exit -> completion, or on to the next segment (in memory when local, over the bus otherwise)."""
+exit -> completion, or on to the next segment (in memory when local, over the bus otherwise).
+
+Segments come and go while running (the plan): :meth:`Engine.host` loads one, :meth:`Engine.
+release` stops advertising it and lets it drain; the service unloads it once it is empty.
+Where the next task goes is :mod:`offramp.services.segment_worker.placer`'s business.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import structlog
@@ -17,24 +20,16 @@ import structlog
 from offramp.bundle import Bundle
 from offramp.errors import WireError
 from offramp.inbox import RateLimitedWarning
+from offramp.link import Link
 from offramp.outbox import Outbox
 from offramp.peers import PeerTable
+from offramp.policy.credits import CreditLedger
 from offramp.policy.exits import decide
-from offramp.policy.offload import Candidate, Choice, choose
 from offramp.runtime import SegmentOutput, SegmentRunner
+from offramp.services.segment_worker.placer import EngineConfig, Placer, Publish
 from offramp.services.segment_worker.queue import Item, SegmentQueue
 from offramp.topics import Topics
-from offramp.wire import (
-    ActivationPacket,
-    Completion,
-    ExitPolicy,
-    Hop,
-    Sample,
-    SegmentLoad,
-    Tensor,
-)
-
-Publish = Callable[[str, bytes, int], Awaitable[None]]
+from offramp.wire import ActivationPacket, Completion, ExitPolicy, Hop, Sample, SegmentLoad
 
 
 @dataclass
@@ -48,24 +43,21 @@ class SegmentStats:
 
     def record(self, batch: int, seconds: float) -> None:
         per = seconds / batch
-        self.service_s = per if self.batches == 0 else 0.8 * self.service_s + 0.2 * per
+        self.service_s = per if self.service_s == 0 else 0.8 * self.service_s + 0.2 * per
         self.batches += 1
         self.samples += batch
 
 
 @dataclass
-class EngineConfig:
-    node: str
-    segments: tuple[int, ...]
-    batch_max: int = 8
-    batch_wait_s: float = 0.002
-    queue_max: int = 512
-    codec: Literal["raw", "fp16", "int8"] = "raw"
-    device: str = "cpu"
-    threads: int = 1
-    offload_margin_s: float = 0.002
-    stale_after_s: float = 0.75
-    slowdown: float = 1.0
+class Hosted:
+    """One segment this worker runs: its session, queue, statistics and credit ledger."""
+
+    runner: SegmentRunner
+    queue: SegmentQueue
+    ledger: CreditLedger
+    stats: SegmentStats = field(default_factory=SegmentStats)
+    draining: bool = False
+    busy: int = 0  # samples of this segment being computed now
 
 
 @dataclass
@@ -74,35 +66,74 @@ class Counters:
     misrouted: int = 0
     expired: int = 0
     queue_overflow: int = 0
-    dropped_unroutable: int = 0
+    without_credit: int = 0
     completions: int = 0
+    publish_failed: int = 0
 
 
 class Engine:
     def __init__(self, bundle: Bundle, cfg: EngineConfig, topics: Topics, peers: PeerTable,
-                 publish: Publish) -> None:
+                 publish: Publish, boot: float | None = None) -> None:
         self.bundle = bundle
         self.model = bundle.name
         self.cfg = cfg
         self.topics = topics
-        self.peers = peers
         self.publish = publish
+        self.boot = time.time() if boot is None else boot
         self.policy: ExitPolicy | None = None
-        self.runners = {s: SegmentRunner(bundle, s, device=cfg.device, threads=cfg.threads)
-                        for s in cfg.segments}
-        self.queues = {s: SegmentQueue(cfg.queue_max) for s in cfg.segments}
-        self.stats = {s: SegmentStats() for s in cfg.segments}
+        self.hosted: dict[int, Hosted] = {}
         self.counters = Counters()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{cfg.node}")
         self.outbox = Outbox(1024)
+        self.link = Link(self._send_packet, rate_bps=cfg.link_mbps * 1e6,
+                         delay_s=cfg.link_delay_ms / 1000)
+        self.placer = Placer(self, peers)
         self.log = structlog.get_logger("offramp.worker").bind(node=cfg.node, model=self.model)
         self._warn = RateLimitedWarning()
         self._inflight = 0
+        self.segment_flops = {s.index: s.flops for s in bundle.manifest.segments}
 
     @property
     def providers(self) -> list[str]:
-        providers: list[str] = next(iter(self.runners.values())).providers
+        providers: list[str] = next(iter(self.hosted.values())).runner.providers
         return providers
+
+    def serving(self) -> list[int]:
+        """Segments advertised to others (hosted and not draining)."""
+        return sorted(s for s, h in self.hosted.items() if not h.draining)
+
+    # -- hosting ----------------------------------------------------------------------------------
+    def load(self, segment: int) -> Hosted:
+        """Create the session and measure it (blocking: call it off the event loop)."""
+        runner = SegmentRunner(self.bundle, segment, device=self.cfg.device,
+                               threads=self.cfg.threads)
+        hosted = Hosted(runner, SegmentQueue(self.cfg.queue_max, self.cfg.ageing_s),
+                        CreditLedger(self.cfg.queue_max, self.cfg.credit_lease_s))
+        x = np.zeros((self.cfg.batch_max, *runner.spec.input.per_sample), np.float32)
+        self._infer_on(runner, x)  # warm-up
+        _, started, finished = self._infer_on(runner, x)
+        hosted.stats.service_s = (finished - started) / self.cfg.batch_max
+        return hosted
+
+    def host(self, segment: int, hosted: Hosted) -> None:
+        self.hosted[segment] = hosted
+
+    def release(self, segment: int) -> None:
+        if segment in self.hosted:
+            self.hosted[segment].draining = True
+
+    def reclaim(self, segment: int) -> None:
+        """Undo a release that has not finished (the plan gave the segment back)."""
+        if segment in self.hosted:
+            self.hosted[segment].draining = False
+
+    def drained(self, segment: int) -> bool:
+        h = self.hosted.get(segment)
+        return h is None or (h.draining and len(h.queue) == 0 and h.busy == 0
+                             and not self.placer.parked(segment))
+
+    def unload(self, segment: int) -> None:
+        self.hosted.pop(segment, None)
 
     # -- intake ---------------------------------------------------------------------------------
     def accept(self, payload: bytes, max_bytes: int) -> int:
@@ -116,20 +147,24 @@ class Engine:
             if n := self._warn.should_log():
                 self.log.warning("bad_packet", error=str(exc), count=n)
             return 0
-        if packet.model != self.model or packet.segment not in self.queues:
+        hosted = self.hosted.get(packet.segment)
+        if packet.model != self.model or hosted is None:
             self.counters.misrouted += len(packet.samples)
             return 0
         now = time.time()
+        if packet.sender and not hosted.ledger.received(packet.sender, packet.sender_boot,
+                                                        len(packet.samples), time.monotonic()):
+            self.counters.without_credit += len(packet.samples)
         items = []
         for i, sample in enumerate(packet.samples):
             if sample.deadline is not None and sample.deadline < now:
                 self.counters.expired += 1  # the admission-controller answers it 'expired'
                 continue
             items.append(Item(sample, x[i], None if prev is None else prev[i], now))
-        return self._enqueue(packet.segment, items)
+        return self.enqueue(packet.segment, items)
 
-    def _enqueue(self, segment: int, items: list[Item]) -> int:
-        rejected = self.queues[segment].push(items)
+    def enqueue(self, segment: int, items: list[Item]) -> int:
+        rejected = self.hosted[segment].queue.push(items)
         if rejected:
             self.counters.queue_overflow += len(rejected)
             self.log.warning("queue_overflow", segment=segment, dropped=len(rejected),
@@ -138,40 +173,47 @@ class Engine:
 
     # -- serving --------------------------------------------------------------------------------
     async def serve(self, segment: int, stop: asyncio.Event) -> None:
-        queue = self.queues[segment]
-        while not (stop.is_set() and len(queue) == 0):
-            items = await queue.batch(self.cfg.batch_max, self.cfg.batch_wait_s)
+        """Serve ``segment`` until ``stop`` is set and its queue is empty (or it is unloaded)."""
+        hosted = self.hosted[segment]
+        while not (stop.is_set() and len(hosted.queue) == 0):
+            await self.placer.room(segment + 1)  # backpressure: parked work must fit
+            items = await hosted.queue.batch(self.cfg.batch_max, self.cfg.batch_wait_s)
             self._inflight += len(items)
+            hosted.busy += len(items)
             try:
-                await self._run_batch(segment, items)
+                await self._run_batch(segment, hosted, items)
             finally:
                 self._inflight -= len(items)
+                hosted.busy -= len(items)
+            await self.placer.retry()
 
     def idle(self) -> bool:
-        return (self._inflight == 0 and len(self.outbox) == 0
-                and all(len(q) == 0 for q in self.queues.values()))
+        return (self._inflight == 0 and len(self.outbox) == 0 and len(self.link) == 0
+                and all(len(h.queue) == 0 for h in self.hosted.values())
+                and not self.placer.parked())
 
-    def _infer(self, segment: int, x: np.ndarray) -> tuple[SegmentOutput, float, float]:
+    def _infer_on(self, runner: SegmentRunner, x: np.ndarray) -> tuple[SegmentOutput, float, float]:
         started = time.time()
-        out = self.runners[segment].run(x)
-        if self.cfg.slowdown > 1.0:  # emulated slower node (tests, benchmarks)
+        out = runner.run(x)
+        if self.cfg.slowdown > 1.0:  # emulated slower node: this thread sleeps, as if throttled
             time.sleep((time.time() - started) * (self.cfg.slowdown - 1.0))
         return out, started, time.time()
 
-    async def _run_batch(self, segment: int, items: list[Item]) -> None:
+    async def _run_batch(self, segment: int, hosted: Hosted, items: list[Item]) -> None:
         x = np.stack([it.x for it in items])
         loop = asyncio.get_running_loop()
-        out, started, finished = await loop.run_in_executor(self.executor, self._infer, segment, x)
-        self.stats[segment].record(len(items), finished - started)
+        out, started, finished = await loop.run_in_executor(self.executor, self._infer_on,
+                                                            hosted.runner, x)
+        hosted.stats.record(len(items), finished - started)
         samples = [replace(it.sample, hops=(*it.sample.hops,
                                             Hop(self.cfg.node, segment, it.arrived, started,
                                                 finished))) for it in items]
         last = segment == self.bundle.num_segments
         prevs = [it.prev for it in items if it.prev is not None]
         prev = np.stack(prevs) if len(prevs) == len(items) else None
-        route = None
+        to_next = 0.0
         if out.activation is not None:
-            route = self._route(segment + 1, out.activation[0].nbytes * len(items))
+            to_next = self.placer.estimate(segment + 1, out.activation[0].nbytes * len(items))
         deadlines = np.array([s.deadline if s.deadline is not None else math.nan
                               for s in samples])
         policy = self.policy
@@ -180,63 +222,64 @@ class Engine:
             threshold = policy.thresholds[segment - 1]
         d = decide(policy.criterion if policy else "confidence", threshold, out.logits,
                    out.embedding, prev, last=last, deadlines=deadlines, now=finished,
-                   time_to_next_s=route.cost_s if route else 0.0)
-        done = [i for i in range(len(items)) if d.exits[i]]
-        stay = [i for i in range(len(items)) if not d.exits[i]]
+                   time_to_next_s=to_next)
         thresholds = tuple(policy.thresholds) if policy else ()
-        for i in done:
-            await self.outbox.send(self._complete(samples[i], int(d.labels[i]),
-                                                  float(d.confidence[i]), segment, d.reasons[i],
-                                                  thresholds))
-        self.stats[segment].exited += len(done)
+        stay = []
+        for i in range(len(items)):
+            if d.exits[i]:
+                await self.outbox.send(self._complete(samples[i], int(d.labels[i]),
+                                                      float(d.confidence[i]), segment,
+                                                      d.reasons[i], thresholds))
+            else:
+                stay.append(i)
+        hosted.stats.exited += len(items) - len(stay)
         if stay and out.activation is not None:
-            await self._forward(segment + 1, [samples[i] for i in stay],
-                                out.activation[stay], out.embedding[stay], route)
+            now = time.time()
+            act, emb = out.activation, out.embedding
+            await self.placer.forward(segment + 1, [Item(samples[i], act[i], emb[i], now)
+                                                    for i in stay])
 
     async def _complete(self, sample: Sample, label: int, confidence: float, segment: int,
                         reason: str, thresholds: tuple[float, ...]) -> None:
         done = Completion(sample.task_id, sample.source, sample.frame_id, sample.attempt, label,
                           confidence, segment, reason, self.cfg.node, time.time(),  # type: ignore[arg-type]
                           sample.hops, thresholds, sample.created)
-        await self.publish(self.topics.done(sample.source), done.encode(), 1)
+        await self._publish(self.topics.done(sample.source), done.encode(), 1)
         self.counters.completions += 1
 
-    # -- routing --------------------------------------------------------------------------------
-    def _route(self, segment: int, nbytes: int) -> Choice | None:
-        candidates = self.peers.candidates(self.model, segment)
-        if segment in self.queues:
-            st = self.stats[segment]
-            candidates.append(Candidate(self.cfg.node, len(self.queues[segment]) * st.service_s,
-                                        st.service_s, local=True))
-        return choose(candidates, nbytes, margin_s=self.cfg.offload_margin_s,
-                      stale_after_s=self.cfg.stale_after_s)
+    async def _send_packet(self, topic: str, payload: bytes) -> None:
+        await self._publish(topic, payload, 0)
 
-    async def _forward(self, segment: int, samples: list[Sample], act: np.ndarray,
-                       emb: np.ndarray, route: Choice | None) -> None:
-        node = route.node if route is not None else None
-        if node is None:
-            self.counters.dropped_unroutable += len(samples)
+    async def _publish(self, topic: str, payload: bytes, qos: int) -> None:
+        try:
+            await self.publish(topic, payload, qos)
+        except Exception as exc:
+            self.counters.publish_failed += 1
             if n := self._warn.should_log():
-                self.log.warning("no_worker_for_segment", segment=segment, dropped=n)
-            return
-        if node == self.cfg.node:
-            now = time.time()
-            items = [Item(s, act[i], emb[i], now) for i, s in enumerate(samples)]
-            self.stats[segment].handed_over += self._enqueue(segment, items)
-            return
-        packet = ActivationPacket(self.model, segment, tuple(samples),
-                                  Tensor.encode(np.ascontiguousarray(act), self.cfg.codec),
-                                  Tensor.encode(np.ascontiguousarray(emb), "fp16"), time.time())
-        await self.publish(self.topics.act(self.model, segment, node), packet.encode(), 0)
-        self.stats[segment - 1].forwarded += len(samples)
+                self.log.warning("publish_failed", topic=topic, error=str(exc), count=n)
 
     # -- state ----------------------------------------------------------------------------------
-    def loads(self) -> tuple[SegmentLoad, ...]:
+    def loads(self, now: float) -> tuple[SegmentLoad, ...]:
+        """Queue state and fresh credit grants of every advertised segment (one grant round)."""
         out = []
-        for seg, q in self.queues.items():
-            st = self.stats[seg]
+        for seg in self.serving():
+            h = self.hosted[seg]
+            st = h.stats
+            for sender, boot, count in self.placer.peers.sent_to(self.cfg.node, self.boot,
+                                                                 self.model, seg):
+                h.ledger.reported(sender, boot, count, now)
+            grants = h.ledger.grant(len(h.queue),
+                                    self.placer.peers.requests(self.model, seg,
+                                                               self.cfg.stale_after_s, now), now)
             mean = st.samples / st.batches if st.batches else 0.0
             rate = 1.0 / st.service_s if st.service_s > 0 else 0.0
-            out.append(SegmentLoad(self.model, seg, len(q), len(q) * st.service_s, rate, mean,
-                                   st.exited, st.forwarded))
+            out.append(SegmentLoad(self.model, seg, len(h.queue), len(h.queue) * st.service_s,
+                                   rate, mean, st.exited, st.forwarded, self.cfg.queue_max,
+                                   h.queue.by_priority(), grants))
         return tuple(out)
+
+    def flops_per_s(self) -> float:
+        """Measured speed: FLOPs per second over the hosted segments' service times."""
+        speeds = [self.segment_flops[s] / h.stats.service_s
+                  for s, h in self.hosted.items() if h.stats.service_s > 0]
+        return sum(speeds) / len(speeds) if speeds else 0.0

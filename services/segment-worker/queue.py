@@ -1,20 +1,23 @@
-"""The bounded per-segment queue of a worker and its dynamic micro-batching."""
+"""The bounded per-segment queue of a worker: weighted priority with ageing (ALGORITHMS.md
+3.2), priority-aware overflow, and dynamic micro-batching."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
+from offramp.policy.priority import urgency
 from offramp.wire import Sample
 
 
 @dataclass
 class Item:
     """One sample waiting for a segment: its header, its activation row, the previous exit's
-    embedding (feature-difference criterion) and when it arrived here."""
+    embedding (feature-difference criterion) and when it arrived here (wall clock)."""
 
     sample: Sample
     x: np.ndarray
@@ -23,39 +26,74 @@ class Item:
 
 
 class SegmentQueue:
-    """FIFO of at most ``maxsize`` samples. ``push`` returns what did not fit (the caller names,
-    counts and answers for it); ``batch`` waits up to ``max_wait_s`` to fill a micro-batch."""
+    """At most ``maxsize`` samples, one FIFO per priority. Within a priority the oldest is the
+    most urgent, so only the heads compete: picking a batch is O(batch x priorities).
 
-    def __init__(self, maxsize: int) -> None:
+    ``push`` returns what did not fit (the caller names, counts and answers for it). When the
+    queue is full, a sample of higher priority than the lowest one queued takes the place of
+    the newest lowest-priority sample, which is returned instead."""
+
+    def __init__(self, maxsize: int, ageing_s: float = 0.5) -> None:
         self.maxsize = maxsize
-        self._items: deque[Item] = deque()
+        self.ageing_s = ageing_s
+        self._classes: dict[float, deque[Item]] = {}
+        self._len = 0
         self._changed = asyncio.Event()
         self.overflow = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._len
+
+    def by_priority(self) -> tuple[tuple[float, int], ...]:
+        return tuple((p, len(q)) for p, q in sorted(self._classes.items(), reverse=True) if q)
 
     def push(self, items: list[Item]) -> list[Item]:
-        room = max(0, self.maxsize - len(self._items))
-        taken, rejected = items[:room], items[room:]
-        self._items.extend(taken)
+        rejected: list[Item] = []
+        for it in items:
+            if self._len >= self.maxsize:
+                victim = self._evict_below(it.sample.priority)
+                if victim is None:
+                    rejected.append(it)
+                    continue
+                rejected.append(victim)
+            self._classes.setdefault(it.sample.priority, deque()).append(it)
+            self._len += 1
         self.overflow += len(rejected)
-        if taken:
+        if len(rejected) < len(items):
             self._changed.set()
         return rejected
 
+    def _evict_below(self, priority: float) -> Item | None:
+        lowest = min((p for p, q in self._classes.items() if q), default=None)
+        if lowest is None or lowest >= priority:
+            return None
+        self._len -= 1
+        return self._classes[lowest].pop()
+
+    def pop(self, n: int, now: float | None = None) -> list[Item]:
+        """The ``n`` most urgent items, most urgent first."""
+        now = time.time() if now is None else now
+        out: list[Item] = []
+        while len(out) < n and self._len:
+            best = max((q for q in self._classes.values() if q),
+                       key=lambda q: urgency(q[0].sample.priority, now - q[0].arrived,
+                                             self.ageing_s))
+            out.append(best.popleft())
+            self._len -= 1
+        return out
+
     async def wait_nonempty(self) -> None:
-        while not self._items:
+        while not self._len:
             self._changed.clear()
             await self._changed.wait()
 
     async def batch(self, max_batch: int, max_wait_s: float) -> list[Item]:
         """Up to ``max_batch`` items: waits for the first, then at most ``max_wait_s`` more."""
         await self.wait_nonempty()
-        if len(self._items) < max_batch and max_wait_s > 0:
+        if self._len < max_batch and max_wait_s > 0:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + max_wait_s
-            while len(self._items) < max_batch:
+            while self._len < max_batch:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -64,10 +102,10 @@ class SegmentQueue:
                     await asyncio.wait_for(self._changed.wait(), remaining)
                 except TimeoutError:
                     break
-        n = min(max_batch, len(self._items))
-        return [self._items.popleft() for _ in range(n)]
+        return self.pop(max_batch)
 
     def drain(self) -> list[Item]:
-        items = list(self._items)
-        self._items.clear()
+        items = [it for q in self._classes.values() for it in q]
+        self._classes.clear()
+        self._len = 0
         return items

@@ -149,6 +149,16 @@ class Reader:
             out.append(Reader(value, f"{self._path}.{key}[{i}]"))
         return out
 
+    def rows(self, key: str, width: int) -> list[list[Reader]]:
+        """Array ``key`` of fixed-width arrays, each cell wrapped as by :meth:`item`."""
+        out = []
+        for i, row in enumerate(self.array(key)):
+            if not isinstance(row, list) or len(row) != width:
+                raise WireError(f"{self._path}.{key}[{i}]: expected an array of {width}")
+            out.append([Reader({"_": cell}, f"{self._path}.{key}[{i}][{j}]")
+                        for j, cell in enumerate(row)])
+        return out
+
     def item(self, key: str, index: int) -> Reader:
         """Wrap element ``index`` of array ``key`` as a one-field reader under the name ``_``."""
         return Reader({"_": self.array(key)[index]}, f"{self._path}.{key}[{index}]")

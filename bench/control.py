@@ -1,0 +1,138 @@
+"""``make bench-control``: the adaptive control claims, on emulated heterogeneous nodes.
+
+One machine, one run, the bench bundle of ``make bench-pipeline`` (MobileNetV2 width 1.0,
+32x32 digits, 3 segments). Three workers at speed factors 1, 2 and 4 (compute slowed 2x, 4x
+and 8x, which also leaves the two cores to the broker and the other services); every worker
+may host every segment and follows the priority-scheduler's plan.
+
+- rate_gain_at_fixed_accuracy (MDI-Exit claim 1): frames/s served under the ``rate`` strategy
+  with exits (target = final accuracy - 1 point) / the same with exits closed; the offered load
+  is far above capacity, so the admitted rate is the highest the controller sustains. The
+  accuracy of the served frames is reported beside it.
+- accuracy_gain_at_fixed_rate (MDI-Exit claim 2): at 1.5x the no-exit capacity, accuracy over
+  all offered frames (dropped = wrong), ``threshold`` strategy vs the same thresholds fixed
+  (target = final accuracy, floor final - 5 points), in points.
+- priority_latency_reduction (PA-MDI): a high- and a low-priority source together at 1.2x the
+  capacity (exits on): 1 - (mean latency of the high one, priority-aware) / (same, all weights
+  equal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import write_result
+from bench.pipeline import three_segments
+from offramp import loadgen
+from offramp.bundle import Bundle
+from offramp.loadgen import Run, Stream
+from offramp.ml.build import load_data, preset
+from offramp.system import LocalSystem
+
+SPEEDS = (1, 2, 4)  # relative speed of the three workers
+BASE_SLOWDOWN = 2.0
+SECONDS = 12.0
+ENV = {"OFFRAMP_LOG_LEVEL": "warning", "OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "256",
+       "OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "30", "OFFRAMP_SCHEDULER_SETTLE_S": "1"}
+
+
+def scenario(bundle: Bundle, env: dict[str, str], streams: list[Stream],
+             images: np.ndarray, labels: np.ndarray) -> Run:
+    with LocalSystem(bundle, 0, env={**ENV, **env}) as system:
+        for i, speed in enumerate(SPEEDS, start=1):
+            system.add_worker(f"node-{i}", (), {
+                "OFFRAMP_WORKER_SLOWDOWN": str(BASE_SLOWDOWN * max(SPEEDS) / speed),
+                "OFFRAMP_WORKER_BATCH_MAX": "16", "OFFRAMP_WORKER_QUEUE_MAX": "256"})
+        system.workers = len(SPEEDS)
+        return asyncio.run(loadgen.drive(system.url, system.prefix, system.workers, streams,
+                                         images, labels, settle_s=60, warmup_s=3.0))
+
+
+def served(run: Run, source: str | None = None) -> float:
+    rs = run.results if source is None else run.by_source(source)
+    return sum(1 for r in rs if r.status == "ok") / SECONDS
+
+
+def summary(run: Run) -> dict[str, Any]:
+    from collections import Counter
+
+    ok = [r for r in run.results if r.status == "ok"]
+    return {"offered": sum(run.offered.values()), "status": dict(Counter(r.status for r in run.results)),
+            "served_fps": round(served(run), 1), "accuracy_served": round(run.accuracy(), 4),
+            "accuracy_offered": round(run.accuracy(over_offered=True), 4),
+            "exit_shares": {str(k): round(v / max(1, len(ok)), 3)
+                            for k, v in sorted(Counter(r.exit_index for r in ok).items())}}
+
+
+def mean_latency_ms(run: Run, source: str) -> float:
+    lat = [r.latency_ms["total"] for r in run.by_source(source) if r.status == "ok" and r.latency_ms]
+    return round(float(np.mean(lat)), 2) if lat else float("nan")
+
+
+def main() -> None:
+    bundle = three_segments()
+    test = load_data(preset("mnv2-digits")).test
+    images, labels = test.images, test.labels
+    closed = {"OFFRAMP_ARBITER_DISABLE_EXITS": "true"}
+    final = bundle.calibration().exit_accuracy()[-1]
+
+    def go(env: dict[str, str], streams: list[Stream]) -> Run:
+        return scenario(bundle, env, streams, images, labels)
+
+    # capacity without exits: far more offered than served
+    cap_run = go({**closed, "OFFRAMP_CONTROL_STRATEGY": "none"}, [Stream("cam", 400, SECONDS)])
+    capacity = served(cap_run)
+
+    # claim 1: rate adaptation, with and without exits, offered 3x capacity
+    flood = [Stream("cam", 3 * capacity, SECONDS)]
+    rate_closed = go({**closed, "OFFRAMP_CONTROL_STRATEGY": "rate"}, flood)
+    rate_exits = go({"OFFRAMP_CONTROL_STRATEGY": "rate"}, flood)
+
+    # claim 2: 1.5x the no-exit capacity, threshold adaptation vs the same thresholds fixed
+    busy = [Stream("cam", 1.5 * capacity, SECONDS)]
+    strict = {"OFFRAMP_ARBITER_TARGET_DROP": "0"}
+    fixed = go({**strict, "OFFRAMP_CONTROL_STRATEGY": "none"}, busy)
+    adaptive = go({**strict, "OFFRAMP_CONTROL_STRATEGY": "threshold"}, busy)
+
+    # PA-MDI: high + low priority at 1.2x the capacity with exits
+    cap_exits = served(rate_exits)
+    pair = [Stream("urgent", 0.6 * cap_exits, SECONDS), Stream("bulk", 0.6 * cap_exits, SECONDS)]
+    with tempfile.TemporaryDirectory() as tmp:
+        aware_file, blind_file = Path(tmp, "aware.toml"), Path(tmp, "blind.toml")
+        aware_file.write_text("[sources.urgent]\npriority = 8\n[sources.bulk]\npriority = 1\n")
+        blind_file.write_text("[sources.urgent]\npriority = 1\n[sources.bulk]\npriority = 1\n")
+        aware = go({"OFFRAMP_SOURCES_FILE": str(aware_file)}, pair)
+        blind = go({"OFFRAMP_SOURCES_FILE": str(blind_file)}, pair)
+
+    plans = [{n: [r.segment for r in refs] for n, refs in p.nodes.items()} for _, p in aware.plans]
+    write_result("control", {
+        "model": "mobilenetv2 width 1.0, 32x32 digits, 3 segments; 3 workers at speed 1, 2, 4",
+        "final_exit_accuracy": round(final, 4),
+        "capacity_no_exits_fps": round(capacity, 1),
+        "rate_gain_at_fixed_accuracy": round(served(rate_exits) / max(1e-9, served(rate_closed)), 3),
+        "rate": {"exits_closed": summary(rate_closed), "exits_open": summary(rate_exits),
+                 "target_accuracy": round(final - 0.01, 4)},
+        "accuracy_gain_at_fixed_rate": round(100 * (adaptive.accuracy(over_offered=True)
+                                                    - fixed.accuracy(over_offered=True)), 2),
+        "threshold": {"offered_fps": round(1.5 * capacity, 1), "fixed": summary(fixed),
+                      "adaptive": summary(adaptive)},
+        "priority_latency_reduction": round(1 - mean_latency_ms(aware, "urgent")
+                                            / mean_latency_ms(blind, "urgent"), 3),
+        "priority": {"offered_fps_each": round(0.6 * cap_exits, 1),
+                     "aware_ms": {s: mean_latency_ms(aware, s) for s in ("urgent", "bulk")},
+                     "blind_ms": {s: mean_latency_ms(blind, s) for s in ("urgent", "bulk")},
+                     "aware": summary(aware), "blind": summary(blind),
+                     "last_plan": plans[-1] if plans else {}},
+        "goals": {"rate_gain_at_fixed_accuracy": ">= 2.0",
+                  "accuracy_gain_at_fixed_rate": ">= +10 points",
+                  "priority_latency_reduction": ">= 0.6"},
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""First hop of admitted frames: to the hosts of segment 1, within the credit each granted
+this node (no herding, :mod:`offramp.policy.credits`), highest priority first, cheapest host
+by the priority-aware backlog cost (:mod:`offramp.policy.offload`), the plan's route when
+heartbeats are stale. Frames no host can take yet wait here (they are already owned, and
+bounded by the in-flight limit) and go as soon as a heartbeat brings credit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from offramp.errors import OfframpError
+from offramp.peers import PeerTable
+from offramp.policy.admission import path_backlog
+from offramp.policy.credits import SendWindow
+from offramp.policy.offload import place
+from offramp.service import Runtime
+from offramp.services.admission_controller.tracker import Task
+from offramp.wire import ActivationPacket, Heartbeat, Plan, Sample, Tensor, Want
+
+if TYPE_CHECKING:
+    from offramp.services.admission_controller.service import Admission
+
+
+class Dispatcher:
+    def __init__(self, adm: Admission, runtime: Runtime) -> None:
+        self.adm = adm
+        self.rt = runtime
+        self.model = adm.bundle.name
+        self.boot = time.time()
+        self.peers = PeerTable(runtime.node)
+        self.window = SendWindow(runtime.node, self.boot)
+        self.plan: Plan | None = None
+        self.pending: dict[str, Task] = {}
+        self._event = asyncio.Event()
+        self._demand: Counter[float] = Counter()
+        self.stale_after_s = 3 * adm.s.common.heartbeat_s
+
+    def submit(self, tasks: list[Task]) -> None:
+        for t in tasks:
+            if t.task_id not in self.pending:
+                self.pending[t.task_id] = t
+                self._demand[t.priority] += 1
+        self._event.set()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def run(self) -> None:
+        wait = self.adm.s.dispatch_wait_ms / 1000
+        while True:
+            await self._event.wait()
+            self._event.clear()
+            if self.adm.unanswered_drops:
+                await self.adm.answer_overflow()
+            if wait and 0 < len(self.pending) < self.adm.s.dispatch_batch:
+                await asyncio.sleep(wait)
+            await self.dispatch()
+
+    async def dispatch(self) -> None:
+        live = [t for t in self.pending.values() if t.task_id in self.adm.tracker]
+        self.pending = {t.task_id: t for t in live}
+        by_prio: dict[float, list[Task]] = {}
+        for t in sorted(live, key=lambda t: (-t.priority, t.created)):
+            by_prio.setdefault(t.priority, []).append(t)
+        for prio, group in by_prio.items():
+            fallback = None
+            if self.plan is not None:
+                fallback = self.plan.routes.get(group[0].source, {}).get(1)
+            cands = self.peers.candidates(self.model, 1, len(group), priority=prio,
+                                          window=self.window)
+            placement = place(cands, len(group), group[0].x.nbytes,
+                              stale_after_s=self.stale_after_s, fallback=fallback)
+            start = 0
+            for node, n in placement.parts:
+                chunk = group[start:start + n]
+                start += n
+                for i in range(0, n, self.adm.s.dispatch_batch):
+                    await self._send(node, chunk[i:i + self.adm.s.dispatch_batch])
+
+    async def _send(self, node: str, tasks: list[Task]) -> None:
+        now = time.time()
+        hb = self.peers.heartbeat(node)
+        for t in tasks:
+            self.adm.tracker.dispatched(t, now, node)
+            self.pending.pop(t.task_id, None)
+        samples = tuple(Sample(t.task_id, t.source, t.frame_id, t.priority, t.created, t.deadline,
+                               t.attempt) for t in tasks)
+        x = np.stack([t.x for t in tasks])
+        packet = ActivationPacket(self.model, 1, samples, Tensor.encode(x, self.adm.s.codec), None,
+                                  now, self.rt.node, self.boot)
+        self.window.spend(node, hb.boot if hb else 0.0, self.model, 1, len(tasks))
+        try:
+            await self.adm.bus.publish(self.adm.topics.act(self.model, 1, node), packet.encode(),
+                                       qos=0)
+        except OfframpError as exc:  # the sweeper dispatches them again
+            self.rt.log.warning("dispatch_failed", error=str(exc), tasks=len(tasks))
+
+    def path_backlog(self, priority: float) -> float:
+        """Q_path of a source of ``priority``: least backlog per segment along the model, plus
+        what waits here for credit ahead of it (spread over the hosts of segment 1)."""
+        k = self.adm.bundle.num_segments
+        per_segment = [[c.backlog_s + c.service_s for c in
+                        self.peers.candidates(self.model, seg, priority=priority)
+                        if c.age_s <= self.stale_after_s] for seg in range(1, k + 1)]
+        first = per_segment[0]
+        waiting = sum(1 for t in self.pending.values() if t.priority >= priority)
+        if waiting and first:
+            per = min(first) or 0.001
+            per_segment[0] = [q + waiting * per / len(first) for q in first]
+        return path_backlog(per_segment)
+
+    def heartbeat(self, hb: Heartbeat) -> Heartbeat:
+        counts: Counter[float] = Counter({p: 2 * n for p, n in self._demand.items()})
+        for t in self.pending.values():
+            counts[t.priority] += 1
+        self._demand.clear()
+        wants = tuple(Want(self.model, 1, p, n) for p, n in counts.items())
+        return replace(hb, boot=self.boot, wants=wants, sent=self.window.report())
