@@ -6,6 +6,7 @@ lines to a file, and is stopped with SIGTERM (then SIGKILL after a grace period)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -37,7 +38,8 @@ class ServiceProcess:
         if self.service not in SERVICES:
             raise ValueError(f"unknown service {self.service!r}; one of {', '.join(SERVICES)}")
         self._log = self.log_path.open("ab")
-        env = {**os.environ, **self.env, "OFFRAMP_NODE": self.node, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "OFFRAMP_NODE": self.node, "PYTHONUNBUFFERED": "1",
+               "PYTHONFAULTHANDLER": "1"}  # SIGABRT dumps every thread's stack to its log
         # A session of its own: a Ctrl-C in the terminal reaches only the parent, which then
         # stops each service once with SIGTERM (a second signal would land after the
         # service's handler is gone and kill it mid-drain).
@@ -69,6 +71,9 @@ class ServiceProcess:
         try:
             code = self.proc.wait(grace_s)
         except subprocess.TimeoutExpired:
+            self.signal(signal.SIGABRT)  # stuck: leave its stacks in the log, then kill it
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2.0)
             self.proc.kill()
             code = self.proc.wait()
         if self._log is not None:

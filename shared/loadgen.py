@@ -56,8 +56,9 @@ Hook = Callable[[Bus, Run], Awaitable[None]]
 
 async def drive(url: str, prefix: str, workers: int, streams: Sequence[Stream],
                 images: np.ndarray, labels: np.ndarray, *, during: Hook | None = None,
-                settle_s: float = 20.0, warmup_s: float = 1.5) -> Run:
-    """Publish every stream (QoS 0, paced), then wait until each frame is answered or
+                settle_s: float = 20.0, warmup_s: float = 1.5, qos: int = 1) -> Run:
+    """Publish every stream (paced, at ``qos``: with 1, every frame reaches the broker and
+    is owed a result), then wait until each frame is answered or
     ``settle_s`` passes; returns everything seen."""
     topics = Topics(prefix)
     settings = BusSettings(broker_url=url, topic_prefix=prefix, session_expiry_s=60,
@@ -103,7 +104,7 @@ async def drive(url: str, prefix: str, workers: int, streams: Sequence[Stream],
                 frame_id = f"{s.source}/{i}"
                 run.labels[frame_id] = int(labels[j])
                 await bus.publish(topics.ingest(s.source), envelope(frame_id, image=images[j]),
-                                  qos=0)
+                                  qos=qos)
                 run.offered[s.source] += 1
 
         tasks = [asyncio.create_task(c) for c in (read(), watch(), watch_plans())]

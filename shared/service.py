@@ -20,7 +20,9 @@ import structlog
 
 from offramp.bus import Bus, Will
 from offramp.errors import OfframpError, SettingsError
+from offramp.health import HealthServer, Readiness
 from offramp.log import configure_logging
+from offramp.metrics import Registry
 from offramp.settings import CommonSettings, load
 from offramp.topics import Topics, check_name
 from offramp.wire import Heartbeat
@@ -80,8 +82,49 @@ class Runtime:
         self._heartbeat = heartbeat or (lambda hb: hb)
         self._seq = 0
         self._hb_task: asyncio.Task[None] | None = None
+        self.metrics = Registry()
+        self._checks: list[Readiness] = []
+        self.http: HealthServer | None = None
+        self._bus_metrics()
+
+    def require(self, check: Readiness) -> None:
+        """Add a readiness condition: ``check()`` returns None when met, else what is missing."""
+        self._checks.append(check)
+
+    def readiness(self) -> str | None:
+        if not self.bus.connected.is_set():
+            return "not connected to the broker"
+        return next((m for m in (c() for c in self._checks) if m is not None), None)
+
+    def _bus_metrics(self) -> None:
+        up = self.metrics.gauge("offramp_bus_connected", "1 while connected to the broker")
+        reconnects = self.metrics.counter("offramp_bus_reconnects_total", "Reconnects to the broker")
+        received = self.metrics.counter("offramp_bus_messages_received_total", "Messages received")
+        published = self.metrics.counter("offramp_bus_messages_published_total",
+                                         "Messages published")
+        dropped = self.metrics.counter("offramp_inbox_dropped_total",
+                                       "Messages an inbound queue dropped when full")
+
+        def collect() -> None:
+            st = self.bus.stats
+            up.set(1.0 if self.bus.connected.is_set() else 0.0)
+            reconnects.set_total(st.reconnects)
+            received.set_total(st.received)
+            published.set_total(st.published)
+            for inbox, n in st.dropped.items():
+                dropped.set_total(n, inbox=inbox.rsplit(":", 1)[-1])
+
+        self.metrics.on_collect(collect)
 
     async def __aenter__(self) -> Self:
+        if self.common.http_port:
+            self.http = HealthServer(self.common.http_host, self.common.http_port, self.metrics,
+                                     self.readiness)
+            try:
+                await self.http.start()
+            except OSError as exc:
+                raise SettingsError(f"OFFRAMP_HTTP_PORT={self.common.http_port}: cannot listen "
+                                    f"({exc})") from None
         await self.bus.__aenter__()
         self._hb_task = asyncio.create_task(self._beat(), name=f"heartbeat:{self.node}")
         self.log.info("service_started", role=self.role, broker=self.bus.address.url())
@@ -99,6 +142,8 @@ class Runtime:
                                     ts=time.time())
                 await asyncio.wait_for(self._publish_state(offline), 2.0)
         await self.bus.close()
+        if self.http is not None:
+            await self.http.close()
         self.log.info("service_stopped", role=self.role)
 
     def base_heartbeat(self) -> Heartbeat:

@@ -48,7 +48,7 @@ def bundle_env(tiny_bundle: Bundle) -> dict[str, str]:
     """Every service that needs a model bundle gets the one built in this test session."""
     root = str(tiny_bundle.root)
     return {"OFFRAMP_ADMISSION_BUNDLE": root, "OFFRAMP_WORKER_BUNDLE": root,
-            "OFFRAMP_ARBITER_BUNDLE": root}
+            "OFFRAMP_ARBITER_BUNDLE": root, "OFFRAMP_SCHEDULER_BUNDLE": root}
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))

@@ -225,6 +225,18 @@ def test_plan_respects_capacity_and_gives_idle_nodes_work() -> None:
     assert plan(MODEL, [], [SourceLoad("cam", 1.0, 1.0)]).routes == {}
 
 
+def test_plans_are_sticky_between_near_equal_nodes() -> None:
+    first = plan(MODEL, _nodes(1000.0, 1050.0), [SourceLoad("cam", 1.0, 2.0)])
+    assert set(first.routes["cam"].values()) == {"n2"}  # a little faster
+    again = plan(MODEL, _nodes(1050.0, 1000.0), [SourceLoad("cam", 1.0, 2.0)],
+                 current=first.nodes)
+    # n1 is now a little faster: not worth loading anything anywhere
+    assert all(again.nodes[n] <= first.nodes[n] for n in again.nodes), (first.nodes, again.nodes)
+    moved = plan(MODEL, _nodes(3000.0, 1000.0), [SourceLoad("cam", 1.0, 2.0)],
+                 current=first.nodes)
+    assert set(moved.routes["cam"].values()) == {"n1"}  # much faster: move
+
+
 def test_overload_spreads_a_source_over_nodes() -> None:
     """At a rate one node cannot carry, the M/M/1 term pushes later sources elsewhere."""
     alloc = plan(MODEL, _nodes(1000.0, 1000.0), [SourceLoad("a", 2.0, 6.0),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -21,11 +22,10 @@ from offramp.bundle import Bundle
 from offramp.bus import Bus
 from offramp.loadgen import Hook, Run, Stream
 from offramp.ml.data import load_digits
-from offramp.runtime import FullModelRunner
 from offramp.system import LocalSystem
 from offramp.topics import Topics
 
-SLOWDOWN = 12.0
+SLOWDOWN = 30.0
 BASE = {"OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "3", "OFFRAMP_RECONNECT_MAX_S": "0.5",
         "OFFRAMP_SCHEDULER_SETTLE_S": "0.5", "OFFRAMP_SCHEDULER_MIN_INTERVAL_S": "0.5",
         "OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "128"}
@@ -34,17 +34,15 @@ SLOW = {"OFFRAMP_WORKER_SLOWDOWN": str(SLOWDOWN), "OFFRAMP_WORKER_QUEUE_MAX": "6
 
 @pytest.fixture(scope="module")
 def capacity(tiny_bundle: Bundle) -> float:
-    """An upper bound of what two slowed workers can serve, frames/s: the monolithic model on
-    one thread, twice (two workers), divided by the slowdown. The real figure is lower (the
-    split is not perfect, exits are closed only at first), so "2x this" is at least 2x."""
-    x = np.zeros((8, *tiny_bundle.manifest.input.shape), np.float32)
-    runner = FullModelRunner(tiny_bundle, threads=1)
-    runner.run(x)
-    start = time.perf_counter()
-    for _ in range(40):
-        runner.run(x)
-    mono = 320 / (time.perf_counter() - start)
-    return 2 * mono / SLOWDOWN
+    """Measured: frames/s two slowed workers serve (exits as calibrated) when offered far
+    more, over 6 s."""
+    prefix = f"offramp-test/cap-{uuid.uuid4().hex[:8]}"
+    with LocalSystem(tiny_bundle, 2, prefix=prefix, env=BASE, worker_env=SLOW) as system:
+        run = drive(system, [("cam", 300.0, 6.0)])
+        system.stop()
+    served = sum(1 for r in run.results if r.status == "ok") / 6.0
+    assert served > 5, "the system should serve something"
+    return served
 
 
 def drive(system: LocalSystem, streams: list[tuple[str, float, float]], *,
@@ -99,7 +97,7 @@ def test_overload_at_twice_capacity_answers_every_frame_and_stays_bounded(
     assert max(rss) < 1024 and max(rss[len(rss) // 2:]) < 1.5 * max(rss[:len(rss) // 2]) + 50
     assert all(code == 0 for code in codes.values()), str(codes)
     ok = status["ok"] / sum(run.offered.values())
-    assert status["ok"] > 0.2 * 30 * capacity, status  # overload does not stop the service
+    assert status["ok"] > 0.5 * 30 * capacity, status  # overload does not stop the service
     assert set(status) <= {"ok", "dropped", "expired"}, status
     if strategy == "rate":
         # what is not served is answered 'dropped' at once, about the excess over capacity
@@ -116,7 +114,7 @@ def test_high_priority_source_is_served_first_and_low_still_served(
     sources.write_text("[sources.urgent]\npriority = 8\n[sources.bulk]\npriority = 1\n")
     env = {**BASE, "OFFRAMP_SOURCES_FILE": str(sources)}
     with LocalSystem(tiny_bundle, 2, prefix=prefix, env=env, worker_env=SLOW) as system:
-        run = drive(system, [("urgent", capacity, 12.0), ("bulk", capacity, 12.0)])
+        run = drive(system, [("urgent", 0.8 * capacity, 12.0), ("bulk", 0.8 * capacity, 12.0)])
         system.stop()
     exactly_once(run)
     latency: dict[str, list[float]] = defaultdict(list)
@@ -162,7 +160,7 @@ def test_node_death_gives_a_new_plan_quickly_and_every_frame_is_answered(
             system.member("worker-2").signal(signal.SIGKILL)
             killed_at.append(time.monotonic())
 
-        run = drive(system, [("cam", 0.6 * capacity, 8.0)], during=kill)
+        run = drive(system, [("cam", 0.5 * capacity, 8.0)], during=kill)
         system.stop()
     status = exactly_once(run)
     assert set(status) == {"ok"}, status
@@ -187,7 +185,7 @@ def test_plan_changes_while_running_lose_nothing_and_answer_nothing_twice(
             await asyncio.sleep(3.0)
             await bus.publish(topics.source("vip"), b"", qos=1, retain=True)
 
-        run = drive(system, [("cam", 0.6 * capacity, 10.0)], during=churn)
+        run = drive(system, [("cam", 0.5 * capacity, 10.0)], during=churn)
         logs = system.logs(tail=200_000)
         system.stop()
     status = exactly_once(run)

@@ -25,6 +25,7 @@ from typing import Literal
 from offramp.bundle import Bundle, load_bundle
 from offramp.bus import Bus, Message, Subscription
 from offramp.errors import OfframpError, TopicError, WireError
+from offramp.metrics import LATENCY_BUCKETS
 from offramp.outbox import Outbox
 from offramp.policy.admission import ControlSettings
 from offramp.preprocess import FrameError
@@ -51,7 +52,8 @@ class AdmissionSettings:
                                  min=1, max=1_000_000)
     ingest_queue: int = setting(2048, "Bound of the ingest inbox; overflow: 'dropped'", min=1,
                                 max=1_000_000)
-    progress_timeout_s: float = setting(5.0, "Dispatch again when no result after this long",
+    progress_timeout_s: float = setting(5.0, "Dispatch again when no result after this long "
+                                        "(plus twice the backlog along the path)",
                                         min=0.05, max=3600)
     max_attempts: int = setting(3, "Dispatches per frame before it is answered 'error'", min=1,
                                 max=100)
@@ -85,6 +87,27 @@ class Admission:
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
         self.outbox = Outbox(settings.results_in_flight)
         self.max_bytes = settings.common.bus.max_message_bytes
+        m = runtime.metrics
+        self.m_frames = m.counter("offramp_frames_total", "Frames received at ingest, by source")
+        self.m_results = m.counter("offramp_results_total", "Results published, by source and "
+                                   "status")
+        self.m_exits = m.counter("offramp_exits_total", "Frames answered at each exit")
+        self.m_latency = m.histogram("offramp_latency_seconds", "Ingest to result of 'ok' "
+                                     "frames, by source", LATENCY_BUCKETS)
+        self.m_drops = m.counter("offramp_drops_total", "Frames answered 'dropped', by reason")
+        m.on_collect(self._collect)
+        runtime.require(lambda: None if self.dispatcher.peers.nodes("worker")
+                        else "no segment-worker seen yet")
+
+    def _collect(self) -> None:
+        m = self.rt.metrics
+        m.gauge("offramp_in_flight", "Frames owned and not yet answered").set(len(self.tracker))
+        m.gauge("offramp_pending", "Frames waiting for a worker's credit").set(
+            len(self.dispatcher.pending))
+        rate = m.gauge("offramp_admitted_rate", "Admitted frames/s per source (strategy rate)")
+        for key, value in self.gate.stats().items():
+            if key.startswith("admitted_rate:"):
+                rate.set(value, source=key.split(":", 1)[1])
 
     # -- results ----------------------------------------------------------------------------------
     async def answer(self, task_id: str, source: str, frame_id: str, status: Status, *,
@@ -109,6 +132,10 @@ class Admission:
         elif created is not None:
             result = replace(result, latency_ms={"total": round(1000 * (now - created), 3)})
         self.counts[status] += 1
+        self.m_results.inc(source=source, status=status)
+        if done is not None:
+            self.m_exits.inc(exit=done.exit_index)
+            self.m_latency.observe(now - done.created, source=source)
         await self.outbox.send(self._publish_result(task_id, source, result.to_json()))
 
     async def _publish_result(self, task_id: str, source: str, payload: bytes) -> None:
@@ -130,6 +157,7 @@ class Admission:
             except TopicError:
                 continue
             self.counts["frames"] += 1
+            self.m_frames.inc(source=source)
             task_id = self.new_id()
             try:
                 frame: Frame = await loop.run_in_executor(
@@ -148,6 +176,7 @@ class Admission:
                               error=f"unknown source {source!r} (OFFRAMP_SOURCES_UNKNOWN=reject)")
             return
         if not self.tracker.can_admit(source):
+            self.m_drops.inc(reason="in-flight-bound")
             await self.answer(task_id, source, frame_id, "dropped", created=now,
                               error=f"{self.s.max_in_flight} frames of {source} in flight")
             return
@@ -156,6 +185,7 @@ class Admission:
         task = Task(task_id, source, frame_id, frame.x, now, deadline, frame.label, info.priority)
         verdict = self.gate.offer(source, task, now)
         if verdict == "drop":
+            self.m_drops.inc(reason="admitted-rate")
             await self.answer(task_id, source, frame_id, "dropped", created=now,
                               error="over the admitted rate")
             return
@@ -173,6 +203,7 @@ class Admission:
             with contextlib.suppress(TopicError):
                 source = self.topics.parse(msg.topic).source
                 task_id = self.new_id()
+                self.m_drops.inc(reason="ingest-queue")
                 await self.answer(task_id, source, f"{source}-{task_id}", "dropped",
                                   error="ingest queue full")
 
@@ -227,7 +258,7 @@ class Admission:
     async def sweeper(self) -> None:
         while True:
             await asyncio.sleep(0.05)
-            sweep = self.tracker.sweep(time.time())
+            sweep = self.tracker.sweep(time.time(), self.dispatcher.path_backlog(0.0))
             for t in sweep.expired:
                 await self.answer(t.task_id, t.source, t.frame_id, "expired", created=t.created,
                                   error="deadline passed")

@@ -79,12 +79,16 @@ class Tracker:
             self.duplicates += 1
         return task
 
-    def sweep(self, now: float) -> Sweep:
+    def sweep(self, now: float, backlog_s: float = 0.0) -> Sweep:
+        """Expired, stalled and failed tasks. ``backlog_s`` (the work queued along the path)
+        extends the progress timeout, so that a loaded system is not mistaken for a dead one
+        and flooded with duplicate dispatches."""
         out = Sweep()
+        timeout = self.progress_timeout_s + 2 * backlog_s
         for task in list(self._tasks.values()):
             if task.deadline is not None and now >= task.deadline:
                 out.expired.append(task)
-            elif task.attempt > 0 and now - task.dispatched_at >= self.progress_timeout_s:
+            elif task.attempt > 0 and now - task.dispatched_at >= timeout:
                 (out.redispatch if task.attempt < self.max_attempts else out.failed).append(task)
         for task in out.expired + out.failed:
             self._remove(task.task_id)

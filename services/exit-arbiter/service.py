@@ -139,6 +139,19 @@ class Arbiter:
         self.shares = ShareTracker(calib, self.policy)
         self.peers = PeerTable()
         self.changed = asyncio.Event()
+        runtime.metrics.on_collect(self._collect)
+
+    def _collect(self) -> None:
+        m = self.rt.metrics
+        thr = m.gauge("offramp_exit_threshold", "Exit threshold in force, by exit")
+        for k, t in enumerate(self.policy.thresholds, start=1):
+            thr.set(t, exit=k)
+        m.gauge("offramp_exit_policy_epoch", "Epoch of the exit policy in force").set(
+            self.policy.epoch)
+        stats = self.shares.stats()
+        if "implied_accuracy" in stats:
+            m.gauge("offramp_implied_accuracy", "Accuracy the realised exit shares imply").set(
+                stats["implied_accuracy"])
 
     def heartbeat(self, hb: Heartbeat) -> Heartbeat:
         stats = self.shares.stats()

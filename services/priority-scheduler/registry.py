@@ -46,8 +46,17 @@ class ClusterView:
         return self.workers.update(hb, now)
 
     def live(self, now: float) -> list[str]:
-        return [n for n in self.workers.nodes("worker")
-                if self.workers.age(n, now) <= self.stale_after_s]
+        """Workers heard from recently that have said what they can host (a worker still
+        loading its model heartbeats without it, and is not planned for yet)."""
+        out = []
+        for n in self.workers.nodes("worker"):
+            hb = self.workers.heartbeat(n)
+            if hb is None or self.workers.age(n, now) > self.stale_after_s:
+                continue
+            if any(r.model == self.model for r in hb.loadable) or \
+                    any(s.model == self.model for s in hb.segments):
+                out.append(n)
+        return out
 
     def nodes(self, now: float) -> list[NodeInfo]:
         out = []

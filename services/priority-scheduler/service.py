@@ -60,6 +60,15 @@ class Scheduler:
             (frozenset(), {}, ())
         self.replans = 0
         self.started = time.monotonic()
+        runtime.metrics.on_collect(self._collect)
+        runtime.require(lambda: None if self.current else "no plan yet")
+
+    def _collect(self) -> None:
+        m = self.rt.metrics
+        m.gauge("offramp_plan_epoch", "Epoch of the plan in force").set(
+            self.current.epoch if self.current else 0)
+        m.counter("offramp_replans_total", "Plans published").set_total(self.replans)
+        m.gauge("offramp_nodes", "Live segment-workers").set(len(self.view.live(time.monotonic())))
 
     def model_info(self) -> ModelInfo:
         segs = self.bundle.manifest.segments
@@ -93,10 +102,18 @@ class Scheduler:
         self.snapshot = (frozenset(live), {n: self.view.backlog(n) for n in live},
                          tuple((s.source, s.priority) for s in sources))
         self.planned_at = now
-        alloc = plan(self.model_info(), self.view.nodes(now), sources)
+        current = {n: {r.segment for r in refs} for n, refs in self.current.nodes.items()} \
+            if self.current else None
+        alloc = plan(self.model_info(), self.view.nodes(now), sources, current=current)
         model = self.bundle.name
         nodes = {n: tuple(SegmentRef(model, k) for k in sorted(segs))
                  for n, segs in alloc.nodes.items()}
+        hosted = {k for segs in alloc.nodes.values() for k in segs}
+        missing = set(range(1, len(self.bundle.manifest.segments) + 1)) - hosted
+        if missing:  # not enough nodes (yet) to run the whole model: keep what runs now
+            self.rt.log.warning("no_complete_plan", segments_without_host=sorted(missing),
+                                nodes=live)
+            return None
         if self.current is not None and nodes == self.current.nodes \
                 and alloc.routes == self.current.routes:
             return None
@@ -148,7 +165,11 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
                         runtime.log.info("plan", epoch=new.epoch, reason=reason,
                                          nodes={n: [r.segment for r in refs]
                                                 for n, refs in new.nodes.items()},
-                                         routes=new.routes)
+                                         routes=new.routes,
+                                         speeds={n.node: round(n.flops_per_s / 1e6)
+                                                 for n in sched.view.nodes(now)},
+                                         rates={s.source: round(s.rate_hz, 1)
+                                                for s in sched.view.sources()})
                         await publish(new)
                         last_publish = now
                 if sched.current and now - last_publish >= settings.republish_s:

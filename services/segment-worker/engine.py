@@ -21,6 +21,7 @@ from offramp.bundle import Bundle
 from offramp.errors import WireError
 from offramp.inbox import RateLimitedWarning
 from offramp.link import Link
+from offramp.metrics import BATCH_BUCKETS, Registry
 from offramp.outbox import Outbox
 from offramp.peers import PeerTable
 from offramp.policy.credits import CreditLedger
@@ -73,7 +74,8 @@ class Counters:
 
 class Engine:
     def __init__(self, bundle: Bundle, cfg: EngineConfig, topics: Topics, peers: PeerTable,
-                 publish: Publish, boot: float | None = None) -> None:
+                 publish: Publish, boot: float | None = None,
+                 metrics: Registry | None = None) -> None:
         self.bundle = bundle
         self.model = bundle.name
         self.cfg = cfg
@@ -92,6 +94,9 @@ class Engine:
         self._warn = RateLimitedWarning()
         self._inflight = 0
         self.segment_flops = {s.index: s.flops for s in bundle.manifest.segments}
+        self._measured: dict[int, float] = {}  # segment -> seconds per sample at load
+        self.m_batch = (metrics or Registry()).histogram(
+            "offramp_batch_size", "Micro-batch sizes, by segment", BATCH_BUCKETS)
 
     @property
     def providers(self) -> list[str]:
@@ -113,6 +118,7 @@ class Engine:
         self._infer_on(runner, x)  # warm-up
         _, started, finished = self._infer_on(runner, x)
         hosted.stats.service_s = (finished - started) / self.cfg.batch_max
+        self._measured[segment] = hosted.stats.service_s
         return hosted
 
     def host(self, segment: int, hosted: Hosted) -> None:
@@ -205,6 +211,7 @@ class Engine:
         out, started, finished = await loop.run_in_executor(self.executor, self._infer_on,
                                                             hosted.runner, x)
         hosted.stats.record(len(items), finished - started)
+        self.m_batch.observe(len(items), segment=segment)
         samples = [replace(it.sample, hops=(*it.sample.hops,
                                             Hop(self.cfg.node, segment, it.arrived, started,
                                                 finished))) for it in items]
@@ -279,7 +286,9 @@ class Engine:
         return tuple(out)
 
     def flops_per_s(self) -> float:
-        """Measured speed: FLOPs per second over the hosted segments' service times."""
-        speeds = [self.segment_flops[s] / h.stats.service_s
-                  for s, h in self.hosted.items() if h.stats.service_s > 0]
-        return sum(speeds) / len(speeds) if speeds else 0.0
+        """The node's speed for the plan: FLOPs over the time of every segment ever loaded
+        here, each measured once at load on a full micro-batch. Not the live service rate,
+        which moves with batch sizes and with the plan itself (a feedback loop that made plans
+        flip between equal nodes)."""
+        seconds = sum(self._measured.values())
+        return sum(self.segment_flops[s] for s in self._measured) / seconds if seconds else 0.0

@@ -87,7 +87,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     peers = PeerTable(node)
     holder: dict[str, Engine] = {}
     runtime = Runtime("worker", common, heartbeat=lambda hb: _beat(hb, holder, settings,
-                                                                   loadable))
+                                                                   loadable, bundle.name))
     cfg = EngineConfig(node, segments, settings.batch_max, settings.batch_wait_ms / 1000,
                        settings.queue_max, settings.codec, settings.device, settings.threads,
                        settings.offload_margin_ms / 1000, 3 * common.heartbeat_s,
@@ -100,7 +100,10 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         async def publish(topic: str, payload: bytes, qos: int) -> None:
             await bus.publish(topic, payload, qos=qos)
 
-        engine = Engine(bundle, cfg, topics, peers, publish)
+        engine = Engine(bundle, cfg, topics, peers, publish, metrics=runtime.metrics)
+        runtime.metrics.on_collect(lambda: _collect(runtime, engine))
+        runtime.require(lambda: None if engine.serving() else "hosts no segment")
+        runtime.require(lambda: None if engine.policy else "no exit policy yet")
         hosting = Hosting(engine, bus, topics, common.bus.max_message_bytes,
                           settings.unload_grace_s, runtime.log)
         for seg in segments:
@@ -132,10 +135,11 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
 
 
 def _beat(hb: Heartbeat, holder: dict[str, Engine], settings: WorkerSettings,
-          loadable: tuple[int, ...]) -> Heartbeat:
+          loadable: tuple[int, ...], bundle_name: str) -> Heartbeat:
     engine = holder.get("engine")
-    if engine is None:
-        return hb
+    if engine is None:  # still loading: say what it can host, not yet what it serves
+        return replace(hb, loadable=tuple(SegmentRef(bundle_name, s) for s in loadable),
+                       max_segments=settings.max_segments)
     c = engine.counters
     stats = {"bad_packets": c.bad_packets, "misrouted": c.misrouted, "expired": c.expired,
              "queue_overflow": c.queue_overflow, "completions": c.completions,
@@ -148,6 +152,30 @@ def _beat(hb: Heartbeat, holder: dict[str, Engine], settings: WorkerSettings,
                    link_rtt_s=settings.link_delay_ms / 1000,
                    loadable=tuple(SegmentRef(engine.model, s) for s in loadable),
                    max_segments=settings.max_segments)
+
+
+def _collect(runtime: Runtime, engine: Engine) -> None:
+    m = runtime.metrics
+    length = m.gauge("offramp_queue_length", "Samples queued, by segment")
+    backlog = m.gauge("offramp_queue_backlog_seconds", "Queued work in seconds, by segment")
+    samples = m.counter("offramp_samples_total", "Samples computed, by segment")
+    exited = m.counter("offramp_samples_exited_total", "Samples that exited, by segment")
+    length.clear()
+    backlog.clear()
+    for seg, h in engine.hosted.items():
+        length.set(len(h.queue), segment=seg)
+        backlog.set(len(h.queue) * h.stats.service_s, segment=seg)
+        samples.set_total(h.stats.samples, segment=seg)
+        exited.set_total(h.stats.exited, segment=seg)
+    m.gauge("offramp_parked", "Samples waiting for a neighbour's credit").set(
+        engine.placer.parked())
+    drops = m.counter("offramp_drops_total", "Samples given up here, by reason (their frame is "
+                      "dispatched again by the admission-controller)")
+    c = engine.counters
+    for reason, n in (("queue-overflow", c.queue_overflow), ("bad-packet", c.bad_packets),
+                      ("misrouted", c.misrouted), ("expired", c.expired),
+                      ("park-timeout", engine.placer.park_expired)):
+        drops.set_total(n, reason=reason)
 
 
 async def _states(sub: Subscription, engine: Engine) -> None:

@@ -15,6 +15,10 @@ and its maximum number of segments). Minimising each source's latency in priorit
 greedy for ``sum_m gamma_m latency_m``: a more important source is never worse off because of
 a less important one.
 
+Plans are sticky: a segment costs ``1 - stickiness`` times as much on a node that hosts it in
+the plan in force, so that measurement noise between near-equal nodes does not make the
+workers load and unload segments back and forth.
+
 Nodes that no route uses would sit idle, so each gets the segment whose hosts are the most
 loaded (per-task placement then shares work with it), and a segment no route uses still gets
 the fastest node that can take it, so that every segment has a host.
@@ -74,14 +78,15 @@ def _can_host(n: NodeInfo, k: int, alloc: Allocation) -> bool:
                                 or len(hosted) < n.max_segments)
 
 
-def plan(model: ModelInfo, nodes: Sequence[NodeInfo], sources: Sequence[SourceLoad]
-         ) -> Allocation:
+def plan(model: ModelInfo, nodes: Sequence[NodeInfo], sources: Sequence[SourceLoad], *,
+         current: dict[str, set[int]] | None = None, stickiness: float = 0.2) -> Allocation:
     alloc = Allocation({n.node: set() for n in nodes}, load={n.node: 0.0 for n in nodes})
     if not nodes:
         return alloc
     speeds = {n.node: _speed(n, nodes) for n in nodes}
+    keep = {(node, k): 1.0 - stickiness for node, segs in (current or {}).items() for k in segs}
     for src in sorted(sources, key=lambda s: (-s.priority, s.source)):
-        route, cost = _route(model, nodes, speeds, src, alloc)
+        route, cost = _route(model, nodes, speeds, src, alloc, keep)
         if route is not None and not _fits(route, nodes, alloc):
             route, cost = _greedy(model, nodes, speeds, src, alloc)
         if route is None:
@@ -96,7 +101,8 @@ def plan(model: ModelInfo, nodes: Sequence[NodeInfo], sources: Sequence[SourceLo
 
 
 def _route(model: ModelInfo, nodes: Sequence[NodeInfo], speeds: dict[str, float],
-           src: SourceLoad, alloc: Allocation) -> tuple[dict[int, str] | None, float]:
+           src: SourceLoad, alloc: Allocation, keep: dict[tuple[str, int], float]
+           ) -> tuple[dict[int, str] | None, float]:
     inf = float("inf")
     k_total = len(model.flops)
     best: list[dict[str, tuple[float, str | None]]] = []
@@ -108,7 +114,7 @@ def _route(model: ModelInfo, nodes: Sequence[NodeInfo], speeds: dict[str, float]
                 continue
             s = model.flops[k - 1] / speeds[n.node]
             spare = max(SATURATED, 1.0 - alloc.load[n.node] - src.rate_hz * r * s)
-            here = r * s / spare
+            here = r * s / spare * keep.get((n.node, k), 1.0)
             if k == 1:
                 row[n.node] = (here, None)
                 continue

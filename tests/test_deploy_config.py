@@ -1,0 +1,211 @@
+"""Deployment files, checked offline: the compose file against the compose spec, the
+Dockerfiles linted, every k3s overlay rendered and validated, and the broker configuration of
+compose/ actually started: passwords, ACL, TLS and websockets enforced and working."""
+
+from __future__ import annotations
+
+import queue
+import re
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from offramp.broker import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> str:
+    path = BIN / name if (BIN / name).exists() else shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed (it comes with the dev extra: pip install -e .[dev])")
+    return str(path)
+
+
+def test_compose_file_follows_the_compose_spec() -> None:
+    out = subprocess.run([_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
+                          str(ROOT / "docker-compose.yml")], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("dockerfile", sorted(str(p.relative_to(ROOT)) for p in [
+    *ROOT.glob("services/*/Dockerfile*"), ROOT / "compose/builder.Dockerfile"]))
+def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
+    out = subprocess.run([_tool("hadolint"), "--failure-threshold", "warning", dockerfile],
+                         capture_output=True, text=True, cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("overlay", ["single-node", "jetson"])
+def test_k3s_overlays_render_and_validate(overlay: str, tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: cannot render the Kustomize overlays")
+    rendered = subprocess.run([kubectl, "kustomize", str(ROOT / "k3s/overlays" / overlay)],
+                              capture_output=True, text=True, check=False)
+    assert rendered.returncode == 0, rendered.stderr
+    manifest = tmp_path / f"{overlay}.yaml"
+    manifest.write_text(rendered.stdout)
+    out = subprocess.run([_tool("kubernetes-validate"), "--strict", "-k", "1.32.0", "--quiet",
+                          str(manifest)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    docs = rendered.stdout
+    assert "app.kubernetes.io/part-of: offramp" in docs
+    assert docs.count("readinessProbe") >= 5 and "terminationGracePeriodSeconds: 30" in docs
+    if overlay == "jetson":
+        assert "runtimeClassName: nvidia" in docs and "offramp/segment-worker:jetson" in docs
+        assert docs.count("offramp.io/role: gateway") == 4
+
+
+def test_k3s_broker_config_matches_compose() -> None:
+    def meaningful(path: Path) -> list[str]:
+        lines = [ln for ln in path.read_text().splitlines() if ln and not ln.startswith("#")]
+        return [ln.replace("/mosquitto/users/", "/mosquitto/config/") for ln in lines
+                if not ln.startswith("include_dir")]
+
+    assert meaningful(ROOT / "k3s/base/acl") == meaningful(ROOT / "compose/acl")
+    assert meaningful(ROOT / "k3s/base/mosquitto.conf") == meaningful(ROOT / "compose/mosquitto.conf")
+
+
+# -- the compose broker, for real ---------------------------------------------------------------
+
+class SecureBroker:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.mqtt, self.tls, self.ws = free_port(), free_port(), free_port()
+        compose = root / "compose"
+        shutil.copytree(ROOT / "compose", compose, ignore=shutil.ignore_patterns(
+            "passwd", ".env", "certs", "tls.conf"))
+        subprocess.run(["bash", str(compose / "make-passwords.sh"), "cam-1", "cam-2"], check=True,
+                       capture_output=True)
+        subprocess.run(["bash", str(compose / "make-certs.sh"), "localhost"], check=True,
+                       capture_output=True)
+        self.passwords = dict(line.split("=", 1) for line in
+                              (compose / ".env").read_text().splitlines())
+        (root / "data").mkdir()
+        conf = (compose / "mosquitto.conf").read_text()
+        conf = conf.replace("listener 1883 0.0.0.0", f"listener {self.mqtt} 127.0.0.1")
+        conf = conf.replace("listener 9001 0.0.0.0", f"listener {self.ws} 127.0.0.1")
+        conf = conf.replace("/mosquitto/data/", f"{root}/data/")
+        conf = conf.replace("/mosquitto/config/", f"{compose}/")
+        conf = conf.replace("log_dest stdout", "log_dest stderr")
+        tls = (compose / "conf.d/tls.conf").read_text()
+        tls = tls.replace("listener 8883 0.0.0.0", f"listener {self.tls} 127.0.0.1")
+        (compose / "conf.d/tls.conf").write_text(tls.replace("/mosquitto/config/", f"{compose}/"))
+        import getpass
+
+        self.config = root / "mosquitto.conf"
+        self.config.write_text(f"user {getpass.getuser()}\n" + conf)
+        self.ca = compose / "certs/ca.crt"
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.config)],
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not self._listening():
+            if self.proc.poll() is not None:
+                pytest.fail(f"mosquitto did not start: {self.proc.stderr.read().decode()}")  # type: ignore[union-attr]
+            time.sleep(0.05)
+
+    def _listening(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.mqtt), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def password(self, user: str) -> str:
+        return self.passwords[f"OFFRAMP_PASSWORD_{user.upper().replace('-', '_')}"]
+
+    def client(self, user: str, password: str | None = None, *, port: int | None = None,
+               transport: str = "tcp", tls: bool = False) -> tuple[mqtt.Client, queue.Queue[str]]:
+        got: queue.Queue[str] = queue.Queue()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{user}-{time.monotonic_ns()}",
+                        protocol=mqtt.MQTTv5, transport=transport)  # type: ignore[arg-type]
+        c.username_pw_set(user, self.password(user) if password is None else password)
+        if tls:
+            c.tls_set(ca_certs=str(self.ca), cert_reqs=ssl.CERT_REQUIRED)
+        connected: queue.Queue[int] = queue.Queue()
+        c.on_connect = lambda cl, ud, fl, rc, pr: connected.put(rc.value)
+        c.on_message = lambda cl, ud, msg: got.put(f"{msg.topic} {msg.payload.decode()}")
+        c.connect("localhost" if tls else "127.0.0.1", port or self.mqtt)
+        c.loop_start()
+        rc = connected.get(timeout=5)
+        if rc != 0:
+            c.loop_stop()
+            raise PermissionError(f"refused with reason {rc}")
+        return c, got
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    broker = SecureBroker(tmp_path_factory.mktemp("secure-broker"))
+    yield broker
+    broker.close()
+
+
+def _drain(q: queue.Queue[str], wait_s: float = 0.7) -> list[str]:
+    time.sleep(wait_s)
+    out = []
+    while not q.empty():
+        out.append(q.get())
+    return out
+
+
+def test_no_anonymous_access_and_wrong_passwords_are_refused(secure_broker: SecureBroker) -> None:
+    with pytest.raises(PermissionError):
+        secure_broker.client("cam-1", "wrong-password")
+    with pytest.raises(PermissionError):
+        secure_broker.client("nobody", "")
+    c, _ = secure_broker.client("cam-1")
+    c.disconnect()
+
+
+def test_acl_confines_each_role_to_its_topics(secure_broker: SecureBroker) -> None:
+    op, seen = secure_broker.client("operator")
+    op.subscribe("offramp/v1/#", qos=1)
+    cam, cam_got = secure_broker.client("cam-1")
+    cam.subscribe("offramp/v1/results/+", qos=1)
+    adm, _ = secure_broker.client("admission")
+    time.sleep(0.3)
+    for topic in ("offramp/v1/ingest/cam-1", "offramp/v1/ingest/cam-2",
+                  "offramp/v1/act/m/1/worker-1", "offramp/v1/control/plan"):
+        cam.publish(topic, "from-cam-1", qos=1).wait_for_publish(5)
+    adm.publish("offramp/v1/results/cam-1", "yours", qos=1).wait_for_publish(5)
+    adm.publish("offramp/v1/results/cam-2", "not yours", qos=1).wait_for_publish(5)
+    adm.publish("offramp/v1/ingest/cam-1", "admission may not publish frames", qos=1)
+    operator_saw = _drain(seen)
+    assert "offramp/v1/ingest/cam-1 from-cam-1" in operator_saw
+    assert not any(s.startswith(("offramp/v1/ingest/cam-2", "offramp/v1/act/",
+                                 "offramp/v1/control/plan")) for s in operator_saw), operator_saw
+    assert "offramp/v1/ingest/cam-1 admission may not publish frames" not in operator_saw
+    assert _drain(cam_got, 0.1) == ["offramp/v1/results/cam-1 yours"]
+    for c in (op, cam, adm):
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_tls_and_websocket_listeners_work(secure_broker: SecureBroker) -> None:
+    c, got = secure_broker.client("operator", port=secure_broker.tls, tls=True)
+    c.subscribe("offramp/v1/results/+", qos=1)
+    ws, _ = secure_broker.client("admission", port=secure_broker.ws, transport="websockets")
+    time.sleep(0.3)
+    ws.publish("offramp/v1/results/cam-1", "over websockets", qos=1).wait_for_publish(5)
+    assert _drain(got) == ["offramp/v1/results/cam-1 over websockets"]
+    for cl in (c, ws):
+        cl.disconnect()
+        cl.loop_stop()
+    assert re.search(r"listener \d+ 127\.0\.0\.1", (secure_broker.root / "compose/conf.d/tls.conf")
+                     .read_text())
