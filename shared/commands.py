@@ -74,7 +74,8 @@ def _payloads(args: argparse.Namespace) -> list[bytes]:
 
     split = load_dataset(args.dataset).split(args.split)
     deadline = args.deadline_ms / 1000 or None
-    return [envelope(f"{args.split}-{i}", image=split.images[i], label=int(split.labels[i]),
+    run = f"{int(time.time()) % 100000:05d}"  # ids differ between runs (redelivery dedup)
+    return [envelope(f"{args.split}-{run}-{i}", image=split.images[i], label=int(split.labels[i]),
                      deadline_s=deadline) for i in range(len(split))]
 
 

@@ -154,7 +154,6 @@ def test_killed_worker_is_replaced_and_every_frame_still_answered_once(
     assert Counter(r.status for r in results) == {"ok": len(payloads)}
 
 
-@pytest.mark.flaky(reruns=1)  # intermittent frame loss seen once in CI; open defect, see note
 def test_broker_restart_mid_stream_loses_no_frame(tiny_bundle: Bundle, prefix: str) -> None:
     _, payloads = _frames(200)
     with LocalSystem(tiny_bundle, 2, prefix=prefix, env=FAST) as system:
@@ -167,10 +166,14 @@ def test_broker_restart_mid_stream_loses_no_frame(tiny_bundle: Bundle, prefix: s
         results = asyncio.run(_run(system, payloads, rate=150, during=restart, timeout=90))
         logs = system.logs()
         codes = system.stop()
-    per_frame = Counter(r.frame_id for r in results)
+    # QoS 1 is at least once: across the restart the broker may hand the test client a
+    # result it had already delivered (same task id, same result). offramp must not have
+    # made two different results for one frame.
+    distinct = {r.task_id: r for r in results}.values()
+    per_frame = Counter(r.frame_id for r in distinct)
     assert len(per_frame) == len(payloads), logs[-3000:]
     assert set(per_frame.values()) == {1}
-    assert Counter(r.status for r in results)["ok"] == len(payloads)
+    assert Counter(r.status for r in distinct)["ok"] == len(payloads)
     assert all(code == 0 for code in codes.values()), str(codes)
 
 

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -64,6 +64,9 @@ class AdmissionSettings:
     codec: Literal["raw", "fp16"] = setting("raw", "Codec of the input tensor")
     results_in_flight: int = setting(256, "Results being published at once (QoS 1)", min=1,
                                      max=100_000)
+    dedup_s: float = setting(10.0, "A frame id seen again from the same source within this "
+                             "long is a redelivery and gets no second result (0: off)", min=0,
+                             max=3600)
 
 
 SETTINGS = AdmissionSettings  # what `offramp settings` and the entry point read
@@ -83,6 +86,7 @@ class Admission:
         self.dispatcher = Dispatcher(self, runtime)
         self.unanswered_drops: list[Message] = []
         self.counts: Counter[str] = Counter()
+        self.recent: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.ids = itertools.count()
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
         self.outbox = Outbox(settings.results_in_flight)
@@ -167,7 +171,27 @@ class Admission:
                 continue
             await self.admit(source, task_id, frame)
 
+    def duplicate(self, source: str, frame_id: str | None, now: float) -> bool:
+        """The same frame id from the same source within ``dedup_s``: a QoS 1 redelivery (a
+        camera's retry after a lost acknowledgement, or a broker restart), whose frame already
+        has its result. Bounded in time and in size."""
+        if frame_id is None or self.s.dedup_s <= 0:
+            return False
+        while self.recent and next(iter(self.recent.values())) < now - self.s.dedup_s:
+            self.recent.popitem(last=False)
+        key = (source, frame_id)
+        if key in self.recent:
+            return True
+        self.recent[key] = now
+        if len(self.recent) > 1_000_000:
+            self.recent.popitem(last=False)
+        return False
+
     async def admit(self, source: str, task_id: str, frame: Frame) -> None:
+        if self.duplicate(source, frame.frame_id, time.monotonic()):
+            self.counts["duplicate_frames"] += 1
+            self.m_drops.inc(reason="duplicate-frame")
+            return
         frame_id = frame.frame_id or f"{source}-{task_id}"
         now = time.time()
         info = self.registry.lookup(source)
