@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -37,15 +37,20 @@ class Dispatcher:
         self.peers = PeerTable(runtime.node)
         self.window = SendWindow(runtime.node, self.boot)
         self.plan: Plan | None = None
-        self.pending: dict[str, Task] = {}
+        self.pending: dict[float, OrderedDict[str, Task]] = {}  # priority -> FIFO
         self._event = asyncio.Event()
         self._demand: Counter[float] = Counter()
         self.stale_after_s = 3 * adm.s.common.heartbeat_s
 
+    def waiting(self, priority: float | None = None) -> int:
+        """Frames waiting here for credit (of ``priority`` or higher)."""
+        return sum(len(q) for p, q in self.pending.items() if priority is None or p >= priority)
+
     def submit(self, tasks: list[Task]) -> None:
         for t in tasks:
-            if t.task_id not in self.pending:
-                self.pending[t.task_id] = t
+            queue = self.pending.setdefault(t.priority, OrderedDict())
+            if t.task_id not in queue:
+                queue[t.task_id] = t
                 self._demand[t.priority] += 1
         self._event.set()
 
@@ -59,22 +64,29 @@ class Dispatcher:
             self._event.clear()
             if self.adm.unanswered_drops:
                 await self.adm.answer_overflow()
-            if wait and 0 < len(self.pending) < self.adm.s.dispatch_batch:
+            if wait and 0 < self.waiting() < self.adm.s.dispatch_batch:
                 await asyncio.sleep(wait)
             await self.dispatch()
 
     async def dispatch(self) -> None:
-        live = [t for t in self.pending.values() if t.task_id in self.adm.tracker]
-        self.pending = {t.task_id: t for t in live}
-        by_prio: dict[float, list[Task]] = {}
-        for t in sorted(live, key=lambda t: (-t.priority, t.created)):
-            by_prio.setdefault(t.priority, []).append(t)
-        for prio, group in by_prio.items():
+        """Highest priority first, oldest first within a priority, as far as credit goes.
+        Costs O(what is sent), not O(what waits): it runs on every frame and heartbeat."""
+        for prio in sorted(self.pending, reverse=True):
+            queue = self.pending[prio]
+            cands = self.peers.candidates(self.model, 1, priority=prio, window=self.window)
+            credit = sum(c.credit for c in cands)
+            group: list[Task] = []
+            while queue and len(group) < credit:
+                _, task = queue.popitem(last=False)
+                if task.task_id in self.adm.tracker:  # else answered or expired meanwhile
+                    group.append(task)
+            if not queue:
+                del self.pending[prio]
+            if not group:
+                continue
             fallback = None
             if self.plan is not None:
                 fallback = self.plan.routes.get(group[0].source, {}).get(1)
-            cands = self.peers.candidates(self.model, 1, len(group), priority=prio,
-                                          window=self.window)
             placement = place(cands, len(group), group[0].x.nbytes,
                               stale_after_s=self.stale_after_s, fallback=fallback)
             start = 0
@@ -83,13 +95,15 @@ class Dispatcher:
                 start += n
                 for i in range(0, n, self.adm.s.dispatch_batch):
                     await self._send(node, chunk[i:i + self.adm.s.dispatch_batch])
+            for task in reversed(group[start:]):  # no fresh host could take them: back in front
+                self.pending.setdefault(prio, OrderedDict())[task.task_id] = task
+                self.pending[prio].move_to_end(task.task_id, last=False)
 
     async def _send(self, node: str, tasks: list[Task]) -> None:
         now = time.time()
         hb = self.peers.heartbeat(node)
         for t in tasks:
             self.adm.tracker.dispatched(t, now, node)
-            self.pending.pop(t.task_id, None)
         samples = tuple(Sample(t.task_id, t.source, t.frame_id, t.priority, t.created, t.deadline,
                                t.attempt) for t in tasks)
         x = np.stack([t.x for t in tasks])
@@ -110,7 +124,7 @@ class Dispatcher:
                         self.peers.candidates(self.model, seg, priority=priority)
                         if c.age_s <= self.stale_after_s] for seg in range(1, k + 1)]
         first = per_segment[0]
-        waiting = sum(1 for t in self.pending.values() if t.priority >= priority)
+        waiting = self.waiting(priority)
         if waiting and first:
             per = min(first) or 0.001
             per_segment[0] = [q + waiting * per / len(first) for q in first]
@@ -118,8 +132,8 @@ class Dispatcher:
 
     def heartbeat(self, hb: Heartbeat) -> Heartbeat:
         counts: Counter[float] = Counter({p: 2 * n for p, n in self._demand.items()})
-        for t in self.pending.values():
-            counts[t.priority] += 1
+        for p, queue in self.pending.items():
+            counts[p] += len(queue)
         self._demand.clear()
         wants = tuple(Want(self.model, 1, p, n) for p, n in counts.items())
         return replace(hb, boot=self.boot, wants=wants, sent=self.window.report())

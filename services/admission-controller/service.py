@@ -107,7 +107,7 @@ class Admission:
         m = self.rt.metrics
         m.gauge("offramp_in_flight", "Frames owned and not yet answered").set(len(self.tracker))
         m.gauge("offramp_pending", "Frames waiting for a worker's credit").set(
-            len(self.dispatcher.pending))
+            self.dispatcher.waiting())
         rate = m.gauge("offramp_admitted_rate", "Admitted frames/s per source (strategy rate)")
         for key, value in self.gate.stats().items():
             if key.startswith("admitted_rate:"):
@@ -315,7 +315,7 @@ class Admission:
         stats = {k: float(v) for k, v in self.counts.items()}
         stats["in_flight"] = float(len(self.tracker))
         stats["duplicates"] = float(self.tracker.duplicates)
-        stats["pending"] = float(len(self.dispatcher.pending))
+        stats["pending"] = float(self.dispatcher.waiting())
         stats.update(self.gate.stats())
         return self.dispatcher.heartbeat(replace(hb, stats=stats))
 
