@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -161,10 +162,27 @@ class Bus:
         self._closing = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=3.0)
+            if not done:
+                # aiomqtt waits for the broker to close the socket after DISCONNECT, reading
+                # one queued packet per loop turn; a busy broker or a deep socket backlog made
+                # a stop outlast its grace. Cut the socket: the disconnect completes at once.
+                self._log.warning("bus_disconnect_forced")
+                self._shutdown_socket()
+                await asyncio.wait({self._task}, timeout=3.0)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                if self._task.done():
+                    self._task.result()
             self._task = None
         self.connected.clear()
+
+    def _shutdown_socket(self) -> None:
+        client = self._client
+        paho = getattr(client, "_client", None)  # aiomqtt's paho client (no public handle)
+        sock = paho.socket() if paho is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         try:
