@@ -168,8 +168,9 @@ class Arbiter:
             except OfframpError as exc:
                 self.rt.log.warning("policy_not_published", error=str(exc))
             self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), self.s.republish_s)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: cancel-safe on 3.11
+                async with asyncio.timeout(self.s.republish_s):
+                    await self.changed.wait()
 
     async def watch(self, done: Subscription) -> None:
         async for msg in done:

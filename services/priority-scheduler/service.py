@@ -152,8 +152,12 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         async def planner() -> None:
             last_publish = time.monotonic()
             while True:
+                # asyncio.timeout, not wait_for: on 3.11 a cancel that races wait_for's own
+                # timeout comes out as TimeoutError, which this loop would swallow, and the
+                # service would never stop (seen: SIGKILLed after its grace).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), 0.1)
+                    async with asyncio.timeout(0.1):
+                        await wake.wait()
                 wake.clear()
                 now = time.monotonic()
                 if now - sched.started < settings.settle_s:

@@ -98,8 +98,9 @@ class SegmentQueue:
                 if remaining <= 0:
                     break
                 self._changed.clear()
-                try:
-                    await asyncio.wait_for(self._changed.wait(), remaining)
+                try:  # asyncio.timeout: a cancel never turns into a timeout (3.11 wait_for)
+                    async with asyncio.timeout(remaining):
+                        await self._changed.wait()
                 except TimeoutError:
                     break
         return self.pop(max_batch)
