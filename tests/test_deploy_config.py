@@ -65,6 +65,33 @@ def test_k3s_overlays_render_and_validate(overlay: str, tmp_path: Path) -> None:
         assert docs.count("offramp.io/role: gateway") == 4
 
 
+def test_the_wheel_the_images_install_holds_every_module(tmp_path: Path) -> None:
+    """The images install offramp as a wheel, not as the editable checkout the tests use: a
+    package missing from pyproject.toml breaks only them (it did, for offramp.policy)."""
+    src = tmp_path / "src"  # a clean copy: setuptools would reuse a stale build/ of the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("shared", "services"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path),
+                    str(src)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("offramp-*.whl"))
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    folders = {"shared": "offramp", "services": "offramp/services"}
+    wanted = set()
+    for top, package in folders.items():
+        for source in (ROOT / top).rglob("*.py"):
+            rel = source.relative_to(ROOT / top).as_posix()
+            if top == "services" and "/" in rel:
+                service, rest = rel.split("/", 1)
+                rel = f"{service.replace('-', '_')}/{rest}"
+            wanted.add(f"{package}/{rel}")
+    assert wanted - names == set()
+
+
 def test_k3s_broker_config_matches_compose() -> None:
     def meaningful(path: Path) -> list[str]:
         lines = [ln for ln in path.read_text().splitlines() if ln and not ln.startswith("#")]
@@ -195,6 +222,22 @@ def test_acl_confines_each_role_to_its_topics(secure_broker: SecureBroker) -> No
     for c in (op, cam, adm):
         c.disconnect()
         c.loop_stop()
+
+
+def test_the_compose_broker_healthcheck_passes(secure_broker: SecureBroker) -> None:
+    """docker-compose.yml's broker healthcheck, run as written: the services wait for it."""
+    import yaml
+
+    test = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["broker"][
+        "healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    command = test[1].replace("$$", "$").replace("mosquitto_sub ",
+                                                 f"mosquitto_sub -p {secure_broker.mqtt} ", 1)
+    env = {"PATH": "/usr/bin:/bin", "OFFRAMP_PASSWORD_OPERATOR": secure_broker.passwords[
+        "OFFRAMP_PASSWORD_OPERATOR"]}
+    done = subprocess.run(["sh", "-c", command], check=False, env=env, capture_output=True,
+                          text=True, timeout=10)
+    assert done.returncode == 0, done.stderr
 
 
 def test_tls_and_websocket_listeners_work(secure_broker: SecureBroker) -> None:
