@@ -4,6 +4,9 @@ real service answering them."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -11,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from offramp.bundle import Bundle
-from offramp.health import HealthServer
+from offramp.health import HealthServer, probe
 from offramp.launcher import ProcessGroup
 from offramp.metrics import Registry
 from offramp.settings import BusSettings
@@ -91,9 +94,22 @@ def test_a_running_service_is_live_ready_and_exports_metrics(
         metrics = _wait_http(port, "/metrics", 5)
         assert "offramp_bus_connected 1" in metrics
         assert 'offramp_exit_threshold{exit="1"}' in metrics
+        # the container healthcheck command, as docker-compose.yml runs it
+        answer = subprocess.run([sys.executable, "-m", "offramp.health"], check=False,
+                                capture_output=True, text=True,
+                                env={**os.environ, "OFFRAMP_HTTP_PORT": str(port)})
+        assert answer.returncode == 0 and answer.stdout == "ready\n", answer
     finally:
         codes = group.stop()
     assert codes == {"arbiter-h": 0}
+
+
+def test_the_probe_fails_with_a_reason_when_nothing_answers() -> None:
+    port = _free_port()
+    healthy, said = probe(port=port)
+    assert not healthy and f"no answer on port {port}" in said
+    assert probe(port=0) == (False, "OFFRAMP_HTTP_PORT is not set: the service has no HTTP "
+                                    "server to ask")
 
 
 def _free_port() -> int:
