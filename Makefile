@@ -8,11 +8,12 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: help setup system-deps demo test lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control clean
+.PHONY: help setup system-deps demo test test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control clean
 
 help:
 	@echo "make demo      run offramp locally (broker + services) and show it working"
 	@echo "make test      lint, type check and the test suite (real Mosquitto, real ONNX models)"
+	@echo "make test-deploy     build the images with podman, run docker-compose.yml, send frames"
 	@echo "make bench-hop one bus hop vs bare paho-mqtt (bench/results/hop.json)"
 	@echo "make bench-exits     early-exit savings on digits (bench/results/exits.json)"
 	@echo "make bench-segments  chained segments vs monolithic ONNX (bench/results/segments.json)"
@@ -44,6 +45,10 @@ pytest: setup
 	$(PY) -m pytest -q
 
 test: lint typecheck pytest
+
+test-deploy: setup
+	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh deploy
+	VENV=$(VENV) bash tests/deploy/run.sh
 
 bench-hop: setup
 	$(PY) -m bench.hop

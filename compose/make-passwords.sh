@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create compose/passwd (Mosquitto password file) with one user per service role, an operator
-# and one user per camera, and compose/.env with the service passwords for docker compose.
+# and one user per camera, and compose/.env with the passwords. docker compose reads .env beside
+# docker-compose.yml, so a link .env -> compose/.env is made there unless a .env exists.
 # Usage: compose/make-passwords.sh [camera ...]      (default camera: cam-1)
 # Needs mosquitto_passwd (Debian: apt-get install mosquitto). Re-running makes new passwords.
 set -euo pipefail
@@ -18,4 +19,6 @@ for user in admission worker arbiter scheduler operator "${cameras[@]}"; do
   echo "OFFRAMP_PASSWORD_$(echo "$user" | tr 'a-z.-' 'A-Z__')=$pw" >> "$env"
 done
 chmod 0644 "$passwd"  # the broker runs as user mosquitto inside its container
+top="$(dirname "$here")"
+if [ ! -e "$top/.env" ] && [ ! -L "$top/.env" ]; then ln -s compose/.env "$top/.env"; fi
 echo "wrote $passwd and $env (users: admission worker arbiter scheduler operator ${cameras[*]})"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what offramp needs from the OS (Debian/Ubuntu): Mosquitto and its clients, and the
-# venv module for Python. Does nothing when they are present. Uses sudo when not root.
+# venv module for Python. With the argument `deploy`, also what `make test-deploy` needs: podman
+# with runc, debootstrap and openssl. Does nothing when they are present. Uses sudo when not root.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3.11}
@@ -8,6 +9,11 @@ need=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then need+=(mosquitto); fi
 if ! command -v mosquitto_pub >/dev/null 2>&1; then need+=(mosquitto-clients); fi
 if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=("${PYTHON}-venv"); fi
+if [ "${1:-}" = deploy ]; then
+  for tool in podman runc debootstrap openssl; do
+    if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then need+=("$tool"); fi
+  done
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then
