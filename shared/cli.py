@@ -87,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_demo)
 
     from offramp.commands import register as register_commands
+    from offramp.testbed import register as register_testbed
 
     register_commands(sub)
+    register_testbed(sub)
     return parser
 
 

@@ -3,8 +3,9 @@
 # docker-compose.yml with podman-compose (plus compose/podman/override.yml for this kind of
 # host), publishes frames with mosquitto_pub as a camera, reads the results with mosquitto_sub,
 # checks every frame got exactly one right answer, stops the stack (every service must exit 0 on
-# SIGTERM) and takes it down. Fails, saying why, wherever a step cannot run; it never passes
-# without having run the stack.
+# SIGTERM) and takes it down. Then `offramp testbed` drives the same images through podman's
+# Docker-compatible API (tests/deploy). Fails, saying why, wherever a step cannot run; it never
+# passes without having run the stack.
 #
 # Needs (installed by scripts/ensure-deploy-deps.sh): podman with runc, debootstrap (only when
 # the base image is missing and no registry can be reached), mosquitto clients, openssl, and
@@ -166,4 +167,8 @@ done
 (cd "$proj" && compose down -v -t 30) >"$work/down.log" 2>&1 || fail "podman-compose down"
 left=$(podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}')
 [ -z "$left" ] || fail "containers left after down: $left"
+
+step "offramp testbed through podman's Docker-compatible API (tests/deploy/test_testbed.py)"
+OFFRAMP_TEST_DEPLOY=1 "$PY" -m pytest -q -p no:cacheprovider tests/deploy \
+  || fail "the testbed tests"
 step "passed"
