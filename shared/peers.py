@@ -86,6 +86,15 @@ class PeerTable:
                                      link_bps, rtt_s, credit=credit, boot=hb.boot))
         return out
 
+    def segment_backlogs(self, model: str, segments: int, stale_after_s: float, *,
+                         priority: float = 0.0) -> list[list[float]]:
+        """Per segment 1..``segments``, the seconds a sample of ``priority`` would spend at each
+        fresh host (backlog ahead of it plus its own service): the input of Q_path."""
+        now = time.monotonic()
+        return [[c.backlog_s + c.service_s
+                 for c in self.candidates(model, seg, priority=priority, now=now)
+                 if c.age_s <= stale_after_s] for seg in range(1, segments + 1)]
+
     def requests(self, model: str, segment: int, stale_after_s: float,
                  now: float | None = None) -> list[Request]:
         """What fresh senders want to send to ``segment`` of ``model`` (grant round input)."""

@@ -4,6 +4,7 @@ the source registry."""
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,11 +147,21 @@ def test_stale_neighbours_are_used_only_as_the_plans_choice() -> None:
 def test_priority_aware_cost_counts_only_work_ahead() -> None:
     """The same node is cheap for a high-priority task (little high-priority work queued)
     and expensive for a low one: PeerTable builds backlog_s from queued_at_or_above."""
-    from offramp.wire import SegmentLoad
+    from offramp.peers import PeerTable
+    from offramp.wire import Heartbeat, SegmentLoad
 
     load = SegmentLoad("m", 2, queued=100, service_rate=100.0, by_priority=((4.0, 2), (1.0, 98)))
     assert load.queued_at_or_above(4.0) == 2
     assert load.queued_at_or_above(1.0) == 100
+    peers = PeerTable()
+    first = SegmentLoad("m", 1, queued=0, service_rate=100.0)
+    peers.update(Heartbeat("worker", "busy", segments=(first, load)))
+    peers.update(Heartbeat("worker", "gone", segments=(first,)), now=time.monotonic() - 10)
+    # Q_path input: per segment, each fresh host's wait ahead plus one service (0.01 s)
+    assert peers.segment_backlogs("m", 2, 1.0, priority=4.0) == \
+        [[pytest.approx(0.01)], [pytest.approx(0.03)]]
+    assert peers.segment_backlogs("m", 2, 1.0, priority=1.0)[1] == [pytest.approx(1.01)]
+    assert path_backlog(peers.segment_backlogs("m", 3, 1.0)) == pytest.approx(1.02)
 
 
 # -- admission (1.4) ---------------------------------------------------------------------------

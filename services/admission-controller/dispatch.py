@@ -119,10 +119,8 @@ class Dispatcher:
     def path_backlog(self, priority: float) -> float:
         """Q_path of a source of ``priority``: least backlog per segment along the model, plus
         what waits here for credit ahead of it (spread over the hosts of segment 1)."""
-        k = self.adm.bundle.num_segments
-        per_segment = [[c.backlog_s + c.service_s for c in
-                        self.peers.candidates(self.model, seg, priority=priority)
-                        if c.age_s <= self.stale_after_s] for seg in range(1, k + 1)]
+        per_segment = self.peers.segment_backlogs(self.model, self.adm.bundle.num_segments,
+                                                  self.stale_after_s, priority=priority)
         first = per_segment[0]
         waiting = self.waiting(priority)
         if waiting and first:

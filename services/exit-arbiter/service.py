@@ -189,8 +189,7 @@ class Arbiter:
         tick = self.s.control.tick_s
         while True:
             await asyncio.sleep(tick)
-            q = path_backlog([[c.backlog_s + c.service_s for c in self.peers.candidates(self.model, seg)
-                               if c.age_s <= stale] for seg in range(1, num_segments + 1)])
+            q = path_backlog(self.peers.segment_backlogs(self.model, num_segments, stale))
             new = self.adapter.step(self.policy, q, tick)
             if new is not None:
                 self.policy = new
