@@ -212,17 +212,16 @@ class Testbed:
                                 f"--name {spec.name}` first")
         if not (spec.bundle / "manifest.json").is_file():
             raise SettingsError(f"testbed: {spec.bundle} is not a model bundle (no manifest.json)")
-        missing = [img for img in {c.image for c in containers(spec, Path("."))}
-                   if not self._has_image(img)]
+        conf_dir = self.state_root / spec.name
+        plan = containers(spec, conf_dir)
+        missing = [img for img in sorted({c.image for c in plan}) if not self._has_image(img)]
         if missing:
             raise SettingsError(f"testbed: images not found on the engine: {', '.join(missing)} "
                                 "(docker compose build, or make test-deploy, builds them)")
-        conf_dir = self.state_root / spec.name
         conf_dir.mkdir(parents=True, exist_ok=True)
         (conf_dir / "mosquitto.conf").write_text(mosquitto_conf(spec))
         (conf_dir / "mosquitto.conf").chmod(0o644)
         conf_dir.chmod(0o755)
-        plan = containers(spec, conf_dir)
         network: dict[str, str] = {"network_mode": "host"}
         if spec.network == "bridge":
             net = f"{spec.name}-net"

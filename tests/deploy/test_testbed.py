@@ -92,5 +92,9 @@ def test_testbed_errors_are_one_clear_line(engine: str, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "unknown node profile 'tx2'" in bad.stderr
     nobundle = offramp("up", "--engine", engine, "--bundle", str(tmp_path), check=False)
     assert nobundle.returncode == 2 and "is not a model bundle" in nobundle.stderr
+    notag = offramp("up", "--engine", engine, "--tag", "no-such-tag", "--bundle",
+                    str(ROOT / "bundles/demo"), check=False)
+    assert notag.returncode == 2 and "images not found on the engine" in notag.stderr
+    assert "offramp/segment-worker:no-such-tag" in notag.stderr
     noengine = offramp("status", "--engine", f"unix://{tmp_path}/none.sock", check=False)
     assert noengine.returncode == 2 and "no Docker-compatible engine" in noengine.stderr
