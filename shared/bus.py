@@ -99,23 +99,52 @@ def _publish_qos0(client: aiomqtt.Client, topic: str, payload: bytes | bytearray
         raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
 
 
-async def _publish_until_lost(client: aiomqtt.Client, topic: str, payload: bytes | bytearray,
-                              qos: int, retain: bool, lost: asyncio.Event) -> None:
-    """A QoS 1/2 publish that fails as soon as its connection is lost, instead of waiting out
-    aiomqtt's timeout for an acknowledgement that can no longer come."""
-    publish = asyncio.ensure_future(client.publish(topic, payload, qos=qos, retain=retain))
-    if lost.is_set():
-        publish.cancel()
-        raise aiomqtt.MqttError("connection lost")
-    watcher = asyncio.ensure_future(lost.wait())
-    try:
-        await asyncio.wait({publish, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not publish.done():
-        publish.cancel()
-        raise aiomqtt.MqttError("connection lost before the broker acknowledged")
-    publish.result()
+class _Acks:
+    """QoS 1/2 publishes waiting for their acknowledgement, keyed by message id, on one
+    connection. Paho's on-publish callback (on the event loop, from aiomqtt's socket reader)
+    resolves them; a lost connection fails every one, so its callers publish again on the next.
+    One future per message: aiomqtt's publish (wrapped to fail on a lost connection) spent an
+    event, three tasks and a timer on each, a visible share of a service's CPU at hundreds of
+    messages a second. A PUBACK with a failure reason (MQTT v5: the ACL said no) is a BusError
+    at once; aiomqtt reported it as success, and the message was silently lost."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+
+    def install(self, client: aiomqtt.Client) -> None:
+        paho = client._client  # aiomqtt's paho client (aiomqtt is pinned to >=2.5,<3)
+        inner: Any = paho.on_publish  # aiomqtt's callback (paho types it loosely)
+
+        def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            fut = self._waiting.pop(mid, None)
+            if fut is None:
+                inner(c, userdata, mid, reason, props)  # QoS 0, or a publish aiomqtt made
+            elif not fut.done():
+                if getattr(reason, "is_failure", False):
+                    fut.set_exception(BusError(f"the broker refused the message: {reason}"))
+                else:
+                    fut.set_result(None)
+
+        paho.on_publish = on_publish
+
+    def publish(self, client: aiomqtt.Client, topic: str, payload: bytes | bytearray, qos: int,
+                retain: bool) -> asyncio.Future[None]:
+        info = client._client.publish(topic, payload, qos, retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if info.is_published():
+            fut.set_result(None)
+        else:
+            self._waiting[info.mid] = fut
+        return fut
+
+    def lost(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(aiomqtt.MqttError("connection lost before the broker "
+                                                    "acknowledged"))
 
 
 class _Router(asyncio.Queue[Any]):
@@ -142,7 +171,7 @@ class Bus:
         self.connected = asyncio.Event()
         self._subs: list[Subscription] = []
         self._client: aiomqtt.Client | None = None
-        self._lost = asyncio.Event()
+        self._acks = _Acks()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._log = structlog.get_logger("offramp.bus").bind(client_id=client_id)
@@ -203,13 +232,13 @@ class Bus:
         deadline = time.monotonic() + self.settings.publish_timeout_s
         data = bytes(payload) if isinstance(payload, memoryview) else payload
         while True:
-            client, lost = self._client, self._lost
+            client = self._client
             if client is not None and self.connected.is_set():
                 try:
                     if qos == 0:
                         _publish_qos0(client, topic, data, retain)
                     else:
-                        await _publish_until_lost(client, topic, data, qos, retain, lost)
+                        await self._acks.publish(client, topic, data, qos, retain)
                     self.stats.published += 1
                     return
                 except aiomqtt.MqttError as exc:
@@ -307,7 +336,7 @@ class Bus:
         while True:
             try:
                 async with aiomqtt.Client(**self._client_kwargs()) as client:
-                    self._lost = asyncio.Event()
+                    self._acks.install(client)
                     self._client = client
                     for sub in list(self._subs):
                         await client.subscribe(sub.mqtt_filter, sub.qos)
@@ -324,7 +353,7 @@ class Bus:
                 self._log.warning("bus_disconnected", error=str(exc), retry_in_s=round(delay, 3))
             finally:
                 self.connected.clear()
-                self._lost.set()
+                self._acks.lost()
                 self._client = None
             if self._closing:
                 return

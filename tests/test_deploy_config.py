@@ -4,6 +4,7 @@ compose/ actually started: passwords, ACL, TLS and websockets enforced and worki
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import re
 import shutil
@@ -252,3 +253,25 @@ def test_tls_and_websocket_listeners_work(secure_broker: SecureBroker) -> None:
         cl.loop_stop()
     assert re.search(r"listener \d+ 127\.0\.0\.1", (secure_broker.root / "compose/conf.d/tls.conf")
                      .read_text())
+
+
+def test_a_publish_the_broker_refuses_fails_with_its_reason(secure_broker: SecureBroker) -> None:
+    """MQTT v5 brokers answer a QoS 1 publish the ACL denies with a failure reason code in the
+    PUBACK: the bus raises it at once, where a success would silently lose the frame."""
+    from offramp.bus import Bus
+    from offramp.errors import BusError
+    from offramp.settings import BusSettings
+
+    settings = BusSettings(broker_url=f"mqtt://127.0.0.1:{secure_broker.mqtt}",
+                           username="cam-1", password=secure_broker.password("cam-1"))
+
+    async def go() -> None:
+        async with Bus(settings, "t-refused") as bus:
+            await bus.wait_connected(5)
+            await bus.publish("offramp/v1/ingest/cam-1", b"mine", qos=1)
+            with pytest.raises(BusError, match=r"refused.*[Nn]ot authori[sz]ed"):
+                await asyncio.wait_for(bus.publish("offramp/v1/ingest/cam-2", b"not mine",
+                                                   qos=1), 5)
+            await bus.publish("offramp/v1/ingest/cam-1", b"still connected", qos=1)
+
+    asyncio.run(go())
