@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from offramp.bus import Bus, Subscription
-from offramp.errors import WireError
+from offramp.errors import BusError, WireError
+from offramp.outbox import Outbox
 from offramp.topics import Topics
 from offramp.wire import FrameEnvelope, Result, Tensor
 
@@ -37,15 +38,30 @@ def envelope(frame_id: str, *, image: np.ndarray | None = None, tensor: np.ndarr
 
 
 async def publish_frames(bus: Bus, topic: str, payloads: Sequence[bytes], rate: float,
-                         qos: int = 1) -> float:
-    """Publish at ``rate`` frames per second (0: as fast as possible); return seconds taken."""
+                         qos: int = 1, window: int = 32) -> float:
+    """Publish at ``rate`` frames per second (0: as fast as possible); return seconds taken.
+    Up to ``window`` QoS 1 publishes wait for their acknowledgement at once, as a camera's MQTT
+    client keeps several in flight (paho: 20); one at a time would cap the rate at one frame per
+    broker round trip. Raises the first BusError once every publish has ended."""
+    failed: list[BusError] = []
+
+    async def one(payload: bytes) -> None:
+        try:
+            await bus.publish(topic, payload, qos=qos)
+        except BusError as exc:
+            failed.append(exc)
+
+    outbox = Outbox(window)
     start = time.perf_counter()
     for i, payload in enumerate(payloads):
         if rate > 0:
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-        await bus.publish(topic, payload, qos=qos)
+        await outbox.send(one(payload))
+    await outbox.flush(None)
+    if failed:
+        raise failed[0]
     return time.perf_counter() - start
 
 

@@ -27,6 +27,6 @@ class Outbox:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def flush(self, timeout: float) -> None:
+    async def flush(self, timeout: float | None) -> None:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout)
