@@ -50,7 +50,8 @@ def decode_image(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, EOFError, Image.DecompressionBombError,
+            SyntaxError) as exc:  # Pillow's plugins raise SyntaxError for a broken file
         raise FrameError(f"not a decodable JPEG or PNG image ({exc})") from None
 
 

@@ -15,6 +15,7 @@ from offramp.errors import WireError
 from offramp.wire import (
     ActivationPacket,
     Completion,
+    DoneReport,
     ExitPolicy,
     FrameEnvelope,
     Grant,
@@ -111,13 +112,22 @@ def test_heartbeat_round_trips(hb: Heartbeat) -> None:
     assert Heartbeat.decode(hb.encode()) == hb
 
 
-@given(st.builds(Completion, text, text, text, st.integers(0, 5), st.integers(0, 999), finite,
-                 st.integers(1, 9), st.sampled_from(["threshold", "final", "deadline",
-                                                     "feature-difference"]),
-                 text, finite, st.lists(hops, max_size=3).map(tuple),
-                 st.lists(finite, max_size=4).map(tuple), finite))
-def test_completion_round_trips(done: Completion) -> None:
-    assert Completion.decode(done.encode()) == done
+completions = st.builds(Completion, text, text, text, st.integers(0, 5), st.integers(0, 999),
+                        finite, st.integers(1, 9),
+                        st.sampled_from(["threshold", "final", "deadline", "feature-difference"]),
+                        text, finite, st.lists(hops, max_size=3).map(tuple),
+                        st.lists(finite, max_size=4).map(tuple), finite)
+
+
+@given(st.lists(completions, min_size=1, max_size=4).map(tuple))
+def test_done_report_round_trips(items: tuple[Completion, ...]) -> None:
+    report = DoneReport(items)
+    assert DoneReport.decode(report.encode()) == report
+
+
+def test_an_empty_done_report_is_refused() -> None:
+    with pytest.raises(WireError, match="at least one completion"):
+        DoneReport(())
 
 
 @given(st.builds(Plan, st.integers(0, 10**6), finite,
@@ -159,7 +169,7 @@ def test_result_json_round_trips(result: Result) -> None:
 
 # -- strict decoding ------------------------------------------------------------------------
 
-DECODERS = [ActivationPacket.decode, Heartbeat.decode, Completion.decode, Plan.decode,
+DECODERS = [ActivationPacket.decode, Heartbeat.decode, DoneReport.decode, Plan.decode,
             ExitPolicy.decode, FrameEnvelope.decode]
 
 

@@ -66,3 +66,18 @@ def decode_frame(data: bytes, spec: InputSpec, *, max_bytes: int) -> Frame:
         except WireError as exc:
             raise FrameError(str(exc)) from None
     return Frame(x, env.frame_id, env.deadline, env.label)
+
+
+def decode_frames(payloads: list[bytes], spec: InputSpec, *, max_bytes: int
+                  ) -> list[Frame | FrameError]:
+    """:func:`decode_frame` for each payload: the frame, or the error that says why not. A
+    decoder failing in a way it does not name is that frame's error too, not its batch's."""
+    out: list[Frame | FrameError] = []
+    for data in payloads:
+        try:
+            out.append(decode_frame(data, spec, max_bytes=max_bytes))
+        except FrameError as exc:
+            out.append(exc)
+        except Exception as exc:  # a decoder's unnamed failure on hostile bytes
+            out.append(FrameError(f"undecodable frame ({type(exc).__name__}: {exc})"))
+    return out

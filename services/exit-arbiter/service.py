@@ -28,7 +28,7 @@ from offramp.peers import PeerTable
 from offramp.policy.admission import ControlSettings, adapt_thresholds, path_backlog
 from offramp.service import Runtime
 from offramp.settings import CommonSettings, nested, setting
-from offramp.wire import Completion, Criterion, ExitPolicy, Heartbeat
+from offramp.wire import Criterion, DoneReport, ExitPolicy, Heartbeat
 
 PREFIX = "OFFRAMP_ARBITER_"
 
@@ -175,7 +175,8 @@ class Arbiter:
     async def watch(self, done: Subscription) -> None:
         async for msg in done:
             try:
-                self.shares.add(Completion.decode(msg.payload).exit_index)
+                for c in DoneReport.decode(msg.payload).completions:
+                    self.shares.add(c.exit_index)
             except WireError:
                 continue
 

@@ -30,7 +30,14 @@ from offramp.runtime import SegmentOutput, SegmentRunner
 from offramp.services.segment_worker.placer import EngineConfig, Placer, Publish
 from offramp.services.segment_worker.queue import Item, SegmentQueue
 from offramp.topics import Topics
-from offramp.wire import ActivationPacket, Completion, ExitPolicy, Hop, Sample, SegmentLoad
+from offramp.wire import (
+    ActivationPacket,
+    Completion,
+    DoneReport,
+    ExitPolicy,
+    Hop,
+    SegmentLoad,
+)
 
 
 @dataclass
@@ -232,13 +239,18 @@ class Engine:
                    time_to_next_s=to_next)
         thresholds = tuple(policy.thresholds) if policy else ()
         stay = []
-        for i in range(len(items)):
+        done: dict[str, list[Completion]] = {}
+        for i, sample in enumerate(samples):
             if d.exits[i]:
-                await self.outbox.send(self._complete(samples[i], int(d.labels[i]),
-                                                      float(d.confidence[i]), segment,
-                                                      d.reasons[i], thresholds))
+                done.setdefault(sample.source, []).append(Completion(
+                    sample.task_id, sample.source, sample.frame_id, sample.attempt,
+                    int(d.labels[i]), float(d.confidence[i]), segment,
+                    d.reasons[i], self.cfg.node, finished, sample.hops,  # type: ignore[arg-type]
+                    thresholds, sample.created))
             else:
                 stay.append(i)
+        for source, completions in done.items():
+            await self.outbox.send(self._report(source, completions))
         hosted.stats.exited += len(items) - len(stay)
         if stay and out.activation is not None:
             now = time.time()
@@ -246,13 +258,9 @@ class Engine:
             await self.placer.forward(segment + 1, [Item(samples[i], act[i], emb[i], now)
                                                     for i in stay])
 
-    async def _complete(self, sample: Sample, label: int, confidence: float, segment: int,
-                        reason: str, thresholds: tuple[float, ...]) -> None:
-        done = Completion(sample.task_id, sample.source, sample.frame_id, sample.attempt, label,
-                          confidence, segment, reason, self.cfg.node, time.time(),  # type: ignore[arg-type]
-                          sample.hops, thresholds, sample.created)
-        await self._publish(self.topics.done(sample.source), done.encode(), 1)
-        self.counters.completions += 1
+    async def _report(self, source: str, completions: list[Completion]) -> None:
+        await self._publish(self.topics.done(source), DoneReport(tuple(completions)).encode(), 1)
+        self.counters.completions += len(completions)
 
     async def _send_packet(self, topic: str, payload: bytes) -> None:
         await self._publish(topic, payload, 0)

@@ -7,6 +7,7 @@ from offramp.wire.messages import (
     ActivationPacket,
     Completion,
     Criterion,
+    DoneReport,
     ExitReason,
     FrameEnvelope,
     Hop,
@@ -19,7 +20,7 @@ from offramp.wire.tensor import CODECS, Codec, Tensor
 
 __all__ = [
     "CODECS", "CRITERIA", "DEFAULT_MAX_BYTES", "EXIT_REASONS", "STATUSES", "VERSION",
-    "ActivationPacket", "Codec", "Completion", "Criterion", "ExitPolicy", "ExitReason",
+    "ActivationPacket", "Codec", "Completion", "Criterion", "DoneReport", "ExitPolicy", "ExitReason",
     "FrameEnvelope", "Grant", "Heartbeat", "Hop", "Plan", "Result", "Sample", "SegmentLoad",
     "SegmentRef", "SentCount", "Status", "Tensor", "Want",
 ]

@@ -120,10 +120,9 @@ class ActivationPacket(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Completion(Message):
-    """A worker's report that it finished a frame; the admission-controller turns it into a result."""
+class Completion:
+    """One finished frame: where it exited, with what label and confidence, by which path."""
 
-    KIND: ClassVar[str] = "done"
     task_id: str
     source: str
     frame_id: str
@@ -153,6 +152,27 @@ class Completion(Message):
         return cls(r.text("task"), r.text("src"), r.text("frame"), r.integer("attempt"), r.integer("label"),
                    r.number("conf"), r.integer("exit"), reason, r.text("node"),  # type: ignore[arg-type]
                    r.number("ts"), _hops(r, "hops"), tuple(r.numbers("thr")), r.number("created"))
+
+
+@dataclass(frozen=True, slots=True)
+class DoneReport(Message):
+    """A worker's report of the frames of one source that one micro-batch finished: one
+    message per batch and source, not per frame (the admission-controller and the arbiter read
+    every one)."""
+
+    KIND: ClassVar[str] = "done"
+    completions: tuple[Completion, ...]
+
+    def __post_init__(self) -> None:
+        if not self.completions:
+            raise WireError("done: a report carries at least one completion")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"items": [c.to_wire() for c in self.completions]}
+
+    @classmethod
+    def from_wire(cls, r: Reader) -> DoneReport:
+        return cls(tuple(Completion.from_wire(c) for c in r.maps("items")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from offramp.errors import WireError
@@ -39,7 +39,9 @@ class Result:
             raise WireError(f"result.status: {self.status!r} is not one of {', '.join(STATUSES)}")
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), allow_nan=False).encode()
+        # Not dataclasses.asdict: it deep-copies every list and dict, once per frame.
+        obj = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Result:
