@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from offramp.ml.build import load_trained
 from offramp.ml.flops import count_flops
 from offramp.ml.loss import JointLoss, LossConfig
 from offramp.ml.zoo import REGISTRY, create_model
@@ -33,6 +36,25 @@ def test_exits_can_be_attached_after_any_block() -> None:
         create_model("resnet20", 10, exits=[42])
     with pytest.raises(ValueError, match="unknown model"):
         create_model("vgg", 10)
+
+
+def test_early_conv_heads_pool_to_a_grid_and_older_models_still_load(tmp_path: Path) -> None:
+    """Heads on high-resolution features keep a 2x2 layout (where the strokes are, not only
+    which); a model saved before, whose config has no head_grid, is rebuilt as it was."""
+    model = create_model("mobilenetv2", 10)
+    assert model.config["head_grid"] == 2
+    conv_heads = [h for h in model.heads if h.grid == 2]
+    assert conv_heads and model.heads[-1].grid == 1
+    old = create_model("mobilenetv2", 10, head_grid=1)
+    config = {k: v for k, v in old.config.items() if k != "head_grid"}
+    torch.save({"model_config": {**config, "name": "mobilenetv2"}, "num_classes": 10,
+                "state": old.state_dict()}, tmp_path / "model.pt")
+    loaded = load_trained(tmp_path / "model.pt")
+    assert all(h.grid == 1 for h in loaded.heads)
+    x = torch.randn(2, 3, 32, 32)
+    old.eval()
+    for (a, _), (b, _) in zip(old(x), loaded(x), strict=True):
+        assert torch.allclose(a, b)
 
 
 def test_width_multiplier_and_depth_are_settings() -> None:

@@ -17,7 +17,7 @@ from offramp.ml.data import Dataset, load_dataset
 from offramp.ml.export import export_bundle
 from offramp.ml.loss import LossConfig
 from offramp.ml.train import TrainConfig, TrainResult, train
-from offramp.ml.zoo import MultiExitNet, create_model
+from offramp.ml.zoo import ZOO_VERSION, MultiExitNet, create_model
 from offramp.preprocess import InputSpec
 
 
@@ -37,7 +37,7 @@ class Recipe:
     def digest(self) -> str:
         doc = {"name": self.name, "model": self.model, "cfg": self.model_cfg,
                "dataset": self.dataset, "data_dir": self.data_dir, "size": self.input_size,
-               "train": self.train.to_dict(), "cuts": list(self.cuts)}
+               "train": self.train.to_dict(), "cuts": list(self.cuts), "zoo": ZOO_VERSION}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -115,6 +115,7 @@ def load_trained(path: Path) -> MultiExitNet:
     name = cfg.pop("name")
     exits = cfg.pop("exits")
     cfg.pop("stage_ends", None)
+    cfg.setdefault("head_grid", 1)  # saved before exit heads pooled to a grid
     model = create_model(name, state["num_classes"], exits, **cfg)
     model.load_state_dict(state["state"])
     return model.eval()

@@ -13,6 +13,11 @@ from offramp.ml.zoo.wideresnet import wideresnet
 
 Factory = Callable[..., MultiExitNet]
 
+# Bumped when a model built from the same configuration gets different layers or weights, so
+# that recipes cached or checkpointed before are trained again (2: conv exit heads pool to a
+# grid; load_trained still rebuilds a model saved under 1).
+ZOO_VERSION = 2
+
 REGISTRY: dict[str, Factory] = {
     "mobilenetv2": mobilenetv2,
     "resnet20": partial(resnet_cifar, 20),
@@ -34,4 +39,4 @@ def create_model(name: str, num_classes: int, exits: Sequence[int] | None = None
     return model
 
 
-__all__ = ["REGISTRY", "ExitHead", "FeatureInfo", "MultiExitNet", "create_model"]
+__all__ = ["REGISTRY", "ZOO_VERSION", "ExitHead", "FeatureInfo", "MultiExitNet", "create_model"]

@@ -39,7 +39,7 @@ class InvertedResidual(nn.Module):
 
 def mobilenetv2(num_classes: int, exits: Sequence[int] | None = None, *, width: float = 1.0,
                 input_size: int = 32, embed_dim: int = 128,
-                stem_stride: int | None = None) -> MultiExitNet:
+                stem_stride: int | None = None, head_grid: int = 2) -> MultiExitNet:
     """``stem_stride`` defaults to 1 for small inputs (CIFAR layout) and 2 otherwise; 2 on a
     32 px input is about 4x cheaper, which the quick demo preset uses."""
     small = input_size <= 64
@@ -67,7 +67,8 @@ def mobilenetv2(num_classes: int, exits: Sequence[int] | None = None, *, width: 
     chosen = list(exits) if exits is not None else [stage_ends[1], stage_ends[2], stage_ends[3], last]
     return MultiExitNet("mobilenetv2", blocks, info, chosen, num_classes, embed_dim,
                         {"width": width, "input_size": input_size, "embed_dim": embed_dim,
-                         "stem_stride": stem_stride, "exits": chosen, "stage_ends": stage_ends})
+                         "stem_stride": stem_stride, "exits": chosen, "stage_ends": stage_ends},
+                        head_grid)
 
 
 __all__ = ["default_exits", "mobilenetv2"]

@@ -46,7 +46,8 @@ class Bottleneck(nn.Module):
 
 def _build(arch: str, block: type[BasicBlock] | type[Bottleneck], depths: Sequence[int],
            widths: Sequence[int], stem: nn.Module, stem_info: FeatureInfo, num_classes: int,
-           exits: Sequence[int] | None, embed_dim: int, config: dict[str, object]) -> MultiExitNet:
+           exits: Sequence[int] | None, embed_dim: int, config: dict[str, object],
+           head_grid: int) -> MultiExitNet:
     blocks: list[nn.Module] = [stem]
     info = [stem_info]
     cin, reduction, stage_ends = stem_info.channels, stem_info.reduction, []
@@ -61,21 +62,22 @@ def _build(arch: str, block: type[BasicBlock] | type[Bottleneck], depths: Sequen
     last = len(blocks) - 1
     chosen = list(exits) if exits is not None else default_exits(stage_ends, last, len(depths))
     return MultiExitNet(arch, blocks, info, chosen, num_classes, embed_dim,
-                        {**config, "embed_dim": embed_dim, "exits": chosen})
+                        {**config, "embed_dim": embed_dim, "exits": chosen}, head_grid)
 
 
 def resnet_cifar(depth: int, num_classes: int, exits: Sequence[int] | None = None, *,
-                 input_size: int = 32, embed_dim: int = 64) -> MultiExitNet:
+                 input_size: int = 32, embed_dim: int = 64, head_grid: int = 2) -> MultiExitNet:
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
     n = (depth - 2) // 6
     return _build(f"resnet{depth}", BasicBlock, [n, n, n], [16, 32, 64], conv_bn(3, 16),
                   FeatureInfo("stem", 16, 1), num_classes, exits, embed_dim,
-                  {"depth": depth, "input_size": input_size})
+                  {"depth": depth, "input_size": input_size}, head_grid)
 
 
 def resnet_imagenet(depth: int, num_classes: int, exits: Sequence[int] | None = None, *,
-                    input_size: int = 224, embed_dim: int = 128) -> MultiExitNet:
+                    input_size: int = 224, embed_dim: int = 128,
+                    head_grid: int = 2) -> MultiExitNet:
     layouts: dict[int, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
         18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
         50: (Bottleneck, [3, 4, 6, 3])}
@@ -85,4 +87,4 @@ def resnet_imagenet(depth: int, num_classes: int, exits: Sequence[int] | None = 
     stem = nn.Sequential(conv_bn(3, 64, 7, 2), nn.MaxPool2d(3, 2, 1))
     return _build(f"resnet{depth}", block, depths, [64, 128, 256, 512], stem,
                   FeatureInfo("stem", 64, 4), num_classes, exits, embed_dim,
-                  {"depth": depth, "input_size": input_size})
+                  {"depth": depth, "input_size": input_size}, head_grid)

@@ -37,7 +37,7 @@ class BnRelu(nn.Sequential):
 
 def wideresnet(num_classes: int, exits: Sequence[int] | None = None, *, depth: int = 16,
                width: int = 4, dropout: float = 0.0, input_size: int = 32,
-               embed_dim: int = 128) -> MultiExitNet:
+               embed_dim: int = 128, head_grid: int = 2) -> MultiExitNet:
     if (depth - 4) % 6:
         raise ValueError(f"WRN depth must be 6n+4 (16, 22, 28, 40), got {depth}")
     n = (depth - 4) // 6
@@ -59,4 +59,5 @@ def wideresnet(num_classes: int, exits: Sequence[int] | None = None, *, depth: i
     chosen = list(exits) if exits is not None else default_exits(stage_ends[:-1], last, 3)
     return MultiExitNet("wideresnet", blocks, info, chosen, num_classes, embed_dim,
                         {"depth": depth, "width": width, "dropout": dropout,
-                         "input_size": input_size, "embed_dim": embed_dim, "exits": chosen})
+                         "input_size": input_size, "embed_dim": embed_dim, "exits": chosen},
+                        head_grid)
