@@ -5,7 +5,9 @@ Same machine, same run, same model: MobileNetV2 width 1.0 on 32x32 digits (train
 processes (1 intra-op thread each), CPU.
 
 - pipeline_efficiency: frames/s of the system with exits closed / frames/s of one monolithic
-  session given the same total threads (3; also 2 = the cores, and the better one is used).
+  session given the same total intra-op threads (3, one per worker), as the issue defines it.
+  pipeline_efficiency_vs_cores is the stricter ratio against a session with as many threads as
+  the machine has cores (2 here), which is the faster one on this machine.
 - exit_speedup: frames/s with thresholds for target = final - 1 point / with exits closed,
   with the realised accuracy beside it.
 - latency p50/p99 at 50% and 90% of the measured capacity (exits on).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -128,8 +131,8 @@ def main() -> None:
     from offramp.preprocess import normalise
 
     x = normalise(images, bundle.manifest.input)
-    mono = {t: monolithic_rate(bundle, x, t) for t in (WORKERS, 2)}
-    baseline = max(mono.values())
+    cores = os.cpu_count() or 1
+    mono = {t: monolithic_rate(bundle, x, t) for t in sorted({WORKERS, cores})}
     closed = summarise(*run_system(bundle, payloads, 0, exits=False), labels)
     opened = summarise(*run_system(bundle, payloads, 0, exits=True), labels)
     capacity = opened["fps"]
@@ -143,7 +146,8 @@ def main() -> None:
         "segments": [[s.first_block, s.last_block] for s in bundle.manifest.segments],
         "monolithic_fps": {f"{t}_threads": round(v, 1) for t, v in mono.items()},
         "exits_closed": closed, "exits_open": opened,
-        "pipeline_efficiency": round(closed["fps"] / baseline, 3),
+        "pipeline_efficiency": round(closed["fps"] / mono[WORKERS], 3),
+        "pipeline_efficiency_vs_cores": round(closed["fps"] / mono[cores], 3),
         "exit_speedup": round(opened["fps"] / closed["fps"], 3),
         "realised_accuracy_with_exits": opened["accuracy"],
         "accuracy_without_exits": closed["accuracy"],
