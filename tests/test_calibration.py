@@ -40,6 +40,28 @@ def test_thresholds_for_accuracy_meet_the_target_when_possible(target: float, se
     assert all(0.0 <= t <= NEVER for t in thr)
 
 
+def test_the_margin_keeps_thresholds_off_the_edge_of_the_validation_errors() -> None:
+    """Exit 1 is right on 90 of 100 samples, the final exit on all: "final - 5 points" is just
+    met by letting the 56 most confident samples (5 of them wrong) leave at exit 1. With a
+    margin, the accuracy given up must clear the 5 points by z standard errors, so fewer leave
+    there; closing every exit gives up nothing and meets any target up to the final's."""
+    conf = np.linspace(1.0, 0.01, 100, dtype=np.float32)[:, None].repeat(2, axis=1)
+    correct = np.ones((100, 2), bool)
+    correct[[1, 12, 23, 34, 45, 56, 67, 78, 89, 99], 0] = False
+    c = Calibration({"confidence": conf}, correct, np.array([0.2, 1.0]))
+    bare = c.thresholds_for_accuracy("confidence", 0.95, margin_z=0.0)
+    assert c.simulate("confidence", bare).accuracy == pytest.approx(0.95)
+    assert c.simulate("confidence", bare).shares[0] == pytest.approx(0.56)
+    safe = c.thresholds_for_accuracy("confidence", 0.95, margin_z=1.645)
+    out = c.simulate("confidence", safe)
+    assert safe[0] > bare[0] and 0 < out.shares[0] < 0.56
+    right = correct[np.arange(100), c.exit_index("confidence", safe)]
+    given_up = correct[:, -1].astype(float) - right
+    assert out.accuracy - 1.645 * given_up.std(ddof=1) / 10 >= 0.95
+    assert c.meets("confidence", (NEVER,), 1.0, margin_z=3.0)
+    assert not c.meets("confidence", (0.0,), 0.95)
+
+
 def test_lower_targets_save_more_compute() -> None:
     c = _synthetic()
     final = c.exit_accuracy()[-1]

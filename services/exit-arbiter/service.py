@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from offramp.bundle import load_bundle
 from offramp.bus import Subscription
-from offramp.calibration import Calibration
+from offramp.calibration import DEFAULT_MARGIN_Z, Calibration
 from offramp.errors import OfframpError, SettingsError, WireError
 from offramp.peers import PeerTable
 from offramp.policy.admission import ControlSettings, adapt_thresholds, path_backlog
@@ -43,6 +43,10 @@ class ArbiterSettings:
                                      "OFFRAMP_ARBITER_TARGET_DROP", min=-1, max=1)
     target_drop: float = setting(0.01, "Accuracy given up for speed when no target is set",
                                  min=0, max=1)
+    target_margin_z: float = setting(
+        DEFAULT_MARGIN_Z, "Standard errors of the accuracy the exits give up (measured on the "
+        "calibration set) by which thresholds must clear the target; 0: just meet it", min=0,
+        max=10)
     thresholds: tuple[float, ...] = setting((), "Explicit thresholds (override the target)")
     disable_exits: bool = setting(False, "Close every early exit (all samples to the final one)")
     republish_s: float = setting(5.0, "Republish the retained policy this often", min=0.1,
@@ -67,7 +71,8 @@ def make_policy(settings: ArbiterSettings, calib: Calibration, model: str, epoch
     else:
         target = (settings.target_accuracy if settings.target_accuracy >= 0
                   else calib.exit_accuracy()[-1] - settings.target_drop)
-        thresholds = calib.thresholds_for_accuracy(settings.criterion, target)
+        thresholds = calib.thresholds_for_accuracy(settings.criterion, target,
+                                                   settings.target_margin_z)
     expected = calib.simulate(settings.criterion, thresholds).accuracy
     return ExitPolicy(model, epoch, time.time(), settings.criterion, thresholds, target, expected)
 
@@ -81,7 +86,8 @@ class Adapter:
         self.base = base
         floor_acc = (self.s.accuracy_floor if self.s.accuracy_floor >= 0
                      else calib.exit_accuracy()[-1] - 0.05)
-        floor = calib.thresholds_for_accuracy(base.criterion, floor_acc)
+        floor = calib.thresholds_for_accuracy(base.criterion, floor_acc,
+                                              settings.target_margin_z)
         self.ceiling = base.thresholds
         self.floor = tuple(min(f, c) for f, c in zip(floor, self.ceiling, strict=True))
 
