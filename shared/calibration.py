@@ -116,7 +116,7 @@ class Calibration:
             return accuracy >= target
         given_up = self.correct[:, -1].astype(np.float64) - right
         stderr = float(given_up.std(ddof=1)) / np.sqrt(self.num_samples)
-        return accuracy - margin_z * stderr >= target
+        return bool(accuracy - margin_z * stderr >= target)
 
     def thresholds_for_accuracy(self, criterion: str, target: float,
                                 margin_z: float = DEFAULT_MARGIN_Z) -> tuple[float, ...]:
