@@ -2,7 +2,8 @@
 
 Same machine, same run, same model: MobileNetV2 width 1.0 on 32x32 digits (trained by the
 ``mnv2-digits`` preset, cached under bundles/bench), exported as 3 segments on 3 worker
-processes (1 intra-op thread each), CPU.
+processes (1 intra-op thread each, micro-batches of up to 32), CPU. The monolithic session gets
+the better of batch 16 and 32.
 
 - pipeline_efficiency: frames/s of the system with exits closed / frames/s of one monolithic
   session given the same total intra-op threads (3, one per worker), as the issue defines it.
@@ -40,12 +41,13 @@ from offramp.topics import Topics
 from offramp.wire import ExitPolicy, Result
 
 WORKERS = 3
-FRAMES = 1200
+FRAMES = 3000
+BATCH = 32  # micro-batch of the workers and of admission's first packets
 ROOT = Path("bundles/bench")
 ENV = {"OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "100000", "OFFRAMP_ADMISSION_INGEST_QUEUE": "100000",
-       "OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "120", "OFFRAMP_ADMISSION_DISPATCH_BATCH": "16",
+       "OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "120", "OFFRAMP_ADMISSION_DISPATCH_BATCH": str(BATCH),
        "OFFRAMP_LOG_LEVEL": "warning"}
-WORKER_ENV = {"OFFRAMP_WORKER_THREADS": "1", "OFFRAMP_WORKER_BATCH_MAX": "16",
+WORKER_ENV = {"OFFRAMP_WORKER_THREADS": "1", "OFFRAMP_WORKER_BATCH_MAX": str(BATCH),
               "OFFRAMP_WORKER_QUEUE_MAX": "100000", "OFFRAMP_WORKER_FOLLOW_PLAN": "false"}
 
 
@@ -72,15 +74,19 @@ def three_segments() -> Bundle:
     return load_bundle(out)
 
 
-def monolithic_rate(bundle: Bundle, x: np.ndarray, threads: int, batch: int = 16) -> float:
+def monolithic_rate(bundle: Bundle, x: np.ndarray, threads: int) -> float:
+    """Frames/s of the whole model in one session, at the better of batch 16 and 32."""
     runner = FullModelRunner(bundle, threads=threads)
-    for i in range(3):
-        runner.run(x[i * batch:(i + 1) * batch])
-    t0, n = time.perf_counter(), 0
-    for start in range(0, len(x), batch):
-        runner.run(x[start:start + batch])
-        n += len(x[start:start + batch])
-    return n / (time.perf_counter() - t0)
+    best = 0.0
+    for batch in (16, BATCH):
+        for i in range(3):
+            runner.run(x[i * batch:(i + 1) * batch])
+        t0, n = time.perf_counter(), 0
+        for start in range(0, len(x), batch):
+            runner.run(x[start:start + batch])
+            n += len(x[start:start + batch])
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
 
 
 async def drive(system: LocalSystem, payloads: list[bytes], rate: float) -> tuple[list[Result],
