@@ -108,3 +108,49 @@ def test_sigint_also_stops_a_service(broker: LocalBroker, tmp_path: Path,
     time.sleep(1.5)
     proc.signal(signal.SIGINT)
     assert proc.proc is not None and proc.proc.wait(10) == 0
+
+
+async def test_frames_taken_but_not_yet_decoded_are_answered_when_admission_stops(
+        broker: LocalBroker, bus_settings: BusSettings, topics: Topics, prefix: str,
+        tmp_path: Path, bundle_env: dict[str, str]) -> None:
+    """The admission-controller acknowledges a frame to the broker when it reads it, so from
+    then on it owes the frame a result. Images of 16 megapixels (50 KB of PNG each, a few
+    tenths of a second to decode) keep its decode thread busy while the rest wait in its inbox
+    and in hand; a SIGTERM then still answers every one, and the process exits at once."""
+    import numpy as np
+
+    from offramp.client import envelope
+    from offramp.wire import Result
+
+    image = np.zeros((4000, 4000, 3), np.uint8)
+    image[::7] = 200
+    n = 40
+    payloads = [envelope(f"big-{i}", image=image) for i in range(n)]
+    proc = ServiceProcess("admission-controller", "adm-stop", {
+        "OFFRAMP_BROKER_URL": broker.url, "OFFRAMP_TOPIC_PREFIX": prefix,
+        "OFFRAMP_LOG_FORMAT": "json", **bundle_env}, tmp_path / "adm.log")
+    async with Bus(bus_settings, "camera") as bus:
+        await bus.wait_connected(5)
+        results = await bus.subscribe(topics.results_all(), qos=1, maxsize=1000)
+        admission = await bus.subscribe(topics.state_all("admission"))
+        proc.start()
+        try:
+            await asyncio.wait_for(admission.get(), 20)  # up and subscribed
+            for p in payloads:
+                await bus.publish(topics.ingest("cam-1"), p, qos=1)
+            await asyncio.sleep(1.5)  # all delivered; a few decoded at most
+            started = time.monotonic()
+            code = await asyncio.to_thread(proc.stop, 10)
+            took = time.monotonic() - started
+            got = [Result.from_json((await asyncio.wait_for(results.get(), 10)).payload)
+                   for _ in range(n)]
+            await asyncio.sleep(0.3)
+            extra = len(results.inbox)
+        finally:
+            proc.kill()
+    log = (tmp_path / "adm.log").read_text()
+    assert code == 0, log
+    assert took < 5, f"stopping took {took:.1f} s"
+    assert extra == 0
+    assert all(r.status == "error" and "stopped" in (r.error or "") for r in got), got
+    assert len({r.task_id for r in got}) == n

@@ -7,6 +7,7 @@ expected; the admission-controller answers it with an ``error`` result.
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,12 +69,16 @@ def decode_frame(data: bytes, spec: InputSpec, *, max_bytes: int) -> Frame:
     return Frame(x, env.frame_id, env.deadline, env.label)
 
 
-def decode_frames(payloads: list[bytes], spec: InputSpec, *, max_bytes: int
-                  ) -> list[Frame | FrameError]:
+def decode_frames(payloads: list[bytes], spec: InputSpec, *, max_bytes: int,
+                  stop: threading.Event | None = None) -> list[Frame | FrameError]:
     """:func:`decode_frame` for each payload: the frame, or the error that says why not. A
-    decoder failing in a way it does not name is that frame's error too, not its batch's."""
+    decoder failing in a way it does not name is that frame's error too, not its batch's. Once
+    ``stop`` is set, the frames not yet begun are left out (a stopping service answers them):
+    a batch of large images would otherwise hold the process's exit for seconds."""
     out: list[Frame | FrameError] = []
     for data in payloads:
+        if stop is not None and stop.is_set():
+            break
         try:
             out.append(decode_frame(data, spec, max_bytes=max_bytes))
         except FrameError as exc:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -86,6 +87,8 @@ class Admission:
                                settings.max_attempts)
         self.dispatcher = Dispatcher(self, runtime)
         self.unanswered_drops: list[Message] = []
+        self.in_hand: deque[Message] = deque()  # taken from the ingest inbox, not yet answered
+        self.stopping = threading.Event()  # tells the decode thread to leave the rest
         self.counts: Counter[str] = Counter()
         self.recent: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.ids = itertools.count()
@@ -157,16 +160,20 @@ class Admission:
         """Frames are decoded off the event loop, up to DECODE_BATCH per hand-off to the decode
         thread: a hand-off per frame cost more than decoding a small frame does."""
         loop = asyncio.get_running_loop()
-        decode = partial(decode_frames, spec=self.bundle.manifest.input, max_bytes=self.max_bytes)
+        decode = partial(decode_frames, spec=self.bundle.manifest.input, max_bytes=self.max_bytes,
+                         stop=self.stopping)
         while True:
-            batch = [await sub.get()]
-            while len(batch) < DECODE_BATCH and (more := sub.inbox.get_nowait()) is not None:
-                batch.append(more)
-            frames = await loop.run_in_executor(self.decoder, decode, [m.payload for m in batch])
-            for msg, frame in zip(batch, frames, strict=True):
+            self.in_hand.append(await sub.get())
+            while len(self.in_hand) < DECODE_BATCH and (more := sub.inbox.get_nowait()):
+                self.in_hand.append(more)
+            frames = await loop.run_in_executor(self.decoder, decode,
+                                                [m.payload for m in self.in_hand])
+            for frame in frames:
+                msg = self.in_hand[0]
                 try:
                     source = self.topics.parse(msg.topic).source
                 except TopicError:
+                    self.in_hand.popleft()
                     continue
                 self.counts["frames"] += 1
                 self.m_frames.inc(source=source)
@@ -176,6 +183,7 @@ class Admission:
                                       error=str(frame))
                 else:
                     await self.admit(source, task_id, frame)
+                self.in_hand.popleft()  # only now: a stop meanwhile answers it (unanswered)
 
     def duplicate(self, source: str, frame_id: str | None, now: float) -> bool:
         """The same frame id from the same source within ``dedup_s``: a QoS 1 redelivery (a
@@ -229,13 +237,16 @@ class Admission:
 
     async def answer_overflow(self) -> None:
         drops, self.unanswered_drops = self.unanswered_drops, []
-        for msg in drops:
+        self.m_drops.inc(len(drops), reason="ingest-queue")
+        await self.answer_unread(drops, "dropped", "ingest queue full")
+
+    async def answer_unread(self, msgs: list[Message], status: Status, error: str) -> None:
+        """Answer frames that were received but never decoded (they have no frame id yet)."""
+        for msg in msgs:
             with contextlib.suppress(TopicError):
                 source = self.topics.parse(msg.topic).source
                 task_id = self.new_id()
-                self.m_drops.inc(reason="ingest-queue")
-                await self.answer(task_id, source, f"{source}-{task_id}", "dropped",
-                                  error="ingest queue full")
+                await self.answer(task_id, source, f"{source}-{task_id}", status, error=error)
 
     # -- completions, liveness, deadlines, control ---------------------------------------------
     async def completions(self, sub: Subscription) -> None:
@@ -347,10 +358,14 @@ async def run(settings: AdmissionSettings, stop: asyncio.Event) -> None:
                 adm.states(states), adm.registrations(sources), adm.plans(plans),
                 adm.sweeper(), adm.control())]
             await stop.wait()
+            adm.stopping.set()
             for t in tasks:
                 t.cancel()
         for task in adm.tracker.drain():
             await adm.answer(task.task_id, task.source, task.frame_id, "error",
                              created=task.created, error="admission-controller stopped")
+        # Received (and acknowledged to the broker) but not decoded yet: answered too.
+        await adm.answer_unread([*adm.in_hand, *ingest.inbox.drain()], "error",
+                                "admission-controller stopped")
         await adm.outbox.flush(5.0)
         adm.decoder.shutdown(wait=False, cancel_futures=True)
