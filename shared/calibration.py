@@ -79,10 +79,15 @@ class Calibration:
         out: np.ndarray = take.argmax(axis=1)
         return out
 
-    def simulate(self, criterion: str, thresholds: tuple[float, ...] | list[float]) -> Outcome:
+    def _cascade(self, criterion: str, thresholds: tuple[float, ...] | list[float]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """The exit each validation sample takes, and whether it is right there."""
         idx = self.exit_index(criterion, thresholds)
-        rows = np.arange(self.num_samples)
-        accuracy = float(self.correct[rows, idx].mean())
+        return idx, self.correct[np.arange(self.num_samples), idx]
+
+    def simulate(self, criterion: str, thresholds: tuple[float, ...] | list[float]) -> Outcome:
+        idx, right = self._cascade(criterion, thresholds)
+        accuracy = float(right.mean())
         shares = np.bincount(idx, minlength=self.num_exits) / max(1, self.num_samples)
         return Outcome(accuracy, tuple(float(x) for x in shares), float(self.cost[idx].mean()))
 
@@ -90,9 +95,7 @@ class Calibration:
                           ) -> list[float]:
         """Accuracy of the validation samples that take each exit under ``thresholds``
         (NaN where none does): what a realised exit share implies."""
-        idx = self.exit_index(criterion, thresholds)
-        rows = np.arange(self.num_samples)
-        right = self.correct[rows, idx]
+        idx, right = self._cascade(criterion, thresholds)
         return [float(right[idx == k].mean()) if np.any(idx == k) else float("nan")
                 for k in range(self.num_exits)]
 
@@ -109,8 +112,7 @@ class Calibration:
         sample runs to the end). Thresholds that only just meet a target on a few hundred
         validation samples miss it on new data: the smallest such threshold sits where the
         validation errors happen to run out."""
-        idx = self.exit_index(criterion, thresholds)
-        right = self.correct[np.arange(self.num_samples), idx]
+        _, right = self._cascade(criterion, thresholds)
         accuracy = float(right.mean())
         if margin_z <= 0 or self.num_samples < 2:
             return accuracy >= target

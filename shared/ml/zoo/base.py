@@ -23,6 +23,9 @@ class FeatureInfo:
     reduction: int
 
 
+HEAD_GRID = 2  # the grid conv exit heads pool to (ExitHead); 1 in models saved before it
+
+
 class ExitHead(nn.Module):
     """pool + linear (+ one strided depthwise-separable conv first for early, high-resolution
     features: it sees more than a global average of them, at a few percent of the segment's
@@ -63,7 +66,7 @@ class MultiExitNet(nn.Module):
 
     def __init__(self, arch: str, blocks: Sequence[nn.Module], feature_info: Sequence[FeatureInfo],
                  exits: Sequence[int], num_classes: int, embed_dim: int = 128,
-                 config: dict[str, object] | None = None, head_grid: int = 2) -> None:
+                 config: dict[str, object] | None = None, head_grid: int = HEAD_GRID) -> None:
         super().__init__()
         if len(blocks) != len(feature_info):
             raise ValueError("one FeatureInfo per block")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from offramp.ml.zoo.base import FeatureInfo, MultiExitNet, conv_bn, default_exits
+from offramp.ml.zoo.base import HEAD_GRID, FeatureInfo, MultiExitNet, conv_bn, default_exits
 
 # expansion t, channels c, repeats n, stride s
 STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
@@ -39,7 +39,7 @@ class InvertedResidual(nn.Module):
 
 def mobilenetv2(num_classes: int, exits: Sequence[int] | None = None, *, width: float = 1.0,
                 input_size: int = 32, embed_dim: int = 128,
-                stem_stride: int | None = None, head_grid: int = 2) -> MultiExitNet:
+                stem_stride: int | None = None, head_grid: int = HEAD_GRID) -> MultiExitNet:
     """``stem_stride`` defaults to 1 for small inputs (CIFAR layout) and 2 otherwise; 2 on a
     32 px input is about 4x cheaper, which the quick demo preset uses."""
     small = input_size <= 64

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from offramp.ml.zoo.base import FeatureInfo, MultiExitNet, conv_bn, default_exits
+from offramp.ml.zoo.base import HEAD_GRID, FeatureInfo, MultiExitNet, conv_bn, default_exits
 
 
 class BasicBlock(nn.Module):
@@ -66,7 +66,7 @@ def _build(arch: str, block: type[BasicBlock] | type[Bottleneck], depths: Sequen
 
 
 def resnet_cifar(depth: int, num_classes: int, exits: Sequence[int] | None = None, *,
-                 input_size: int = 32, embed_dim: int = 64, head_grid: int = 2) -> MultiExitNet:
+                 input_size: int = 32, embed_dim: int = 64, head_grid: int = HEAD_GRID) -> MultiExitNet:
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
     n = (depth - 2) // 6
@@ -77,7 +77,7 @@ def resnet_cifar(depth: int, num_classes: int, exits: Sequence[int] | None = Non
 
 def resnet_imagenet(depth: int, num_classes: int, exits: Sequence[int] | None = None, *,
                     input_size: int = 224, embed_dim: int = 128,
-                    head_grid: int = 2) -> MultiExitNet:
+                    head_grid: int = HEAD_GRID) -> MultiExitNet:
     layouts: dict[int, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
         18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
         50: (Bottleneck, [3, 4, 6, 3])}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from offramp.ml.zoo.base import FeatureInfo, MultiExitNet, default_exits
+from offramp.ml.zoo.base import HEAD_GRID, FeatureInfo, MultiExitNet, default_exits
 
 
 class WideBlock(nn.Module):
@@ -37,7 +37,7 @@ class BnRelu(nn.Sequential):
 
 def wideresnet(num_classes: int, exits: Sequence[int] | None = None, *, depth: int = 16,
                width: int = 4, dropout: float = 0.0, input_size: int = 32,
-               embed_dim: int = 128, head_grid: int = 2) -> MultiExitNet:
+               embed_dim: int = 128, head_grid: int = HEAD_GRID) -> MultiExitNet:
     if (depth - 4) % 6:
         raise ValueError(f"WRN depth must be 6n+4 (16, 22, 28, 40), got {depth}")
     n = (depth - 4) // 6
