@@ -149,12 +149,13 @@ class LiveView:
         head.add_row(f"{len(recent) / 5:.1f}", " ".join(f"{k}:{v}" for k, v in
                                                         sorted(self.status.items())), shares, p)
         workers = Table(title="workers")
-        for col in ("node", "segment", "queued", "backlog ms", "samples/s", "mean batch",
-                    "exited", "forwarded"):
+        for col in ("node", "device", "segment", "queued", "backlog ms", "samples/s",
+                    "mean batch", "exited", "forwarded"):
             workers.add_column(col)
         for node, hb in sorted(self.workers.items()):
             for s in hb.segments:
-                workers.add_row(node, str(s.segment), str(s.queued), f"{s.backlog_s * 1000:.1f}",
+                workers.add_row(node, hb.device or "-", str(s.segment), str(s.queued),
+                                f"{s.backlog_s * 1000:.1f}",
                                 f"{s.service_rate:.0f}", f"{s.mean_batch:.1f}", str(s.exited),
                                 str(s.forwarded))
         return Group(head, workers)

@@ -17,6 +17,7 @@ from offramp.bundle import Bundle
 from offramp.bus import Bus
 from offramp.errors import BrokerError
 from offramp.launcher import SERVICES, ServiceProcess
+from offramp.runtime import SegmentRunner
 from offramp.settings import BusSettings
 from offramp.topics import Topics
 from offramp.wire import Heartbeat
@@ -80,6 +81,35 @@ async def test_service_heartbeats_then_stops_cleanly_on_sigterm(
     assert all(hb.online and hb.node == f"{service}-t" for hb in beats)
     assert [hb.seq for hb in beats] == sorted(hb.seq for hb in beats)
     assert not last.online
+
+
+async def test_worker_says_which_device_it_really_runs_on(
+        broker: LocalBroker, bus_settings: BusSettings, topics: Topics, prefix: str,
+        tmp_path: Path, bundle_env: dict[str, str], tiny_bundle: Bundle) -> None:
+    """Asked for cuda, a worker runs where ONNX Runtime can (CPU without onnxruntime-gpu or a
+    GPU), says so in its heartbeat and warns once, rather than being slow without a word."""
+    expected = SegmentRunner(tiny_bundle, 1, device="cuda").device
+    log = tmp_path / "worker.log"
+    proc = ServiceProcess("segment-worker", "w-cuda", {
+        "OFFRAMP_BROKER_URL": broker.url, "OFFRAMP_TOPIC_PREFIX": prefix,
+        "OFFRAMP_LOG_FORMAT": "json", "OFFRAMP_WORKER_DEVICE": "cuda", **bundle_env}, log)
+    async with Bus(bus_settings, "observer") as bus:
+        sub = await bus.subscribe(topics.state_all())
+        await bus.wait_connected(5)
+        proc.start()
+        try:
+            hb = Heartbeat.decode((await asyncio.wait_for(sub.get(), 20)).payload)
+            while not hb.device:
+                hb = Heartbeat.decode((await asyncio.wait_for(sub.get(), 20)).payload)
+            code = await asyncio.to_thread(proc.stop, 10)
+        finally:
+            proc.kill()
+    assert code == 0, log.read_text()
+    assert hb.device == expected
+    warnings = [line for line in log.read_text().splitlines() if "device_unavailable" in line]
+    assert len(warnings) == (0 if expected == "cuda" else 1), log.read_text()
+    if warnings:
+        assert '"asked": "cuda"' in warnings[0] and '"using": "cpu"' in warnings[0]
 
 
 @pytest.mark.parametrize(("env", "words"), [

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from offramp.ml.data import load_digits
 from offramp.ml.export import ATOL, RTOL, export_bundle
 from offramp.ml.zoo import create_model
 from offramp.preprocess import InputSpec, normalise
-from offramp.runtime import FullModelRunner, SegmentRunner
+from offramp.runtime import FullModelRunner, SegmentRunner, cuda_available
 
 CLASSES = [str(i) for i in range(10)]
 
@@ -113,3 +115,58 @@ def test_unknown_device_is_refused_and_cuda_falls_back_to_cpu(tiny_bundle: Bundl
         SegmentRunner(tiny_bundle, 1, device="tpu")
     runner = SegmentRunner(tiny_bundle, 1, device="cuda")
     assert "CPUExecutionProvider" in runner.providers
+    if not cuda_available():
+        assert runner.device == "cpu" and runner.providers == ["CPUExecutionProvider"]
+
+
+class ShapeLog:
+    """Stands in for a session's ``run`` and notes the batch size of every call."""
+
+    def __init__(self, run: Callable[..., Any]) -> None:
+        self.wrapped, self.sizes = run, []
+
+    def __call__(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> Any:
+        self.sizes.append(len(next(iter(feeds.values()))))
+        return self.wrapped(outputs, feeds)
+
+
+def test_a_static_batch_pads_or_splits_and_answers_as_unpadded(
+        tiny_bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What GPU workers do, checked on CPU: the session only ever sees the static batch size,
+    and every real row's answer is the one it gets unpadded."""
+    plain = SegmentRunner(tiny_bundle, 1)
+    padded = SegmentRunner(tiny_bundle, 1)
+    padded.static_batch = 8
+    log = ShapeLog(padded.session.run)
+    monkeypatch.setattr(padded.session, "run", log)
+    x = normalise(load_digits().test.images[:20], tiny_bundle.manifest.input)
+    for n in (1, 3, 8, 20):
+        want, got = plain.run(x[:n]), padded.run(x[:n])
+        assert got.activation is not None and want.activation is not None
+        assert got.logits.shape == want.logits.shape == (n, 10)
+        for g, w in ((got.logits, want.logits), (got.embedding, want.embedding),
+                     (got.activation, want.activation)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert log.sizes == [8] * 6
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs onnxruntime-gpu (CI has no GPU)")
+def test_cuda_segments_run_on_the_gpu_and_agree_with_cpu(tiny_bundle: Bundle) -> None:
+    """Every segment on CUDA, at the worker's batch sizes, against the same segment on CPU
+    (to 1e-2: ONNX Runtime's CUDA convolutions use TF32, about 3e-3 off on these logits)."""
+    x = normalise(load_digits().test.images[:64], tiny_bundle.manifest.input)
+    h = x
+    for spec in tiny_bundle.manifest.segments:
+        cpu = SegmentRunner(tiny_bundle, spec.index)
+        gpu = SegmentRunner(tiny_bundle, spec.index, device="cuda")
+        assert gpu.device == "cuda", f"onnxruntime-gpu fell back to {gpu.providers}"
+        gpu.static_batch = 32  # as a worker with micro-batches of up to 32 sets it
+        want = cpu.run(h)
+        for batch in (1, 7, 32, 64):
+            got = gpu.run(h[:batch])
+            np.testing.assert_allclose(got.logits, want.logits[:batch], rtol=1e-2, atol=1e-2)
+            np.testing.assert_allclose(got.embedding, want.embedding[:batch], rtol=1e-2,
+                                       atol=1e-2)
+            assert (got.logits.argmax(1) == want.logits[:batch].argmax(1)).mean() >= 0.95
+        if want.activation is not None:
+            h = want.activation

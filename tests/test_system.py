@@ -23,7 +23,7 @@ from offramp.client import collect, envelope, publish_frames, wait_for_workers
 from offramp.ml.data import load_digits
 from offramp.policy.exits import decide
 from offramp.preprocess import normalise
-from offramp.runtime import SegmentRunner
+from offramp.runtime import SegmentRunner, cuda_available
 from offramp.services.exit_arbiter.service import ArbiterSettings, make_policy
 from offramp.settings import BusSettings
 from offramp.system import LocalSystem
@@ -39,22 +39,26 @@ class Answer:
     label: int
     exit_index: int
     confidence: float
+    scores: tuple[float, ...] = ()  # the confidence at each exit it reached
 
 
-def reference(bundle: Bundle, images: np.ndarray, policy: ExitPolicy) -> list[Answer]:
+def reference(bundle: Bundle, images: np.ndarray, policy: ExitPolicy,
+              device: str = "cpu") -> list[Answer]:
     """The chained segments in this process, one sample at a time, same rule."""
     x = normalise(images, bundle.manifest.input)
-    runners = [SegmentRunner(bundle, s.index) for s in bundle.manifest.segments]
+    runners = [SegmentRunner(bundle, s.index, device=device) for s in bundle.manifest.segments]
     answers = []
     for i in range(len(x)):
         h = x[i:i + 1]
+        scores: list[float] = []
         for k, runner in enumerate(runners, start=1):
             out = runner.run(h)
             last = k == len(runners)
             d = decide(policy.criterion, None if last else policy.thresholds[k - 1], out.logits,
                        last=last)
+            scores.append(float(d.confidence[0]))
             if d.exits[0]:
-                answers.append(Answer(int(d.labels[0]), k, float(d.confidence[0])))
+                answers.append(Answer(int(d.labels[0]), k, scores[-1], tuple(scores)))
                 break
             assert out.activation is not None
             h = out.activation
@@ -104,6 +108,36 @@ def test_distributed_answers_equal_the_in_process_chain(tiny_bundle: Bundle, wor
         assert r.status == "ok", r
         assert (r.label, r.exit_index) == (expected.label, expected.exit_index), (i, r, expected)
         assert r.confidence == pytest.approx(expected.confidence, abs=1e-4)
+    assert all(code == 0 for code in codes.values()), str(codes)
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs onnxruntime-gpu (CI has no GPU)")
+def test_cuda_workers_answer_like_the_in_process_cuda_chain(tiny_bundle: Bundle,
+                                                           prefix: str) -> None:
+    """The oracle on the GPU. cuDNN chooses kernels by batch size, and ONNX Runtime's CUDA
+    convolutions use TF32, so answers agree to 5e-3, and a frame whose confidence is that close
+    to a threshold may leave at the neighbouring exit."""
+    images, payloads = _frames(60)
+    policy = make_policy(ArbiterSettings(), tiny_bundle.calibration(), tiny_bundle.name, 1)
+    assert policy.criterion == "confidence"
+    want = reference(tiny_bundle, images, policy, device="cuda")
+    with LocalSystem(tiny_bundle, 2, prefix=prefix,
+                     env={**FAST, "OFFRAMP_WORKER_DEVICE": "cuda"}) as system:
+        results = asyncio.run(_run(system, payloads))
+        logs = system.logs(tail=100_000)
+        codes = system.stop()
+    assert "device_unavailable" not in logs and "CUDAExecutionProvider" in logs, logs
+    by_frame = {r.frame_id: r for r in results}
+    assert len(results) == len(payloads) == len(by_frame)
+    for i, expected in enumerate(want):
+        r = by_frame[f"f{i}"]
+        assert r.status == "ok" and r.exit_index is not None, r
+        if r.exit_index != expected.exit_index:
+            k = min(r.exit_index, expected.exit_index)
+            assert abs(expected.scores[k - 1] - policy.thresholds[k - 1]) < 5e-3, (i, r, expected)
+            continue
+        assert r.label == expected.label, (i, r, expected)
+        assert r.confidence == pytest.approx(expected.confidence, abs=5e-3)
     assert all(code == 0 for code in codes.values()), str(codes)
 
 

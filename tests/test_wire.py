@@ -107,9 +107,15 @@ loads = st.builds(SegmentLoad, text, st.integers(1, 9), st.integers(0, 99), fini
                                     st.integers(0, 10**6)), max_size=3).map(tuple),
                  finite, finite,
                  st.lists(st.builds(SegmentRef, text, st.integers(1, 9)), max_size=3).map(tuple),
-                 st.integers(0, 9)))
+                 st.integers(0, 9), st.sampled_from(["", "cpu", "cuda", "tensorrt"])))
 def test_heartbeat_round_trips(hb: Heartbeat) -> None:
     assert Heartbeat.decode(hb.encode()) == hb
+
+
+def test_heartbeat_from_a_sender_that_does_not_say_its_device_decodes() -> None:
+    wire = msgpack.unpackb(Heartbeat("worker", "n1", device="cuda").encode())
+    del wire["device"]
+    assert Heartbeat.decode(msgpack.packb(wire)).device == ""
 
 
 completions = st.builds(Completion, text, text, text, st.integers(0, 5), st.integers(0, 999),

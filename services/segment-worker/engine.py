@@ -110,6 +110,11 @@ class Engine:
         providers: list[str] = next(iter(self.hosted.values())).runner.providers
         return providers
 
+    @property
+    def device(self) -> str:
+        """The device the hosted segments run on ('' while none is hosted)."""
+        return next((h.runner.device for h in self.hosted.values()), "")
+
     def serving(self) -> list[int]:
         """Segments advertised to others (hosted and not draining)."""
         return sorted(s for s, h in self.hosted.items() if not h.draining)
@@ -121,6 +126,8 @@ class Engine:
                                threads=self.cfg.threads)
         hosted = Hosted(runner, SegmentQueue(self.cfg.queue_max, self.cfg.ageing_s),
                         CreditLedger(self.cfg.queue_max, self.cfg.credit_lease_s))
+        if runner.device != "cpu":
+            runner.static_batch = self.cfg.batch_max  # one input shape: see SegmentRunner
         x = np.zeros((self.cfg.batch_max, *runner.spec.input.per_sample), np.float32)
         self._infer_on(runner, x)  # warm-up
         _, started, finished = self._infer_on(runner, x)

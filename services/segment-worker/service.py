@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import onnxruntime as ort
+
 from offramp.bundle import load_bundle
 from offramp.bus import Subscription
 from offramp.errors import SettingsError, WireError
@@ -28,6 +30,9 @@ from offramp.settings import CommonSettings, nested, setting
 from offramp.wire import ExitPolicy, Heartbeat, Plan, SegmentRef
 
 PREFIX = "OFFRAMP_WORKER_"
+DEVICE_HINT = ("cuda needs onnxruntime-gpu instead of onnxruntime, built for the CUDA the "
+               "machine has (PyPI: 1.27 and later for CUDA 13, 1.26 and earlier for CUDA 12), "
+               "cuDNN 9 and an NVIDIA GPU; tensorrt also needs TensorRT")
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,8 @@ class WorkerSettings:
                                 min=0, max=999)
     follow_plan: bool = setting(True, "Load and unload segments as the scheduler's plan says")
     device: Literal["cpu", "cuda", "tensorrt"] = setting(
-        "cpu", "ONNX Runtime device; cuda/tensorrt fall back to CPU when not available")
+        "cpu", "ONNX Runtime device; cuda/tensorrt fall back to CPU when not available (the "
+        "worker warns 'device_unavailable' and its heartbeat says which device it runs on)")
     threads: int = setting(1, "ONNX Runtime intra-op threads", min=1, max=256)
     batch_max: int = setting(8, "Largest micro-batch", min=1, max=1024)
     batch_wait_ms: float = setting(2.0, "Longest wait to fill a micro-batch", min=0, max=1000)
@@ -111,6 +117,9 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         holder["engine"] = engine
         runtime.log.info("worker_ready", model=bundle.name, segments=list(segments),
                          providers=engine.providers)
+        if engine.device != settings.device:
+            runtime.log.warning("device_unavailable", asked=settings.device, using=engine.device,
+                                available=ort.get_available_providers(), hint=DEVICE_HINT)
         states = await bus.subscribe(topics.state_all(), maxsize=1024)
         policies = await bus.subscribe(topics.exit_policy(bundle.name), maxsize=8)
         plans = await bus.subscribe(topics.plan(), maxsize=8, overflow="drop-oldest")
@@ -151,7 +160,7 @@ def _beat(hb: Heartbeat, holder: dict[str, Engine], settings: WorkerSettings,
                    sent=engine.placer.sent(), link_bps=settings.link_mbps * 1e6 / 8,
                    link_rtt_s=settings.link_delay_ms / 1000,
                    loadable=tuple(SegmentRef(engine.model, s) for s in loadable),
-                   max_segments=settings.max_segments)
+                   max_segments=settings.max_segments, device=engine.device)
 
 
 def _collect(runtime: Runtime, engine: Engine) -> None:

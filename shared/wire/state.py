@@ -104,6 +104,8 @@ class Heartbeat(Message):
     ``boot`` identifies the run of the process (credits are per run). ``flops_per_s`` is the
     node's measured speed, ``link_bps``/``link_rtt_s`` its outgoing link as far as it knows it
     (0: unknown), ``loadable``/``max_segments`` what the scheduler may ask it to host.
+    ``device`` is what a worker's segments run on (``cpu``, ``cuda``, ``tensorrt``; empty when
+    unknown), as ONNX Runtime gave it, which may differ from what it was asked for.
     """
 
     KIND: ClassVar[str] = "hb"
@@ -122,6 +124,7 @@ class Heartbeat(Message):
     link_rtt_s: float = 0.0
     loadable: tuple[SegmentRef, ...] = ()
     max_segments: int = 0
+    device: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         return {"role": self.role, "node": self.node, "online": self.online, "seq": self.seq,
@@ -131,7 +134,7 @@ class Heartbeat(Message):
                 "sent": [c.to_wire() for c in self.sent], "link_bps": self.link_bps,
                 "link_rtt": self.link_rtt_s,
                 "loadable": [[s.model, s.segment] for s in self.loadable],
-                "max_segs": self.max_segments}
+                "max_segs": self.max_segments, "device": self.device}
 
     @classmethod
     def from_wire(cls, r: Reader) -> Heartbeat:
@@ -147,4 +150,4 @@ class Heartbeat(Message):
                    r.number("ts"), tuple(SegmentLoad.from_wire(s) for s in r.maps("segments")),
                    r.number("flops"), {k: stats.number(k) for k in stats}, r.number("boot"),
                    wants, sent, r.number("link_bps"), r.number("link_rtt"), loadable,
-                   r.integer("max_segs"))
+                   r.integer("max_segs"), r.opt_text("device") or "")
