@@ -2,6 +2,8 @@
 exported model (batch 8, CPU, same process, same threads), and ONNX Runtime vs torch eager.
 
 Weights do not change speed, so the model is MobileNetV2 width 1.0 (32x32) exported untrained.
+``OFFRAMP_BENCH_DEVICE=cuda`` runs both sessions (and torch) on the GPU instead and writes
+``segments-cuda.json``; ``OFFRAMP_BENCH_BATCH`` sets the batch.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from offramp.ml.zoo import create_model
 from offramp.preprocess import InputSpec
 from offramp.runtime import FullModelRunner, SegmentRunner
 
-BATCH = 8
+BATCH = int(os.environ.get("OFFRAMP_BENCH_BATCH", "8"))
+DEVICE = os.environ.get("OFFRAMP_BENCH_DEVICE", "cpu")
 SECONDS = 4.0
 THREADS = os.cpu_count() or 2
 
@@ -45,8 +48,11 @@ def main() -> None:
         bundle = export_bundle(model, Path(tmp) / "b", name="bench", classes=list("0123456789"),
                                spec=InputSpec())
         bundle = load_bundle(bundle.root)
-        segs = [SegmentRunner(bundle, s.index, threads=THREADS) for s in bundle.manifest.segments]
-        full = FullModelRunner(bundle, threads=THREADS)
+        segs = [SegmentRunner(bundle, s.index, device=DEVICE, threads=THREADS)
+                for s in bundle.manifest.segments]
+        full = FullModelRunner(bundle, device=DEVICE, threads=THREADS)
+        if segs[0].device != DEVICE:
+            raise SystemExit(f"asked for {DEVICE}, ONNX Runtime gave {segs[0].providers}")
 
         def chain() -> None:
             h = x
@@ -60,15 +66,17 @@ def main() -> None:
             rates.setdefault("full", []).append(rate(lambda: full.run(x)))
             rates.setdefault("chain", []).append(rate(chain))
         torch.set_num_threads(THREADS)
-        xt = torch.from_numpy(x)
+        on = "cuda" if DEVICE != "cpu" else "cpu"
+        model, xt = model.to(on), torch.from_numpy(x).to(on)
+        wait = torch.cuda.synchronize if on == "cuda" else (lambda: None)
         with torch.no_grad():
-            torch_rate = rate(lambda: model(xt))
+            torch_rate = rate(lambda: (model(xt), wait()))
         flops_full = bundle.manifest.full_flops
         flops_chain = sum(seg.flops for seg in bundle.manifest.segments)
     full_r, chain_r = max(rates["full"]), max(rates["chain"])
-    write_result("segments", {
+    write_result("segments" if DEVICE == "cpu" else f"segments-{DEVICE}", {
         "model": "mobilenetv2 width 1.0, 32x32, 4 exits -> 4 segments", "batch": BATCH,
-        "threads": THREADS, "full_img_per_s": round(full_r, 1),
+        "device": DEVICE, "threads": THREADS, "full_img_per_s": round(full_r, 1),
         "chain_img_per_s": round(chain_r, 1), "chain_ratio": round(chain_r / full_r, 3),
         "flops_bound_ratio": round(flops_full / flops_chain, 3),
         "torch_eager_all_exits_img_per_s": round(torch_rate, 1),
