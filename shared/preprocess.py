@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,13 @@ class InputSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @cached_property
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(scale, offset)``, float32 of shape (C, 1, 1): input = pixel * scale + offset."""
+        std = np.asarray(self.std, np.float64)[:, None, None]
+        mean = np.asarray(self.mean, np.float64)[:, None, None]
+        return (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InputSpec:
@@ -65,9 +73,11 @@ def resize_uint8(images: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def normalise(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(N, H, W, 3) uint8 at the spec's size to (N, C, H, W) float32."""
-    scaled = images.astype(np.float32) * np.float32(1 / 255.0)
-    x = (scaled - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    out: np.ndarray = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+    scale, offset = spec.affine
+    x = images.transpose(0, 3, 1, 2)
+    out = np.empty(np.broadcast_shapes(x.shape, scale.shape), np.float32)
+    np.multiply(x, scale, out=out)  # one pass from uint8 to float32, then one in place
+    out += offset
     return out
 
 
