@@ -12,6 +12,15 @@ the better of batch 16 and 32.
 - exit_speedup: frames/s with thresholds for target = final - 1 point / with exits closed,
   with the realised accuracy beside it.
 - latency p50/p99 at 50% and 90% of the measured capacity (exits on).
+
+A run's frames/s is its frames over the time from the first frame sent to the last result,
+the camera sending as fast as it can: filling and draining the pipeline count, which a longer
+run would dilute. (A rate taken in the middle of a run flatters the system: an unpaced camera
+sends everything early, so the middle misses the camera's and the ingest's work, and a camera
+paced above capacity front-loads that work instead.) Runs here vary by about 5%, so the
+monolithic session is timed before and after the system runs, each configuration runs twice,
+and the best counts; every run's rate is in the JSON, with ``fill_s``, the time to the first
+result.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import itertools
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +51,8 @@ from offramp.topics import Topics
 from offramp.wire import ExitPolicy, Result
 
 WORKERS = 3
-FRAMES = 3000
+FRAMES = 6000  # about 30 s a run with exits closed: filling and draining weigh little
+REPEATS = 2  # runs of each system configuration; the fastest counts, as for the session
 BATCH = 32  # micro-batch of the workers and of admission's first packets
 ROOT = Path("bundles/bench")
 ENV = {"OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "100000", "OFFRAMP_ADMISSION_INGEST_QUEUE": "100000",
@@ -89,8 +100,14 @@ def monolithic_rate(bundle: Bundle, x: np.ndarray, threads: int) -> float:
     return best
 
 
-async def drive(system: LocalSystem, payloads: list[bytes], rate: float) -> tuple[list[Result],
-                                                                                  float]:
+@dataclass
+class Run:
+    results: list[Result]
+    start: float  # wall-clock time of the first frame sent
+    end: float  # ... of the last result's arrival
+
+
+async def drive(system: LocalSystem, payloads: list[bytes], rate: float) -> Run:
     topics = Topics(system.prefix)
     async with Bus(BusSettings(broker_url=system.url, publish_timeout_s=60),
                    "bench-client") as bus:
@@ -101,25 +118,34 @@ async def drive(system: LocalSystem, payloads: list[bytes], rate: float) -> tupl
         results = await bus.subscribe(topics.results_all(), qos=1, maxsize=1_000_000)
         await publish_frames(bus, topics.ingest("warmup"), payloads[:64], 0)  # warm sessions
         await collect(results, 64, 60)
-        start = time.perf_counter()
-        sender = asyncio.create_task(publish_frames(bus, topics.ingest("cam-1"), payloads, rate))
+        start = time.time()
+        sent = asyncio.create_task(publish_frames(bus, topics.ingest("cam-1"), payloads, rate))
         got = await collect(results, len(payloads), 300)
-        await sender
-        return got.results, got.last - start
+        await sent
+        return Run(got.results, start, time.time() - (time.perf_counter() - got.last))
 
 
-def run_system(bundle: Bundle, payloads: list[bytes], rate: float, exits: bool
-               ) -> tuple[list[Result], float]:
+def run_system(bundle: Bundle, payloads: list[bytes], rate: float, exits: bool) -> Run:
     env = {**ENV, "OFFRAMP_ARBITER_DISABLE_EXITS": "false" if exits else "true"}
     with LocalSystem(bundle, WORKERS, env=env, worker_env=WORKER_ENV) as system:
         return asyncio.run(drive(system, payloads, rate))
 
 
-def summarise(results: list[Result], seconds: float, labels: dict[str, int]) -> dict[str, Any]:
+def capacity(bundle: Bundle, payloads: list[bytes], labels: dict[str, int], exits: bool
+             ) -> dict[str, Any]:
+    """The fastest of REPEATS runs, the camera sending as fast as it can."""
+    runs = [summarise(run_system(bundle, payloads, 0, exits), labels) for _ in range(REPEATS)]
+    fastest = max(runs, key=lambda r: float(r["fps"]))
+    return {**fastest, "fps_runs": [r["fps"] for r in runs]}
+
+
+def summarise(run: Run, labels: dict[str, int]) -> dict[str, Any]:
+    results = run.results
     ok = [r for r in results if r.status == "ok"]
     lat = [r.latency_ms["total"] / 1000 for r in ok]
     return {"frames": len(results), "status": dict(Counter(r.status for r in results)),
-            "fps": round(len(results) / seconds, 1),
+            "fps": round(len(results) / (run.end - run.start), 1),
+            "fill_s": round(min(r.ts for r in results) - run.start, 3),
             "accuracy": round(sum(labels[r.frame_id] == r.label for r in ok) / max(1, len(ok)), 4),
             "exit_shares": {str(k): round(v / max(1, len(ok)), 3) for k, v in
                             sorted(Counter(r.exit_index for r in ok).items())},
@@ -138,26 +164,32 @@ def main() -> None:
 
     x = normalise(images, bundle.manifest.input)
     cores = os.cpu_count() or 1
-    mono = {t: monolithic_rate(bundle, x, t) for t in sorted({WORKERS, cores})}
-    closed = summarise(*run_system(bundle, payloads, 0, exits=False), labels)
-    opened = summarise(*run_system(bundle, payloads, 0, exits=True), labels)
-    capacity = opened["fps"]
+    threads = sorted({WORKERS, cores})
+    mono_runs = {t: [monolithic_rate(bundle, x, t)] for t in threads}
+    closed = capacity(bundle, payloads, labels, exits=False)
+    opened = capacity(bundle, payloads, labels, exits=True)
+    for t in threads:  # again after the system runs, so both sides see the machine's noise
+        mono_runs[t].append(monolithic_rate(bundle, x, t))
+    mono = {t: max(v) for t, v in mono_runs.items()}
+    served = opened["fps"]
     loads = {}
     for share in (0.5, 0.9):
-        n = int(min(FRAMES, capacity * share * 8))
+        n = int(min(FRAMES, served * share * 8))
         loads[f"{int(share * 100)}%"] = summarise(
-            *run_system(bundle, payloads[:n], capacity * share, exits=True), labels)
+            run_system(bundle, payloads[:n], served * share, exits=True), labels)
     write_result("pipeline", {
         "model": "mobilenetv2 width 1.0, 32x32 digits, 3 segments on 3 worker processes, CPU",
         "segments": [[s.first_block, s.last_block] for s in bundle.manifest.segments],
         "monolithic_fps": {f"{t}_threads": round(v, 1) for t, v in mono.items()},
+        "monolithic_fps_runs": {f"{t}_threads": [round(r, 1) for r in v]
+                                for t, v in mono_runs.items()},
         "exits_closed": closed, "exits_open": opened,
         "pipeline_efficiency": round(closed["fps"] / mono[WORKERS], 3),
         "pipeline_efficiency_vs_cores": round(closed["fps"] / mono[cores], 3),
         "exit_speedup": round(opened["fps"] / closed["fps"], 3),
         "realised_accuracy_with_exits": opened["accuracy"],
         "accuracy_without_exits": closed["accuracy"],
-        "latency_at_load": {k: {"offered_fps": round(capacity * float(k[:-1]) / 100, 1),
+        "latency_at_load": {k: {"offered_fps": round(served * float(k[:-1]) / 100, 1),
                                 "p50_ms": v["latency_p50_ms"], "p99_ms": v["latency_p99_ms"],
                                 "status": v["status"]} for k, v in loads.items()},
         "goals": {"pipeline_efficiency": ">= 0.85", "exit_speedup": ">= 2.0"},
