@@ -63,10 +63,10 @@ class SegmentRunner:
 
     ``static_batch`` > 0 runs every batch at exactly that many samples: padded with zero rows,
     or split, and the real rows' answers given back. GPU workers set it to their largest
-    micro-batch. On an H100, onnxruntime-gpu took 0.2 to 1 s per segment whenever a session's
-    input shape changed (cuDNN plans its kernels per shape, and a session keeps one shape's
-    plan), against about 1 ms for the run itself; micro-batches of varying size would pay that
-    on most batches. Samples do not interact in these models, so padding changes no answer.
+    micro-batch. On an H100, onnxruntime-gpu 1.31 took 130 to 720 ms per segment whenever a
+    session's batch size changed, even back to a size it had run before (cuDNN plans kernels
+    per shape), against about 1 ms for the run itself: micro-batches of varying size would pay
+    that on most batches. Samples do not interact in these models, so padding changes no answer.
     """
 
     def __init__(self, bundle: Bundle, index: int, *, device: str = "cpu", threads: int = 1):
@@ -87,7 +87,7 @@ class SegmentRunner:
                               f"per sample, got {list(x.shape[1:])}")
         x = x.astype(np.float32, copy=False)
         size = self.static_batch
-        if not size or len(x) == size:
+        if not size or len(x) in (0, size):
             out = self._run(x)
         else:
             parts = [self._run_padded(x[i:i + size], size) for i in range(0, len(x), size)]
