@@ -55,7 +55,7 @@ def run_demo(bundle_dir: Path = Path("bundles/demo"), workers: int = 2, rate: fl
                 start = time.perf_counter()
                 await publish_frames(bus, topics.ingest(source), payloads, rate)
                 got = await collect(results, len(payloads), 60)
-                extra = await collect(results, 1, 1.0)  # a duplicate would show here
+                extra = await collect(results, len(payloads), 1.0)  # duplicates would show here
                 return got.results + extra.results, got.last - start
 
         try:
