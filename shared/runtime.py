@@ -63,7 +63,7 @@ class SegmentRunner:
 
     ``static_batch`` > 0 runs every batch at exactly that many samples: padded with zero rows,
     or split, and the real rows' answers given back. GPU workers set it to their largest
-    micro-batch. On an H100, onnxruntime-gpu 1.31 took 130 to 720 ms per segment whenever a
+    micro-batch. On an H100, onnxruntime-gpu 1.31 took 130 to 750 ms per segment whenever a
     session's batch size changed, even back to a size it had run before (cuDNN plans kernels
     per shape), against about 1 ms for the run itself: micro-batches of varying size would pay
     that on most batches. Samples do not interact in these models, so padding changes no answer.
