@@ -22,10 +22,16 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
 DEVICES = {provider: device for device, provider in PROVIDERS.items()}
 
 
+def installed_providers() -> list[str]:
+    """The execution providers the installed onnxruntime build has (not whether a GPU and the
+    CUDA libraries are there: a session tells that, see ``SegmentRunner.device``)."""
+    providers: list[str] = ort.get_available_providers()
+    return providers
+
+
 def cuda_available() -> bool:
-    """Whether the installed onnxruntime build has the CUDA execution provider (not whether a
-    GPU and the CUDA libraries are there: a session tells that, see ``SegmentRunner.device``)."""
-    return PROVIDERS["cuda"] in ort.get_available_providers()
+    """Whether the installed onnxruntime build has the CUDA execution provider."""
+    return PROVIDERS["cuda"] in installed_providers()
 
 
 def make_session(path: Path, *, device: str = "cpu", threads: int = 1,
@@ -38,7 +44,7 @@ def make_session(path: Path, *, device: str = "cpu", threads: int = 1,
     wanted = {"cpu": ["cpu"], "cuda": ["cuda", "cpu"], "tensorrt": ["tensorrt", "cuda", "cpu"]}
     if device not in wanted:
         raise BundleError(f"device {device!r} is not one of {', '.join(wanted)}")
-    available = set(ort.get_available_providers())
+    available = set(installed_providers())
     providers = [PROVIDERS[d] for d in wanted[device] if PROVIDERS[d] in available]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads

@@ -16,12 +16,11 @@ import time
 from dataclasses import dataclass, replace
 from typing import Literal
 
-import onnxruntime as ort
-
 from offramp.bundle import load_bundle
 from offramp.bus import Subscription
 from offramp.errors import SettingsError, WireError
 from offramp.peers import PeerTable
+from offramp.runtime import installed_providers
 from offramp.service import Runtime
 from offramp.services.segment_worker.engine import Engine
 from offramp.services.segment_worker.hosting import Hosting
@@ -119,7 +118,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                          providers=engine.providers)
         if engine.device != settings.device:
             runtime.log.warning("device_unavailable", asked=settings.device, using=engine.device,
-                                available=ort.get_available_providers(), hint=DEVICE_HINT)
+                                available=installed_providers(), hint=DEVICE_HINT)
         states = await bus.subscribe(topics.state_all(), maxsize=1024)
         policies = await bus.subscribe(topics.exit_policy(bundle.name), maxsize=8)
         plans = await bus.subscribe(topics.plan(), maxsize=8, overflow="drop-oldest")
