@@ -12,11 +12,14 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from offramp.broker import free_port
 
@@ -91,6 +94,32 @@ def test_the_wheel_the_images_install_holds_every_module(tmp_path: Path) -> None
                 rel = f"{service.replace('-', '_')}/{rest}"
             wanted.add(f"{package}/{rel}")
     assert wanted - names == set()
+
+
+# PyPI's onnxruntime-gpu links CUDA 12 up to 1.26 and CUDA 13 from 1.27 (read from the wheels'
+# metadata and NEEDED entries); a wheel for the other CUDA loads no CUDA library and runs on CPU.
+ORT_GPU_CUDA13_FROM = "1.27"
+
+
+def _cuda_of(spec: str) -> int:
+    """The CUDA major version a specifier of onnxruntime-gpu admits (only one may be)."""
+    admitted = SpecifierSet(spec.split("onnxruntime-gpu", 1)[1])
+    majors = {12 if Version(v) < Version(ORT_GPU_CUDA13_FROM) else 13
+              for v in ("1.20", "1.26.9", ORT_GPU_CUDA13_FROM, "1.99") if v in admitted}
+    assert len(majors) == 1, f"{spec!r} admits wheels for CUDA {sorted(majors)}"
+    return majors.pop()
+
+
+def test_the_cuda_image_installs_an_onnxruntime_gpu_for_its_cuda() -> None:
+    text = (ROOT / "services/segment-worker/Dockerfile.cuda").read_text()
+    image = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.", text, re.M)
+    wheel = re.search(r'^ARG ORT_GPU="([^"]+)"', text, re.M)
+    assert image and wheel, "Dockerfile.cuda names its CUDA image and its onnxruntime-gpu"
+    assert '"${ORT_GPU}"' in text, "the install step uses ORT_GPU"
+    assert _cuda_of(wheel.group(1)) == int(image.group(1))
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert [_cuda_of(extras["gpu"][0]), _cuda_of(extras["gpu-cuda12"][0])] == [13, 12]
 
 
 def test_k3s_broker_config_matches_compose() -> None:
