@@ -227,9 +227,14 @@ def _tamper(**changes: object) -> bytes:
     ({"sent": float("nan")}, "act.sent: must be finite"),
     ({"samples__0__prio": 0}, "priority must be > 0"),
     ({"samples__0__hops": [["n", 1, 0.0]]}, "a hop has 5 fields"),
+    ({"samples__0__hops": [["n", 1, 0.0, 0.0, 0.0], ["n", True, 0.0, 0.0, 0.0]]},
+     r"act\.samples\[0\]\.hops\[1\]\[1\]\._: expected an integer, got bool"),
+    ({"samples__0__hops": [["n", 1, 0.0, float("inf"), 0.0]]}, r"hops\[0\]\[3\]\._: must be finite"),
+    ({"samples__0__hops": [{"node": "n"}]}, r"hops\[0\]: expected an array"),
+    ({"samples__0__hops": [[7, 1, 0.0, 0.0, 0.0]]}, "expected a string"),
 ])
 def test_wrong_fields_are_named_in_the_error(changes: dict[str, object], words: str) -> None:
-    with pytest.raises(WireError, match=words.replace("(", r"\(")):
+    with pytest.raises(WireError, match=words):
         ActivationPacket.decode(_tamper(**changes))
 
 

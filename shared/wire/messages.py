@@ -7,6 +7,7 @@ clients read is in :mod:`offramp.wire.result`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -45,9 +46,22 @@ class Hop:
         return cls(node, seg, a, s, f)
 
 
+def _finite(v: Any) -> bool:
+    return (type(v) is float and math.isfinite(v)) or type(v) is int
+
+
 def _hops(r: Reader, key: str) -> tuple[Hop, ...]:
-    outer = Reader({f"h{i}": v for i, v in enumerate(r.array(key))}, f"{r.path}.{key}")
-    return tuple(Hop.from_wire(outer, f"h{i}") for i in range(len(outer.keys())))
+    """Every sample carries its hops, so they are checked in one pass; only a hop that fails
+    goes through :meth:`Hop.from_wire`, which names what is wrong."""
+    raw = r.array(key)
+    out = []
+    for i, h in enumerate(raw):
+        if (type(h) is list and len(h) == 5 and type(h[0]) is str and type(h[1]) is int
+                and _finite(h[2]) and _finite(h[3]) and _finite(h[4])):
+            out.append(Hop(h[0], h[1], float(h[2]), float(h[3]), float(h[4])))
+        else:
+            out.append(Hop.from_wire(Reader({f"{key}[{i}]": h}, (r, "")), f"{key}[{i}]"))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

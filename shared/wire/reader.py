@@ -53,23 +53,35 @@ def unpack(data: bytes | bytearray | memoryview, kind: str, *, max_bytes: int) -
 
 
 class Reader:
-    """Typed, path-aware access to a decoded map; each miss raises WireError naming the field."""
+    """Typed, path-aware access to a decoded map; each miss raises WireError naming the field.
 
-    __slots__ = ("_map", "_path")
+    The path is built only when an error names it: a reader made for one array cell or one
+    map of a list keeps its parent and the step to it, since formatting a path per field cost
+    more than decoding the field (packets carry a header per sample)."""
 
-    def __init__(self, mapping: Mapping[str, Any], path: str) -> None:
+    __slots__ = ("_map", "_where")
+
+    def __init__(self, mapping: Mapping[str, Any], path: str | tuple[Reader, str]) -> None:
         self._map = mapping
-        self._path = path
+        self._where = path
+
+    @property
+    def path(self) -> str:
+        where = self._where
+        if isinstance(where, str):
+            return where
+        parent, step = where
+        return f"{parent.path}{step}"
 
     def _raw(self, key: str, optional: bool = False) -> Any:
         if key not in self._map:
             if optional:
                 return None
-            raise WireError(f"{self._path}.{key}: missing")
+            raise WireError(f"{self.path}.{key}: missing")
         return self._map[key]
 
     def _bad(self, key: str, expected: str, value: Any) -> WireError:
-        return WireError(f"{self._path}.{key}: expected {expected}, got {type(value).__name__}")
+        return WireError(f"{self.path}.{key}: expected {expected}, got {type(value).__name__}")
 
     def has(self, key: str) -> bool:
         return key in self._map and self._map[key] is not None
@@ -95,7 +107,7 @@ class Reader:
             raise self._bad(key, "a number", value)
         result = float(value)
         if not math.isfinite(result):
-            raise WireError(f"{self._path}.{key}: must be finite, got {result}")
+            raise WireError(f"{self.path}.{key}: must be finite, got {result}")
         return result
 
     def opt_number(self, key: str) -> float | None:
@@ -123,20 +135,23 @@ class Reader:
         return value
 
     def numbers(self, key: str) -> list[float]:
-        return [self.item(key, i).number("_") for i in range(len(self.array(key)))]
+        values = self.array(key)
+        if all(type(v) is float and math.isfinite(v) for v in values):
+            return values  # the common case, checked at once
+        return [self.item(key, i).number("_") for i in range(len(values))]
 
     def texts(self, key: str) -> list[str]:
         values = self.array(key)
         for i, v in enumerate(values):
             if not isinstance(v, str):
-                raise WireError(f"{self._path}.{key}[{i}]: expected a string, got {type(v).__name__}")
+                raise WireError(f"{self.path}.{key}[{i}]: expected a string, got {type(v).__name__}")
         return values
 
     def map(self, key: str) -> Reader:
         value = self._raw(key)
         if not isinstance(value, dict):
             raise self._bad(key, "a map", value)
-        return Reader(value, f"{self._path}.{key}")
+        return Reader(value, (self, f".{key}"))
 
     def opt_map(self, key: str) -> Reader | None:
         return self.map(key) if self.has(key) else None
@@ -145,8 +160,8 @@ class Reader:
         out = []
         for i, value in enumerate(self.array(key)):
             if not isinstance(value, dict):
-                raise WireError(f"{self._path}.{key}[{i}]: expected a map, got {type(value).__name__}")
-            out.append(Reader(value, f"{self._path}.{key}[{i}]"))
+                raise WireError(f"{self.path}.{key}[{i}]: expected a map, got {type(value).__name__}")
+            out.append(Reader(value, (self, f".{key}[{i}]")))
         return out
 
     def rows(self, key: str, width: int) -> list[list[Reader]]:
@@ -154,18 +169,14 @@ class Reader:
         out = []
         for i, row in enumerate(self.array(key)):
             if not isinstance(row, list) or len(row) != width:
-                raise WireError(f"{self._path}.{key}[{i}]: expected an array of {width}")
-            out.append([Reader({"_": cell}, f"{self._path}.{key}[{i}][{j}]")
+                raise WireError(f"{self.path}.{key}[{i}]: expected an array of {width}")
+            out.append([Reader({"_": cell}, (self, f".{key}[{i}][{j}]"))
                         for j, cell in enumerate(row)])
         return out
 
     def item(self, key: str, index: int) -> Reader:
         """Wrap element ``index`` of array ``key`` as a one-field reader under the name ``_``."""
-        return Reader({"_": self.array(key)[index]}, f"{self._path}.{key}[{index}]")
-
-    @property
-    def path(self) -> str:
-        return self._path
+        return Reader({"_": self.array(key)[index]}, (self, f".{key}[{index}]"))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
@@ -173,5 +184,5 @@ class Reader:
     def keys(self) -> list[str]:
         for key in self._map:
             if not isinstance(key, str):
-                raise WireError(f"{self._path}: map key {key!r} is not a string")
+                raise WireError(f"{self.path}: map key {key!r} is not a string")
         return list(self._map)
