@@ -52,10 +52,13 @@ class InputSpec:
         return (self.channels, self.height, self.width)
 
 
+FORMATS = ("JPEG", "PNG")  # what ingest accepts; Pillow tries no other decoder
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """JPEG/PNG bytes to an RGB uint8 array (H, W, 3); FrameError if it is not an image."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             img.load()
             return np.asarray(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, EOFError, Image.DecompressionBombError,
@@ -75,7 +78,10 @@ def normalise(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(N, H, W, 3) uint8 at the spec's size to (N, C, H, W) float32."""
     scale, offset = spec.affine
     x = images.transpose(0, 3, 1, 2)
-    out = np.empty(np.broadcast_shapes(x.shape, scale.shape), np.float32)
+    if scale.shape[0] not in (1, x.shape[1]):  # per-channel constants, or one for all
+        raise FrameError(f"the input spec has {scale.shape[0]} channel constants for images "
+                         f"of {x.shape[1]} channels")
+    out = np.empty(x.shape, np.float32)
     np.multiply(x, scale, out=out)  # one pass from uint8 to float32, then one in place
     out += offset
     return out

@@ -152,6 +152,26 @@ async def test_unmatched_messages_are_counted(bus_settings: BusSettings, topics:
     assert rx.stats.received == 0 or rx.stats.unrouted >= 1
 
 
+async def test_routes_follow_subscription_changes_and_stay_bounded(
+        bus_settings: BusSettings, topics: Topics, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A topic's subscription is remembered after its first message; subscribing or
+    unsubscribing forgets every route, and no more than ROUTE_CACHE topics are remembered."""
+    monkeypatch.setattr("offramp.bus.ROUTE_CACHE", 4)
+    async with Bus(bus_settings, "rx") as rx, Bus(bus_settings, "tx") as tx:
+        wide = await rx.subscribe(topics.ingest_all(), qos=1)
+        await rx.wait_connected(5)
+        for cam in ("a", "b", "c", "d", "e", "f"):
+            await tx.publish(topics.ingest(cam), cam.encode(), qos=1)
+        assert [(await _next(wide)).payload for _ in range(6)] == [  # type: ignore[attr-defined]
+            b"a", b"b", b"c", b"d", b"e", b"f"]
+        assert len(rx._routes) <= 4
+        await wide.close()
+        narrow = await rx.subscribe(topics.ingest("a"), qos=1)
+        await asyncio.sleep(0.2)
+        await tx.publish(topics.ingest("a"), b"again", qos=1)
+        assert (await _next(narrow)).payload == b"again"  # type: ignore[attr-defined]
+
+
 async def test_qos1_publishes_across_a_broker_restart_neither_fail_nor_wedge_the_bus(
         broker: LocalBroker, bus_settings: BusSettings, topics: Topics) -> None:
     """A publish pending when the connection drops is retried on the next connection at once,

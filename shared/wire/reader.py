@@ -83,6 +83,12 @@ class Reader:
     def _bad(self, key: str, expected: str, value: Any) -> WireError:
         return WireError(f"{self.path}.{key}: expected {expected}, got {type(value).__name__}")
 
+    @property
+    def fields(self) -> Mapping[str, Any]:
+        """The decoded map itself, for a fast path that checks types at once and falls back to
+        the typed accessors, which name what is wrong."""
+        return self._map
+
     def has(self, key: str) -> bool:
         return key in self._map and self._map[key] is not None
 
