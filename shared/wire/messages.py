@@ -85,9 +85,9 @@ class Sample:
     @classmethod
     def from_wire(cls, r: Reader) -> Sample:
         m = r.fields  # one header per sample per hop: the well-formed case is checked at once
-        task, src, frame, prio, created, deadline, attempt = (
-            m.get("task"), m.get("src"), m.get("frame"), m.get("prio"), m.get("created"),
-            m.get("deadline"), m.get("attempt"))
+        values: list[Any] = [m.get(k) for k in ("task", "src", "frame", "prio", "created",
+                                                 "deadline", "attempt")]
+        task, src, frame, prio, created, deadline, attempt = values
         if (type(task) is str and type(src) is str and type(frame) is str and _finite(prio)
                 and prio > 0 and _finite(created) and (deadline is None or _finite(deadline))
                 and type(attempt) is int):
