@@ -60,7 +60,7 @@ def decode_image(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             img.load()
-            return np.asarray(img.convert("RGB"))
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, EOFError, Image.DecompressionBombError,
             SyntaxError) as exc:  # Pillow's plugins raise SyntaxError for a broken file
         raise FrameError(f"not a decodable JPEG or PNG image ({exc})") from None

@@ -51,16 +51,19 @@ def _finite(v: Any) -> bool:
 
 
 def _hops(r: Reader, key: str) -> tuple[Hop, ...]:
-    """Every sample carries its hops, so they are checked in one pass; only a hop that fails
-    goes through :meth:`Hop.from_wire`, which names what is wrong."""
+    """Every sample carries its hops, so they are checked in one pass: three floats whose sum
+    is finite are each finite. Only a hop that fails (or has integer times, or times whose sum
+    overflows) goes through :meth:`Hop.from_wire`, which names what is wrong."""
     raw = r.array(key)
     out = []
     for i, h in enumerate(raw):
-        if (type(h) is list and len(h) == 5 and type(h[0]) is str and type(h[1]) is int
-                and _finite(h[2]) and _finite(h[3]) and _finite(h[4])):
-            out.append(Hop(h[0], h[1], float(h[2]), float(h[3]), float(h[4])))
-        else:
-            out.append(Hop.from_wire(Reader({f"{key}[{i}]": h}, (r, "")), f"{key}[{i}]"))
+        if type(h) is list and len(h) == 5:
+            node, seg, a, s, f = h
+            if (type(node) is str and type(seg) is int and type(a) is float
+                    and type(s) is float and type(f) is float and math.isfinite(a + s + f)):
+                out.append(Hop(node, seg, a, s, f))
+                continue
+        out.append(Hop.from_wire(Reader({f"{key}[{i}]": h}, (r, "")), f"{key}[{i}]"))
     return tuple(out)
 
 
@@ -142,6 +145,10 @@ class ActivationPacket(Message):
                    r.text("from"), r.number("boot"))
 
 
+_COMPLETION_KEYS = ("task", "src", "frame", "attempt", "label", "conf", "exit", "reason", "node",
+                    "ts", "thr", "created")
+
+
 @dataclass(frozen=True, slots=True)
 class Completion:
     """One finished frame: where it exited, with what label and confidence, by which path."""
@@ -169,6 +176,17 @@ class Completion:
 
     @classmethod
     def from_wire(cls, r: Reader) -> Completion:
+        m = r.fields  # the admission-controller and the arbiter read one per frame
+        v: list[Any] = [m.get(k) for k in _COMPLETION_KEYS]
+        thr = v[10]
+        if (type(v[0]) is str and type(v[1]) is str and type(v[2]) is str
+                and type(v[3]) is int and type(v[4]) is int and type(v[5]) is float
+                and type(v[6]) is int and v[7] in EXIT_REASONS and type(v[8]) is str
+                and type(v[9]) is float and type(v[11]) is float
+                and math.isfinite(v[5] + v[9] + v[11]) and type(thr) is list
+                and all(type(t) is float for t in thr) and math.isfinite(sum(thr))):
+            return cls(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9],
+                       _hops(r, "hops"), tuple(thr), v[11])
         reason = r.text("reason")
         if reason not in EXIT_REASONS:
             raise WireError(f"{r.path}.reason: {reason!r} is not one of {', '.join(EXIT_REASONS)}")
