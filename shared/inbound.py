@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -40,6 +40,7 @@ READ_BYTES = 256 * 1024
 # What may follow a PUBACK's packet id when the broker accepted the message (MQTT v5 3.4.2):
 # nothing, reason 0, or reason 0 and an empty property list.
 _SUCCESS = (b"", b"\x00", b"\x00\x00")
+MQTTv5 = MQTTProtocolVersion.MQTTv5
 
 
 def _varint(buf: bytearray | bytes, pos: int, end: int) -> tuple[int, int] | None:
@@ -71,6 +72,8 @@ class FastInbound:
         self.delegated = 0  # packets handed to paho
 
     def install(self) -> None:
+        if self._paho._protocol != MQTTv5:  # the parser reads v5's property length
+            raise ValueError("FastInbound reads MQTT v5 connections only")
         self._paho._packet_read = self.read  # an instance attribute shadows paho's method
 
     def read(self) -> MQTTErrorCode:
