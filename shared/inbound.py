@@ -162,14 +162,17 @@ class FastInbound:
     def _delegate(self, header: int, body: bytes) -> MQTTErrorCode:
         paho = self._paho
         self.delegated += 1
-        paho._in_packet = {"command": header, "have_remaining": 1, "remaining_count": [],
-                           "remaining_mult": 1, "remaining_length": len(body),
-                           "packet": bytearray(body), "to_process": 0, "pos": 0}
+        paho._in_packet = _in_packet(header, body)
         try:
             rc: MQTTErrorCode = paho._packet_handle()
         except Exception:  # paho's MalformedPacket and its kin: the connection is broken
             rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-        paho._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [],
-                           "remaining_mult": 1, "remaining_length": 0, "packet": bytearray(b""),
-                           "to_process": 0, "pos": 0}
+        paho._in_packet = _in_packet(0, b"")  # as paho leaves it between packets
         return rc
+
+
+def _in_packet(command: int, body: bytes) -> dict[str, Any]:
+    """paho's record of a packet it has read whole (``command`` 0: none)."""
+    return {"command": command, "have_remaining": int(command != 0), "remaining_count": [],
+            "remaining_mult": 1, "remaining_length": len(body), "packet": bytearray(body),
+            "to_process": 0, "pos": 0}

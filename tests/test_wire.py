@@ -131,6 +131,22 @@ def test_done_report_round_trips(items: tuple[Completion, ...]) -> None:
     assert DoneReport.decode(report.encode()) == report
 
 
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("reason", "maybe", r"items\[0\]\.reason: 'maybe' is not one of"),
+    ("conf", float("nan"), r"items\[0\]\.conf: must be finite"),
+    ("thr", [0.9, "high"], r"items\[0\]\.thr\[1\]\._: expected a number"),
+    ("label", True, r"items\[0\]\.label: expected an integer, got bool"),
+    ("hops", [["n", 1, 0.0, 0.0]], "a hop has 5 fields"),
+])
+def test_a_bad_completion_field_is_named(field: str, value: object, words: str) -> None:
+    done = Completion("t", "cam", "f", 0, 3, 0.9, 1, "threshold", "n", 1.0,
+                      (Hop("n", 1, 0.0, 0.5, 1.0),), (0.8,), 0.5)
+    wire = msgpack.unpackb(DoneReport((done,)).encode(), raw=False)
+    wire["items"][0][field] = value
+    with pytest.raises(WireError, match=words):
+        DoneReport.decode(msgpack.packb(wire, use_bin_type=True))
+
+
 def test_an_empty_done_report_is_refused() -> None:
     with pytest.raises(WireError, match="at least one completion"):
         DoneReport(())

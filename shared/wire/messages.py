@@ -177,16 +177,16 @@ class Completion:
     @classmethod
     def from_wire(cls, r: Reader) -> Completion:
         m = r.fields  # the admission-controller and the arbiter read one per frame
-        v: list[Any] = [m.get(k) for k in _COMPLETION_KEYS]
-        thr = v[10]
-        if (type(v[0]) is str and type(v[1]) is str and type(v[2]) is str
-                and type(v[3]) is int and type(v[4]) is int and type(v[5]) is float
-                and type(v[6]) is int and v[7] in EXIT_REASONS and type(v[8]) is str
-                and type(v[9]) is float and type(v[11]) is float
-                and math.isfinite(v[5] + v[9] + v[11]) and type(thr) is list
+        values: list[Any] = [m.get(k) for k in _COMPLETION_KEYS]
+        task, src, frame, attempt, label, conf, exit_, reason, node, ts, thr, created = values
+        if (type(task) is str and type(src) is str and type(frame) is str
+                and type(attempt) is int and type(label) is int and type(exit_) is int
+                and reason in EXIT_REASONS and type(node) is str and type(conf) is float
+                and type(ts) is float and type(created) is float
+                and math.isfinite(conf + ts + created) and type(thr) is list
                 and all(type(t) is float for t in thr) and math.isfinite(sum(thr))):
-            return cls(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9],
-                       _hops(r, "hops"), tuple(thr), v[11])
+            return cls(task, src, frame, attempt, label, conf, exit_, reason, node, ts,
+                       _hops(r, "hops"), tuple(thr), created)
         reason = r.text("reason")
         if reason not in EXIT_REASONS:
             raise WireError(f"{r.path}.reason: {reason!r} is not one of {', '.join(EXIT_REASONS)}")
