@@ -3,7 +3,9 @@
 Same machine, same run, same model: MobileNetV2 width 1.0 on 32x32 digits (trained by the
 ``mnv2-digits`` preset, cached under bundles/bench), exported as 3 segments on 3 worker
 processes (1 intra-op thread each, micro-batches of up to 32), CPU. The monolithic session gets
-the better of batch 16 and 32.
+the better of batch 16 and 32. The system runs as ``offramp up`` runs it: queues and credit at
+their shipped bound, and each worker yielding the shared cores to the stages after it
+(:mod:`offramp.cpushare`).
 
 - pipeline_efficiency: frames/s of the system with exits closed / frames/s of one monolithic
   session given the same total intra-op threads (3, one per worker), as the issue defines it.
@@ -64,7 +66,7 @@ ENV = {"OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "100000", "OFFRAMP_ADMISSION_INGEST_QU
        "OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "120", "OFFRAMP_ADMISSION_DISPATCH_BATCH": str(BATCH),
        "OFFRAMP_LOG_LEVEL": "warning"}
 WORKER_ENV = {"OFFRAMP_WORKER_THREADS": "1", "OFFRAMP_WORKER_BATCH_MAX": str(BATCH),
-              "OFFRAMP_WORKER_QUEUE_MAX": "100000", "OFFRAMP_WORKER_FOLLOW_PLAN": "false"}
+              "OFFRAMP_WORKER_FOLLOW_PLAN": "false"}  # queues and their credit: as shipped
 
 
 def three_segments() -> Bundle:

@@ -82,6 +82,8 @@ class Runtime:
         self._heartbeat = heartbeat or (lambda hb: hb)
         self._seq = 0
         self._hb_task: asyncio.Task[None] | None = None
+        self._soon = asyncio.Event()
+        self.early_beats = 0
         self.metrics = Registry()
         self._checks: list[Readiness] = []
         self.http: HealthServer | None = None
@@ -104,6 +106,8 @@ class Runtime:
                                          "Messages published")
         dropped = self.metrics.counter("offramp_inbox_dropped_total",
                                        "Messages an inbound queue dropped when full")
+        early = self.metrics.counter("offramp_heartbeats_early_total",
+                                     "Heartbeats sent before their period, to pass on credit")
 
         def collect() -> None:
             st = self.bus.stats
@@ -111,6 +115,7 @@ class Runtime:
             reconnects.set_total(st.reconnects)
             received.set_total(st.received)
             published.set_total(st.published)
+            early.set_total(self.early_beats)
             for inbox, n in st.dropped.items():
                 dropped.set_total(n, inbox=inbox.rsplit(":", 1)[-1])
 
@@ -153,16 +158,29 @@ class Runtime:
     async def _publish_state(self, hb: Heartbeat) -> None:
         await self.bus.publish(self.state_topic, hb.encode(), qos=0, retain=True)
 
+    def beat_soon(self) -> None:
+        """Send a heartbeat now rather than at the next period (no sooner than the heartbeat
+        gap after the last one): it carries credit or a request some other node waits for."""
+        self._soon.set()
+
     async def _beat(self) -> None:
-        """Heartbeat on a fixed schedule (not sleep-after-send), skipping beats while offline."""
+        """Heartbeat on a fixed schedule (not sleep-after-send), skipping beats while offline;
+        early ones in between, as asked, do not move the schedule."""
         period = self.common.heartbeat_s
+        gap = min(period, self.common.heartbeat_gap_ms / 1000)
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while True:
             await self.bus.connected.wait()
+            self._soon.clear()
             try:
                 await self._publish_state(self._heartbeat(self.base_heartbeat()))
             except OfframpError as exc:
                 self.log.warning("heartbeat_failed", error=str(exc))
-            next_at = max(next_at + period, loop.time())
-            await asyncio.sleep(next_at - loop.time())
+            sent = loop.time()
+            if sent >= next_at:  # the scheduled one (after an offline spell: a new schedule)
+                next_at = next_at + period if next_at + period > sent else sent + period
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._soon.wait(), next_at - sent)
+                self.early_beats += 1
+                await asyncio.sleep(max(0.0, min(sent + gap, next_at) - loop.time()))

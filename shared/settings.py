@@ -129,6 +129,9 @@ class CommonSettings:
         "auto", "auto (JSON unless on a TTY), json or console"
     )
     heartbeat_s: float = setting(0.25, "Heartbeat period in seconds", min=0.01, max=60)
+    heartbeat_gap_ms: float = setting(20.0, "Shortest gap between heartbeats; one is sent early "
+                                      "when a queue has room for a waiting sender", min=1,
+                                      max=60_000)
     http_port: int = setting(0, "Port of /livez, /readyz and /metrics (0: no HTTP server)",
                              min=0, max=65535)
     http_host: str = setting("0.0.0.0", "Address the HTTP server listens on")

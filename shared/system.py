@@ -12,6 +12,7 @@ from typing import Self
 
 from offramp.broker import LocalBroker
 from offramp.bundle import Bundle
+from offramp.cpushare import NICEST
 from offramp.launcher import ProcessGroup, ServiceProcess
 
 
@@ -41,6 +42,15 @@ def split_segments(flops: list[int], workers: int) -> list[tuple[int, ...]]:
     return result
 
 
+def stage_nices(assignment: list[tuple[int, ...]], step: int) -> list[int]:
+    """Nice value per worker of ``assignment`` on shared cores: ``step`` per pipeline stage
+    between the worker's last segment and the model's end, so that a stage yields the CPU to
+    the ones after it (:mod:`offramp.cpushare`). Copies of a stage get the same value."""
+    stages = sorted({max(a) for a in assignment if a})
+    return [min(NICEST, step * (len(stages) - 1 - stages.index(max(a)))) if a else 0
+            for a in assignment]
+
+
 @dataclass
 class LocalSystem:
     """Broker (unless ``broker_url`` is given), admission-controller, exit-arbiter,
@@ -53,6 +63,7 @@ class LocalSystem:
     env: Mapping[str, str] = field(default_factory=dict)
     worker_env: Mapping[str, str] = field(default_factory=dict)
     logdir: Path | None = None
+    stage_nice: int = 2  # nice per stage a worker is from the last (see OFFRAMP_WORKER_NICE)
     broker: LocalBroker | None = None
     group: ProcessGroup | None = None
     assignment: list[tuple[int, ...]] = field(default_factory=list)
@@ -89,8 +100,11 @@ class LocalSystem:
                                          self.workers)
         self.group.add("exit-arbiter", "arbiter-1")
         self.group.add("priority-scheduler", "scheduler-1")
-        for i in range(self.workers):
-            self.add_worker(f"worker-{i + 1}", self.assignment[i])
+        nices = stage_nices(self.assignment, self.stage_nice)
+        for i, segments in enumerate(self.assignment):
+            self.add_worker(f"worker-{i + 1}", segments,
+                            {"OFFRAMP_WORKER_NICE": str(nices[i])}
+                            if "OFFRAMP_WORKER_NICE" not in self.worker_env else None)
         self.group.add("admission-controller", "admission-1")
 
     def add_worker(self, node: str, segments: tuple[int, ...],

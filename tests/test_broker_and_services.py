@@ -18,7 +18,8 @@ from offramp.bus import Bus
 from offramp.errors import BrokerError
 from offramp.launcher import SERVICES, ServiceProcess
 from offramp.runtime import SegmentRunner
-from offramp.settings import BusSettings
+from offramp.service import Runtime
+from offramp.settings import BusSettings, CommonSettings
 from offramp.topics import Topics
 from offramp.wire import Heartbeat
 
@@ -50,6 +51,31 @@ def bundle_env(tiny_bundle: Bundle) -> dict[str, str]:
     root = str(tiny_bundle.root)
     return {"OFFRAMP_ADMISSION_BUNDLE": root, "OFFRAMP_WORKER_BUNDLE": root,
             "OFFRAMP_ARBITER_BUNDLE": root, "OFFRAMP_SCHEDULER_BUNDLE": root}
+
+
+async def test_heartbeats_sent_early_on_request_keep_their_gap_and_schedule(
+        bus_settings: BusSettings, topics: Topics) -> None:
+    """beat_soon() sends a heartbeat well before the period, at most one per gap however often
+    it is asked for, and the periodic ones still come."""
+    common = CommonSettings(node="early", heartbeat_s=1.5, heartbeat_gap_ms=100, bus=bus_settings)
+    async with Bus(bus_settings, "observer") as bus:
+        sub = await bus.subscribe(topics.state("worker", "early"))
+        await bus.wait_connected(5)
+        async with Runtime("worker", common) as runtime:
+            first = Heartbeat.decode((await asyncio.wait_for(sub.get(), 10)).payload)
+            start = time.monotonic()
+            beats = []
+            while time.monotonic() - start < 1.0:  # asked for every 5 ms for a second
+                runtime.beat_soon()
+                await asyncio.sleep(0.005)
+                beats += sub.inbox.drain()
+            early = len(beats)
+            await asyncio.sleep(1.0)  # not asked any more: only the periodic one, at 1.5 s
+            later = sub.inbox.drain()
+    assert first.online
+    assert 5 <= early <= 11, early  # about one per 100 ms gap, never more
+    assert runtime.early_beats >= early - 1
+    assert 1 <= len(later) <= 2, len(later)  # the schedule goes on
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))

@@ -18,7 +18,7 @@ from offramp.policy.admission import (
     adapt_thresholds,
     path_backlog,
 )
-from offramp.policy.credits import CreditLedger, Request, SendWindow
+from offramp.policy.credits import CreditLedger, Demand, Request, SendWindow
 from offramp.policy.offload import Candidate, place
 from offramp.policy.plan import ModelInfo, NodeInfo, SourceLoad, plan
 from offramp.services.admission_controller.gate import Gate
@@ -124,6 +124,39 @@ def test_grants_go_to_higher_priority_first_and_are_shared() -> None:
     assert grants["mid"].limit == 4  # at most bound / senders outstanding each
     assert grants["lo"].limit == 4
     assert ledger.grant(0, [Request("lo", 1.0, 1.0, 100)], now=1)["lo"].limit == 4  # full
+
+
+def test_credit_is_due_early_when_a_waiting_sender_can_get_a_batch() -> None:
+    """A receiver sends its heartbeat early only when it matters: a sender is nearly out of
+    credit and the queue has room for a micro-batch (or for all the sender asks for)."""
+    ledger = CreditLedger(128)
+    wants = [Request("s", 1.0, 1.0, 1000)]
+    assert ledger.grant(0, wants, now=0)["s"].limit == 128
+    assert not ledger.due(0, wants, 32)  # all 128 still on their way: the sender has credit
+    ledger.received("s", 1.0, 128, now=0)
+    assert not ledger.due(128, wants, 32)  # full queue: nothing to give
+    assert not ledger.due(112, wants, 32)  # room for less than a batch
+    assert ledger.due(96, wants, 32)  # one batch left the queue
+    assert not ledger.due(96, [], 32)  # nobody asks
+    assert ledger.grant(96, wants, now=1)["s"].limit == 160  # due() granted nothing itself
+    assert not ledger.due(64, wants, 32)  # the sender holds a batch of credit already
+
+    small = CreditLedger(128)
+    assert small.due(120, [Request("t", 1.0, 1.0, 5)], 32)  # all it asks for fits
+    assert small.due(0, [Request("new", 2.0, 1.0, 40)], 32)  # a sender not seen before
+
+
+def test_demand_asks_for_two_periods_of_flow_plus_what_waits() -> None:
+    demand: Demand[int] = Demand(period_s=0.25, start=0.0)
+    demand.add(1, 50)
+    assert demand.wants({}, now=0.25) == {1: 100}  # 200/s for 2 x 0.25 s
+    demand.add(1, 5)
+    assert demand.wants({1: 10}, now=0.3) == {1: 110}  # an early beat: same flow, + waiting
+    assert not demand.untold(1, 110)
+    assert demand.untold(1, 111)  # more waits than the last heartbeat asked for
+    demand.add(1, 25)
+    assert demand.wants({}, now=0.75) == {1: 30}  # 30 over 0.5 s: 60/s
+    assert demand.wants({2: 3}, now=2.0) == {2: 3}  # nothing flowed since: only the waiting
 
 
 # -- placement (1.3 / 3.1) ---------------------------------------------------------------------

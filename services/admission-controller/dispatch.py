@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,7 @@ import numpy as np
 from offramp.errors import OfframpError
 from offramp.peers import PeerTable
 from offramp.policy.admission import path_backlog
-from offramp.policy.credits import SendWindow
+from offramp.policy.credits import Demand, SendWindow
 from offramp.policy.offload import place
 from offramp.service import Runtime
 from offramp.services.admission_controller.tracker import Task
@@ -39,7 +39,7 @@ class Dispatcher:
         self.plan: Plan | None = None
         self.pending: dict[float, OrderedDict[str, Task]] = {}  # priority -> FIFO
         self._event = asyncio.Event()
-        self._demand: Counter[float] = Counter()
+        self._demand: Demand[float] = Demand(adm.s.common.heartbeat_s, time.monotonic())
         self.stale_after_s = 3 * adm.s.common.heartbeat_s
 
     def waiting(self, priority: float | None = None) -> int:
@@ -51,7 +51,7 @@ class Dispatcher:
             queue = self.pending.setdefault(t.priority, OrderedDict())
             if t.task_id not in queue:
                 queue[t.task_id] = t
-                self._demand[t.priority] += 1
+                self._demand.add(t.priority)
         self._event.set()
 
     def wake(self) -> None:
@@ -98,6 +98,8 @@ class Dispatcher:
             for task in reversed(group[start:]):  # no fresh host could take them: back in front
                 self.pending.setdefault(prio, OrderedDict())[task.task_id] = task
                 self.pending[prio].move_to_end(task.task_id, last=False)
+        if any(self._demand.untold(p, len(q)) for p, q in self.pending.items()):
+            self.rt.beat_soon()  # the hosts of segment 1 do not know of these frames yet
 
     async def _send(self, node: str, tasks: list[Task]) -> None:
         now = time.time()
@@ -129,9 +131,7 @@ class Dispatcher:
         return path_backlog(per_segment)
 
     def heartbeat(self, hb: Heartbeat) -> Heartbeat:
-        counts: Counter[float] = Counter({p: 2 * n for p, n in self._demand.items()})
-        for p, queue in self.pending.items():
-            counts[p] += len(queue)
-        self._demand.clear()
+        counts = self._demand.wants({p: len(q) for p, q in self.pending.items()},
+                                    time.monotonic())
         wants = tuple(Want(self.model, 1, p, n) for p, n in counts.items())
         return replace(hb, boot=self.boot, wants=wants, sent=self.window.report())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -82,12 +83,14 @@ class Counters:
 class Engine:
     def __init__(self, bundle: Bundle, cfg: EngineConfig, topics: Topics, peers: PeerTable,
                  publish: Publish, boot: float | None = None,
-                 metrics: Registry | None = None) -> None:
+                 metrics: Registry | None = None,
+                 nudge: Callable[[], None] = lambda: None) -> None:
         self.bundle = bundle
         self.model = bundle.name
         self.cfg = cfg
         self.topics = topics
         self.publish = publish
+        self.nudge = nudge  # sends this node's heartbeat early (credit or a request in it)
         self.boot = time.time() if boot is None else boot
         self.policy: ExitPolicy | None = None
         self.hosted: dict[int, Hosted] = {}
@@ -198,6 +201,8 @@ class Engine:
         while not (stop.is_set() and len(hosted.queue) == 0):
             await self.placer.room(segment + 1)  # backpressure: parked work must fit
             items = await hosted.queue.batch(self.cfg.batch_max, self.cfg.batch_wait_s)
+            if self.credit_due():
+                self.nudge()
             self._inflight += len(items)
             hosted.busy += len(items)
             try:
@@ -281,6 +286,14 @@ class Engine:
                 self.log.warning("publish_failed", topic=topic, error=str(exc), count=n)
 
     # -- state ----------------------------------------------------------------------------------
+    def credit_due(self) -> bool:
+        """Whether some sender waits for credit that a hosted segment's queue has room for now."""
+        now = time.monotonic()
+        requests = self.placer.peers.requests
+        return any(h.ledger.due(len(h.queue), requests(self.model, seg, self.cfg.stale_after_s,
+                                                       now), self.cfg.batch_max)
+                   for seg, h in self.hosted.items() if not h.draining)
+
     def loads(self, now: float) -> tuple[SegmentLoad, ...]:
         """Queue state and fresh credit grants of every advertised segment (one grant round)."""
         out = []

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from offramp.peers import PeerTable
-from offramp.policy.credits import SendWindow
+from offramp.policy.credits import Demand, SendWindow
 from offramp.policy.offload import Candidate, choose, place
 from offramp.services.segment_worker.queue import Item
 from offramp.wire import ActivationPacket, Plan, SentCount, Tensor, Want
@@ -46,6 +46,7 @@ class EngineConfig:
     park_timeout_s: float = 5.0
     link_mbps: float = 0.0
     link_delay_ms: float = 0.0
+    heartbeat_s: float = 0.25
 
 
 class Placer:
@@ -58,7 +59,7 @@ class Placer:
         self._parked: dict[int, list[Item]] = {}
         self._room = asyncio.Event()
         self._room.set()
-        self._demand: Counter[tuple[int, float]] = Counter()
+        self._demand: Demand[tuple[int, float]] = Demand(self.cfg.heartbeat_s, time.monotonic())
         self.park_expired = 0
 
     # -- parking ----------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ class Placer:
 
     async def forward(self, segment: int, items: list[Item]) -> None:
         for it in items:
-            self._demand[(segment, it.sample.priority)] += 1
+            self._demand.add((segment, it.sample.priority))
         await self._place(segment, items)
 
     async def _place(self, segment: int, items: list[Item]) -> None:
@@ -133,7 +134,11 @@ class Placer:
                 await self._send(segment, node, group[start:start + n])
                 start += n
             if placement.kept:
-                self._parked.setdefault(segment, []).extend(group[start:])
+                parked = self._parked.setdefault(segment, [])
+                parked.extend(group[start:])
+                waiting = sum(1 for it in parked if it.sample.priority == prio)
+                if self._demand.untold((segment, prio), waiting):
+                    self.engine.nudge()  # the hosts of ``segment`` do not know of this yet
 
     async def _send(self, segment: int, node: str, items: list[Item]) -> None:
         engine = self.engine
@@ -159,13 +164,12 @@ class Placer:
 
     # -- what this node tells the others ----------------------------------------------------------
     def wants(self) -> tuple[Want, ...]:
-        """Demand since the last heartbeat (twice over, to keep credit ahead) plus what is
-        parked, per segment and priority; resets the demand window."""
-        counts: Counter[tuple[int, float]] = Counter({k: 2 * v for k, v in self._demand.items()})
+        """What this node asks each segment's hosts for, per priority (:class:`Demand`)."""
+        waiting: Counter[tuple[int, float]] = Counter()
         for seg, items in self._parked.items():
             for it in items:
-                counts[(seg, it.sample.priority)] += 1
-        self._demand.clear()
+                waiting[(seg, it.sample.priority)] += 1
+        counts = self._demand.wants(waiting, time.monotonic())
         return tuple(Want(self.engine.model, seg, prio, n) for (seg, prio), n in counts.items())
 
     def sent(self) -> tuple[SentCount, ...]:

@@ -18,6 +18,7 @@ from typing import Literal
 
 from offramp.bundle import load_bundle
 from offramp.bus import Subscription
+from offramp.cpushare import lower_priority
 from offramp.errors import SettingsError, WireError
 from offramp.peers import PeerTable
 from offramp.runtime import installed_providers
@@ -63,6 +64,10 @@ class WorkerSettings:
     drain_s: float = setting(10.0, "On SIGTERM, how long to finish queued work", min=0, max=3600)
     unload_grace_s: float = setting(1.0, "A segment the plan took away is unloaded this long "
                                     "after it is empty", min=0, max=600)
+    nice: int = setting(0, "Lower this worker's CPU priority by this much at start (threads and "
+                        "session group). Where workers share cores, give the ones that host "
+                        "earlier segments more, so the last stages are not starved (offramp up "
+                        "does this)", min=0, max=19)
     slowdown: float = setting(1.0, "Emulate a slower node: compute time x this factor", min=1,
                               max=100)
     link_mbps: float = setting(0.0, "Emulate the outgoing link's bandwidth, Mbit/s (0: as is)",
@@ -81,6 +86,7 @@ def _check_segments(name: str, segments: tuple[int, ...], k: int, model: str) ->
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
+    not_done = lower_priority(settings.nice)
     bundle = load_bundle(settings.bundle)
     k = bundle.num_segments
     segments = settings.segments or tuple(range(1, k + 1))
@@ -97,7 +103,8 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                        settings.queue_max, settings.codec, settings.device, settings.threads,
                        settings.offload_margin_ms / 1000, 3 * common.heartbeat_s,
                        settings.slowdown, settings.ageing_s, settings.credit_lease_s,
-                       settings.park_timeout_s, settings.link_mbps, settings.link_delay_ms)
+                       settings.park_timeout_s, settings.link_mbps, settings.link_delay_ms,
+                       common.heartbeat_s)
 
     async with runtime:
         bus, topics = runtime.bus, runtime.topics
@@ -105,7 +112,8 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         async def publish(topic: str, payload: bytes, qos: int) -> None:
             await bus.publish(topic, payload, qos=qos)
 
-        engine = Engine(bundle, cfg, topics, peers, publish, metrics=runtime.metrics)
+        engine = Engine(bundle, cfg, topics, peers, publish, metrics=runtime.metrics,
+                        nudge=runtime.beat_soon)
         runtime.metrics.on_collect(lambda: _collect(runtime, engine))
         runtime.require(lambda: None if engine.serving() else "hosts no segment")
         runtime.require(lambda: None if engine.policy else "no exit policy yet")
@@ -115,7 +123,9 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
             await hosting.load(seg)
         holder["engine"] = engine
         runtime.log.info("worker_ready", model=bundle.name, segments=list(segments),
-                         providers=engine.providers)
+                         providers=engine.providers, nice=settings.nice)
+        if not_done:
+            runtime.log.warning("nice_not_applied", nice=settings.nice, problems=not_done)
         if engine.device != settings.device:
             runtime.log.warning("device_unavailable", asked=settings.device, using=engine.device,
                                 available=installed_providers(), hint=DEVICE_HINT)
@@ -193,6 +203,8 @@ async def _states(sub: Subscription, engine: Engine) -> None:
             if engine.placer.peers.update(hb):
                 engine.placer.forget(hb.node)
             await engine.placer.retry()
+            if hb.wants and engine.credit_due():
+                engine.nudge()
 
 
 async def _policies(sub: Subscription, engine: Engine, runtime: Runtime) -> None:

@@ -19,14 +19,26 @@ for ever. Senders therefore report their cumulative sent counts in their heartbe
 reported more than ``lease_s`` ago that still exceeds what arrived was lost, and the receiver
 writes it off. A sender that goes offline gives all its credit back. The queue's own hard bound
 stays behind all this as a second line.
+
+Grants travel in heartbeats. A receiver whose queue has room again for a waiting sender sends
+its heartbeat early (:meth:`CreditLedger.due`), and so does a sender with more work waiting than
+it last asked for (:meth:`Demand.untold`): credit comes back as work leaves a queue, not once a
+period, so ``B`` can be a few micro-batches. That bounds how far a stage runs ahead of the next
+one, which on shared cores is CPU the slower stage does not get, and work left for it alone at
+the end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections import Counter
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from offramp.wire import Grant, SentCount
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass
@@ -95,18 +107,76 @@ class CreditLedger:
                 _, sent = acc.reports.pop(0)
                 acc.received = max(acc.received, sent)  # what never arrived was lost
             acc.reports = acc.reports[-8:]
+        for account, give, _ in self._round(queued, requests, now):
+            account.limit += give
+        return {s: Grant(a.boot, a.limit) for s, a in self._accounts.items()}
+
+    def due(self, queued: int, requests: Iterable[Request], batch: int) -> bool:
+        """Whether a sender has less than a micro-batch (``batch`` samples) of credit left and
+        a grant round now would give it a micro-batch, or all it asks for: worth an early
+        heartbeat rather than waiting for the next one."""
+        return any(give > 0 and min(batch, short) <= give and account.outstanding < batch
+                   for account, give, short in self._round(queued, requests, None))
+
+    def _round(self, queued: int, requests: Iterable[Request], now: float | None
+               ) -> list[tuple[_Account, int, int]]:
+        """(account, samples to give, samples it is short of) per request, highest priority
+        first, within the free room. With ``now``, a sender seen for the first time (or
+        restarted) gets its account; without, it is planned on a blank one."""
         free = self.bound - queued - self.outstanding()
         requests = sorted(requests, key=lambda r: (-r.priority, r.sender))
         share = max(1, self.bound // max(1, len({r.sender for r in requests})))
+        out = []
         for req in requests:
-            account = self._account(req.sender, req.boot, now)  # also notes a restart
-            if account is None or free <= 0:
+            if now is not None:
+                account = self._account(req.sender, req.boot, now)  # also notes a restart
+            else:
+                known = self._accounts.get(req.sender)
+                account = known if known and known.boot == req.boot else \
+                    None if known and known.boot > req.boot else _Account(req.boot)
+            if account is None:
                 continue
-            give = min(free, max(0, min(req.count, share) - account.outstanding))
-            if give:
-                account.limit += give
-                free -= give
-        return {s: Grant(a.boot, a.limit) for s, a in self._accounts.items()}
+            short = max(0, min(req.count, share) - account.outstanding)
+            give = min(max(0, free), short)
+            free -= give
+            out.append((account, give, short))
+        return out
+
+
+class Demand(Generic[K]):
+    """Sender side: what to ask each receiver for in a heartbeat (``wants``): two heartbeat
+    periods of the measured flow, to keep credit ahead of it, plus what waits for credit now.
+
+    The flow is measured over windows of at least half a period, so heartbeats sent early
+    (:meth:`CreditLedger.due`) neither shrink nor repeat the demand. :meth:`untold` says when
+    more waits than the last heartbeat asked for: then this sender's heartbeat is worth
+    sending early too.
+    """
+
+    def __init__(self, period_s: float, start: float) -> None:
+        self.period_s = period_s
+        self._count: Counter[K] = Counter()
+        self._since = start
+        self._rate: dict[K, float] = {}
+        self._told: dict[K, int] = {}
+
+    def add(self, key: K, count: int = 1) -> None:
+        self._count[key] += count
+
+    def wants(self, waiting: Mapping[K, int], now: float) -> dict[K, int]:
+        elapsed = now - self._since
+        if elapsed >= self.period_s / 2:
+            self._rate = {k: n / elapsed for k, n in self._count.items()}
+            self._count.clear()
+            self._since = now
+        asked = {k: math.ceil(2 * self.period_s * r) for k, r in self._rate.items()}
+        for k, n in waiting.items():
+            asked[k] = asked.get(k, 0) + n
+        self._told = {k: n for k, n in asked.items() if n > 0}
+        return self._told
+
+    def untold(self, key: K, waiting: int) -> bool:
+        return waiting > self._told.get(key, 0)
 
 
 class SendWindow:
