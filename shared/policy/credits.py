@@ -77,6 +77,13 @@ class CreditLedger:
             acc = self._accounts[sender] = _Account(boot)
         return acc if acc.boot == boot else None  # an older run of the sender: not accounted
 
+    def _peek(self, sender: str, boot: float) -> _Account | None:
+        """The account :meth:`_account` would give, without creating or resetting one."""
+        acc = self._accounts.get(sender)
+        if acc is None or boot > acc.boot:
+            return _Account(boot)
+        return acc if acc.boot == boot else None
+
     def received(self, sender: str, boot: float, count: int, now: float) -> bool:
         """Account for ``count`` samples that arrived on credit. False if they were sent
         without credit (the hard queue bound then decides)."""
@@ -128,12 +135,8 @@ class CreditLedger:
         share = max(1, self.bound // max(1, len({r.sender for r in requests})))
         out = []
         for req in requests:
-            if now is not None:
-                account = self._account(req.sender, req.boot, now)  # also notes a restart
-            else:
-                known = self._accounts.get(req.sender)
-                account = known if known and known.boot == req.boot else \
-                    None if known and known.boot > req.boot else _Account(req.boot)
+            account = (self._account(req.sender, req.boot, now) if now is not None  # notes a restart
+                       else self._peek(req.sender, req.boot))
             if account is None:
                 continue
             short = max(0, min(req.count, share) - account.outstanding)
