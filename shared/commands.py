@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections import Counter, deque
@@ -162,6 +163,10 @@ class LiveView:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    # Ctrl-C and a service manager's SIGTERM both stop every service cleanly, also when this
+    # was started with SIGINT ignored (a background job of a script)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     bundle = load_bundle(args.bundle)
     port = args.port
     try:
@@ -199,10 +204,14 @@ def cmd_up(args: argparse.Namespace) -> int:
                         view.add_result(Result.from_json(msg.payload))
 
             tasks = [asyncio.create_task(pump_states()), asyncio.create_task(pump_results())]
+            stop = asyncio.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
             try:
                 with Live(view.render(), refresh_per_second=2) as live:
-                    while True:
-                        await asyncio.sleep(0.5)
+                    while not stop.is_set():
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), 0.5)
                         live.update(view.render())
             finally:
                 for t in tasks:

@@ -214,10 +214,13 @@ def test_broker_restart_mid_stream_loses_no_frame(tiny_bundle: Bundle, prefix: s
     assert all(code == 0 for code in codes.values()), str(codes)
 
 
-def test_offramp_up_serves_and_stops_every_service_cleanly_on_ctrl_c(tiny_bundle: Bundle,
-                                                                     tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_offramp_up_serves_and_stops_every_service_cleanly(tiny_bundle: Bundle, tmp_path: Path,
+                                                           stop: str) -> None:
     """Ctrl-C reaches the whole foreground process group; services run in their own session,
-    so only `offramp up` sees it and stops each of them once (all exit 0)."""
+    so only `offramp up` sees it and stops each of them once (all exit 0). It does so also when
+    started with SIGINT ignored (as a script's background job is), and on a SIGTERM to it
+    alone (a service manager's stop), which used to leave the services running."""
     import json
     import subprocess
     import sys
@@ -227,10 +230,12 @@ def test_offramp_up_serves_and_stops_every_service_cleanly_on_ctrl_c(tiny_bundle
     port = free_port()
     log = tmp_path / "up.log"
     with log.open("w") as sink:  # a file, not a pipe: the live view writes all the time
-        proc = subprocess.Popen([sys.executable, "-m", "offramp.cli", "up", "--bundle",
-                                 str(tiny_bundle.root), "--port", str(port)],
-                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "COLUMNS": "120"})
+        up = [sys.executable, "-m", "offramp.cli", "up", "--bundle", str(tiny_bundle.root),
+              "--port", str(port)]
+        if stop == "ctrl-c":  # started with SIGINT ignored, as a script's background job is
+            up = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *up]
+        proc = subprocess.Popen(up, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "COLUMNS": "120"})
     try:
         system = LocalSystem(tiny_bundle, 2, broker_url=f"mqtt://127.0.0.1:{port}")
         _, payloads = _frames(20)
@@ -238,8 +243,15 @@ def test_offramp_up_serves_and_stops_every_service_cleanly_on_ctrl_c(tiny_bundle
         results = asyncio.run(_run(system, payloads, rate=100))
         assert Counter(r.status for r in results) == {"ok": 20}
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
     out = log.read_text()
     stopped = json.loads(out[out.index('{"stopped"'):].splitlines()[0])["stopped"]
     assert len(stopped) == 5 and set(stopped.values()) == {0}, out[-2000:]
