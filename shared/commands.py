@@ -23,6 +23,7 @@ from offramp.bundle import load_bundle
 from offramp.bus import Bus
 from offramp.client import envelope, publish_frames
 from offramp.errors import OfframpError, SettingsError, TopicError, WireError
+from offramp.launcher import interrupt_on_stop_signals
 from offramp.settings import BusSettings
 from offramp.system import LocalSystem
 from offramp.topics import Topics
@@ -163,10 +164,7 @@ class LiveView:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    # Ctrl-C and a service manager's SIGTERM both stop every service cleanly, also when this
-    # was started with SIGINT ignored (a background job of a script)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.default_int_handler)
+    interrupt_on_stop_signals()
     bundle = load_bundle(args.bundle)
     port = args.port
     try:

@@ -16,6 +16,7 @@ from rich.table import Table
 from offramp.bus import Bus
 from offramp.client import collect, envelope, publish_frames, wait_for_workers
 from offramp.errors import OfframpError
+from offramp.launcher import interrupt_on_stop_signals
 from offramp.settings import BusSettings
 from offramp.system import LocalSystem
 from offramp.topics import Topics
@@ -28,6 +29,8 @@ def run_demo(bundle_dir: Path = Path("bundles/demo"), workers: int = 2, rate: fl
              source: str = "cam-1") -> int:
     from offramp.ml.build import build, preset
     from offramp.ml.data import load_digits
+
+    interrupt_on_stop_signals()  # a SIGTERM stops the services too, as Ctrl-C does
 
     console = Console()
     t0 = time.monotonic()

@@ -25,6 +25,14 @@ SERVICES = {
 }
 
 
+def interrupt_on_stop_signals() -> None:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, also when SIGINT was
+    inherited as ignored (a script's background job): a command that owns services (``offramp
+    up``, ``offramp demo``) then stops them on its way out rather than leaving them running."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+
+
 @dataclass
 class ServiceProcess:
     service: str
