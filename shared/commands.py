@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 from collections import Counter, deque
@@ -24,6 +23,7 @@ from offramp.bus import Bus
 from offramp.client import envelope, publish_frames
 from offramp.errors import OfframpError, SettingsError, TopicError, WireError
 from offramp.launcher import interrupt_on_stop_signals
+from offramp.service import stop_on_signals
 from offramp.settings import BusSettings
 from offramp.system import LocalSystem
 from offramp.topics import Topics
@@ -202,9 +202,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                         view.add_result(Result.from_json(msg.payload))
 
             tasks = [asyncio.create_task(pump_states()), asyncio.create_task(pump_results())]
-            stop = asyncio.Event()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+            stop = stop_on_signals()
             try:
                 with Live(view.render(), refresh_per_second=2) as live:
                     while not stop.is_set():

@@ -52,11 +52,16 @@ def main(settings_cls: type[S], prefix: str,
 
 async def _run_until_signal(settings: S, run: Callable[[S, asyncio.Event], Awaitable[None]]
                             ) -> None:
+    await run(settings, stop_on_signals())
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGTERM or SIGINT sets (on the running loop): the way to stop cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run(settings, stop)
+    return stop
 
 
 class Runtime:
