@@ -32,13 +32,31 @@ def lower_priority(step: int, proc: Path = Path("/proc/self")) -> list[str]:
             os.setpriority(os.PRIO_PROCESS, tid, min(NICEST, current + step))
         except OSError as exc:
             problems.append(f"thread {tid}: {exc.strerror}")
-    group = proc / "autogroup"
     # the group is the whole session's: only its leader (a service started in a session of its
     # own, as offramp up does) may speak for it, not a worker run from someone's shell
-    if group.exists() and os.getsid(0) == os.getpid():  # "/autogroup-42 nice 0"
+    group = proc / "autogroup"
+    if os.getsid(0) == os.getpid():
         try:
-            current = int(group.read_text().split()[-1])
-            group.write_text(str(min(NICEST, current + step)))
-        except (OSError, ValueError, IndexError) as exc:
+            nice = autogroup_nice(group)
+            if nice is not None:
+                group.write_text(str(min(NICEST, nice + step)))
+        except (OSError, ValueError) as exc:
             problems.append(f"autogroup: {exc}")
     return problems
+
+
+def autogroup_nice(group: Path) -> int | None:
+    """The nice value of the autogroup that ``group`` (a ``/proc/<pid>/autogroup`` file)
+    describes, or None where there is none to lower: no autogroup support, or a process in the
+    root group (a session that never called setsid, as in many containers), which the kernel
+    shows as an empty file."""
+    try:
+        text = group.read_text()
+    except FileNotFoundError:
+        return None
+    if not text.strip():
+        return None
+    fields = text.split()  # "/autogroup-42 nice 0"
+    if len(fields) != 3 or fields[1] != "nice":
+        raise ValueError(f"unexpected {group} content {text.strip()!r}")
+    return int(fields[2])

@@ -10,17 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from offramp.cpushare import autogroup_nice
 from offramp.system import stage_nices
 
 PROBE = """
 import json, os, threading
-from offramp.cpushare import lower_priority
+from pathlib import Path
+from offramp.cpushare import autogroup_nice, lower_priority
 started = threading.Event()
 threading.Thread(target=lambda: (started.set(), threading.Event().wait(5)), daemon=True).start()
 started.wait()
 problems = lower_priority(3)
-group = open("/proc/self/autogroup").read().split()[-1] if os.path.exists("/proc/self/autogroup") \\
-    else None
+group = autogroup_nice(Path("/proc/self/autogroup"))
 nices = [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")]
 print(json.dumps({"problems": problems, "nices": nices, "group": group}))
 """
@@ -38,12 +39,29 @@ def test_lower_priority_reaches_every_thread_and_its_own_session_only() -> None:
     led = _probe(new_session=True)
     assert led["problems"] == []
     assert led["nices"] == [min(19, base + 3)] * 2  # the main thread and the one started first
-    if led["group"] is not None:
-        assert led["group"] == "3"  # a session of its own: its group yields too
-        own = Path("/proc/self/autogroup").read_text().split()[-1]
-        member = _probe(new_session=False)
-        assert member["group"] == own  # not the leader: the caller's session is left alone
-        assert Path("/proc/self/autogroup").read_text().split()[-1] == own
+    if led["group"] is not None:  # autogroup on: a session of its own has a group that yields
+        assert led["group"] == 3
+    # not the leader: the caller's session group is left alone, and a caller in the root group
+    # (no setsid anywhere above it, as under many CI runners and containers) has none to lower
+    own = autogroup_nice(Path("/proc/self/autogroup"))
+    member = _probe(new_session=False)
+    assert member["problems"] == []
+    assert member["group"] == own
+    assert autogroup_nice(Path("/proc/self/autogroup")) == own
+
+
+def test_autogroup_nice_reads_the_kernel_forms(tmp_path: Path) -> None:
+    group = tmp_path / "autogroup"
+    assert autogroup_nice(group) is None  # no autogroup support
+    group.write_text("")
+    assert autogroup_nice(group) is None  # the root group: nothing of the session's to lower
+    group.write_text("/autogroup-6333 nice 4\n")
+    assert autogroup_nice(group) == 4
+    group.write_text("/autogroup-6333 nice -3\n")
+    assert autogroup_nice(group) == -3
+    group.write_text("something else\n")
+    with pytest.raises(ValueError, match="unexpected"):
+        autogroup_nice(group)
 
 
 def test_stage_nices_yield_to_later_stages() -> None:
