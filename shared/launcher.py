@@ -41,19 +41,37 @@ class ServiceProcess:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
+    _lifeline: int | None = field(default=None, repr=False)  # the write end this parent holds
 
     def start(self) -> None:
         if self.service not in SERVICES:
             raise ValueError(f"unknown service {self.service!r}; one of {', '.join(SERVICES)}")
+        self._release()
         self._log = self.log_path.open("ab")
+        # The child holds the read end of a pipe whose write end only this process holds: when
+        # this process dies, however (SIGKILL too), the child reads end of file and stops.
+        child_end, self._lifeline = os.pipe()
         env = {**os.environ, **self.env, "OFFRAMP_NODE": self.node, "PYTHONUNBUFFERED": "1",
-               "PYTHONFAULTHANDLER": "1"}  # SIGABRT dumps every thread's stack to its log
+               "PYTHONFAULTHANDLER": "1",  # SIGABRT dumps every thread's stack to its log
+               "OFFRAMP_LIFELINE_FD": str(child_end)}
         # A session of its own: a Ctrl-C in the terminal reaches only the parent, which then
         # stops each service once with SIGTERM (a second signal would land after the
         # service's handler is gone and kill it mid-drain).
-        self.proc = subprocess.Popen([sys.executable, "-m", SERVICES[self.service]], env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", SERVICES[self.service]],
+                                         env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         pass_fds=(child_end,))
+        finally:
+            os.close(child_end)
+
+    def _release(self) -> None:
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     @property
     def alive(self) -> bool:
@@ -68,6 +86,7 @@ class ServiceProcess:
         self.signal(signal.SIGKILL)
         if self.proc is not None:
             self.proc.wait()
+        self._release()
 
     def stop(self, grace_s: float = 10.0, *, signalled: bool = False) -> int | None:
         """SIGTERM (unless ``signalled`` already), wait up to ``grace_s``, then SIGKILL; return
@@ -84,9 +103,7 @@ class ServiceProcess:
                 self.proc.wait(2.0)
             self.proc.kill()
             code = self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._release()
         return code
 
 

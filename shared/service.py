@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -39,6 +40,8 @@ def main(settings_cls: type[S], prefix: str,
         common: CommonSettings = settings.common  # type: ignore[attr-defined]
         configure_logging(common.log_level, common.log_format)
         check_name(common.node_name(), "OFFRAMP_NODE")
+        if common.lifeline_fd >= 0:
+            check_lifeline(common.lifeline_fd)
     except OfframpError as exc:
         print(f"offramp: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -52,7 +55,11 @@ def main(settings_cls: type[S], prefix: str,
 
 async def _run_until_signal(settings: S, run: Callable[[S, asyncio.Event], Awaitable[None]]
                             ) -> None:
-    await run(settings, stop_on_signals())
+    stop = stop_on_signals()
+    common: CommonSettings = settings.common  # type: ignore[attr-defined]
+    if common.lifeline_fd >= 0:
+        stop_with_parent(common.lifeline_fd, stop)
+    await run(settings, stop)
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -62,6 +69,36 @@ def stop_on_signals() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+def check_lifeline(fd: int) -> None:
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise SettingsError(f"OFFRAMP_LIFELINE_FD={fd}: not an open file descriptor in this "
+                            "process (only a parent that passes the pipe sets it)") from None
+
+
+def stop_with_parent(fd: int, stop: asyncio.Event) -> None:
+    """Set ``stop`` when the pipe's read end ``fd`` reaches end of file, that is when every
+    write end is closed: the process that started this service is gone, however it died
+    (SIGKILL included), so the service drains and exits rather than running on unowned."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            if os.read(fd, 4096):
+                return  # nobody is meant to write; what comes is not an end
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        loop.remove_reader(fd)
+        structlog.get_logger("offramp").warning("parent_gone", action="stopping")
+        stop.set()
+
+    loop.add_reader(fd, readable)
 
 
 class Runtime:

@@ -135,6 +135,9 @@ class CommonSettings:
     http_port: int = setting(0, "Port of /livez, /readyz and /metrics (0: no HTTP server)",
                              min=0, max=65535)
     http_host: str = setting("0.0.0.0", "Address the HTTP server listens on")
+    lifeline_fd: int = setting(-1, "Read end of a pipe held open by whatever started this "
+                               "service; end of file stops it cleanly (set by offramp up; "
+                               "-1: none)", min=-1)
     bus: BusSettings = nested(BusSettings, PREFIX)
 
     def node_name(self) -> str:

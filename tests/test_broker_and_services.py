@@ -145,6 +145,7 @@ async def test_worker_says_which_device_it_really_runs_on(
     ({"OFFRAMP_WORKER_BUNDLE": "/nonexistent"}, "model bundle directory /nonexistent does not exist"),
     ({"OFFRAMP_WORKER_SEGMENTS": "1,9"}, "OFFRAMP_WORKER_SEGMENTS: segment 9 is not in 1..4"),
     ({"OFFRAMP_WORKER_DEVICE": "tpu"}, "OFFRAMP_WORKER_DEVICE='tpu': expected one of cpu, cuda"),
+    ({"OFFRAMP_LIFELINE_FD": "99"}, "OFFRAMP_LIFELINE_FD=99: not an open file descriptor"),
 ])
 def test_bad_settings_stop_a_service_with_one_clear_line(env: dict[str, str], words: str,
                                                          broker: LocalBroker,
@@ -164,6 +165,66 @@ def test_sigint_also_stops_a_service(broker: LocalBroker, tmp_path: Path,
     time.sleep(1.5)
     proc.signal(signal.SIGINT)
     assert proc.proc is not None and proc.proc.wait(10) == 0
+
+
+PARENT = """
+import sys, threading, time
+from pathlib import Path
+from offramp.launcher import ServiceProcess
+proc = ServiceProcess("exit-arbiter", "arb-orphan", dict(a.split("=", 1) for a in sys.argv[2:]),
+                      Path(sys.argv[1]))
+starter = threading.Thread(target=proc.start)  # the thread that forks ends: no matter
+starter.start()
+starter.join()
+print(proc.proc.pid if proc.proc else -1, flush=True)
+time.sleep(600)
+"""
+
+
+async def test_service_stops_cleanly_when_the_process_that_started_it_is_killed(
+        broker: LocalBroker, bus_settings: BusSettings, topics: Topics, prefix: str,
+        tmp_path: Path, bundle_env: dict[str, str]) -> None:
+    log = tmp_path / "arb.log"
+    env = {"OFFRAMP_BROKER_URL": broker.url, "OFFRAMP_TOPIC_PREFIX": prefix,
+           "OFFRAMP_LOG_FORMAT": "json", **bundle_env}
+    async with Bus(bus_settings, "observer") as bus:
+        sub = await bus.subscribe(topics.state("arbiter", "arb-orphan"))
+        await bus.wait_connected(5)
+        parent = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", PARENT, str(log), *(f"{k}={v}" for k, v in env.items()),
+            stdout=subprocess.PIPE)
+        assert parent.stdout is not None
+        child = int(await asyncio.wait_for(parent.stdout.readline(), 20))
+        try:
+            hb = Heartbeat.decode((await asyncio.wait_for(sub.get(), 20)).payload)
+            assert hb.online
+            parent.kill()  # no chance to stop its child
+            await parent.wait()
+            deadline = time.monotonic() + 10
+            while hb.online and time.monotonic() < deadline:  # it says it goes, as on SIGTERM
+                hb = Heartbeat.decode((await asyncio.wait_for(sub.get(), 10)).payload)
+            assert not hb.online, "the service ran on after its parent died"
+            for _ in range(50):
+                if _exited(child):
+                    break
+                await asyncio.sleep(0.1)
+            assert _exited(child), "the service said it stopped but did not exit"
+        finally:
+            if parent.returncode is None:
+                parent.kill()
+                await parent.wait()
+            if child > 0 and not _exited(child):
+                os.kill(child, signal.SIGKILL)  # leave no orphan behind a failed test
+    lines = log.read_text()
+    assert '"parent_gone"' in lines and '"service_stopped"' in lines, lines
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie its new parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 async def test_frames_taken_but_not_yet_decoded_are_answered_when_admission_stops(
