@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +29,16 @@ INSTALL_HINT = (
     "  macOS:          brew install mosquitto\n"
     "or point OFFRAMP_BROKER_URL at a running broker (mqtt://host:1883)."
 )
+
+# Runs mosquitto in place of itself after asking the kernel for SIGTERM when its parent
+# thread ends (PR_SET_PDEATHSIG, kept across exec), and gives up if that parent is already gone.
+_WITH_PARENT = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 
 def find_mosquitto() -> str:
@@ -102,8 +115,13 @@ class LocalBroker:
         if self.running:
             return
         log = self.log_path.open("ab")
-        self._proc = subprocess.Popen([self.binary, "-c", str(self.config_path)],
-                                      stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        command = [self.binary, "-c", str(self.config_path)]
+        # A broker left behind by a killed `offramp up` would keep taking frames on its port
+        # that nobody answers. The kernel's parent-death signal follows the *thread* that
+        # forked, so it is asked for only from the main thread, which ends with the process.
+        if sys.platform == "linux" and threading.current_thread() is threading.main_thread():
+            command = [sys.executable, "-c", _WITH_PARENT, str(os.getpid()), *command]
+        self._proc = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -165,6 +166,40 @@ def test_sigint_also_stops_a_service(broker: LocalBroker, tmp_path: Path,
     time.sleep(1.5)
     proc.signal(signal.SIGINT)
     assert proc.proc is not None and proc.proc.wait(10) == 0
+
+
+BROKER_PARENT = """
+import time
+from offramp.broker import LocalBroker
+broker = LocalBroker()
+broker.start()
+print(broker.port, broker._proc.pid if broker._proc else -1, flush=True)
+time.sleep(600)
+"""
+
+
+def test_private_broker_goes_with_the_process_that_started_it() -> None:
+    """Left behind, it would take frames on its port that nobody answers."""
+    parent = subprocess.Popen([sys.executable, "-c", BROKER_PARENT], stdout=subprocess.PIPE,
+                              text=True)
+    assert parent.stdout is not None
+    port, pid = map(int, parent.stdout.readline().split())
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        parent.kill()
+        parent.wait()
+        for _ in range(50):
+            if _exited(pid):
+                break
+            time.sleep(0.1)
+        assert _exited(pid), "the broker ran on after its parent died"
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        parent.kill()
+        parent.wait()
+        if pid > 0 and not _exited(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 PARENT = """
