@@ -46,19 +46,18 @@ def main(settings_cls: type[S], prefix: str,
         print(f"offramp: configuration error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_run_until_signal(settings, run))
+        asyncio.run(_run_until_signal(settings, run, common.lifeline_fd))
     except OfframpError as exc:
         structlog.get_logger("offramp").error("service_failed", error=str(exc))
         return 1
     return 0
 
 
-async def _run_until_signal(settings: S, run: Callable[[S, asyncio.Event], Awaitable[None]]
-                            ) -> None:
+async def _run_until_signal(settings: S, run: Callable[[S, asyncio.Event], Awaitable[None]],
+                            lifeline_fd: int) -> None:
     stop = stop_on_signals()
-    common: CommonSettings = settings.common  # type: ignore[attr-defined]
-    if common.lifeline_fd >= 0:
-        stop_with_parent(common.lifeline_fd, stop)
+    if lifeline_fd >= 0:
+        stop_with_parent(lifeline_fd, stop)
     await run(settings, stop)
 
 
