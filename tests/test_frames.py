@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -48,10 +50,10 @@ def test_a_decoder_failing_unexpectedly_costs_only_that_frame(
     real = frames.decode_image
     poison = png_bytes(_image(3))
 
-    def decode(data: bytes) -> np.ndarray:
+    def decode(data: bytes, **kwargs: Any) -> np.ndarray:
         if data == poison:
             raise RuntimeError("decoder bug")
-        return real(data)
+        return real(data, **kwargs)
 
     monkeypatch.setattr(frames, "decode_image", decode)
     out = decode_frames([png_bytes(_image(4)), poison, png_bytes(_image(5))], SPEC,

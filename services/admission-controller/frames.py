@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from offramp.errors import WireError
-from offramp.preprocess import FrameError, InputSpec, check_tensor, decode_image, image_to_input
+from offramp.preprocess import (
+    FrameError,
+    InputSpec,
+    check_tensor,
+    decode_image,
+    image_to_input,
+    pixel_budget,
+)
 from offramp.wire import FrameEnvelope
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -43,14 +50,21 @@ def _npy(data: bytes, spec: InputSpec) -> np.ndarray:
     return _from_array(arr, spec)
 
 
-def decode_frame(data: bytes, spec: InputSpec, *, max_bytes: int) -> Frame:
-    """The model input for one ingest payload, or FrameError saying why not."""
+def _image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
+    image = decode_image(data, max_pixels=max_pixels, reduce_to=(spec.width, spec.height))
+    return image_to_input(image, spec)
+
+
+def decode_frame(data: bytes, spec: InputSpec, *, max_bytes: int, max_pixels: int = 0) -> Frame:
+    """The model input for one ingest payload, or FrameError saying why not. Images over
+    ``max_pixels`` (0: :func:`~offramp.preprocess.pixel_budget`) are refused from their header."""
+    max_pixels = pixel_budget(spec, max_pixels)
     if len(data) > max_bytes:
         raise FrameError(f"frame of {len(data)} bytes is over the limit of {max_bytes}")
     if not data:
         raise FrameError("empty frame")
     if data.startswith(PNG) or data.startswith(JPEG):
-        return Frame(image_to_input(decode_image(data), spec))
+        return Frame(_image(data, spec, max_pixels))
     if data.startswith(NPY):
         return Frame(_npy(data, spec))
     try:
@@ -59,7 +73,7 @@ def decode_frame(data: bytes, spec: InputSpec, *, max_bytes: int) -> Frame:
         raise FrameError("unrecognised frame: expected JPEG, PNG, .npy or a msgpack frame "
                          f"envelope ({exc})") from None
     if env.image is not None:
-        x = image_to_input(decode_image(env.image), spec)
+        x = _image(env.image, spec, max_pixels)
     else:
         assert env.tensor is not None
         try:
@@ -69,7 +83,7 @@ def decode_frame(data: bytes, spec: InputSpec, *, max_bytes: int) -> Frame:
     return Frame(x, env.frame_id, env.deadline, env.label)
 
 
-def decode_frames(payloads: list[bytes], spec: InputSpec, *, max_bytes: int,
+def decode_frames(payloads: list[bytes], spec: InputSpec, *, max_bytes: int, max_pixels: int = 0,
                   stop: threading.Event | None = None) -> list[Frame | FrameError]:
     """:func:`decode_frame` for each payload: the frame, or the error that says why not. A
     decoder failing in a way it does not name is that frame's error too, not its batch's. Once
@@ -80,7 +94,7 @@ def decode_frames(payloads: list[bytes], spec: InputSpec, *, max_bytes: int,
         if stop is not None and stop.is_set():
             break
         try:
-            out.append(decode_frame(data, spec, max_bytes=max_bytes))
+            out.append(decode_frame(data, spec, max_bytes=max_bytes, max_pixels=max_pixels))
         except FrameError as exc:
             out.append(exc)
         except Exception as exc:  # a decoder's unnamed failure on hostile bytes

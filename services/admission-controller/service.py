@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Literal
 
+from offramp.allocator import return_large_blocks
 from offramp.bundle import Bundle, load_bundle
 from offramp.bus import Bus, Message, Subscription
 from offramp.errors import OfframpError, TopicError, WireError
@@ -66,6 +67,9 @@ class AdmissionSettings:
     codec: Literal["raw", "fp16"] = setting("raw", "Codec of the input tensor")
     results_in_flight: int = setting(256, "Results being published at once (QoS 1)", min=1,
                                      max=100_000)
+    max_pixels: int = setting(0, "Largest image accepted, in pixels, read from its header "
+                              "before any decoding (0: 4K UHD, or 4x the model input if larger)",
+                              min=0, max=1 << 28)
     dedup_s: float = setting(10.0, "A frame id seen again from the same source within this "
                              "long is a redelivery and gets no second result (0: off)", min=0,
                              max=3600)
@@ -161,7 +165,7 @@ class Admission:
         thread: a hand-off per frame cost more than decoding a small frame does."""
         loop = asyncio.get_running_loop()
         decode = partial(decode_frames, spec=self.bundle.manifest.input, max_bytes=self.max_bytes,
-                         stop=self.stopping)
+                         max_pixels=self.s.max_pixels, stop=self.stopping)
         while True:
             self.in_hand.append(await sub.get())
             while len(self.in_hand) < DECODE_BATCH and (more := sub.inbox.get_nowait()):
@@ -339,6 +343,7 @@ class Admission:
 
 async def run(settings: AdmissionSettings, stop: asyncio.Event) -> None:
     bundle = load_bundle(settings.bundle)
+    return_large_blocks()  # decoded frames' buffers go back to the OS when freed
     holder: dict[str, Admission] = {}
     runtime = Runtime("admission", settings.common,
                       heartbeat=lambda hb: holder["a"].heartbeat(hb) if "a" in holder else hb)

@@ -23,6 +23,7 @@ from offramp.preprocess import decode_image, resize_uint8
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+TRUSTED_PIXELS = 1 << 27  # a training folder is the user's own: photos up to ~134 MP
 
 
 class DatasetError(OfframpError):
@@ -121,7 +122,7 @@ def _read_tree(root: Path, classes: list[str], size: int) -> Split:
         for path in sorted((root / cls).iterdir()) if (root / cls).is_dir() else []:
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 try:
-                    img = decode_image(path.read_bytes())
+                    img = decode_image(path.read_bytes(), max_pixels=TRUSTED_PIXELS)
                 except OfframpError as exc:
                     raise DatasetError(f"{path}: {exc}") from None
                 images.append(resize_uint8(img[None], size, size)[0])
