@@ -255,3 +255,26 @@ def test_offramp_up_serves_and_stops_every_service_cleanly(tiny_bundle: Bundle, 
     out = log.read_text()
     stopped = json.loads(out[out.index('{"stopped"'):].splitlines()[0])["stopped"]
     assert len(stopped) == 5 and set(stopped.values()) == {0}, out[-2000:]
+
+
+def test_task_ids_are_never_reused_by_a_restarted_admission_controller(
+        tiny_bundle: Bundle, prefix: str) -> None:
+    """A successor counts its task ids afresh, so each id names its incarnation: a client that
+    deduplicates by task id (as the README advises) must never see one id on two frames."""
+    images, _ = _frames(40)
+    first = [envelope(f"a{i}", image=im) for i, im in enumerate(images[:20])]
+    second = [envelope(f"b{i}", image=im) for i, im in enumerate(images[20:])]
+    with LocalSystem(tiny_bundle, 1, prefix=prefix, env=FAST) as system:
+        before = asyncio.run(_run(system, first))
+        admission = system.member("admission-1")
+        assert admission.stop() == 0
+        admission.start()
+        after = asyncio.run(_run(system, second))
+        codes = system.stop()
+    results = before + after
+    assert Counter(r.status for r in results) == {"ok": 40}
+    assert len({r.task_id for r in results}) == 40
+    incarnations = {r.task_id.rsplit("-", 2)[1] for r in results}
+    assert len(incarnations) == 2, incarnations
+    assert all(r.task_id.startswith("admission-1-") for r in results)
+    assert all(code == 0 for code in codes.values()), str(codes)

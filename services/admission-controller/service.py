@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -95,6 +96,10 @@ class Admission:
         self.stopping = threading.Event()  # tells the decode thread to leave the rest
         self.counts: Counter[str] = Counter()
         self.recent: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # Task ids name this incarnation: a successor after a crash never reuses one, so a
+        # client deduplicating by task id keeps every result, and a late completion from the
+        # predecessor's work completes nothing here.
+        self.id_prefix = f"{runtime.node}-{secrets.token_hex(4)}-"
         self.ids = itertools.count()
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
         self.outbox = Outbox(settings.results_in_flight)
@@ -158,7 +163,7 @@ class Admission:
 
     # -- ingest -----------------------------------------------------------------------------------
     def new_id(self) -> str:
-        return f"{self.rt.node}-{next(self.ids)}"
+        return f"{self.id_prefix}{next(self.ids)}"
 
     async def ingest(self, sub: Subscription) -> None:
         """Frames are decoded off the event loop, up to DECODE_BATCH per hand-off to the decode
@@ -265,6 +270,8 @@ class Admission:
                 task = self.tracker.complete(done.task_id)
                 if task is not None:
                     await self.answer(task.task_id, task.source, task.frame_id, "ok", done=done)
+                elif not done.task_id.startswith(self.id_prefix):
+                    self.counts["stale_completions"] += 1  # an earlier incarnation's task
 
     async def states(self, sub: Subscription) -> None:
         async for msg in sub:
