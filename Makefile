@@ -7,6 +7,8 @@ PY          := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP       := $(VENV)/.installed
+SERVICES    := admission-controller segment-worker exit-arbiter priority-scheduler
+MEMBERS     := shared/pyproject.toml $(SERVICES:%=services/%/pyproject.toml)
 
 .PHONY: help setup system-deps demo test test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control clean
 
@@ -23,11 +25,14 @@ help:
 system-deps:
 	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh
 
-$(STAMP): pyproject.toml | system-deps
+# Every workspace member editable (the library with all its extras, then each service), and the
+# dev group of the root pyproject.toml.
+$(STAMP): pyproject.toml $(MEMBERS) | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q $(TORCH_INDEX) -e '.[dev,train]'
+	$(PY) -m pip install -q $(TORCH_INDEX) -e 'shared[serve,images,cli,train,testbed]' \
+	    $(SERVICES:%=-e services/%) --group dev
 	touch $(STAMP)
 
 setup: system-deps $(STAMP)
@@ -39,7 +44,7 @@ lint: setup
 	$(VENV)/bin/ruff check shared services tests bench
 
 typecheck: setup
-	$(PY) scripts/typecheck.py
+	$(VENV)/bin/mypy
 
 pytest: setup
 	$(PY) -m pytest -q

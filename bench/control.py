@@ -31,11 +31,11 @@ import numpy as np
 
 from bench.common import write_result
 from bench.pipeline import three_segments
-from offramp import loadgen
-from offramp.bundle import Bundle
-from offramp.loadgen import Run, Stream
+from offramp.local import loadgen
+from offramp.local.loadgen import Run, Stream
+from offramp.local.system import LocalSystem
 from offramp.ml.build import load_data, preset
-from offramp.system import LocalSystem
+from offramp.model.bundle import Bundle
 
 SPEEDS = (1, 2, 4)  # relative speed of the three workers
 BASE_SLOWDOWN = 2.0

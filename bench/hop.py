@@ -18,10 +18,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from bench.common import percentile_ms, write_result
-from offramp.broker import LocalBroker
-from offramp.bus import Bus
+from offramp.bus.connection import Bus
+from offramp.bus.topics import Topics
+from offramp.local.broker import LocalBroker
 from offramp.settings import BusSettings
-from offramp.topics import Topics
 from offramp.wire import ActivationPacket, Sample, Tensor
 
 SIZES = {"16KiB": 16 * 1024, "64KiB": 64 * 1024, "256KiB": 256 * 1024, "1MiB": 1024 * 1024}

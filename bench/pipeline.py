@@ -5,7 +5,7 @@ Same machine, same run, same model: MobileNetV2 width 1.0 on 32x32 digits (train
 processes (1 intra-op thread each, micro-batches of up to 32), CPU. The monolithic session gets
 the better of batch 16 and 32. The system runs as ``offramp up`` runs it: queues and credit at
 their shipped bound, and each worker yielding the shared cores to the stages after it
-(:mod:`offramp.cpushare`).
+(:mod:`offramp.node.cpushare`).
 
 - pipeline_efficiency: frames/s of the system with exits closed / frames/s of one monolithic
   session given the same total intra-op threads (3, one per worker), as the issue defines it.
@@ -44,17 +44,17 @@ from typing import Any
 import numpy as np
 
 from bench.common import percentile_ms, write_result
-from offramp.bundle import Bundle, load_bundle
-from offramp.bus import Bus
-from offramp.client import collect, envelope, publish_frames, wait_for_workers
+from offramp.bus.connection import Bus
+from offramp.bus.topics import Topics
+from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
+from offramp.local.system import LocalSystem
 from offramp.ml.build import build, load_data, load_trained, preset
 from offramp.ml.calibrate import calibrate_bundle
 from offramp.ml.data import Split
 from offramp.ml.export import export_bundle
-from offramp.runtime import FullModelRunner
+from offramp.model.bundle import Bundle, load_bundle
+from offramp.model.sessions import FullModelRunner
 from offramp.settings import BusSettings
-from offramp.system import LocalSystem
-from offramp.topics import Topics
 from offramp.wire import ExitPolicy, Result
 
 WORKERS = 3
@@ -166,7 +166,7 @@ def main() -> None:
     y = np.concatenate([test.labels] * reps)[:FRAMES]
     labels = {f"b{i}": int(v) for i, v in enumerate(y)}
     payloads = [envelope(f"b{i}", image=im) for i, im in enumerate(images)]
-    from offramp.preprocess import normalise
+    from offramp.model.inputs import normalise
 
     x = normalise(images, bundle.manifest.input)
     cores = os.cpu_count() or 1

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from bench.common import write_result
-from offramp.bundle import load_bundle
 from offramp.ml.export import export_bundle
 from offramp.ml.zoo import create_model
-from offramp.preprocess import InputSpec
-from offramp.runtime import FullModelRunner, SegmentRunner
+from offramp.model.bundle import load_bundle
+from offramp.model.inputs import InputSpec
+from offramp.model.sessions import FullModelRunner, SegmentRunner
 
 BATCH = int(os.environ.get("OFFRAMP_BENCH_BATCH", "8"))
 DEVICE = os.environ.get("OFFRAMP_BENCH_DEVICE", "cpu")

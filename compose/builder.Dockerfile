@@ -10,13 +10,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
     PATH=/opt/offramp/bin:$PATH
 WORKDIR /src
 COPY wheelhouse/ /wheelhouse/
-COPY pyproject.toml README.md ./
 COPY shared ./shared
-COPY services ./services
 RUN python -m venv /opt/offramp \
  && /opt/offramp/bin/pip install ${PIP_NO_INDEX:+--no-index} --find-links /wheelhouse \
       --extra-index-url "${TORCH_INDEX}" "torch>=2.3,<2.14" \
- && /opt/offramp/bin/pip install ${PIP_NO_INDEX:+--no-index} --find-links /wheelhouse ".[train]"
+ && /opt/offramp/bin/pip install ${PIP_NO_INDEX:+--no-index} --find-links /wheelhouse "./shared[train]"
 RUN useradd --create-home --uid 10001 offramp
 USER 10001
 WORKDIR /home/offramp

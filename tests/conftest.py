@@ -8,12 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from offramp.broker import LocalBroker
-from offramp.bundle import Bundle
+from offramp.bus.topics import Topics
+from offramp.local.broker import LocalBroker
 from offramp.ml.build import Recipe, build
 from offramp.ml.train import TrainConfig
+from offramp.model.bundle import Bundle
 from offramp.settings import BusSettings
-from offramp.topics import Topics
 
 # tests/deploy needs root, podman and the images `make test-deploy` builds; it runs them
 collect_ignore = [] if os.environ.get("OFFRAMP_TEST_DEPLOY") else ["deploy"]

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from offramp.broker import LocalBroker, find_mosquitto
-from offramp.bundle import Bundle
-from offramp.bus import Bus
+from offramp.bus.connection import Bus
+from offramp.bus.topics import Topics
 from offramp.errors import BrokerError
-from offramp.launcher import SERVICES, ServiceProcess
-from offramp.runtime import SegmentRunner
-from offramp.service import Runtime
+from offramp.local.broker import LocalBroker, find_mosquitto
+from offramp.local.launcher import ServiceProcess
+from offramp.local.services import service_modules
+from offramp.model.bundle import Bundle
+from offramp.model.sessions import SegmentRunner
+from offramp.node.runtime import Runtime
 from offramp.settings import BusSettings, CommonSettings
-from offramp.topics import Topics
 from offramp.wire import Heartbeat
 
 
@@ -79,7 +80,7 @@ async def test_heartbeats_sent_early_on_request_keep_their_gap_and_schedule(
     assert 1 <= len(later) <= 2, len(later)  # the schedule goes on
 
 
-@pytest.mark.parametrize("service", sorted(SERVICES))
+@pytest.mark.parametrize("service", sorted(service_modules()))
 async def test_service_heartbeats_then_stops_cleanly_on_sigterm(
         service: str, broker: LocalBroker, bus_settings: BusSettings, topics: Topics,
         prefix: str, tmp_path: Path, bundle_env: dict[str, str]) -> None:
@@ -152,7 +153,7 @@ def test_bad_settings_stop_a_service_with_one_clear_line(env: dict[str, str], wo
                                                          broker: LocalBroker,
                                                          bundle_env: dict[str, str]) -> None:
     full = {**os.environ, "OFFRAMP_BROKER_URL": broker.url, **bundle_env, **env}
-    out = subprocess.run([sys.executable, "-m", SERVICES["segment-worker"]], env=full, check=False,
+    out = subprocess.run([sys.executable, "-m", service_modules()["segment-worker"]], env=full, check=False,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert words in out.stderr
@@ -170,7 +171,7 @@ def test_sigint_also_stops_a_service(broker: LocalBroker, tmp_path: Path,
 
 BROKER_PARENT = """
 import time
-from offramp.broker import LocalBroker
+from offramp.local.broker import LocalBroker
 broker = LocalBroker()
 broker.start()
 print(broker.port, broker._proc.pid if broker._proc else -1, flush=True)
@@ -205,7 +206,7 @@ def test_private_broker_goes_with_the_process_that_started_it() -> None:
 PARENT = """
 import sys, threading, time
 from pathlib import Path
-from offramp.launcher import ServiceProcess
+from offramp.local.launcher import ServiceProcess
 proc = ServiceProcess("exit-arbiter", "arb-orphan", dict(a.split("=", 1) for a in sys.argv[2:]),
                       Path(sys.argv[1]))
 starter = threading.Thread(target=proc.start)  # the thread that forks ends: no matter
@@ -271,7 +272,7 @@ async def test_frames_taken_but_not_yet_decoded_are_answered_when_admission_stop
     and in hand; a SIGTERM then still answers every one, and the process exits at once."""
     import numpy as np
 
-    from offramp.client import envelope
+    from offramp.local.client import envelope
     from offramp.wire import Result
 
     image = np.zeros((4000, 4000, 3), np.uint8)
@@ -280,7 +281,8 @@ async def test_frames_taken_but_not_yet_decoded_are_answered_when_admission_stop
     payloads = [envelope(f"big-{i}", image=image) for i in range(n)]
     proc = ServiceProcess("admission-controller", "adm-stop", {
         "OFFRAMP_BROKER_URL": broker.url, "OFFRAMP_TOPIC_PREFIX": prefix,
-        "OFFRAMP_LOG_FORMAT": "json", **bundle_env}, tmp_path / "adm.log")
+        "OFFRAMP_LOG_FORMAT": "json", "OFFRAMP_ADMISSION_MAX_PIXELS": str(4000 * 4000),
+        **bundle_env}, tmp_path / "adm.log")
     async with Bus(bus_settings, "camera") as bus:
         await bus.wait_connected(5)
         results = await bus.subscribe(topics.results_all(), qos=1, maxsize=1000)

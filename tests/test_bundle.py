@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from offramp.bundle import Bundle, BundleError, load_bundle
 from offramp.ml.data import load_digits
 from offramp.ml.export import ATOL, RTOL, export_bundle
 from offramp.ml.zoo import create_model
-from offramp.preprocess import InputSpec, normalise
-from offramp.runtime import FullModelRunner, SegmentRunner, cuda_available
+from offramp.model.bundle import Bundle, BundleError, load_bundle
+from offramp.model.inputs import InputSpec, normalise
+from offramp.model.sessions import FullModelRunner, SegmentRunner, cuda_available
 
 CLASSES = [str(i) for i in range(10)]
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from offramp.broker import LocalBroker
-from offramp.bus import Bus
+from offramp.bus.connection import Bus
+from offramp.bus.topics import Topics
 from offramp.errors import BusError
+from offramp.local.broker import LocalBroker
 from offramp.settings import BusSettings
-from offramp.topics import Topics
 from offramp.wire import ActivationPacket, Heartbeat, Sample, Tensor
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -156,7 +156,7 @@ async def test_routes_follow_subscription_changes_and_stay_bounded(
         bus_settings: BusSettings, topics: Topics, monkeypatch: pytest.MonkeyPatch) -> None:
     """A topic's subscription is remembered after its first message; subscribing or
     unsubscribing forgets every route, and no more than ROUTE_CACHE topics are remembered."""
-    monkeypatch.setattr("offramp.bus.ROUTE_CACHE", 4)
+    monkeypatch.setattr("offramp.bus.connection.ROUTE_CACHE", 4)
     async with Bus(bus_settings, "rx") as rx, Bus(bus_settings, "tx") as tx:
         wide = await rx.subscribe(topics.ingest_all(), qos=1)
         await rx.wait_connected(5)

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offramp.bundle import Bundle
-from offramp.calibration import NEVER, Calibration
-from offramp.scores import score
+from offramp.model.bundle import Bundle
+from offramp.model.calibration import NEVER, Calibration
+from offramp.model.scores import score
 
 
 def _synthetic(n: int = 400, seed: int = 0) -> Calibration:

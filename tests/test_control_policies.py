@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from admission_controller.gate import Gate
 from offramp.errors import SettingsError, WireError
+from offramp.node.sources import SourceRegistry, SourceSettings
 from offramp.policy.admission import (
     ControlSettings,
     RateController,
@@ -21,10 +23,8 @@ from offramp.policy.admission import (
 from offramp.policy.credits import CreditLedger, Demand, Request, SendWindow
 from offramp.policy.offload import Candidate, place
 from offramp.policy.plan import ModelInfo, NodeInfo, SourceLoad, plan
-from offramp.services.admission_controller.gate import Gate
-from offramp.services.segment_worker.queue import Item, SegmentQueue
-from offramp.sources import Registry, SourceSettings
 from offramp.wire import Sample
+from segment_worker.queue import Item, SegmentQueue
 
 
 def _item(task: str, priority: float, arrived: float) -> Item:
@@ -180,7 +180,7 @@ def test_stale_neighbours_are_used_only_as_the_plans_choice() -> None:
 def test_priority_aware_cost_counts_only_work_ahead() -> None:
     """The same node is cheap for a high-priority task (little high-priority work queued)
     and expensive for a low one: PeerTable builds backlog_s from queued_at_or_above."""
-    from offramp.peers import PeerTable
+    from offramp.node.peers import PeerTable
     from offramp.wire import Heartbeat, SegmentLoad
 
     load = SegmentLoad("m", 2, queued=100, service_rate=100.0, by_priority=((4.0, 2), (1.0, 98)))
@@ -292,7 +292,7 @@ def test_overload_spreads_a_source_over_nodes() -> None:
 def test_registry_from_file_and_messages(tmp_path: Path) -> None:
     f = tmp_path / "sources.toml"
     f.write_text('[sources.gate]\npriority = 4\ndeadline_ms = 200\nrate_hz = 30\n')
-    reg = Registry(SourceSettings(file=str(f), unknown="reject"))
+    reg = SourceRegistry(SourceSettings(file=str(f), unknown="reject"))
     gate = reg.lookup("gate")
     assert gate is not None and gate.priority == 4.0 and gate.deadline_s == pytest.approx(0.2)
     assert reg.lookup("yard") is None
@@ -303,7 +303,7 @@ def test_registry_from_file_and_messages(tmp_path: Path) -> None:
     for bad in (b"not json", b'{"priority": -1}', b'{"prio": 1}', b'[1]'):
         with pytest.raises(WireError):
             reg.update("yard", bad)
-    assert Registry(SourceSettings()).lookup("any").priority == 1.0  # type: ignore[union-attr]
+    assert SourceRegistry(SourceSettings()).lookup("any").priority == 1.0  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("text, words", [
@@ -316,6 +316,6 @@ def test_bad_source_files_get_one_clear_error(tmp_path: Path, text: str, words: 
     f = tmp_path / "s.toml"
     f.write_text(text)
     with pytest.raises(SettingsError, match=words):
-        Registry(SourceSettings(file=str(f)))
+        SourceRegistry(SourceSettings(file=str(f)))
     with pytest.raises(SettingsError, match="no such file"):
-        Registry(SourceSettings(file=str(tmp_path / "missing.toml")))
+        SourceRegistry(SourceSettings(file=str(tmp_path / "missing.toml")))

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offramp import loadgen
-from offramp.bundle import Bundle
-from offramp.bus import Bus
-from offramp.loadgen import Hook, Run, Stream
+from offramp.bus.connection import Bus
+from offramp.bus.topics import Topics
+from offramp.local import loadgen
+from offramp.local.loadgen import Hook, Run, Stream
+from offramp.local.system import LocalSystem
 from offramp.ml.data import load_digits
-from offramp.system import LocalSystem
-from offramp.topics import Topics
+from offramp.model.bundle import Bundle
 
 SLOWDOWN = 30.0
 BASE = {"OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "3", "OFFRAMP_RECONNECT_MAX_S": "0.5",

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from offramp.cpushare import autogroup_nice
-from offramp.system import stage_nices
+from offramp.local.system import stage_nices
+from offramp.node.cpushare import autogroup_nice
 
 PROBE = """
 import json, os, threading
 from pathlib import Path
-from offramp.cpushare import autogroup_nice, lower_priority
+from offramp.node.cpushare import autogroup_nice, lower_priority
 started = threading.Event()
 threading.Thread(target=lambda: (started.set(), threading.Event().wait(5)), daemon=True).start()
 started.wait()

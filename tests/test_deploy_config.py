@@ -21,7 +21,7 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from offramp.broker import free_port
+from offramp.local.broker import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -41,7 +41,8 @@ def test_compose_file_follows_the_compose_spec() -> None:
 
 
 @pytest.mark.parametrize("dockerfile", sorted(str(p.relative_to(ROOT)) for p in [
-    *ROOT.glob("services/*/Dockerfile*"), ROOT / "compose/builder.Dockerfile"]))
+    ROOT / "services/Dockerfile", *ROOT.glob("services/*/Dockerfile*"),
+    ROOT / "compose/builder.Dockerfile"]))
 def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
     out = subprocess.run([_tool("hadolint"), "--failure-threshold", "warning", dockerfile],
                          capture_output=True, text=True, cwd=ROOT, check=False)
@@ -69,31 +70,42 @@ def test_k3s_overlays_render_and_validate(overlay: str, tmp_path: Path) -> None:
         assert docs.count("offramp.io/role: gateway") == 4
 
 
-def test_the_wheel_the_images_install_holds_every_module(tmp_path: Path) -> None:
-    """The images install offramp as a wheel, not as the editable checkout the tests use: a
-    package missing from pyproject.toml breaks only them (it did, for offramp.policy)."""
+MEMBERS = {"shared": "offramp", "services/admission-controller": "admission_controller",
+           "services/segment-worker": "segment_worker", "services/exit-arbiter": "exit_arbiter",
+           "services/priority-scheduler": "priority_scheduler"}
+
+
+@pytest.mark.parametrize("member", sorted(MEMBERS))
+def test_the_wheel_the_images_install_holds_every_module(tmp_path: Path, member: str) -> None:
+    """The images install each member as a wheel, not as the editable checkout the tests use:
+    a package missing from a pyproject.toml breaks only them (it did, for offramp.policy)."""
     src = tmp_path / "src"  # a clean copy: setuptools would reuse a stale build/ of the checkout
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for name in ("shared", "services"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / member, src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info",
+                                                                      "build"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path),
                     str(src)], check=True, capture_output=True)
-    wheel = next(tmp_path.glob("offramp-*.whl"))
+    wheel = next(tmp_path.glob("*.whl"))
     import zipfile
 
     names = set(zipfile.ZipFile(wheel).namelist())
-    folders = {"shared": "offramp", "services": "offramp/services"}
-    wanted = set()
-    for top, package in folders.items():
-        for source in (ROOT / top).rglob("*.py"):
-            rel = source.relative_to(ROOT / top).as_posix()
-            if top == "services" and "/" in rel:
-                service, rest = rel.split("/", 1)
-                rel = f"{service.replace('-', '_')}/{rest}"
-            wanted.add(f"{package}/{rel}")
-    assert wanted - names == set()
+    package = ROOT / member / MEMBERS[member]
+    wanted = {f"{MEMBERS[member]}/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")}
+    assert wanted and wanted - names == set()
+    assert all(n.split("/", 1)[0] in (MEMBERS[member], wheel.name.split("-")[0] + "-" +
+                                      wheel.name.split("-")[1] + ".dist-info") for n in names), \
+        "a wheel holds its own package and nothing else at the top of site-packages"
+
+
+def test_every_service_is_a_workspace_member_with_an_entry_point() -> None:
+    for member, package in MEMBERS.items():
+        if member == "shared":
+            continue
+        meta = tomllib.loads((ROOT / member / "pyproject.toml").read_text())["project"]
+        name = member.split("/", 1)[1]
+        assert meta["entry-points"]["offramp.services"] == {name: f"{package}.service:SERVICE"}
+        assert meta["scripts"] == {f"offramp-{name}": f"{package}.__main__:cli"}
+        library = [d for d in meta["dependencies"] if d.startswith("offramp")]
+        assert len(library) == 1, meta["dependencies"]
 
 
 # PyPI's onnxruntime-gpu links CUDA 12 up to 1.26 and CUDA 13 from 1.27 (read from the wheels'
@@ -117,8 +129,8 @@ def test_the_cuda_image_installs_an_onnxruntime_gpu_for_its_cuda() -> None:
     assert image and wheel, "Dockerfile.cuda names its CUDA image and its onnxruntime-gpu"
     assert '"${ORT_GPU}"' in text, "the install step uses ORT_GPU"
     assert _cuda_of(wheel.group(1)) == int(image.group(1))
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]
+    extras = tomllib.loads((ROOT / "services/segment-worker/pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]
     assert [_cuda_of(extras["gpu"][0]), _cuda_of(extras["gpu-cuda12"][0])] == [13, 12]
 
 
@@ -287,7 +299,7 @@ def test_tls_and_websocket_listeners_work(secure_broker: SecureBroker) -> None:
 def test_a_publish_the_broker_refuses_fails_with_its_reason(secure_broker: SecureBroker) -> None:
     """MQTT v5 brokers answer a QoS 1 publish the ACL denies with a failure reason code in the
     PUBACK: the bus raises it at once, where a success would silently lose the frame."""
-    from offramp.bus import Bus
+    from offramp.bus.connection import Bus
     from offramp.errors import BusError
     from offramp.settings import BusSettings
 

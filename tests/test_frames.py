@@ -7,10 +7,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from offramp.client import envelope, png_bytes
-from offramp.preprocess import FrameError, InputSpec, decode_image
-from offramp.services.admission_controller import frames
-from offramp.services.admission_controller.frames import Frame, decode_frames
+from admission_controller import frames
+from admission_controller.frames import Frame, decode_frames
+from offramp.local.client import envelope, png_bytes
+from offramp.model.images import decode_image
+from offramp.model.inputs import FrameError, InputSpec
 
 SPEC = InputSpec()
 LIMIT = 1 << 20

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from offramp.bundle import Bundle
-from offramp.health import HealthServer, probe
-from offramp.launcher import ProcessGroup
-from offramp.metrics import Registry
+from offramp.local.launcher import ProcessGroup
+from offramp.model.bundle import Bundle
+from offramp.node.health import HealthServer, probe
+from offramp.node.metrics import Metrics
 from offramp.settings import BusSettings
 
 
 def test_metrics_render_in_prometheus_text_format() -> None:
-    reg = Registry()
+    reg = Metrics()
     c = reg.counter("offramp_results_total", "Results")
     c.inc(source="cam-1", status="ok")
     c.inc(2, source="cam-1", status="ok")
@@ -58,7 +58,7 @@ async def _get(port: int, request: bytes) -> tuple[int, str]:
 
 async def test_endpoints_answer_and_bad_requests_do_not_hurt() -> None:
     missing: list[str | None] = ["no plan yet"]
-    reg = Registry()
+    reg = Metrics()
     reg.counter("offramp_x_total", "x").inc()
     server = HealthServer("127.0.0.1", 0, reg, lambda: missing[0])
     await server.start()
@@ -95,7 +95,7 @@ def test_a_running_service_is_live_ready_and_exports_metrics(
         assert "offramp_bus_connected 1" in metrics
         assert 'offramp_exit_threshold{exit="1"}' in metrics
         # the container healthcheck command, as docker-compose.yml runs it
-        answer = subprocess.run([sys.executable, "-m", "offramp.health"], check=False,
+        answer = subprocess.run([sys.executable, "-m", "offramp.node.health"], check=False,
                                 capture_output=True, text=True,
                                 env={**os.environ, "OFFRAMP_HTTP_PORT": str(port)})
         assert answer.returncode == 0 and answer.stdout == "ready\n", answer
@@ -113,7 +113,7 @@ def test_the_probe_fails_with_a_reason_when_nothing_answers() -> None:
 
 
 def _free_port() -> int:
-    from offramp.broker import free_port
+    from offramp.local.broker import free_port
 
     return free_port()
 

@@ -18,11 +18,12 @@ import pytest
 from PIL import Image
 from test_system import FAST, _frames, _run
 
-from offramp.bundle import Bundle
-from offramp.client import envelope
-from offramp.preprocess import FrameError, InputSpec, decode_image
-from offramp.services.admission_controller.frames import decode_frames
-from offramp.system import LocalSystem
+from admission_controller.frames import decode_frames
+from offramp.local.client import envelope
+from offramp.local.system import LocalSystem
+from offramp.model.bundle import Bundle
+from offramp.model.images import decode_image
+from offramp.model.inputs import FrameError, InputSpec
 
 SPEC = InputSpec()
 

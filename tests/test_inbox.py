@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from offramp.inbox import Inbox, RateLimitedWarning
+from offramp.bus.inbox import Inbox, RateLimitedWarning
 
 
 def test_drop_oldest_keeps_the_newest_and_reports_each_drop() -> None:

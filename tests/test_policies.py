@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 
+from admission_controller.tracker import Task, Tracker
+from offramp.local.system import split_segments
 from offramp.policy.exits import decide
 from offramp.policy.offload import Candidate, choose
-from offramp.services.admission_controller.tracker import Task, Tracker
-from offramp.services.segment_worker.queue import Item, SegmentQueue
-from offramp.system import split_segments
 from offramp.wire import Sample
+from segment_worker.queue import Item, SegmentQueue
 
 SURE, UNSURE = [8.0, 0.0, 0.0], [0.1, 0.0, 0.0]
 

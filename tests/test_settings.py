@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from offramp.errors import SettingsError
-from offramp.services.segment_worker.service import PREFIX, WorkerSettings
 from offramp.settings import BrokerAddress, BusSettings, CommonSettings, describe, load
+from segment_worker.service import PREFIX, WorkerSettings
 
 
 def test_defaults_load_from_an_empty_environment() -> None:
@@ -66,12 +66,14 @@ def test_describe_lists_every_variable_with_its_doc() -> None:
 
 
 def test_settings_catalog_covers_every_launchable_service() -> None:
-    from offramp.launcher import SERVICES
-    from offramp.settings_catalog import catalog
+    from offramp.local.services import service_modules, service_specs
 
-    cat = catalog()
-    assert set(cat) == set(SERVICES)
-    for cls, prefix in cat.values():
-        names = [name for name, _, _ in describe(cls, prefix)]
+    specs = service_specs()
+    modules = service_modules()
+    assert set(specs) == set(modules) == {"admission-controller", "segment-worker",
+                                          "exit-arbiter", "priority-scheduler"}
+    for name, spec in specs.items():
+        assert spec.module == modules[name]
+        names = [var for var, _, _ in describe(spec.settings, spec.prefix)]
         assert "OFFRAMP_BROKER_URL" in names
-        assert prefix.startswith("OFFRAMP_") and prefix.endswith("_")
+        assert spec.prefix.startswith("OFFRAMP_") and spec.prefix.endswith("_")

@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offramp.bundle import Bundle
-from offramp.bus import Bus
-from offramp.client import collect, envelope, publish_frames, wait_for_workers
+from exit_arbiter.service import ArbiterSettings, make_policy
+from offramp.bus.connection import Bus
+from offramp.bus.topics import Topics
+from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
+from offramp.local.system import LocalSystem
 from offramp.ml.data import load_digits
+from offramp.model.bundle import Bundle
+from offramp.model.inputs import normalise
+from offramp.model.sessions import SegmentRunner, cuda_available
 from offramp.policy.exits import decide
-from offramp.preprocess import normalise
-from offramp.runtime import SegmentRunner, cuda_available
-from offramp.services.exit_arbiter.service import ArbiterSettings, make_policy
 from offramp.settings import BusSettings
-from offramp.system import LocalSystem
-from offramp.topics import Topics
 from offramp.wire import ExitPolicy, Result
 
 FAST = {"OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "1.5", "OFFRAMP_ARBITER_REPUBLISH_S": "0.5",
@@ -225,7 +225,7 @@ def test_offramp_up_serves_and_stops_every_service_cleanly(tiny_bundle: Bundle, 
     import subprocess
     import sys
 
-    from offramp.broker import free_port
+    from offramp.local.broker import free_port
 
     port = free_port()
     log = tmp_path / "up.log"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from offramp.errors import SettingsError
-from offramp.testbed import PROFILES, TestbedSpec, containers, mosquitto_conf, parse_nodes
+from offramp.local.testbed import PROFILES, TestbedSpec, containers, mosquitto_conf, parse_nodes
 
 
 def test_node_lists_expand_to_named_nodes_with_their_profiles() -> None:

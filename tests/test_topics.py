@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from offramp.bus.topics import ParsedTopic, Topics
 from offramp.errors import TopicError
-from offramp.topics import ParsedTopic, Topics
 
 names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,20}\Z")
 

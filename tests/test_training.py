@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from offramp.bundle import Bundle, load_bundle
 from offramp.errors import OfframpError
 from offramp.ml.build import Recipe, ablation_configs, load_data, load_trained, make_model
 from offramp.ml.compress import compare_codecs, default_cut, export_autoencoder, train_autoencoder
 from offramp.ml.train import TrainConfig, train
-from offramp.preprocess import InputSpec
-from offramp.runtime import make_session
+from offramp.model.bundle import Bundle, load_bundle
+from offramp.model.inputs import InputSpec
+from offramp.model.sessions import make_session
 
 QUICK = Recipe("quick", "mobilenetv2", {"width": 0.25, "stem_stride": 2},
                train=TrainConfig(epochs=2, batch_size=128))

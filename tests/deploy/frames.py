@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from offramp.client import envelope, png_bytes
+from offramp.local.client import envelope, png_bytes
 from offramp.ml.data import load_digits
 
 ENVELOPES = 120

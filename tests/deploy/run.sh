@@ -80,14 +80,16 @@ step "wheelhouse: the runtime wheels, so the service images build offline (PIP_N
 mkdir -p wheelhouse
 "$PY" - >"$work/requirements.txt" <<'PYEOF'
 import tomllib
-meta = tomllib.load(open("pyproject.toml", "rb"))
-print("\n".join(meta["project"]["dependencies"] + meta["build-system"]["requires"] + ["wheel"]))
+lib = tomllib.load(open("shared/pyproject.toml", "rb"))
+extras = lib["project"]["optional-dependencies"]
+need = lib["project"]["dependencies"] + extras["serve"] + extras["images"]
+print("\n".join(need + lib["build-system"]["requires"] + ["wheel"]))
 PYEOF
 # the host's Python is 3.11 on glibc like the Debian base, so its wheels fit the images
 "$PY" -m pip download -q --only-binary=:all: -d wheelhouse -r "$work/requirements.txt" \
   || fail "pip download into wheelhouse/"
 for svc in admission-controller segment-worker exit-arbiter priority-scheduler; do
-  build "offramp/$svc:latest" "services/$svc/Dockerfile" --build-arg PIP_NO_INDEX=1
+  build "offramp/$svc:latest" services/Dockerfile --build-arg SERVICE="$svc" --build-arg PIP_NO_INDEX=1
 done
 
 # -- the stack ----------------------------------------------------------------------------------
@@ -117,9 +119,9 @@ declare -A ports=([admission-controller]=18081 [segment-worker]=18082 [exit-arbi
                   [priority-scheduler]=18084)
 deadline=$((SECONDS + 180))
 for svc in "${!ports[@]}"; do
-  until OFFRAMP_HTTP_PORT=${ports[$svc]} "$PY" -m offramp.health /readyz >/dev/null 2>&1; do
+  until OFFRAMP_HTTP_PORT=${ports[$svc]} "$PY" -m offramp.node.health /readyz >/dev/null 2>&1; do
     [ $SECONDS -lt $deadline ] || fail "$svc not ready: $(OFFRAMP_HTTP_PORT=${ports[$svc]} \
-      "$PY" -m offramp.health /readyz 2>&1)"
+      "$PY" -m offramp.node.health /readyz 2>&1)"
     sleep 1
   done
 done

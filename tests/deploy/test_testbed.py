@@ -16,9 +16,9 @@ from pathlib import Path
 import docker
 import pytest
 
-from offramp import loadgen
-from offramp.broker import free_port
-from offramp.loadgen import Stream
+from offramp.local import loadgen
+from offramp.local.broker import free_port
+from offramp.local.loadgen import Stream
 from offramp.ml.data import load_digits
 
 ROOT = Path(__file__).resolve().parents[2]

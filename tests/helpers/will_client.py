@@ -3,9 +3,9 @@
 import asyncio
 import sys
 
-from offramp.bus import Bus, Will
+from offramp.bus.connection import Bus, Will
+from offramp.bus.topics import Topics
 from offramp.settings import BusSettings
-from offramp.topics import Topics
 from offramp.wire import Heartbeat
 
 

@@ -1,0 +1,137 @@
+"""First hop of admitted frames: to the hosts of segment 1, within the credit each granted
+this node (no herding, :mod:`offramp.policy.credits`), highest priority first, cheapest host
+by the priority-aware backlog cost (:mod:`offramp.policy.offload`), the plan's route when
+heartbeats are stale. Frames no host can take yet wait here (they are already owned, and
+bounded by the in-flight limit) and go as soon as a heartbeat brings credit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from admission_controller.tracker import Task
+from offramp.errors import OfframpError
+from offramp.node.peers import PeerTable
+from offramp.node.runtime import Runtime
+from offramp.policy.admission import path_backlog
+from offramp.policy.credits import Demand, SendWindow
+from offramp.policy.offload import place
+from offramp.wire import ActivationPacket, Heartbeat, Plan, Sample, Tensor, Want
+
+if TYPE_CHECKING:
+    from admission_controller.service import Admission
+
+
+class Dispatcher:
+    def __init__(self, adm: Admission, runtime: Runtime) -> None:
+        self.adm = adm
+        self.rt = runtime
+        self.model = adm.bundle.name
+        self.boot = time.time()
+        self.peers = PeerTable(runtime.node)
+        self.window = SendWindow(runtime.node, self.boot)
+        self.plan: Plan | None = None
+        self.pending: dict[float, OrderedDict[str, Task]] = {}  # priority -> FIFO
+        self._event = asyncio.Event()
+        self._demand: Demand[float] = Demand(adm.s.common.heartbeat_s, time.monotonic())
+        self.stale_after_s = 3 * adm.s.common.heartbeat_s
+
+    def waiting(self, priority: float | None = None) -> int:
+        """Frames waiting here for credit (of ``priority`` or higher)."""
+        return sum(len(q) for p, q in self.pending.items() if priority is None or p >= priority)
+
+    def submit(self, tasks: list[Task]) -> None:
+        for t in tasks:
+            queue = self.pending.setdefault(t.priority, OrderedDict())
+            if t.task_id not in queue:
+                queue[t.task_id] = t
+                self._demand.add(t.priority)
+        self._event.set()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def run(self) -> None:
+        wait = self.adm.s.dispatch_wait_ms / 1000
+        while True:
+            await self._event.wait()
+            self._event.clear()
+            if self.adm.unanswered_drops:
+                await self.adm.answer_overflow()
+            if wait and 0 < self.waiting() < self.adm.s.dispatch_batch:
+                await asyncio.sleep(wait)
+            await self.dispatch()
+
+    async def dispatch(self) -> None:
+        """Highest priority first, oldest first within a priority, as far as credit goes.
+        Costs O(what is sent), not O(what waits): it runs on every frame and heartbeat."""
+        for prio in sorted(self.pending, reverse=True):
+            queue = self.pending[prio]
+            cands = self.peers.candidates(self.model, 1, priority=prio, window=self.window)
+            credit = sum(c.credit for c in cands)
+            group: list[Task] = []
+            while queue and len(group) < credit:
+                _, task = queue.popitem(last=False)
+                if task.task_id in self.adm.tracker:  # else answered or expired meanwhile
+                    group.append(task)
+            if not queue:
+                del self.pending[prio]
+            if not group:
+                continue
+            fallback = None
+            if self.plan is not None:
+                fallback = self.plan.routes.get(group[0].source, {}).get(1)
+            placement = place(cands, len(group), group[0].x.nbytes,
+                              stale_after_s=self.stale_after_s, fallback=fallback)
+            start = 0
+            for node, n in placement.parts:
+                chunk = group[start:start + n]
+                start += n
+                for i in range(0, n, self.adm.s.dispatch_batch):
+                    await self._send(node, chunk[i:i + self.adm.s.dispatch_batch])
+            for task in reversed(group[start:]):  # no fresh host could take them: back in front
+                self.pending.setdefault(prio, OrderedDict())[task.task_id] = task
+                self.pending[prio].move_to_end(task.task_id, last=False)
+        if any(self._demand.untold(p, len(q)) for p, q in self.pending.items()):
+            self.rt.beat_soon()  # the hosts of segment 1 do not know of these frames yet
+
+    async def _send(self, node: str, tasks: list[Task]) -> None:
+        now = time.time()
+        hb = self.peers.heartbeat(node)
+        for t in tasks:
+            self.adm.tracker.dispatched(t, now, node)
+        samples = tuple(Sample(t.task_id, t.source, t.frame_id, t.priority, t.created, t.deadline,
+                               t.attempt) for t in tasks)
+        x = np.stack([t.x for t in tasks])
+        packet = ActivationPacket(self.model, 1, samples, Tensor.encode(x, self.adm.s.codec), None,
+                                  now, self.rt.node, self.boot)
+        self.window.spend(node, hb.boot if hb else 0.0, self.model, 1, len(tasks))
+        try:
+            await self.adm.bus.publish(self.adm.topics.act(self.model, 1, node), packet.encode(),
+                                       qos=0)
+        except OfframpError as exc:  # the sweeper dispatches them again
+            self.rt.log.warning("dispatch_failed", error=str(exc), tasks=len(tasks))
+
+    def path_backlog(self, priority: float) -> float:
+        """Q_path of a source of ``priority``: least backlog per segment along the model, plus
+        what waits here for credit ahead of it (spread over the hosts of segment 1)."""
+        per_segment = self.peers.segment_backlogs(self.model, self.adm.bundle.num_segments,
+                                                  self.stale_after_s, priority=priority)
+        first = per_segment[0]
+        waiting = self.waiting(priority)
+        if waiting and first:
+            per = min(first) or 0.001
+            per_segment[0] = [q + waiting * per / len(first) for q in first]
+        return path_backlog(per_segment)
+
+    def heartbeat(self, hb: Heartbeat) -> Heartbeat:
+        counts = self._demand.wants({p: len(q) for p, q in self.pending.items()},
+                                    time.monotonic())
+        wants = tuple(Want(self.model, 1, p, n) for p, n in counts.items())
+        return replace(hb, boot=self.boot, wants=wants, sent=self.window.report())

@@ -1,0 +1,322 @@
+"""The worker's data path: queue -> micro-batch -> segment (off the event loop) -> per-sample
+exit -> completion, or on to the next segment (in memory when local, over the bus otherwise).
+
+Segments come and go while running (the plan): :meth:`Engine.host` loads one, :meth:`Engine.
+release` stops advertising it and lets it drain; the service unloads it once it is empty.
+Where the next task goes is :mod:`segment_worker.placer`'s business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import structlog
+
+from offramp.bus.inbox import RateLimitedWarning
+from offramp.bus.outbox import Outbox
+from offramp.bus.topics import Topics
+from offramp.errors import WireError
+from offramp.model.bundle import Bundle
+from offramp.model.sessions import SegmentOutput, SegmentRunner
+from offramp.node.metrics import BATCH_BUCKETS, Metrics
+from offramp.node.peers import PeerTable
+from offramp.policy.credits import CreditLedger
+from offramp.policy.exits import decide
+from offramp.wire import (
+    ActivationPacket,
+    Completion,
+    DoneReport,
+    ExitPolicy,
+    Hop,
+    SegmentLoad,
+)
+from segment_worker.link import Link
+from segment_worker.placer import EngineConfig, Placer, Publish
+from segment_worker.queue import Item, SegmentQueue
+
+
+@dataclass
+class SegmentStats:
+    service_s: float = 0.0  # EWMA of seconds per sample
+    batches: int = 0
+    samples: int = 0
+    exited: int = 0
+    forwarded: int = 0
+    handed_over: int = 0
+
+    def record(self, batch: int, seconds: float) -> None:
+        per = seconds / batch
+        self.service_s = per if self.service_s == 0 else 0.8 * self.service_s + 0.2 * per
+        self.batches += 1
+        self.samples += batch
+
+
+@dataclass
+class Hosted:
+    """One segment this worker runs: its session, queue, statistics and credit ledger."""
+
+    runner: SegmentRunner
+    queue: SegmentQueue
+    ledger: CreditLedger
+    stats: SegmentStats = field(default_factory=SegmentStats)
+    draining: bool = False
+    busy: int = 0  # samples of this segment being computed now
+
+
+@dataclass
+class Counters:
+    bad_packets: int = 0
+    misrouted: int = 0
+    expired: int = 0
+    queue_overflow: int = 0
+    without_credit: int = 0
+    completions: int = 0
+    publish_failed: int = 0
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, cfg: EngineConfig, topics: Topics, peers: PeerTable,
+                 publish: Publish, boot: float | None = None,
+                 metrics: Metrics | None = None,
+                 nudge: Callable[[], None] = lambda: None) -> None:
+        self.bundle = bundle
+        self.model = bundle.name
+        self.cfg = cfg
+        self.topics = topics
+        self.publish = publish
+        self.nudge = nudge  # sends this node's heartbeat early (credit or a request in it)
+        self.boot = time.time() if boot is None else boot
+        self.policy: ExitPolicy | None = None
+        self.hosted: dict[int, Hosted] = {}
+        self.counters = Counters()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{cfg.node}")
+        self.outbox = Outbox(1024)
+        self.link = Link(self._send_packet, rate_bps=cfg.link_mbps * 1e6,
+                         delay_s=cfg.link_delay_ms / 1000)
+        self.placer = Placer(self, peers)
+        self.log = structlog.get_logger("offramp.worker").bind(node=cfg.node, model=self.model)
+        self._warn = RateLimitedWarning()
+        self._inflight = 0
+        self.segment_flops = {s.index: s.flops for s in bundle.manifest.segments}
+        self._measured: dict[int, float] = {}  # segment -> seconds per sample at load
+        self.m_batch = (metrics or Metrics()).histogram(
+            "offramp_batch_size", "Micro-batch sizes, by segment", BATCH_BUCKETS)
+
+    @property
+    def providers(self) -> list[str]:
+        providers: list[str] = next(iter(self.hosted.values())).runner.providers
+        return providers
+
+    @property
+    def device(self) -> str:
+        """The device the hosted segments run on ('' while none is hosted)."""
+        return next((h.runner.device for h in self.hosted.values()), "")
+
+    def serving(self) -> list[int]:
+        """Segments advertised to others (hosted and not draining)."""
+        return sorted(s for s, h in self.hosted.items() if not h.draining)
+
+    # -- hosting ----------------------------------------------------------------------------------
+    def load(self, segment: int) -> Hosted:
+        """Create the session and measure it (blocking: call it off the event loop)."""
+        runner = SegmentRunner(self.bundle, segment, device=self.cfg.device,
+                               threads=self.cfg.threads)
+        hosted = Hosted(runner, SegmentQueue(self.cfg.queue_max, self.cfg.ageing_s),
+                        CreditLedger(self.cfg.queue_max, self.cfg.credit_lease_s))
+        if runner.device != "cpu":
+            runner.static_batch = self.cfg.batch_max  # one input shape: see SegmentRunner
+        x = np.zeros((self.cfg.batch_max, *runner.spec.input.per_sample), np.float32)
+        self._infer_on(runner, x)  # warm-up
+        _, started, finished = self._infer_on(runner, x)
+        hosted.stats.service_s = (finished - started) / self.cfg.batch_max
+        self._measured[segment] = hosted.stats.service_s
+        return hosted
+
+    def host(self, segment: int, hosted: Hosted) -> None:
+        self.hosted[segment] = hosted
+
+    def release(self, segment: int) -> None:
+        if segment in self.hosted:
+            self.hosted[segment].draining = True
+
+    def reclaim(self, segment: int) -> None:
+        """Undo a release that has not finished (the plan gave the segment back)."""
+        if segment in self.hosted:
+            self.hosted[segment].draining = False
+
+    def drained(self, segment: int) -> bool:
+        h = self.hosted.get(segment)
+        return h is None or (h.draining and len(h.queue) == 0 and h.busy == 0
+                             and not self.placer.parked(segment))
+
+    def unload(self, segment: int) -> None:
+        self.hosted.pop(segment, None)
+
+    # -- intake ---------------------------------------------------------------------------------
+    def accept(self, payload: bytes, max_bytes: int) -> int:
+        """Decode one packet and queue its samples; bad packets are counted, never raised."""
+        try:
+            packet = ActivationPacket.decode(payload, max_bytes=max_bytes)
+            x = packet.tensor.to_numpy()
+            prev = packet.embedding.to_numpy() if packet.embedding is not None else None
+        except WireError as exc:
+            self.counters.bad_packets += 1
+            if n := self._warn.should_log():
+                self.log.warning("bad_packet", error=str(exc), count=n)
+            return 0
+        hosted = self.hosted.get(packet.segment)
+        if packet.model != self.model or hosted is None:
+            self.counters.misrouted += len(packet.samples)
+            return 0
+        now = time.time()
+        if packet.sender and not hosted.ledger.received(packet.sender, packet.sender_boot,
+                                                        len(packet.samples), time.monotonic()):
+            self.counters.without_credit += len(packet.samples)
+        items = []
+        for i, sample in enumerate(packet.samples):
+            if sample.deadline is not None and sample.deadline < now:
+                self.counters.expired += 1  # the admission-controller answers it 'expired'
+                continue
+            items.append(Item(sample, x[i], None if prev is None else prev[i], now))
+        return self.enqueue(packet.segment, items)
+
+    def enqueue(self, segment: int, items: list[Item]) -> int:
+        rejected = self.hosted[segment].queue.push(items)
+        if rejected:
+            self.counters.queue_overflow += len(rejected)
+            self.log.warning("queue_overflow", segment=segment, dropped=len(rejected),
+                             bound=self.cfg.queue_max)
+        return len(items) - len(rejected)
+
+    # -- serving --------------------------------------------------------------------------------
+    async def serve(self, segment: int, stop: asyncio.Event) -> None:
+        """Serve ``segment`` until ``stop`` is set and its queue is empty (or it is unloaded)."""
+        hosted = self.hosted[segment]
+        while not (stop.is_set() and len(hosted.queue) == 0):
+            await self.placer.room(segment + 1)  # backpressure: parked work must fit
+            items = await hosted.queue.batch(self.cfg.batch_max, self.cfg.batch_wait_s)
+            if self.credit_due():
+                self.nudge()
+            self._inflight += len(items)
+            hosted.busy += len(items)
+            try:
+                await self._run_batch(segment, hosted, items)
+            finally:
+                self._inflight -= len(items)
+                hosted.busy -= len(items)
+            await self.placer.retry()
+
+    def idle(self) -> bool:
+        return (self._inflight == 0 and len(self.outbox) == 0 and len(self.link) == 0
+                and all(len(h.queue) == 0 for h in self.hosted.values())
+                and not self.placer.parked())
+
+    def _infer_on(self, runner: SegmentRunner, x: np.ndarray) -> tuple[SegmentOutput, float, float]:
+        started = time.time()
+        out = runner.run(x)
+        if self.cfg.slowdown > 1.0:  # emulated slower node: this thread sleeps, as if throttled
+            time.sleep((time.time() - started) * (self.cfg.slowdown - 1.0))
+        return out, started, time.time()
+
+    async def _run_batch(self, segment: int, hosted: Hosted, items: list[Item]) -> None:
+        x = np.stack([it.x for it in items])
+        loop = asyncio.get_running_loop()
+        out, started, finished = await loop.run_in_executor(self.executor, self._infer_on,
+                                                            hosted.runner, x)
+        hosted.stats.record(len(items), finished - started)
+        self.m_batch.observe(len(items), segment=segment)
+        samples = [replace(it.sample, hops=(*it.sample.hops,
+                                            Hop(self.cfg.node, segment, it.arrived, started,
+                                                finished))) for it in items]
+        last = segment == self.bundle.num_segments
+        prevs = [it.prev for it in items if it.prev is not None]
+        prev = np.stack(prevs) if len(prevs) == len(items) else None
+        to_next = 0.0
+        if out.activation is not None:
+            to_next = self.placer.estimate(segment + 1, out.activation[0].nbytes * len(items))
+        deadlines = np.array([s.deadline if s.deadline is not None else math.nan
+                              for s in samples])
+        policy = self.policy
+        threshold = None
+        if policy is not None and not last and segment <= len(policy.thresholds):
+            threshold = policy.thresholds[segment - 1]
+        d = decide(policy.criterion if policy else "confidence", threshold, out.logits,
+                   out.embedding, prev, last=last, deadlines=deadlines, now=finished,
+                   time_to_next_s=to_next)
+        thresholds = tuple(policy.thresholds) if policy else ()
+        stay = []
+        done: dict[str, list[Completion]] = {}
+        for i, sample in enumerate(samples):
+            if d.exits[i]:
+                done.setdefault(sample.source, []).append(Completion(
+                    sample.task_id, sample.source, sample.frame_id, sample.attempt,
+                    int(d.labels[i]), float(d.confidence[i]), segment,
+                    d.reasons[i], self.cfg.node, finished, sample.hops,  # type: ignore[arg-type]
+                    thresholds, sample.created))
+            else:
+                stay.append(i)
+        for source, completions in done.items():
+            await self.outbox.send(self._report(source, completions))
+        hosted.stats.exited += len(items) - len(stay)
+        if stay and out.activation is not None:
+            now = time.time()
+            act, emb = out.activation, out.embedding
+            await self.placer.forward(segment + 1, [Item(samples[i], act[i], emb[i], now)
+                                                    for i in stay])
+
+    async def _report(self, source: str, completions: list[Completion]) -> None:
+        await self._publish(self.topics.done(source), DoneReport(tuple(completions)).encode(), 1)
+        self.counters.completions += len(completions)
+
+    async def _send_packet(self, topic: str, payload: bytes) -> None:
+        await self._publish(topic, payload, 0)
+
+    async def _publish(self, topic: str, payload: bytes, qos: int) -> None:
+        try:
+            await self.publish(topic, payload, qos)
+        except Exception as exc:
+            self.counters.publish_failed += 1
+            if n := self._warn.should_log():
+                self.log.warning("publish_failed", topic=topic, error=str(exc), count=n)
+
+    # -- state ----------------------------------------------------------------------------------
+    def credit_due(self) -> bool:
+        """Whether some sender waits for credit that a hosted segment's queue has room for now."""
+        now = time.monotonic()
+        requests = self.placer.peers.requests
+        return any(h.ledger.due(len(h.queue), requests(self.model, seg, self.cfg.stale_after_s,
+                                                       now), self.cfg.batch_max)
+                   for seg, h in self.hosted.items() if not h.draining)
+
+    def loads(self, now: float) -> tuple[SegmentLoad, ...]:
+        """Queue state and fresh credit grants of every advertised segment (one grant round)."""
+        out = []
+        for seg in self.serving():
+            h = self.hosted[seg]
+            st = h.stats
+            for sender, boot, count in self.placer.peers.sent_to(self.cfg.node, self.boot,
+                                                                 self.model, seg):
+                h.ledger.reported(sender, boot, count, now)
+            grants = h.ledger.grant(len(h.queue),
+                                    self.placer.peers.requests(self.model, seg,
+                                                               self.cfg.stale_after_s, now), now)
+            mean = st.samples / st.batches if st.batches else 0.0
+            rate = 1.0 / st.service_s if st.service_s > 0 else 0.0
+            out.append(SegmentLoad(self.model, seg, len(h.queue), len(h.queue) * st.service_s,
+                                   rate, mean, st.exited, st.forwarded, self.cfg.queue_max,
+                                   h.queue.by_priority(), grants))
+        return tuple(out)
+
+    def flops_per_s(self) -> float:
+        """The node's speed for the plan: FLOPs over the time of every segment ever loaded
+        here, each measured once at load on a full micro-batch. Not the live service rate,
+        which moves with batch sizes and with the plan itself (a feedback loop that made plans
+        flip between equal nodes)."""
+        seconds = sum(self._measured.values())
+        return sum(self.segment_flops[s] for s in self._measured) / seconds if seconds else 0.0

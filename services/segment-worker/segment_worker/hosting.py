@@ -1,0 +1,109 @@
+"""Which segments a worker runs, while it runs: loads segments the plan gives it (session
+created off the event loop), and for those it takes away, stops advertising them, lets queued
+work, outstanding credit and parked work drain, waits a grace period for packets still on
+their way, and only then unsubscribes and unloads. No task is lost in between."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from offramp.bus.connection import Bus, Subscription
+from offramp.bus.topics import Topics
+from offramp.wire import Plan
+from segment_worker.engine import Engine
+
+
+class Hosting:
+    def __init__(self, engine: Engine, bus: Bus, topics: Topics, max_bytes: int,
+                 grace_s: float, log: Any) -> None:
+        self.engine = engine
+        self.bus = bus
+        self.topics = topics
+        self.max_bytes = max_bytes
+        self.grace_s = grace_s
+        self.log = log
+        self._subs: dict[int, Subscription] = {}
+        self._tasks: dict[int, list[asyncio.Task[None]]] = {}
+        self._unloading: dict[int, asyncio.Task[None]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._finishing = asyncio.Event()
+        self.plan_epoch = 0
+
+    async def load(self, segment: int) -> None:
+        loop = asyncio.get_running_loop()
+        hosted = await loop.run_in_executor(None, self.engine.load, segment)
+        self.engine.host(segment, hosted)
+        self._subs[segment] = await self.bus.subscribe(
+            self.topics.act(self.engine.model, segment, self.engine.cfg.node), qos=0)
+        if self._tg is not None:
+            self._start(segment)
+
+    def start(self, tg: asyncio.TaskGroup) -> None:
+        self._tg = tg
+        for segment in self._subs:
+            self._start(segment)
+
+    def _start(self, segment: int) -> None:
+        assert self._tg is not None
+        self._tasks[segment] = [self._tg.create_task(self._intake(self._subs[segment])),
+                                self._tg.create_task(self.engine.serve(segment, self._finishing))]
+
+    async def _intake(self, sub: Subscription) -> None:
+        async for msg in sub:
+            self.engine.accept(msg.payload, self.max_bytes)
+
+    async def follow(self, plan: Plan, loadable: set[int]) -> None:
+        """Make the hosted set what ``plan`` asks of this node (if it names this node)."""
+        node, model = self.engine.cfg.node, self.engine.model
+        if plan.epoch <= self.plan_epoch or node not in plan.nodes:
+            self.engine.placer.plan = plan if plan.epoch > self.plan_epoch else \
+                self.engine.placer.plan
+            return
+        self.plan_epoch = plan.epoch
+        self.engine.placer.plan = plan
+        wanted = {r.segment for r in plan.nodes[node] if r.model == model} & loadable
+        current = set(self.engine.hosted)
+        for segment in sorted(wanted):
+            if segment in self._unloading:
+                self._unloading.pop(segment).cancel()
+                self.engine.reclaim(segment)
+            elif segment not in current:
+                await self.load(segment)
+        for segment in sorted(current - wanted):
+            if segment not in self._unloading:
+                self.engine.release(segment)
+                self._unloading[segment] = asyncio.create_task(self._unload(segment))
+        self.log.info("plan_followed", epoch=plan.epoch, reason=plan.reason,
+                      hosting=sorted(wanted), releasing=sorted(self._unloading))
+
+    async def _unload(self, segment: int) -> None:
+        while True:
+            while not self.engine.drained(segment):  # noqa: ASYNC110 - polls several conditions
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(self.grace_s)  # packets already on their way
+            if self.engine.drained(segment):
+                break
+        sub = self._subs.pop(segment, None)
+        if sub is not None:
+            await sub.close()
+        for task in self._tasks.pop(segment, []):
+            task.cancel()
+        self.engine.unload(segment)
+        self._unloading.pop(segment, None)
+        self.log.info("segment_unloaded", segment=segment)
+
+    async def stop_intake(self) -> None:
+        for task in self._unloading.values():
+            task.cancel()
+        for segment, sub in list(self._subs.items()):
+            self._tasks[segment][0].cancel()
+            with contextlib.suppress(Exception):
+                await sub.close()
+
+    def finish(self) -> None:
+        self._finishing.set()
+        for tasks in self._tasks.values():
+            for task in tasks:
+                task.cancel()

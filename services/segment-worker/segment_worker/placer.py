@@ -1,0 +1,181 @@
+"""Where a sample's next task goes, from a worker: this node (in memory) or a neighbour (one
+packet per destination), chosen by the priority-aware backlog cost within credit
+(:mod:`offramp.policy.offload`, :mod:`offramp.policy.credits`), with the plan's route as the
+fallback when heartbeats are stale. What nobody can take now is parked (bounded) and placed
+again when credit arrives; a full parking stops the segment before it (backpressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from offramp.node.peers import PeerTable
+from offramp.policy.credits import Demand, SendWindow
+from offramp.policy.offload import Candidate, choose, place
+from offramp.wire import ActivationPacket, Plan, SentCount, Tensor, Want
+from segment_worker.queue import Item
+
+if TYPE_CHECKING:
+    from segment_worker.engine import Engine
+
+Publish = Callable[[str, bytes, int], Awaitable[None]]
+
+
+@dataclass
+class EngineConfig:
+    node: str
+    segments: tuple[int, ...]
+    batch_max: int = 8
+    batch_wait_s: float = 0.002
+    queue_max: int = 512
+    codec: Literal["raw", "fp16", "int8"] = "raw"
+    device: str = "cpu"
+    threads: int = 1
+    offload_margin_s: float = 0.002
+    stale_after_s: float = 0.75
+    slowdown: float = 1.0
+    ageing_s: float = 0.5
+    credit_lease_s: float = 2.0
+    park_timeout_s: float = 5.0
+    link_mbps: float = 0.0
+    link_delay_ms: float = 0.0
+    heartbeat_s: float = 0.25
+
+
+class Placer:
+    def __init__(self, engine: Engine, peers: PeerTable) -> None:
+        self.engine = engine
+        self.cfg = engine.cfg
+        self.peers = peers
+        self.window = SendWindow(self.cfg.node, engine.boot)
+        self.plan: Plan | None = None
+        self._parked: dict[int, list[Item]] = {}
+        self._room = asyncio.Event()
+        self._room.set()
+        self._demand: Demand[tuple[int, float]] = Demand(self.cfg.heartbeat_s, time.monotonic())
+        self.park_expired = 0
+
+    # -- parking ----------------------------------------------------------------------------------
+    def parked(self, segment: int | None = None) -> int:
+        if segment is not None:
+            return len(self._parked.get(segment, ()))
+        return sum(len(v) for v in self._parked.values())
+
+    async def room(self, segment: int) -> None:
+        while self.parked(segment) >= self.cfg.queue_max:
+            self._room.clear()
+            await self._room.wait()
+
+    async def retry(self) -> None:
+        """Place parked work again (credit may have arrived); drop what waited too long."""
+        if not self._parked:
+            return
+        now = time.time()
+        for seg in list(self._parked):
+            items = self._parked.pop(seg)
+            fresh = [it for it in items if now - it.arrived < self.cfg.park_timeout_s and
+                     (it.sample.deadline is None or it.sample.deadline > now)]
+            self.park_expired += len(items) - len(fresh)  # their owner re-dispatches them
+            if fresh:
+                await self._place(seg, fresh)
+        self._room.set()
+
+    # -- placing ----------------------------------------------------------------------------------
+    def _local(self, segment: int, priority: float) -> Candidate | None:
+        h = self.engine.hosted.get(segment)
+        if h is None or h.draining:
+            return None
+        per = h.stats.service_s
+        room = self.cfg.queue_max - len(h.queue) - h.ledger.outstanding()
+        backlog = sum(n for p, n in h.queue.by_priority() if p >= priority) * per
+        return Candidate(self.cfg.node, backlog, per, local=True, credit=max(0, room))
+
+    def _candidates(self, segment: int, priority: float, count: int) -> list[Candidate]:
+        rtt = self.cfg.link_delay_ms / 1000
+        cands = self.peers.candidates(self.engine.model, segment, count, priority=priority,
+                                      window=self.window, link_bps=self.cfg.link_mbps * 1e6 / 8,
+                                      rtt_s=rtt)
+        local = self._local(segment, priority)
+        return [*cands, local] if local is not None else cands
+
+    def estimate(self, segment: int, nbytes: int) -> float:
+        """Expected time to the next exit for a batch of ``nbytes`` (the deadline rule)."""
+        choice = choose(self._candidates(segment, 0.0, 1), nbytes,
+                        margin_s=self.cfg.offload_margin_s, stale_after_s=self.cfg.stale_after_s)
+        return choice.cost_s if choice else 0.0
+
+    async def forward(self, segment: int, items: list[Item]) -> None:
+        for it in items:
+            self._demand.add((segment, it.sample.priority))
+        await self._place(segment, items)
+
+    async def _place(self, segment: int, items: list[Item]) -> None:
+        by_prio: dict[float, list[Item]] = {}
+        for it in items:
+            by_prio.setdefault(it.sample.priority, []).append(it)
+        for prio in sorted(by_prio, reverse=True):
+            group = by_prio[prio]
+            fallback = None
+            if self.plan is not None:
+                fallback = self.plan.routes.get(group[0].sample.source, {}).get(segment)
+            per_sample = group[0].x.nbytes
+            placement = place(self._candidates(segment, prio, len(group)), len(group), per_sample,
+                              margin_s=self.cfg.offload_margin_s,
+                              stale_after_s=self.cfg.stale_after_s, fallback=fallback)
+            start = 0
+            for node, n in placement.parts:
+                await self._send(segment, node, group[start:start + n])
+                start += n
+            if placement.kept:
+                parked = self._parked.setdefault(segment, [])
+                parked.extend(group[start:])
+                waiting = sum(1 for it in parked if it.sample.priority == prio)
+                if self._demand.untold((segment, prio), waiting):
+                    self.engine.nudge()  # the hosts of ``segment`` do not know of this yet
+
+    async def _send(self, segment: int, node: str, items: list[Item]) -> None:
+        engine = self.engine
+        if node == self.cfg.node:
+            now = time.time()
+            for it in items:
+                it.arrived = now
+            engine.hosted[segment].stats.handed_over += engine.enqueue(segment, items)
+            return
+        hb = self.peers.heartbeat(node)
+        boot = hb.boot if hb is not None else 0.0
+        act = np.stack([it.x for it in items])
+        emb = np.stack([it.prev for it in items if it.prev is not None]) \
+            if all(it.prev is not None for it in items) else None
+        packet = ActivationPacket(engine.model, segment, tuple(it.sample for it in items),
+                                  Tensor.encode(act, self.cfg.codec),
+                                  None if emb is None else Tensor.encode(emb, "fp16"),
+                                  time.time(), self.cfg.node, engine.boot)
+        self.window.spend(node, boot, engine.model, segment, len(items))
+        await engine.link.send(engine.topics.act(engine.model, segment, node), packet.encode())
+        if segment - 1 in engine.hosted:
+            engine.hosted[segment - 1].stats.forwarded += len(items)
+
+    # -- what this node tells the others ----------------------------------------------------------
+    def wants(self) -> tuple[Want, ...]:
+        """What this node asks each segment's hosts for, per priority (:class:`Demand`)."""
+        waiting: Counter[tuple[int, float]] = Counter()
+        for seg, items in self._parked.items():
+            for it in items:
+                waiting[(seg, it.sample.priority)] += 1
+        counts = self._demand.wants(waiting, time.monotonic())
+        return tuple(Want(self.engine.model, seg, prio, n) for (seg, prio), n in counts.items())
+
+    def sent(self) -> tuple[SentCount, ...]:
+        return self.window.report()
+
+    def forget(self, node: str) -> None:
+        self.window.forget(node)
+        for h in self.engine.hosted.values():
+            h.ledger.forget(node)

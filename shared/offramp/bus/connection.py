@@ -1,0 +1,386 @@
+"""The MQTT bus every service uses: a thin, supervised wrapper over aiomqtt.
+
+- MQTT v5, a stable client id, a will message on the node's ``state/...`` topic.
+- Reconnects with jittered exponential backoff; on every (re)connect it subscribes again, which
+  also makes the broker send retained control messages again.
+- Each subscription has its own bounded :class:`~offramp.bus.inbox.Inbox` with a named overflow
+  policy; drops are counted and logged. Messages are routed into inboxes on the event loop as
+  they are read, with no extra task per message: :mod:`offramp.bus.read_path` parses PUBLISH and
+  PUBACK packets itself (paho's read path cost more than half of a QoS 1 message's CPU), and
+  what paho still handles arrives through aiomqtt's queue hook.
+- Subscription filters must not overlap: a message goes to the first subscription it matches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import aiomqtt
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.client import topic_matches_sub
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from offramp.bus.inbox import Inbox, Overflow, RateLimitedWarning
+from offramp.bus.read_path import FastInbound
+from offramp.errors import BusError
+from offramp.settings import BrokerAddress, BusSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A received message: topic, payload bytes, and whether the broker replayed it as retained."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    received: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(slots=True)
+class BusStats:
+    connects: int = 0
+    reconnects: int = 0
+    published: int = 0
+    received: int = 0
+    unrouted: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+ROUTE_CACHE = 4096  # topics whose subscription is remembered
+_UNSEEN: Any = object()
+
+
+class Subscription:
+    """One topic filter and its bounded inbox. Iterate it, or call :meth:`get`."""
+
+    def __init__(self, bus: Bus, topic_filter: str, qos: int, inbox: Inbox[Message],
+                 shared_group: str | None) -> None:
+        self._bus = bus
+        self.filter = topic_filter
+        self.qos = qos
+        self.inbox = inbox
+        self.mqtt_filter = (f"$share/{shared_group}/{topic_filter}" if shared_group
+                            else topic_filter)
+
+    async def get(self) -> Message:
+        return await self.inbox.get()
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while True:
+            yield await self.inbox.get()
+
+    async def close(self) -> None:
+        await self._bus.unsubscribe(self)
+
+
+def _publish_qos0(client: aiomqtt.Client, topic: str, payload: bytes | bytearray,
+                  retain: bool) -> None:
+    """QoS 0 has no acknowledgement: queue the packet on paho's client and return. aiomqtt's
+    publish would wait a loop turn for paho's on-publish callback per message, which costs
+    latency and halves the rate for nothing; aiomqtt's socket writer sends it on the next turn.
+    (Uses aiomqtt's paho client; aiomqtt is pinned to >=2.5,<3.)"""
+    info = client._client.publish(topic, payload, 0, retain)
+    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+        raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+
+
+class _Acks:
+    """QoS 1/2 publishes waiting for their acknowledgement, keyed by message id, on one
+    connection. Paho's on-publish callback (on the event loop, from aiomqtt's socket reader)
+    resolves them; a lost connection fails every one, so its callers publish again on the next.
+    One future per message: aiomqtt's publish (wrapped to fail on a lost connection) spent an
+    event, three tasks and a timer on each, a visible share of a service's CPU at hundreds of
+    messages a second. A PUBACK with a failure reason (MQTT v5: the ACL said no) is a BusError
+    at once; aiomqtt reported it as success, and the message was silently lost."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+
+    def install(self, client: aiomqtt.Client) -> None:
+        paho = client._client  # aiomqtt's paho client (aiomqtt is pinned to >=2.5,<3)
+        inner: Any = paho.on_publish  # aiomqtt's callback (paho types it loosely)
+
+        def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            fut = self._waiting.pop(mid, None)
+            if fut is None:
+                inner(c, userdata, mid, reason, props)  # QoS 0, or a publish aiomqtt made
+            elif not fut.done():
+                if getattr(reason, "is_failure", False):
+                    fut.set_exception(BusError(f"the broker refused the message: {reason}"))
+                else:
+                    fut.set_result(None)
+
+        paho.on_publish = on_publish
+
+    def publish(self, client: aiomqtt.Client, topic: str, payload: bytes | bytearray, qos: int,
+                retain: bool) -> asyncio.Future[None]:
+        info = client._client.publish(topic, payload, qos, retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if info.is_published():
+            fut.set_result(None)
+        else:
+            self._waiting[info.mid] = fut
+        return fut
+
+    def lost(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(aiomqtt.MqttError("connection lost before the broker "
+                                                    "acknowledged"))
+
+
+class _Router(asyncio.Queue[Any]):
+    """aiomqtt's incoming queue, replaced: every message goes straight into its inbox."""
+
+    def __init__(self, bus: Bus, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self._bus = bus
+
+    def put_nowait(self, item: Any) -> None:
+        self._bus._route(item)
+
+
+class Bus:
+    """A supervised MQTT connection. Use as ``async with Bus(settings, client_id) as bus:``."""
+
+    def __init__(self, settings: BusSettings, client_id: str, *, will: Will | None = None,
+                 address: BrokerAddress | None = None) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.address = address or settings.address()
+        self.will = will
+        self.stats = BusStats()
+        self.connected = asyncio.Event()
+        self._subs: list[Subscription] = []
+        self._routes: dict[str, Subscription | None] = {}  # topic -> its subscription (a cache)
+        self._client: aiomqtt.Client | None = None
+        self._acks = _Acks()
+        self.inbound: FastInbound | None = None  # the read path of the current connection
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._log = structlog.get_logger("offramp.bus.connection").bind(client_id=client_id)
+        self._drop_warning = RateLimitedWarning()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._supervise(), name=f"bus:{self.client_id}")
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Disconnect cleanly (the broker does not send the will) and stop reconnecting."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            done, _ = await asyncio.wait({self._task}, timeout=3.0)
+            if not done:
+                # aiomqtt waits for the broker to close the socket after DISCONNECT, reading
+                # one queued packet per loop turn; a busy broker or a deep socket backlog made
+                # a stop outlast its grace. Cut the socket: the disconnect completes at once.
+                self._log.warning("bus_disconnect_forced")
+                self._shutdown_socket()
+                await asyncio.wait({self._task}, timeout=3.0)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                if self._task.done():
+                    self._task.result()
+            self._task = None
+        self.connected.clear()
+
+    def _shutdown_socket(self) -> None:
+        client = self._client
+        paho = getattr(client, "_client", None)  # aiomqtt's paho client (no public handle)
+        sock = paho.socket() if paho is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except TimeoutError:
+            raise BusError(
+                f"no connection to {self.address.url()} within {timeout:.1f} s"
+            ) from None
+
+    # -- publish / subscribe ------------------------------------------------------------------
+    async def publish(self, topic: str, payload: bytes | bytearray | memoryview, *, qos: int = 0,
+                      retain: bool = False) -> None:
+        """Publish; wait up to ``publish_timeout_s`` for a connection, then raise BusError."""
+        if len(payload) > self.settings.max_message_bytes:
+            raise BusError(
+                f"message of {len(payload)} bytes to {topic} is over OFFRAMP_MAX_MESSAGE_BYTES"
+            )
+        deadline = time.monotonic() + self.settings.publish_timeout_s
+        data = bytes(payload) if isinstance(payload, memoryview) else payload
+        while True:
+            client = self._client
+            if client is not None and self.connected.is_set():
+                try:
+                    if qos == 0:
+                        _publish_qos0(client, topic, data, retain)
+                    else:
+                        await self._acks.publish(client, topic, data, qos, retain)
+                    self.stats.published += 1
+                    return
+                except aiomqtt.MqttError as exc:
+                    # Only the supervisor marks the bus (dis)connected: it alone knows whether
+                    # this connection is gone or a new one is already up.
+                    self._log.debug("publish_retry", topic=topic, error=str(exc))
+                    await asyncio.sleep(0.01)
+            remaining = deadline - time.monotonic()
+            if self._closing or remaining <= 0:
+                raise BusError(f"could not publish to {topic}: not connected to "
+                               f"{self.address.url()}")
+            if not self.connected.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.connected.wait(), remaining)
+
+    async def subscribe(self, topic_filter: str, *, qos: int = 0, maxsize: int | None = None,
+                        overflow: Overflow = "drop-oldest", shared_group: str | None = None,
+                        on_drop: Callable[[Message], None] | None = None) -> Subscription:
+        """Add a subscription that outlives reconnects; messages land in its bounded inbox.
+        ``on_drop`` is told of every message the inbox discards (after it is counted)."""
+        name = f"{self.client_id}:{topic_filter}"
+
+        def dropped(inbox: str, item: Message, total: int) -> None:
+            self._on_drop(inbox, item, total)
+            if on_drop is not None:
+                on_drop(item)
+
+        inbox: Inbox[Message] = Inbox(name, maxsize or self.settings.inbound_queue, overflow,
+                                      on_drop=dropped)
+        sub = Subscription(self, topic_filter, qos, inbox, shared_group)
+        self._subs.append(sub)
+        self._routes.clear()
+        client = self._client
+        if client is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError):  # a reconnect resubscribes
+                await client.subscribe(sub.mqtt_filter, qos)
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+            self._routes.clear()
+        client = self._client
+        if client is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.unsubscribe(sub.mqtt_filter)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _route(self, message: aiomqtt.Message) -> None:
+        """A message paho handled itself (see :mod:`offramp.bus.read_path` for which)."""
+        payload = message.payload
+        data = payload if isinstance(payload, bytes) else str(payload or "").encode()
+        self._deliver(message.topic.value, data, bool(message.retain))
+
+    def _deliver(self, topic: str, data: bytes, retain: bool) -> None:
+        msg = Message(topic, data, retain, time.time())
+        self.stats.received += 1
+        sub = self._routes.get(topic, _UNSEEN)
+        if sub is _UNSEEN:
+            # paho's topic_matches_sub builds a trie per call (about 10 us): matching every
+            # message against each filter cost a service more than decoding it. Topics repeat
+            # (one per source, node, segment), so each is matched once; the cache is bounded.
+            sub = next((s for s in self._subs if topic_matches_sub(s.filter, topic)), None)
+            if len(self._routes) >= ROUTE_CACHE:
+                self._routes.clear()
+            self._routes[topic] = sub
+        if sub is None:
+            self.stats.unrouted += 1
+        else:
+            sub.inbox.put(msg)
+
+    def _on_drop(self, inbox: str, item: Message, total: int) -> None:
+        self.stats.dropped[inbox] = total
+        count = self._drop_warning.should_log()
+        if count:
+            self._log.warning("inbox_overflow", inbox=inbox, dropped_now=count,
+                              dropped_total=total, topic=item.topic)
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        addr = self.address
+        kwargs: dict[str, Any] = {
+            "hostname": addr.host, "port": addr.port, "identifier": self.client_id,
+            "protocol": aiomqtt.ProtocolVersion.V5, "keepalive": self.settings.keepalive_s,
+            "username": addr.username, "password": addr.password, "timeout": 10,
+            "queue_type": lambda maxsize=0: _Router(self, maxsize),
+        }
+        if self.will is not None:
+            kwargs["will"] = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos,
+                                          self.will.retain)
+        if self.settings.session_expiry_s > 0:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.settings.session_expiry_s
+            kwargs["properties"] = props
+            # Never start clean. Each reconnect makes a new aiomqtt client, whose own "clean
+            # start first only" would throw the session (and the QoS 1 messages queued in it)
+            # away; and Mosquitto 2.0 does not save a session that began with clean start
+            # across its own restart, even with an expiry (measured: frames published between
+            # a broker restart and our resubscribe were lost). A restarted service therefore
+            # resumes its session too, and gets what was queued for it while it was away.
+            kwargs["clean_start"] = False
+        if addr.tls:
+            ctx = ssl.create_default_context(cafile=self.settings.tls_ca or None)
+            kwargs["tls_context"] = ctx
+        return kwargs
+
+    async def _supervise(self) -> None:
+        delay = self.settings.reconnect_min_s
+        while True:
+            try:
+                client = aiomqtt.Client(**self._client_kwargs())
+                self.inbound = FastInbound(client._client, self._deliver)
+                self.inbound.install()  # before it connects: CONNACK comes this way too
+                async with client:
+                    self._acks.install(client)
+                    self._client = client
+                    for sub in list(self._subs):
+                        await client.subscribe(sub.mqtt_filter, sub.qos)
+                    self.stats.connects += 1
+                    if self.stats.connects > 1:
+                        self.stats.reconnects += 1
+                    self.connected.set()
+                    delay = self.settings.reconnect_min_s
+                    self._log.info("bus_connected", broker=self.address.url(),
+                                   subscriptions=len(self._subs), connects=self.stats.connects)
+                    async for _ in client.messages:  # the router takes messages; this only ends
+                        pass  # pragma: no cover     # when the connection drops
+            except aiomqtt.MqttError as exc:
+                self._log.warning("bus_disconnected", error=str(exc), retry_in_s=round(delay, 3))
+            finally:
+                self.connected.clear()
+                self._acks.lost()
+                self._client = None
+            if self._closing:
+                return
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.settings.reconnect_max_s)

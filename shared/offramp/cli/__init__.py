@@ -1,0 +1,1 @@
+"""The ``offramp`` command: one module per group of subcommands; ``main`` dispatches."""

@@ -1,0 +1,110 @@
+"""The ``offramp`` command. Each sub-command lives in its own module; this file only dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from offramp.errors import OfframpError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _broker(args: argparse.Namespace) -> int:
+    import time
+
+    from offramp.local.broker import LocalBroker
+
+    with LocalBroker(args.port) as broker:
+        print(f"mosquitto listening: {broker.url}  (config {broker.config_path}); Ctrl-C stops it")
+        try:
+            while broker.running:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> int:
+    from offramp.local.services import service_specs
+    from offramp.settings import describe
+
+    for service, spec in service_specs().items():
+        if args.service and service != args.service:
+            continue
+        print(f"# {service}")
+        for name, default, doc in describe(spec.settings, spec.prefix):
+            print(f"{name:<40} {default!s:<14} {doc}")
+        print()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from offramp.local.demo import run_demo
+
+    return run_demo(args.bundle, args.workers, args.rate)
+
+
+def _register_ml(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Training commands need the ``train`` extra; without torch they explain how to get it."""
+    try:
+        from offramp.ml.cli import register
+    except ImportError as exc:
+        missing = exc.name or "torch"
+
+        def unavailable(args: argparse.Namespace) -> int:
+            print(f"offramp {args.command}: needs the training extra ({missing} is missing): "
+                  "pip install 'offramp[train]'", file=sys.stderr)
+            return 2
+
+        for name in ("build", "train", "export", "calibrate", "compress"):
+            sub.add_parser(name, help="(needs the train extra)").set_defaults(handler=unavailable)
+        return
+    register(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offramp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("broker", help="run a private Mosquitto on 127.0.0.1 in the foreground")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.set_defaults(handler=_broker)
+
+    p = sub.add_parser("settings", help="list every OFFRAMP_* setting with default and meaning")
+    p.add_argument("service", nargs="?", default=None)
+    p.set_defaults(handler=_settings)
+
+    _register_ml(sub)
+
+    p = sub.add_parser("demo", help="build the demo model if needed, run the system on the "
+                                     "digits test split, print a summary")
+    p.add_argument("--bundle", type=Path, default=Path("bundles/demo"))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rate", type=float, default=150.0, help="frames per second")
+    p.set_defaults(handler=_demo)
+
+    from offramp.cli.run import register as register_commands
+    from offramp.local.testbed import register as register_testbed
+
+    register_commands(sub)
+    register_testbed(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except OfframpError as exc:
+        print(f"offramp: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""``offramp up``, ``offramp publish`` and ``offramp watch``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections import Counter, deque
+from pathlib import Path
+
+import numpy as np
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+
+from offramp.bus.connection import Bus
+from offramp.bus.topics import Topics
+from offramp.errors import OfframpError, SettingsError, TopicError, WireError
+from offramp.local.broker import free_port
+from offramp.local.client import envelope, publish_frames
+from offramp.local.launcher import interrupt_on_stop_signals
+from offramp.local.system import LocalSystem
+from offramp.model.bundle import load_bundle
+from offramp.node.entry import stop_on_signals
+from offramp.settings import BusSettings
+from offramp.wire import Heartbeat, Result
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _bus_settings(args: argparse.Namespace) -> BusSettings:
+    url = args.broker or os.environ.get("OFFRAMP_BROKER_URL", "")
+    if not url:
+        raise SettingsError("no broker: pass --broker mqtt://host:port or set OFFRAMP_BROKER_URL "
+                            "(offramp up prints its URL)")
+    return BusSettings(broker_url=url, topic_prefix=args.prefix)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("up", help="run the whole system locally with a live view")
+    p.add_argument("--bundle", type=Path, default=Path("bundles/demo"))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--port", type=int, default=1883, help="broker port (a free one if taken)")
+    p.add_argument("--prefix", default="offramp/v1")
+    p.set_defaults(handler=cmd_up)
+
+    for name, helptext in (("publish", "send frames to an ingest topic at a rate"),
+                           ("watch", "print results as they arrive")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--broker", default="", help="mqtt://host:port (or OFFRAMP_BROKER_URL)")
+        p.add_argument("--prefix", default="offramp/v1")
+        p.add_argument("--source", default="cam-1" if name == "publish" else "+")
+        p.add_argument("--count", type=int, default=0, help="stop after this many (0: all)")
+        if name == "publish":
+            p.add_argument("--dir", type=Path, default=None, help="JPEG/PNG files, sent as-is")
+            p.add_argument("--dataset", default="digits")
+            p.add_argument("--split", default="test", choices=("train", "val", "test"))
+            p.add_argument("--rate", type=float, default=50.0, help="frames per second")
+            p.add_argument("--deadline-ms", type=float, default=0.0)
+            p.set_defaults(handler=cmd_publish)
+        else:
+            p.set_defaults(handler=cmd_watch)
+
+
+def _payloads(args: argparse.Namespace) -> list[bytes]:
+    if args.dir is not None:
+        files = sorted(p for p in args.dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise OfframpError(f"no {', '.join(IMAGE_SUFFIXES)} files in {args.dir}")
+        return [p.read_bytes() for p in files]
+    from offramp.ml.data import load_dataset
+
+    split = load_dataset(args.dataset).split(args.split)
+    deadline = args.deadline_ms / 1000 or None
+    run = f"{int(time.time()) % 100000:05d}"  # ids differ between runs (redelivery dedup)
+    return [envelope(f"{args.split}-{run}-{i}", image=split.images[i], label=int(split.labels[i]),
+                     deadline_s=deadline) for i in range(len(split))]
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    settings = _bus_settings(args)
+    payloads = _payloads(args)
+    if args.count:
+        payloads = payloads[:args.count]
+
+    async def go() -> float:
+        async with Bus(settings, f"offramp-publish-{os.getpid()}") as bus:
+            await bus.wait_connected(10)
+            return await publish_frames(bus, Topics(args.prefix).ingest(args.source), payloads,
+                                        args.rate)
+
+    seconds = asyncio.run(go())
+    print(f"published {len(payloads)} frames to {args.source} in {seconds:.1f} s")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    settings = _bus_settings(args)
+    topics = Topics(args.prefix)
+    topic = topics.results_all() if args.source == "+" else topics.results(args.source)
+
+    async def go() -> None:
+        async with Bus(settings, f"offramp-watch-{os.getpid()}") as bus:
+            sub = await bus.subscribe(topic, qos=1, maxsize=100_000)
+            n = 0
+            async for msg in sub:
+                sys.stdout.write(msg.payload.decode(errors="replace") + "\n")
+                sys.stdout.flush()
+                n += 1
+                if args.count and n >= args.count:
+                    return
+
+    asyncio.run(go())
+    return 0
+
+
+class LiveView:
+    """What `offramp up` shows: workers' queues, and results over the last seconds."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, Heartbeat] = {}
+        self.results: deque[tuple[float, Result]] = deque(maxlen=5000)
+        self.status: Counter[str] = Counter()
+
+    def add_state(self, hb: Heartbeat) -> None:
+        if hb.role == "worker":
+            if hb.online:
+                self.workers[hb.node] = hb
+            else:
+                self.workers.pop(hb.node, None)
+
+    def add_result(self, r: Result) -> None:
+        self.results.append((time.monotonic(), r))
+        self.status[r.status] += 1
+
+    def render(self) -> Group:
+        now = time.monotonic()
+        recent = [r for t, r in self.results if now - t <= 5.0]
+        ok = [r for r in recent if r.status == "ok"]
+        lat = [r.latency_ms.get("total", 0.0) for r in ok]
+        exits = Counter(r.exit_index or 0 for r in ok)
+        head = Table(title="results (last 5 s)")
+        for col in ("frames/s", "status (total)", "exit shares", "latency p50/p99 ms"):
+            head.add_column(col)
+        shares = " ".join(f"{k}:{exits[k] / len(ok):.2f}" for k in sorted(exits)) if ok else "-"
+        p = (f"{np.percentile(lat, 50):.1f} / {np.percentile(lat, 99):.1f}" if lat else "-")
+        head.add_row(f"{len(recent) / 5:.1f}", " ".join(f"{k}:{v}" for k, v in
+                                                        sorted(self.status.items())), shares, p)
+        workers = Table(title="workers")
+        for col in ("node", "device", "segment", "queued", "backlog ms", "samples/s",
+                    "mean batch", "exited", "forwarded"):
+            workers.add_column(col)
+        for node, hb in sorted(self.workers.items()):
+            for s in hb.segments:
+                workers.add_row(node, hb.device or "-", str(s.segment), str(s.queued),
+                                f"{s.backlog_s * 1000:.1f}",
+                                f"{s.service_rate:.0f}", f"{s.mean_batch:.1f}", str(s.exited),
+                                str(s.forwarded))
+        return Group(head, workers)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    interrupt_on_stop_signals()
+    bundle = load_bundle(args.bundle)
+    port = args.port
+    try:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            port = free_port()
+    except OSError:
+        pass
+    from offramp.local.broker import LocalBroker
+
+    broker = LocalBroker(port)
+    broker.start()
+    system = LocalSystem(bundle, args.workers, broker_url=broker.url, prefix=args.prefix)
+    view = LiveView()
+    topics = Topics(args.prefix)
+    print(f"offramp up: broker {broker.url}; {args.workers} workers on {bundle.name}\n"
+          f"  publish: offramp publish --broker {broker.url} --rate 50\n"
+          f"  results: mosquitto_sub -p {port} -t '{topics.results_all()}'\n  Ctrl-C stops.")
+
+    async def go() -> None:
+        async with Bus(BusSettings(broker_url=broker.url, topic_prefix=args.prefix),
+                       f"offramp-up-{os.getpid()}") as bus:
+            states = await bus.subscribe(f"{args.prefix}/state/+/+", maxsize=1024)
+            results = await bus.subscribe(topics.results_all(), maxsize=100_000)
+
+            async def pump_states() -> None:
+                async for msg in states:
+                    with contextlib.suppress(WireError):
+                        view.add_state(Heartbeat.decode(msg.payload))
+
+            async def pump_results() -> None:
+                async for msg in results:
+                    with contextlib.suppress(WireError, TopicError):
+                        view.add_result(Result.from_json(msg.payload))
+
+            tasks = [asyncio.create_task(pump_states()), asyncio.create_task(pump_results())]
+            stop = stop_on_signals()
+            try:
+                with Live(view.render(), refresh_per_second=2) as live:
+                    while not stop.is_set():
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), 0.5)
+                        live.update(view.render())
+            finally:
+                for t in tasks:
+                    t.cancel()
+
+    system.start()
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        codes = system.stop()
+        broker.close()
+        print(json.dumps({"stopped": codes}))
+    return 0

@@ -1,0 +1,116 @@
+"""Client side of offramp: publish frames to an ingest topic, collect results.
+
+Used by ``offramp publish``/``watch``, the demo, the tests and the benchmarks; any MQTT client
+can do the same (see the README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from offramp.bus.connection import Bus, Subscription
+from offramp.bus.outbox import Outbox
+from offramp.bus.topics import Topics
+from offramp.errors import BusError, WireError
+from offramp.wire import FrameEnvelope, Result, Tensor
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def envelope(frame_id: str, *, image: np.ndarray | None = None, tensor: np.ndarray | None = None,
+             label: int | None = None, deadline_s: float | None = None) -> bytes:
+    """A msgpack frame envelope around a PNG image (uint8 HxWx3) or a model-input tensor."""
+    now = time.time()
+    return FrameEnvelope(frame_id, now, png_bytes(image) if image is not None else None,
+                         Tensor.encode(tensor) if tensor is not None else None,
+                         now + deadline_s if deadline_s else None, label).encode()
+
+
+async def publish_frames(bus: Bus, topic: str, payloads: Sequence[bytes], rate: float,
+                         qos: int = 1, window: int = 32) -> float:
+    """Publish at ``rate`` frames per second (0: as fast as possible); return seconds taken.
+    Up to ``window`` QoS 1 publishes wait for their acknowledgement at once, as a camera's MQTT
+    client keeps several in flight (paho: 20); one at a time would cap the rate at one frame per
+    broker round trip. Raises the first BusError once every publish has ended."""
+    failed: list[BusError] = []
+
+    async def one(payload: bytes) -> None:
+        try:
+            await bus.publish(topic, payload, qos=qos)
+        except BusError as exc:
+            failed.append(exc)
+
+    outbox = Outbox(window)
+    start = time.perf_counter()
+    for i, payload in enumerate(payloads):
+        if rate > 0:
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await outbox.send(one(payload))
+    await outbox.flush(None)
+    if failed:
+        raise failed[0]
+    return time.perf_counter() - start
+
+
+@dataclass
+class Collected:
+    results: list[Result] = field(default_factory=list)
+    bad: int = 0
+    first: float = 0.0
+    last: float = 0.0
+
+
+async def collect(sub: Subscription, count: int, timeout: float) -> Collected:
+    """Read results until ``count`` arrived or ``timeout`` seconds pass without completing."""
+    out = Collected()
+    deadline = time.monotonic() + timeout
+    while len(out.results) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            msg = await asyncio.wait_for(sub.get(), remaining)
+        except TimeoutError:
+            break
+        try:
+            out.results.append(Result.from_json(msg.payload))
+        except WireError:
+            out.bad += 1
+            continue
+        now = time.perf_counter()
+        out.first = out.first or now
+        out.last = now
+    return out
+
+
+async def wait_for_workers(bus: Bus, topics: Topics, nodes: int, timeout: float) -> None:
+    """Wait until ``nodes`` workers heartbeat (the system is up)."""
+    from offramp.wire import Heartbeat
+
+    sub = await bus.subscribe(topics.state_all("worker"), maxsize=256)
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(seen) < nodes:
+            msg = await asyncio.wait_for(sub.get(), max(0.01, deadline - time.monotonic()))
+            try:
+                hb = Heartbeat.decode(msg.payload)
+            except WireError:
+                continue
+            if hb.online and hb.segments:
+                seen.add(hb.node)
+    finally:
+        await sub.close()

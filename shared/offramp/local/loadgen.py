@@ -1,0 +1,124 @@
+"""A load generator for a running system: several sources publishing at given rates, every
+result, heartbeat and plan recorded. The control tests and ``make bench-control`` drive the
+system through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from offramp.bus.connection import Bus
+from offramp.bus.topics import Topics
+from offramp.errors import WireError
+from offramp.local.client import envelope, wait_for_workers
+from offramp.settings import BusSettings
+from offramp.wire import Heartbeat, Plan, Result
+
+
+@dataclass(frozen=True)
+class Stream:
+    source: str
+    rate: float  # frames per second
+    seconds: float
+
+
+@dataclass
+class Run:
+    results: list[Result] = field(default_factory=list)
+    beats: list[Heartbeat] = field(default_factory=list)
+    plans: list[tuple[float, Plan]] = field(default_factory=list)  # (monotonic time, plan)
+    offered: Counter[str] = field(default_factory=Counter)
+    labels: dict[str, int] = field(default_factory=dict)  # frame id -> true label
+    started: float = 0.0
+    finished: float = 0.0
+
+    def by_source(self, source: str) -> list[Result]:
+        return [r for r in self.results if r.source == source]
+
+    def accuracy(self, source: str | None = None, *, over_offered: bool = False) -> float:
+        """Share of answered (or, ``over_offered``, of all offered) frames answered right."""
+        rs = self.results if source is None else self.by_source(source)
+        right = sum(1 for r in rs if r.status == "ok" and r.label == self.labels.get(r.frame_id))
+        total = (sum(self.offered.values()) if source is None else self.offered[source]) \
+            if over_offered else sum(1 for r in rs if r.status == "ok")
+        return right / total if total else 0.0
+
+
+Hook = Callable[[Bus, Run], Awaitable[None]]
+
+
+async def drive(url: str, prefix: str, workers: int, streams: Sequence[Stream],
+                images: np.ndarray, labels: np.ndarray, *, during: Hook | None = None,
+                settle_s: float = 20.0, warmup_s: float = 1.5, qos: int = 1) -> Run:
+    """Publish every stream (paced, at ``qos``: with 1, every frame reaches the broker and
+    is owed a result), then wait until each frame is answered or
+    ``settle_s`` passes; returns everything seen."""
+    topics = Topics(prefix)
+    settings = BusSettings(broker_url=url, topic_prefix=prefix, session_expiry_s=60,
+                           reconnect_max_s=0.5, publish_timeout_s=30)
+    run = Run()
+    async with Bus(settings, f"loadgen-{os.getpid()}-{time.monotonic_ns()}") as bus:
+        await bus.wait_connected(10)
+        await wait_for_workers(bus, topics, workers, 60)
+        results = await bus.subscribe(topics.results_all(), qos=1, maxsize=500_000)
+        states = await bus.subscribe(topics.state_all(), maxsize=200_000)
+        plans = await bus.subscribe(topics.plan(), maxsize=1000)
+        await asyncio.sleep(warmup_s)  # the first plan and exit policy are out
+
+        async def read() -> None:
+            async for msg in results:
+                try:
+                    run.results.append(Result.from_json(msg.payload))
+                except WireError:
+                    continue
+
+        async def watch() -> None:
+            async for msg in states:
+                try:
+                    run.beats.append(Heartbeat.decode(msg.payload))
+                except WireError:
+                    continue
+
+        async def watch_plans() -> None:
+            async for msg in plans:
+                try:
+                    run.plans.append((time.monotonic(), Plan.decode(msg.payload)))
+                except WireError:
+                    continue
+
+        async def publish(s: Stream) -> None:
+            n = int(s.rate * s.seconds)
+            start = time.monotonic()
+            for i in range(n):
+                delay = start + i / s.rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                j = i % len(images)
+                frame_id = f"{s.source}/{i}"
+                run.labels[frame_id] = int(labels[j])
+                await bus.publish(topics.ingest(s.source), envelope(frame_id, image=images[j]),
+                                  qos=qos)
+                run.offered[s.source] += 1
+
+        tasks = [asyncio.create_task(c) for c in (read(), watch(), watch_plans())]
+        run.started = time.monotonic()
+        senders = [asyncio.create_task(publish(s)) for s in streams]
+        if during is not None:
+            await during(bus, run)
+        await asyncio.gather(*senders)
+        total = sum(run.offered.values())
+        deadline = time.monotonic() + settle_s
+        while len(run.results) < total and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        run.finished = time.monotonic()
+        await asyncio.sleep(1.0)  # a frame answered twice would show up now
+        for t in tasks:
+            t.cancel()
+    return run

@@ -1,0 +1,231 @@
+"""``offramp train | export | calibrate | compress | build`` (the ``train`` extra)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from offramp.model.bundle import Bundle, load_bundle
+from offramp.model.calibration import NEVER, Calibration
+from offramp.model.scores import CRITERIA
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("build", help="train, export and calibrate a preset into a model bundle")
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--out", type=Path, default=None, help="bundle directory (default bundles/<preset>)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--cuts", type=_ints, default=None, help="exits that end segments, e.g. 2,4")
+    p.add_argument("--force", action="store_true", help="rebuild even if a matching bundle exists")
+    p.set_defaults(handler=cmd_build)
+
+    p = sub.add_parser("train", help="train a preset's model jointly (optionally the ablation)")
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--out", type=Path, required=True, help="run directory (model.pt)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--gamma", type=float, default=None)
+    p.add_argument("--no-distill", action="store_true")
+    p.add_argument("--no-feature", action="store_true")
+    p.add_argument("--ablation", action="store_true",
+                   help="also train without distillation / feature transfer and compare")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("export", help="export a trained model.pt to a bundle of K segments")
+    p.add_argument("trained", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cuts", type=_ints, default=None)
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("calibrate", help="calibrate a bundle and choose thresholds")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--target-accuracy", type=float, default=None)
+    p.add_argument("--flops-budget", type=float, default=None,
+                   help="best accuracy with mean FLOPs <= this fraction of the full model")
+    p.add_argument("--criterion", choices=CRITERIA, default="confidence")
+    p.add_argument("--recalibrate", action="store_true", help="recompute on the validation split")
+    p.set_defaults(handler=cmd_calibrate)
+
+    p = sub.add_parser("compress", help="train cut autoencoders and compare wire codecs")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--cut", type=int, default=None)
+    p.add_argument("--ratios", type=_ints, default=(2, 4, 8))
+    p.add_argument("--epochs", type=int, default=8)
+    p.set_defaults(handler=cmd_compress)
+
+
+def _acc_table(title: str, rows: dict[str, list[float]]) -> Table:
+    k = max(len(v) for v in rows.values())
+    table = Table(title=title)
+    table.add_column("run")
+    for i in range(k):
+        table.add_column(f"exit {i + 1}", justify="right")
+    for name, accs in rows.items():
+        table.add_row(name, *[f"{a:.4f}" for a in accs])
+    return table
+
+
+def segments_table(bundle: Bundle) -> Table:
+    m = bundle.manifest
+    table = Table(title=f"bundle {m.name} ({bundle.root})")
+    for col in ("segment", "blocks", "MFLOPs", "activation KiB", "file"):
+        table.add_column(col)
+    for s in m.segments:
+        table.add_row(str(s.index), f"{s.first_block}-{s.last_block}", f"{s.flops / 1e6:.2f}",
+                      f"{s.activation_bytes / 1024:.1f}", s.file)
+    table.add_row("full", "all", f"{m.full_flops / 1e6:.2f}", "-", m.full_model)
+    return table
+
+
+def thresholds_table(calib: Calibration, criterion: str, thresholds: tuple[float, ...],
+                     title: str) -> Table:
+    out = calib.simulate(criterion, thresholds)
+    table = Table(title=title)
+    for col in ("exit", "threshold", "exit accuracy", "expected share"):
+        table.add_column(col, justify="right")
+    accs = calib.exit_accuracy()
+    for k in range(calib.num_exits):
+        thr = "always" if k == calib.num_exits - 1 else (
+            "never" if thresholds[k] >= NEVER else f"{thresholds[k]:.4f}")
+        table.add_row(str(k + 1), thr, f"{accs[k]:.4f}", f"{out.shares[k]:.3f}")
+    table.caption = (f"expected accuracy {out.accuracy:.4f}; expected FLOPs per sample "
+                     f"{out.flops_fraction:.3f} of the full model ({criterion})")
+    return table
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from offramp.ml.build import build, preset
+
+    console = Console()
+    overrides = {"epochs": args.epochs} if args.epochs else {}
+    recipe = preset(args.preset, **overrides)
+    if args.cuts:
+        recipe = replace(recipe, cuts=args.cuts)
+    out = args.out or Path("bundles") / args.preset
+    bundle, metrics = build(recipe, out, force=args.force)
+    state = "cached" if metrics["cached"] else f"trained in {metrics['train_seconds']} s"
+    console.print(f"[bold]{recipe.name}[/]: {state}")
+    console.print(_acc_table("per-exit accuracy", {"val": metrics["val_exit_accuracy"],
+                                                   "test": metrics["test_exit_accuracy"]}))
+    console.print(segments_table(bundle))
+    calib = bundle.calibration()
+    target = calib.exit_accuracy()[-1] - 0.01
+    thr = calib.thresholds_for_accuracy("confidence", target)
+    console.print(thresholds_table(calib, "confidence", thr,
+                                   f"thresholds for target accuracy {target:.4f}"))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from offramp.ml.build import ablation_configs, load_data, make_model, preset
+    from offramp.ml.train import train
+    from offramp.model.inputs import InputSpec
+
+    console = Console()
+    recipe = preset(args.preset, **({"epochs": args.epochs} if args.epochs else {}))
+    loss = recipe.train.loss
+    changes = {k: v for k, v in (("alpha", args.alpha), ("temperature", args.temperature),
+                                 ("gamma", args.gamma)) if v is not None}
+    loss = replace(loss, distill=not args.no_distill, feature=not args.no_feature, **changes)
+    cfg = replace(recipe.train, loss=loss)
+    data = load_data(recipe)
+    spec = InputSpec(height=recipe.input_size, width=recipe.input_size)
+    runs = ablation_configs(cfg) if args.ablation else {"joint": cfg}
+    rows: dict[str, list[float]] = {}
+    for name, run_cfg in runs.items():
+        model = make_model(recipe, len(data.classes))
+        console.print(f"[bold]{name}[/]")
+        result = train(model, data, spec, run_cfg, checkpoint=args.out / f"{name}.ckpt")
+        rows[name] = result.test_accuracy
+        if name == next(iter(runs)):
+            args.out.mkdir(parents=True, exist_ok=True)
+            torch.save({"model_config": model.config, "num_classes": model.num_classes,
+                        "classes": data.classes, "input_size": recipe.input_size,
+                        "dataset": recipe.dataset, "state": model.state_dict()},
+                       args.out / "model.pt")
+    console.print(_acc_table("test accuracy per exit", rows))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from offramp.ml.build import load_trained
+    from offramp.ml.export import export_bundle
+    from offramp.model.inputs import InputSpec
+
+    state = torch.load(args.trained, map_location="cpu", weights_only=False)
+    model = load_trained(args.trained)
+    size = int(state.get("input_size", 32))
+    classes = state.get("classes") or [str(i) for i in range(model.num_classes)]
+    bundle = export_bundle(model, args.out, name=args.out.name, classes=classes,
+                           spec=InputSpec(height=size, width=size), cuts=args.cuts,
+                           metrics={"dataset": state.get("dataset", "digits")})
+    torch.save(state, args.out / "model.pt")
+    Console().print(segments_table(bundle))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from offramp.ml.calibrate import calibrate_bundle
+    from offramp.ml.data import load_dataset
+
+    bundle = load_bundle(args.bundle)
+    if args.recalibrate or not bundle.manifest.calibration:
+        dataset = bundle.manifest.metrics.get("dataset", "digits")
+        size = bundle.manifest.input.height
+        calibrate_bundle(bundle, load_dataset(dataset, None, size).val)
+    calib = bundle.calibration()
+    console = Console()
+    console.print(f"ECE per exit (confidence): {calib.ece()}")
+    if args.flops_budget is not None:
+        thr = calib.thresholds_for_budget(args.criterion, args.flops_budget)
+        title = f"best accuracy within {args.flops_budget:.2f} of the full model's FLOPs"
+    else:
+        target = (args.target_accuracy if args.target_accuracy is not None
+                  else calib.exit_accuracy()[-1] - 0.01)
+        thr = calib.thresholds_for_accuracy(args.criterion, target)
+        title = f"thresholds for target accuracy {target:.4f}"
+    console.print(thresholds_table(calib, args.criterion, thr, title))
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from offramp.ml.build import load_trained
+    from offramp.ml.compress import (
+        compare_codecs,
+        default_cut,
+        export_autoencoder,
+        train_autoencoder,
+    )
+    from offramp.ml.data import load_dataset
+
+    bundle = load_bundle(args.bundle)
+    model = load_trained(bundle.path("model.pt"))
+    data = load_dataset(bundle.manifest.metrics.get("dataset", "digits"), None,
+                        bundle.manifest.input.height)
+    cut = args.cut or default_cut(bundle)
+    aes = {}
+    for ratio in args.ratios:
+        enc, dec = train_autoencoder(model, bundle, data, cut, ratio, epochs=args.epochs)
+        export_autoencoder(bundle, cut, ratio, enc, dec)
+        aes[ratio] = (enc, dec)
+    table = Table(title=f"codecs at cut {cut} (after segment {cut})")
+    for col in ("codec", "bytes/sample", "final-exit accuracy"):
+        table.add_column(col, justify="right")
+    for r in compare_codecs(model, bundle, data, cut, aes):
+        table.add_row(r.codec, str(r.bytes_per_sample), f"{r.final_accuracy:.4f}")
+    Console().print(table)
+    return 0

@@ -1,0 +1,166 @@
+"""Compressing the activation at a cut (ALGORITHMS.md 1.5, after MDI-Exit).
+
+An encoder (1x1 conv shrinking channels by ``ratio``) runs on the sender; its latent travels as
+fp16; the decoder (1x1 conv back, BN, ReLU, 1x1 conv) runs on the receiver. Trained with the
+backbone frozen: reconstruction loss plus the downstream exits' cross-entropy. Both halves are
+exported to ONNX and recorded in the bundle. :func:`compare_codecs` reports bytes per sample and
+final-exit accuracy for raw, fp16, int8 and the autoencoders.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from offramp.ml.data import Dataset
+from offramp.ml.export import OPSET, ExportError
+from offramp.ml.train import to_tensors
+from offramp.ml.zoo import MultiExitNet
+from offramp.model.bundle import AutoencoderSpec, Bundle, BundleError
+from offramp.model.sessions import make_session
+from offramp.wire import Tensor
+
+
+class CutEncoder(nn.Module):
+    def __init__(self, channels: int, ratio: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, max(1, channels // ratio), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class CutDecoder(nn.Module):
+    def __init__(self, channels: int, ratio: int) -> None:
+        super().__init__()
+        latent = max(1, channels // ratio)
+        self.body = nn.Sequential(nn.Conv2d(latent, channels, 1), nn.BatchNorm2d(channels),
+                                  nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(z)
+
+
+@dataclass
+class CodecReport:
+    codec: str
+    bytes_per_sample: int
+    final_accuracy: float
+
+
+def _cut_block(bundle: Bundle, cut: int) -> int:
+    if not 1 <= cut < bundle.num_segments:
+        raise BundleError(f"cut must be a segment boundary 1..{bundle.num_segments - 1}, got {cut}")
+    return bundle.segment(cut).last_block
+
+
+def _downstream(model: MultiExitNet, block: int, a: torch.Tensor) -> list[torch.Tensor]:
+    """Logits of every exit after ``block``, starting from its activation."""
+    outs, first = [], block + 1
+    for head, b in zip(model.heads, model.exit_blocks, strict=True):
+        if b <= block:
+            continue
+        a = model.forward_blocks(a, first, b)
+        outs.append(head(a)[0])
+        first = b + 1
+    return outs
+
+
+def train_autoencoder(model: MultiExitNet, bundle: Bundle, data: Dataset, cut: int, ratio: int,
+                      *, epochs: int = 8, lr: float = 3e-3, seed: int = 0
+                      ) -> tuple[CutEncoder, CutDecoder]:
+    torch.manual_seed(seed)
+    block = _cut_block(bundle, cut)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x, y = to_tensors(data.train, bundle.manifest.input)
+    with torch.no_grad():
+        acts = torch.cat([model.forward_blocks(x[s:s + 256], 0, block) for s in range(0, len(x), 256)])
+    channels = acts.shape[1]
+    enc, dec = CutEncoder(channels, ratio), CutDecoder(channels, ratio)
+    opt = torch.optim.AdamW([*enc.parameters(), *dec.parameters()], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        enc.train()
+        dec.train()
+        for idx in torch.randperm(len(y), generator=gen).split(64):
+            a = acts[idx]
+            rec = dec(enc(a).half().float())
+            task = sum(F.cross_entropy(lg, y[idx]) for lg in _downstream(model, block, rec))
+            loss = F.mse_loss(rec, a) + task
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return enc.eval(), dec.eval()
+
+
+def export_autoencoder(bundle: Bundle, cut: int, ratio: int, enc: CutEncoder, dec: CutDecoder
+                       ) -> AutoencoderSpec:
+    act_shape = bundle.segment(cut).activation
+    assert act_shape is not None
+    example = torch.randn(2, *act_shape.per_sample)
+    latent = enc(example)
+    names = (f"ae-cut{cut}-r{ratio}-encoder.onnx", f"ae-cut{cut}-r{ratio}-decoder.onnx")
+    for module, inp, name, (i, o) in ((enc, example, names[0], ("act", "latent")),
+                                      (dec, latent, names[1], ("latent", "act"))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (inp,), str(bundle.path(name)), input_names=[i],
+                              output_names=[o], dynamic_axes={i: {0: "b"}, o: {0: "b"}},
+                              opset_version=OPSET, dynamo=False)
+        onnx.checker.check_model(onnx.load(str(bundle.path(name))))
+        got = make_session(bundle.path(name)).run(None, {i: inp.detach().numpy()})[0]
+        if not np.allclose(got, module(inp).detach().numpy(), atol=1e-4, rtol=1e-3):
+            raise ExportError(f"{name}: ONNX Runtime differs from torch")
+    spec = AutoencoderSpec(cut, ratio, names[0], names[1], tuple(latent.shape[1:]))
+    bundle.manifest.autoencoders = [a for a in bundle.manifest.autoencoders
+                                    if (a.cut, a.ratio) != (cut, ratio)] + [spec]
+    bundle.save()
+    return spec
+
+
+@torch.no_grad()
+def compare_codecs(model: MultiExitNet, bundle: Bundle, data: Dataset, cut: int,
+                   autoencoders: dict[int, tuple[CutEncoder, CutDecoder]]) -> list[CodecReport]:
+    """Final-exit test accuracy when the activation at ``cut`` crosses the wire per codec."""
+    block = _cut_block(bundle, cut)
+    x, y = to_tensors(data.test, bundle.manifest.input)
+    acts = torch.cat([model.forward_blocks(x[s:s + 256], 0, block) for s in range(0, len(x), 256)])
+    per_sample = int(acts[0].numel())
+
+    def accuracy(transform: object) -> float:
+        hits = 0
+        for s in range(0, len(y), 64):
+            a = transform(acts[s:s + 64])  # type: ignore[operator]
+            hits += int((_downstream(model, block, a)[-1].argmax(-1) == y[s:s + 64]).sum())
+        return round(hits / len(y), 5)
+
+    def through(codec: str) -> object:
+        return lambda a: torch.from_numpy(
+            Tensor.decode_bytes(Tensor.encode(a.numpy(), codec)))  # type: ignore[arg-type]
+
+    reports = [CodecReport("raw", per_sample * 4, accuracy(lambda a: a)),
+               CodecReport("fp16", per_sample * 2, accuracy(through("fp16"))),
+               CodecReport("int8", per_sample, accuracy(through("int8")))]
+    for ratio, (enc, dec) in sorted(autoencoders.items()):
+        latent = int(enc(acts[:1]).numel())
+        reports.append(CodecReport(f"ae r={ratio}", latent * 2,
+                                   accuracy(lambda a, e=enc, d=dec: d(e(a).half().float()))))
+    return reports
+
+
+def default_cut(bundle: Bundle) -> int:
+    """The first cut whose activation is smallest per sample (what crosses the network)."""
+    sizes = [(s.activation_bytes, s.index) for s in bundle.manifest.segments[:-1]]
+    return min(sizes)[1] if sizes else 1
+
+
+__all__ = ["CodecReport", "compare_codecs", "default_cut", "export_autoencoder",
+           "train_autoencoder"]

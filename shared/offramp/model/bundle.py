@@ -1,0 +1,196 @@
+"""A model bundle: a directory with ``manifest.json`` and one ONNX file per segment.
+
+Written by ``offramp export`` / ``offramp build`` (:mod:`offramp.ml.export`), read by every
+service. Loading checks that the manifest is complete and that every file it names exists, and
+raises :class:`BundleError` saying what is missing where.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from offramp.errors import OfframpError
+from offramp.model.calibration import Calibration
+from offramp.model.inputs import InputSpec
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(OfframpError):
+    """A model bundle that is missing, incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # -1 for the batch axis
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(str(d["name"]), tuple(int(x) for x in d["shape"]))
+
+    @property
+    def per_sample(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """Segment k: blocks ``first_block..last_block`` then exit head k."""
+
+    index: int
+    file: str
+    first_block: int
+    last_block: int
+    input: TensorSpec
+    activation: TensorSpec | None  # None for the last segment
+    logits: TensorSpec
+    embedding: TensorSpec
+    flops: int
+    activation_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "file": self.file, "blocks": [self.first_block, self.last_block],
+                "input": self.input.to_dict(),
+                "activation": None if self.activation is None else self.activation.to_dict(),
+                "logits": self.logits.to_dict(), "embedding": self.embedding.to_dict(),
+                "flops": self.flops, "activation_bytes": self.activation_bytes}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SegmentSpec:
+        act = d.get("activation")
+        return cls(int(d["index"]), str(d["file"]), int(d["blocks"][0]), int(d["blocks"][1]),
+                   TensorSpec.from_dict(d["input"]),
+                   None if act is None else TensorSpec.from_dict(act),
+                   TensorSpec.from_dict(d["logits"]), TensorSpec.from_dict(d["embedding"]),
+                   int(d["flops"]), int(d["activation_bytes"]))
+
+
+@dataclass(frozen=True)
+class AutoencoderSpec:
+    """A learned codec for the activation leaving segment ``cut``."""
+
+    cut: int
+    ratio: int
+    encoder: str
+    decoder: str
+    latent_shape: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cut": self.cut, "ratio": self.ratio, "encoder": self.encoder,
+                "decoder": self.decoder, "latent_shape": list(self.latent_shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AutoencoderSpec:
+        return cls(int(d["cut"]), int(d["ratio"]), str(d["encoder"]), str(d["decoder"]),
+                   tuple(int(x) for x in d["latent_shape"]))
+
+
+@dataclass
+class Manifest:
+    name: str
+    arch: str
+    config: dict[str, Any]
+    classes: list[str]
+    input: InputSpec
+    blocks: list[dict[str, Any]]
+    exits: list[dict[str, Any]]
+    segments: list[SegmentSpec]
+    full_model: str
+    full_flops: int
+    calibration: dict[str, Any] = field(default_factory=dict)
+    autoencoders: list[AutoencoderSpec] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "name": self.name, "arch": self.arch, "config": self.config,
+                "classes": self.classes, "input": self.input.to_dict(), "blocks": self.blocks,
+                "exits": self.exits, "segments": [s.to_dict() for s in self.segments],
+                "full_model": {"file": self.full_model, "flops": self.full_flops},
+                "calibration": self.calibration,
+                "autoencoders": [a.to_dict() for a in self.autoencoders],
+                "metrics": self.metrics}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        if d.get("format") != FORMAT:
+            raise BundleError(f"manifest format {d.get('format')!r} is not {FORMAT}")
+        return cls(str(d["name"]), str(d["arch"]), dict(d["config"]), list(d["classes"]),
+                   InputSpec.from_dict(d["input"]), list(d["blocks"]), list(d["exits"]),
+                   [SegmentSpec.from_dict(s) for s in d["segments"]],
+                   str(d["full_model"]["file"]), int(d["full_model"]["flops"]),
+                   dict(d.get("calibration") or {}),
+                   [AutoencoderSpec.from_dict(a) for a in d.get("autoencoders") or []],
+                   dict(d.get("metrics") or {}))
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: Manifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.manifest.segments)
+
+    def segment(self, index: int) -> SegmentSpec:
+        if not 1 <= index <= self.num_segments:
+            raise BundleError(f"bundle {self.name} has segments 1..{self.num_segments}, not {index}")
+        return self.manifest.segments[index - 1]
+
+    def path(self, file: str) -> Path:
+        return self.root / file
+
+    def calibration(self) -> Calibration:
+        if not self.manifest.calibration:
+            raise BundleError(f"bundle {self.root} has no calibration; run `offramp calibrate`")
+        return Calibration.from_dict(self.manifest.calibration)
+
+    def autoencoder(self, cut: int) -> AutoencoderSpec | None:
+        return next((a for a in self.manifest.autoencoders if a.cut == cut), None)
+
+    def save(self) -> None:
+        tmp = self.root / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(self.manifest.to_dict(), indent=1))
+        tmp.replace(self.root / MANIFEST)
+
+
+def load_bundle(root: str | Path) -> Bundle:
+    """Read and check a bundle directory; BundleError names what is wrong."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"model bundle directory {root} does not exist "
+                          "(build one with `offramp build --preset demo --out DIR`)")
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: {root} is not a model bundle")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc})") from None
+    try:
+        manifest = Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise BundleError(f"{path} is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+    files = [s.file for s in manifest.segments] + [manifest.full_model]
+    files += [f for a in manifest.autoencoders for f in (a.encoder, a.decoder)]
+    for file in files:
+        if not (root / file).is_file():
+            raise BundleError(f"{root / file} named in {path} is missing")
+    for i, seg in enumerate(manifest.segments, start=1):
+        if seg.index != i:
+            raise BundleError(f"{path}: segment {i} is numbered {seg.index}")
+        if (seg.activation is None) != (i == len(manifest.segments)):
+            raise BundleError(f"{path}: only the last segment has no activation output")
+    return Bundle(root, manifest)

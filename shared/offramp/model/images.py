@@ -1,0 +1,70 @@
+"""Turning JPEG/PNG frames into the model's input, exactly as training saw it (Pillow).
+
+A bundle's manifest holds an :class:`~offramp.model.inputs.InputSpec`; the admission-controller
+applies it to every decoded image, and training applies the same functions to its uint8 images.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from offramp.model.inputs import FrameError, InputSpec, normalise
+
+FORMATS = ("JPEG", "PNG")  # what ingest accepts; Pillow tries no other decoder
+UHD_PIXELS = 3840 * 2160
+
+
+def pixel_budget(spec: InputSpec, configured: int = 0) -> int:
+    """The largest image accepted, in pixels: ``configured``, or when 0 the larger of 4K UHD
+    and four times the model input (well under Pillow's own decompression-bomb limit)."""
+    return configured or max(UHD_PIXELS, 4 * spec.height * spec.width)
+
+
+def decode_image(data: bytes, *, max_pixels: int = UHD_PIXELS,
+                 reduce_to: tuple[int, int] | None = None) -> np.ndarray:
+    """JPEG/PNG bytes to an RGB uint8 array (H, W, 3); FrameError if it is not an image.
+
+    The size comes from the header, before any pixel is decoded: an image over ``max_pixels``
+    is refused there, so a few bytes that claim 9000x9000 cost nothing. A JPEG is decoded at a
+    reduced scale (DCT scaling) when ``reduce_to`` (width, height) is much smaller than it.
+    The error is raised outside the handler: an exception's context would keep Pillow's
+    decoder and its canvas alive until the next garbage collection."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                problem = (f"image of {width}x{height} pixels is over the budget of "
+                           f"{max_pixels} pixels (OFFRAMP_ADMISSION_MAX_PIXELS)")
+            elif width == 0 or height == 0:
+                problem = f"empty image ({width}x{height})"
+            else:
+                if reduce_to is not None and img.format == "JPEG":
+                    img.draft("RGB", (2 * reduce_to[0], 2 * reduce_to[1]))
+                img.load()
+                return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, EOFError, Image.DecompressionBombError,
+            SyntaxError) as exc:  # Pillow's plugins raise SyntaxError for a broken file
+        problem = f"not a decodable JPEG or PNG image ({exc})"
+    raise FrameError(problem)
+
+
+def resize_uint8(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize (N, H, W, 3) uint8 images with bilinear filtering."""
+    if images.shape[1:3] == (height, width):
+        return images
+    return np.stack([np.asarray(Image.fromarray(im).resize((width, height), Image.Resampling.BILINEAR))
+                     for im in images])
+
+
+def image_to_input(image: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """One RGB uint8 image of any size to the (C, H, W) float32 input."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise FrameError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+    if image.size == 0:
+        raise FrameError(f"empty image {list(image.shape)}")
+    resized = resize_uint8(image[None], spec.height, spec.width)
+    out: np.ndarray = normalise(resized, spec)[0]
+    return out

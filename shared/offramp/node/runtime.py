@@ -1,0 +1,154 @@
+"""A connected service: node name, topics, bus with will, heartbeats, health and metrics.
+
+A service's ``run(settings, stop)`` opens a :class:`Runtime`, does its work until ``stop`` is
+set, and returns; the runtime publishes the offline state and disconnects on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import structlog
+
+from offramp.bus.connection import Bus, Will
+from offramp.bus.topics import Topics, check_name
+from offramp.errors import OfframpError, SettingsError
+from offramp.node.health import HealthServer, Readiness
+from offramp.node.metrics import Metrics
+from offramp.settings import CommonSettings
+from offramp.wire import Heartbeat
+
+S = TypeVar("S")
+HeartbeatBuilder = Callable[[Heartbeat], Heartbeat]
+
+
+class Runtime:
+    """A connected service: node name, topics, bus (with will) and the heartbeat task.
+
+    ``heartbeat`` is called every period with the base heartbeat and returns the one to send,
+    so a service adds its own queue state without owning the timing.
+    """
+
+    def __init__(self, role: str, common: CommonSettings, *,
+                 heartbeat: HeartbeatBuilder | None = None, bus_address: Any = None) -> None:
+        if not common.bus.broker_url and bus_address is None:
+            raise SettingsError("OFFRAMP_BROKER_URL is not set: point it at your broker, "
+                                "e.g. mqtt://127.0.0.1:1883 (offramp up starts one for you)")
+        self.role = role
+        self.common = common
+        self.node = check_name(common.node_name(), "OFFRAMP_NODE")
+        self.topics = Topics(common.bus.topic_prefix)
+        self.state_topic = self.topics.state(role, self.node)
+        will = Will(self.state_topic, Heartbeat(role, self.node, online=False).encode())
+        self.bus = Bus(common.bus, f"offramp-{role}-{self.node}", will=will, address=bus_address)
+        self.log = structlog.get_logger(f"offramp.{role}").bind(node=self.node)
+        self._heartbeat = heartbeat or (lambda hb: hb)
+        self._seq = 0
+        self._hb_task: asyncio.Task[None] | None = None
+        self._soon = asyncio.Event()
+        self.early_beats = 0
+        self.metrics = Metrics()
+        self._checks: list[Readiness] = []
+        self.http: HealthServer | None = None
+        self._bus_metrics()
+
+    def require(self, check: Readiness) -> None:
+        """Add a readiness condition: ``check()`` returns None when met, else what is missing."""
+        self._checks.append(check)
+
+    def readiness(self) -> str | None:
+        if not self.bus.connected.is_set():
+            return "not connected to the broker"
+        return next((m for m in (c() for c in self._checks) if m is not None), None)
+
+    def _bus_metrics(self) -> None:
+        up = self.metrics.gauge("offramp_bus_connected", "1 while connected to the broker")
+        reconnects = self.metrics.counter("offramp_bus_reconnects_total", "Reconnects to the broker")
+        received = self.metrics.counter("offramp_bus_messages_received_total", "Messages received")
+        published = self.metrics.counter("offramp_bus_messages_published_total",
+                                         "Messages published")
+        dropped = self.metrics.counter("offramp_inbox_dropped_total",
+                                       "Messages an inbound queue dropped when full")
+        early = self.metrics.counter("offramp_heartbeats_early_total",
+                                     "Heartbeats sent before their period, to pass on credit")
+
+        def collect() -> None:
+            st = self.bus.stats
+            up.set(1.0 if self.bus.connected.is_set() else 0.0)
+            reconnects.set_total(st.reconnects)
+            received.set_total(st.received)
+            published.set_total(st.published)
+            early.set_total(self.early_beats)
+            for inbox, n in st.dropped.items():
+                dropped.set_total(n, inbox=inbox.rsplit(":", 1)[-1])
+
+        self.metrics.on_collect(collect)
+
+    async def __aenter__(self) -> Self:
+        if self.common.http_port:
+            self.http = HealthServer(self.common.http_host, self.common.http_port, self.metrics,
+                                     self.readiness)
+            try:
+                await self.http.start()
+            except OSError as exc:
+                raise SettingsError(f"OFFRAMP_HTTP_PORT={self.common.http_port}: cannot listen "
+                                    f"({exc})") from None
+        await self.bus.__aenter__()
+        self._hb_task = asyncio.create_task(self._beat(), name=f"heartbeat:{self.node}")
+        self.log.info("service_started", role=self.role, broker=self.bus.address.url())
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._hb_task is not None:
+            self._hb_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._hb_task
+        if self.bus.connected.is_set():
+            with contextlib.suppress(OfframpError):
+                offline = Heartbeat(self.role, self.node, online=False, seq=self._seq + 1,
+                                    ts=time.time())
+                await asyncio.wait_for(self._publish_state(offline), 2.0)
+        await self.bus.close()
+        if self.http is not None:
+            await self.http.close()
+        self.log.info("service_stopped", role=self.role)
+
+    def base_heartbeat(self) -> Heartbeat:
+        self._seq += 1
+        return Heartbeat(self.role, self.node, online=True, seq=self._seq, ts=time.time())
+
+    async def _publish_state(self, hb: Heartbeat) -> None:
+        await self.bus.publish(self.state_topic, hb.encode(), qos=0, retain=True)
+
+    def beat_soon(self) -> None:
+        """Send a heartbeat now rather than at the next period (no sooner than the heartbeat
+        gap after the last one): it carries credit or a request some other node waits for."""
+        self._soon.set()
+
+    async def _beat(self) -> None:
+        """Heartbeat on a fixed schedule (not sleep-after-send), skipping beats while offline;
+        early ones in between, as asked, do not move the schedule."""
+        period = self.common.heartbeat_s
+        gap = min(period, self.common.heartbeat_gap_ms / 1000)
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            await self.bus.connected.wait()
+            self._soon.clear()
+            try:
+                await self._publish_state(self._heartbeat(self.base_heartbeat()))
+            except OfframpError as exc:
+                self.log.warning("heartbeat_failed", error=str(exc))
+            sent = loop.time()
+            if sent >= next_at:  # the scheduled one (after an offline spell: a new schedule)
+                next_at = next_at + period if next_at + period > sent else sent + period
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._soon.wait(), next_at - sent)
+                self.early_beats += 1
+                await asyncio.sleep(max(0.0, min(sent + gap, next_at) - loop.time()))

@@ -1,0 +1,48 @@
+"""Per-sample exit decisions inside a batch (ALGORITHMS.md 1.1, 2.2, 2.3).
+
+After segment k a sample exits when its score (:mod:`offramp.model.scores`) is >= T_k; the last exit
+always exits. The QoS rule: a sample with a deadline that would miss it by going on (now +
+estimated time to the next exit > deadline) exits now with exit k's answer, reason
+``deadline``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from offramp.model.scores import score, softmax
+
+
+@dataclass(frozen=True)
+class ExitDecision:
+    exits: np.ndarray  # (N,) bool
+    reasons: list[str]  # per sample: threshold / final / deadline / feature-difference / ""
+    labels: np.ndarray  # (N,) int
+    confidence: np.ndarray  # (N,) float, max softmax probability
+
+
+def decide(criterion: str, threshold: float | None, logits: np.ndarray,
+           embedding: np.ndarray | None = None, previous: np.ndarray | None = None, *,
+           last: bool = False, deadlines: np.ndarray | None = None, now: float = 0.0,
+           time_to_next_s: float = 0.0) -> ExitDecision:
+    """Decide for each row of ``logits``. ``threshold`` None means exits are closed here.
+    ``deadlines`` holds absolute times, NaN where a sample has none."""
+    n = logits.shape[0]
+    probs = softmax(logits.astype(np.float32))
+    labels = probs.argmax(axis=-1)
+    confidence = probs.max(axis=-1)
+    if last:
+        return ExitDecision(np.ones(n, bool), ["final"] * n, labels, confidence)
+    exits = np.zeros(n, bool)
+    if threshold is not None:
+        exits = score(criterion, logits, embedding, previous) >= threshold
+    reasons = [("feature-difference" if criterion == "feature-difference" else "threshold")
+               if e else "" for e in exits]
+    if deadlines is not None:
+        late = ~exits & ~np.isnan(deadlines) & (now + time_to_next_s > deadlines)
+        for i in np.flatnonzero(late):
+            reasons[i] = "deadline"
+        exits = exits | late
+    return ExitDecision(exits, reasons, labels, confidence)

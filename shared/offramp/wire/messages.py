@@ -1,0 +1,246 @@
+"""The messages services exchange (ARCHITECTURE.md, Wire format). msgpack, version 1.
+
+Each message is a frozen dataclass with ``encode() -> bytes`` and ``decode(data, max_bytes=...)``.
+Decoding is strict and raises :class:`~offramp.errors.WireError` only. The JSON result that
+clients read is in :mod:`offramp.wire.result`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from offramp.errors import WireError
+from offramp.wire.base import WireMessage
+from offramp.wire.reader import Reader
+from offramp.wire.tensor import Tensor
+
+ExitReason = Literal["threshold", "final", "deadline", "feature-difference"]
+EXIT_REASONS: tuple[str, ...] = ("threshold", "final", "deadline", "feature-difference")
+Criterion = Literal["confidence", "entropy", "margin", "feature-difference"]
+CRITERIA: tuple[str, ...] = ("confidence", "entropy", "margin", "feature-difference")
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One segment run on one node: when the sample arrived, started computing, finished."""
+
+    node: str
+    segment: int
+    arrived: float
+    started: float
+    finished: float
+
+    def to_wire(self) -> list[Any]:
+        return [self.node, self.segment, self.arrived, self.started, self.finished]
+
+    @classmethod
+    def from_wire(cls, r: Reader, key: str) -> Hop:
+        raw = r.array(key)
+        if len(raw) != 5:
+            raise WireError(f"{r.path}.{key}: a hop has 5 fields, got {len(raw)}")
+        node = r.item(key, 0).text("_")
+        seg = r.item(key, 1).integer("_")
+        a, s, f = (r.item(key, i).number("_") for i in (2, 3, 4))
+        return cls(node, seg, a, s, f)
+
+
+def _finite(v: Any) -> bool:
+    return (type(v) is float and math.isfinite(v)) or type(v) is int
+
+
+def _hops(r: Reader, key: str) -> tuple[Hop, ...]:
+    """Every sample carries its hops, so they are checked in one pass: three floats whose sum
+    is finite are each finite. Only a hop that fails (or has integer times, or times whose sum
+    overflows) goes through :meth:`Hop.from_wire`, which names what is wrong."""
+    raw = r.array(key)
+    out = []
+    for i, h in enumerate(raw):
+        if type(h) is list and len(h) == 5:
+            node, seg, a, s, f = h
+            if (type(node) is str and type(seg) is int and type(a) is float
+                    and type(s) is float and type(f) is float and math.isfinite(a + s + f)):
+                out.append(Hop(node, seg, a, s, f))
+                continue
+        out.append(Hop.from_wire(Reader({f"{key}[{i}]": h}, (r, "")), f"{key}[{i}]"))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """Per-sample header of an activation packet (one per row of the batch tensor)."""
+
+    task_id: str
+    source: str
+    frame_id: str
+    priority: float = 1.0
+    created: float = 0.0
+    deadline: float | None = None
+    attempt: int = 0
+    hops: tuple[Hop, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"task": self.task_id, "src": self.source, "frame": self.frame_id,
+                "prio": self.priority, "created": self.created, "deadline": self.deadline,
+                "attempt": self.attempt, "hops": [h.to_wire() for h in self.hops]}
+
+    @classmethod
+    def from_wire(cls, r: Reader) -> Sample:
+        m = r.fields  # one header per sample per hop: the well-formed case is checked at once
+        values: list[Any] = [m.get(k) for k in ("task", "src", "frame", "prio", "created",
+                                                 "deadline", "attempt")]
+        task, src, frame, prio, created, deadline, attempt = values
+        if (type(task) is str and type(src) is str and type(frame) is str and _finite(prio)
+                and prio > 0 and _finite(created) and (deadline is None or _finite(deadline))
+                and type(attempt) is int):
+            return cls(task, src, frame, float(prio), float(created),
+                       None if deadline is None else float(deadline), attempt, _hops(r, "hops"))
+        prio = r.number("prio")
+        if prio <= 0:
+            raise WireError(f"{r.path}.prio: priority must be > 0, got {prio}")
+        return cls(r.text("task"), r.text("src"), r.text("frame"), prio, r.number("created"),
+                   r.opt_number("deadline"), r.integer("attempt"), _hops(r, "hops"))
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationPacket(WireMessage):
+    """A micro-batch on its way to ``segment`` of ``model``: headers, tensor, optional embedding."""
+
+    KIND: ClassVar[str] = "act"
+    model: str
+    segment: int
+    samples: tuple[Sample, ...]
+    tensor: Tensor
+    embedding: Tensor | None = None
+    sent: float = 0.0
+    sender: str = ""  # the node that spent its credit on this packet ("" : no credit used)
+    sender_boot: float = 0.0  # which run of that node (credits restart with the process)
+
+    def __post_init__(self) -> None:
+        n = len(self.samples)
+        if n == 0:
+            raise WireError("act: a packet carries at least one sample")
+        if not self.tensor.shape or self.tensor.shape[0] != n:
+            raise WireError(f"act: tensor batch {self.tensor.shape[:1]} does not match {n} samples")
+        if self.embedding is not None and (
+            not self.embedding.shape or self.embedding.shape[0] != n
+        ):
+            raise WireError(f"act: embedding batch {self.embedding.shape[:1]} != {n} samples")
+        if self.segment < 1:
+            raise WireError(f"act: segment must be >= 1, got {self.segment}")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"model": self.model, "seg": self.segment,
+                "samples": [s.to_wire() for s in self.samples], "tensor": self.tensor.to_wire(),
+                "emb": None if self.embedding is None else self.embedding.to_wire(),
+                "sent": self.sent, "from": self.sender, "boot": self.sender_boot}
+
+    @classmethod
+    def from_wire(cls, r: Reader) -> ActivationPacket:
+        emb = r.opt_map("emb")
+        return cls(r.text("model"), r.integer("seg"), tuple(Sample.from_wire(s) for s in r.maps("samples")),
+                   Tensor.from_wire(r.map("tensor")),
+                   None if emb is None else Tensor.from_wire(emb), r.number("sent"),
+                   r.text("from"), r.number("boot"))
+
+
+_COMPLETION_KEYS = ("task", "src", "frame", "attempt", "label", "conf", "exit", "reason", "node",
+                    "ts", "thr", "created")
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """One finished frame: where it exited, with what label and confidence, by which path."""
+
+    task_id: str
+    source: str
+    frame_id: str
+    attempt: int
+    label: int
+    confidence: float
+    exit_index: int
+    reason: ExitReason
+    node: str
+    ts: float
+    hops: tuple[Hop, ...] = ()
+    thresholds: tuple[float, ...] = ()
+    created: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"task": self.task_id, "src": self.source, "frame": self.frame_id,
+                "attempt": self.attempt, "label": self.label, "conf": self.confidence,
+                "exit": self.exit_index, "reason": self.reason, "node": self.node, "ts": self.ts,
+                "hops": [h.to_wire() for h in self.hops], "thr": list(self.thresholds),
+                "created": self.created}
+
+    @classmethod
+    def from_wire(cls, r: Reader) -> Completion:
+        m = r.fields  # the admission-controller and the arbiter read one per frame
+        values: list[Any] = [m.get(k) for k in _COMPLETION_KEYS]
+        task, src, frame, attempt, label, conf, exit_, reason, node, ts, thr, created = values
+        if (type(task) is str and type(src) is str and type(frame) is str
+                and type(attempt) is int and type(label) is int and type(exit_) is int
+                and reason in EXIT_REASONS and type(node) is str and type(conf) is float
+                and type(ts) is float and type(created) is float
+                and math.isfinite(conf + ts + created) and type(thr) is list
+                and all(type(t) is float for t in thr) and math.isfinite(sum(thr))):
+            return cls(task, src, frame, attempt, label, conf, exit_, reason, node, ts,
+                       _hops(r, "hops"), tuple(thr), created)
+        reason = r.text("reason")
+        if reason not in EXIT_REASONS:
+            raise WireError(f"{r.path}.reason: {reason!r} is not one of {', '.join(EXIT_REASONS)}")
+        return cls(r.text("task"), r.text("src"), r.text("frame"), r.integer("attempt"), r.integer("label"),
+                   r.number("conf"), r.integer("exit"), reason, r.text("node"),  # type: ignore[arg-type]
+                   r.number("ts"), _hops(r, "hops"), tuple(r.numbers("thr")), r.number("created"))
+
+
+@dataclass(frozen=True, slots=True)
+class DoneReport(WireMessage):
+    """A worker's report of the frames of one source that one micro-batch finished: one
+    message per batch and source, not per frame (the admission-controller and the arbiter read
+    every one)."""
+
+    KIND: ClassVar[str] = "done"
+    completions: tuple[Completion, ...]
+
+    def __post_init__(self) -> None:
+        if not self.completions:
+            raise WireError("done: a report carries at least one completion")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"items": [c.to_wire() for c in self.completions]}
+
+    @classmethod
+    def from_wire(cls, r: Reader) -> DoneReport:
+        return cls(tuple(Completion.from_wire(c) for c in r.maps("items")))
+
+
+@dataclass(frozen=True, slots=True)
+class FrameEnvelope(WireMessage):
+    """A camera frame with metadata: exactly one of ``image`` (JPEG/PNG bytes) or ``tensor``."""
+
+    KIND: ClassVar[str] = "frame"
+    frame_id: str
+    ts: float
+    image: bytes | None = None
+    tensor: Tensor | None = None
+    deadline: float | None = None
+    label: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.image is None) == (self.tensor is None):
+            raise WireError("frame: exactly one of image and tensor must be present")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"frame": self.frame_id, "ts": self.ts, "image": self.image,
+                "tensor": None if self.tensor is None else self.tensor.to_wire(),
+                "deadline": self.deadline, "label": self.label}
+
+    @classmethod
+    def from_wire(cls, r: Reader) -> FrameEnvelope:
+        tensor = r.opt_map("tensor")
+        label = r.integer("label") if r.has("label") else None
+        return cls(r.text("frame"), r.number("ts"), r.opt_blob("image"),
+                   None if tensor is None else Tensor.from_wire(tensor), r.opt_number("deadline"),
+                   label)

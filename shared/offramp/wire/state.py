@@ -1,0 +1,153 @@
+"""What nodes say about themselves: heartbeats with queue state, credits and wants.
+
+Credits are the no-herding handshake (ALGORITHMS.md 3.3) carried in heartbeats: a worker grants
+each sender a cumulative limit of samples for a segment (``SegmentLoad.credits``), and a sender
+announces what it would like to send (``Heartbeat.wants``). See :mod:`offramp.policy.credits`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from offramp.errors import WireError
+from offramp.wire.base import WireMessage
+from offramp.wire.control import SegmentRef
+from offramp.wire.reader import Reader
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Cumulative credit for one sender: it may send samples while its count since ``boot``
+    (the sender's start time, so a restarted sender starts again from zero) is below ``limit``."""
+
+    boot: float
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentLoad:
+    """Queue state of one hosted segment, as a worker reports it in its heartbeat."""
+
+    model: str
+    segment: int
+    queued: int = 0
+    backlog_s: float = 0.0
+    service_rate: float = 0.0
+    mean_batch: float = 0.0
+    exited: int = 0
+    forwarded: int = 0
+    bound: int = 0
+    by_priority: tuple[tuple[float, int], ...] = ()  # (priority, queued samples), highest first
+    credits: dict[str, Grant] = field(default_factory=dict)
+
+    def queued_at_or_above(self, priority: float) -> int:
+        """Samples queued here that a task of ``priority`` waits behind (3.1: Q^(>=m))."""
+        if not self.by_priority:
+            return self.queued
+        return sum(n for p, n in self.by_priority if p >= priority)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"model": self.model, "seg": self.segment, "queued": self.queued,
+                "backlog_s": self.backlog_s, "rate": self.service_rate,
+                "batch": self.mean_batch, "exited": self.exited, "fwd": self.forwarded,
+                "bound": self.bound, "prio": [[p, n] for p, n in self.by_priority],
+                "credits": {k: [g.boot, g.limit] for k, g in self.credits.items()}}
+
+    @classmethod
+    def from_wire(cls, r: Reader) -> SegmentLoad:
+        prio = tuple((row[0].number("_"), row[1].integer("_")) for row in r.rows("prio", 2))
+        cr = r.map("credits")
+        credits = {}
+        for sender in cr:
+            raw = cr.array(sender)
+            if len(raw) != 2:
+                raise WireError(f"{cr.path}.{sender}: a grant is [boot, limit]")
+            credits[sender] = Grant(cr.item(sender, 0).number("_"), cr.item(sender, 1).integer("_"))
+        return cls(r.text("model"), r.integer("seg"), r.integer("queued"), r.number("backlog_s"),
+                   r.number("rate"), r.number("batch"), r.integer("exited"), r.integer("fwd"),
+                   r.integer("bound"), prio, credits)
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    """A sender's demand: ``count`` samples of ``priority`` it has for ``segment`` of ``model``."""
+
+    model: str
+    segment: int
+    priority: float
+    count: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.model, self.segment, self.priority, self.count]
+
+
+@dataclass(frozen=True, slots=True)
+class SentCount:
+    """A sender's cumulative count of samples sent to ``segment`` on ``receiver`` (that run of
+    it, ``receiver_boot``), so the receiver can write off credit spent on lost packets."""
+
+    receiver: str
+    receiver_boot: float
+    model: str
+    segment: int
+    count: int
+
+    def to_wire(self) -> list[Any]:
+        return [self.receiver, self.receiver_boot, self.model, self.segment, self.count]
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(WireMessage):
+    """Liveness and queue state on ``state/{role}/{node}``; the will sends ``online=False``.
+
+    ``boot`` identifies the run of the process (credits are per run). ``flops_per_s`` is the
+    node's measured speed, ``link_bps``/``link_rtt_s`` its outgoing link as far as it knows it
+    (0: unknown), ``loadable``/``max_segments`` what the scheduler may ask it to host.
+    ``device`` is what a worker's segments run on (``cpu``, ``cuda``, ``tensorrt``; empty when
+    unknown), as ONNX Runtime gave it, which may differ from what it was asked for.
+    """
+
+    KIND: ClassVar[str] = "hb"
+    role: str
+    node: str
+    online: bool = True
+    seq: int = 0
+    ts: float = 0.0
+    segments: tuple[SegmentLoad, ...] = ()
+    flops_per_s: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+    boot: float = 0.0
+    wants: tuple[Want, ...] = ()
+    sent: tuple[SentCount, ...] = ()
+    link_bps: float = 0.0
+    link_rtt_s: float = 0.0
+    loadable: tuple[SegmentRef, ...] = ()
+    max_segments: int = 0
+    device: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"role": self.role, "node": self.node, "online": self.online, "seq": self.seq,
+                "ts": self.ts, "segments": [s.to_wire() for s in self.segments],
+                "flops": self.flops_per_s, "stats": self.stats, "boot": self.boot,
+                "wants": [w.to_wire() for w in self.wants],
+                "sent": [c.to_wire() for c in self.sent], "link_bps": self.link_bps,
+                "link_rtt": self.link_rtt_s,
+                "loadable": [[s.model, s.segment] for s in self.loadable],
+                "max_segs": self.max_segments, "device": self.device}
+
+    @classmethod
+    def from_wire(cls, r: Reader) -> Heartbeat:
+        stats = r.map("stats")
+        wants = tuple(Want(row[0].text("_"), row[1].integer("_"), row[2].number("_"),
+                           row[3].integer("_")) for row in r.rows("wants", 4))
+        sent = tuple(SentCount(row[0].text("_"), row[1].number("_"), row[2].text("_"),
+                               row[3].integer("_"), row[4].integer("_"))
+                     for row in r.rows("sent", 5))
+        loadable = tuple(SegmentRef(row[0].text("_"), row[1].integer("_"))
+                         for row in r.rows("loadable", 2))
+        return cls(r.text("role"), r.text("node"), r.flag("online"), r.integer("seq"),
+                   r.number("ts"), tuple(SegmentLoad.from_wire(s) for s in r.maps("segments")),
+                   r.number("flops"), {k: stats.number(k) for k in stats}, r.number("boot"),
+                   wants, sent, r.number("link_bps"), r.number("link_rtt"), loadable,
+                   r.integer("max_segs"), r.opt_text("device") or "")
