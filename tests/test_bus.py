@@ -6,6 +6,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,12 @@ from offramp.settings import BusSettings
 from offramp.wire import ActivationPacket, Heartbeat, Sample, Tensor
 
 HELPERS = Path(__file__).parent / "helpers"
+
+
+@pytest.fixture(params=["fast", "library"])
+def bus_settings(bus_settings: BusSettings, request: pytest.FixtureRequest) -> BusSettings:
+    """Every bus test runs on both read paths (OFFRAMP_BUS_READ_PATH)."""
+    return replace(bus_settings, bus_read_path=request.param)
 
 
 async def _next(sub: object, timeout: float = 5.0) -> object:
@@ -103,8 +110,6 @@ async def test_client_survives_a_broker_restart_and_rereads_retained(
 
 
 async def test_publish_fails_clearly_when_no_broker_answers(bus_settings: BusSettings) -> None:
-    from dataclasses import replace
-
     dead = replace(bus_settings, broker_url="mqtt://127.0.0.1:9", publish_timeout_s=0.3)
     async with Bus(dead, "lonely") as bus:
         with pytest.raises(BusError, match=r"not connected to mqtt://127\.0\.0\.1:9"):
@@ -114,8 +119,6 @@ async def test_publish_fails_clearly_when_no_broker_answers(bus_settings: BusSet
 
 
 async def test_oversized_publish_is_refused(bus_settings: BusSettings) -> None:
-    from dataclasses import replace
-
     small = replace(bus_settings, max_message_bytes=1024)
     async with Bus(small, "big") as bus:
         with pytest.raises(BusError, match="over OFFRAMP_MAX_MESSAGE_BYTES"):

@@ -107,6 +107,10 @@ class BusSettings:
     max_message_bytes: int = setting(
         16 * 1024 * 1024, "Largest message accepted or sent", min=1024, max=256 * 1024 * 1024
     )
+    bus_read_path: Literal["fast", "library"] = setting(
+        "fast", "How messages are read: fast (the mqtt5 codec on large socket reads) or library "
+        "(paho-mqtt's and aiomqtt's own read path, slower, for a paho or aiomqtt release whose "
+        "internals the fast path does not know)")
 
     def address(self) -> BrokerAddress:
         if not self.broker_url:

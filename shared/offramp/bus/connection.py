@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,20 +30,25 @@ from paho.mqtt.client import topic_matches_sub
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from offramp.bus import paho_internals
 from offramp.bus.inbox import Inbox, Overflow, RateLimitedWarning
-from offramp.bus.read_path import FastInbound
+from offramp.bus.paho_internals import PahoHandle, paho_of
+from offramp.bus.read_path import FastReadPath, Incoming
 from offramp.errors import BusError
 from offramp.settings import BrokerAddress, BusSettings
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A received message: topic, payload bytes, and whether the broker replayed it as retained."""
+    """A received message: topic, payload bytes, whether the broker replayed it as retained,
+    when it arrived, and MQTT v5's request/response properties when the sender set them."""
 
     topic: str
     payload: bytes
     retain: bool = False
     received: float = 0.0
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +99,12 @@ class Subscription:
         await self._bus.unsubscribe(self)
 
 
-def _publish_qos0(client: aiomqtt.Client, topic: str, payload: bytes | bytearray,
+def _publish_qos0(paho: PahoHandle, topic: str, payload: bytes | bytearray,
                   retain: bool) -> None:
     """QoS 0 has no acknowledgement: queue the packet on paho's client and return. aiomqtt's
     publish would wait a loop turn for paho's on-publish callback per message, which costs
-    latency and halves the rate for nothing; aiomqtt's socket writer sends it on the next turn.
-    (Uses aiomqtt's paho client; aiomqtt is pinned to >=2.5,<3.)"""
-    info = client._client.publish(topic, payload, 0, retain)
+    latency and halves the rate for nothing; aiomqtt's socket writer sends it on the next turn."""
+    info = paho.publish(topic, payload, 0, retain)
     if info.rc != mqtt.MQTT_ERR_SUCCESS:
         raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
 
@@ -118,25 +121,24 @@ class _Acks:
     def __init__(self) -> None:
         self._waiting: dict[int, asyncio.Future[None]] = {}
 
-    def install(self, client: aiomqtt.Client) -> None:
-        paho = client._client  # aiomqtt's paho client (aiomqtt is pinned to >=2.5,<3)
-        inner: Any = paho.on_publish  # aiomqtt's callback (paho types it loosely)
+    def install(self, paho: PahoHandle) -> None:
+        def wrap(inner: Any) -> Any:  # aiomqtt's callback (paho types it loosely)
+            def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+                fut = self._waiting.pop(mid, None)
+                if fut is None:
+                    inner(c, userdata, mid, reason, props)  # QoS 0, or a publish aiomqtt made
+                elif not fut.done():
+                    if getattr(reason, "is_failure", False):
+                        fut.set_exception(BusError(f"the broker refused the message: {reason}"))
+                    else:
+                        fut.set_result(None)
+            return on_publish
 
-        def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-            fut = self._waiting.pop(mid, None)
-            if fut is None:
-                inner(c, userdata, mid, reason, props)  # QoS 0, or a publish aiomqtt made
-            elif not fut.done():
-                if getattr(reason, "is_failure", False):
-                    fut.set_exception(BusError(f"the broker refused the message: {reason}"))
-                else:
-                    fut.set_result(None)
+        paho.wrap_on_publish(wrap)
 
-        paho.on_publish = on_publish
-
-    def publish(self, client: aiomqtt.Client, topic: str, payload: bytes | bytearray, qos: int,
+    def publish(self, paho: PahoHandle, topic: str, payload: bytes | bytearray, qos: int,
                 retain: bool) -> asyncio.Future[None]:
-        info = client._client.publish(topic, payload, qos, retain)
+        info = paho.publish(topic, payload, qos, retain)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -178,9 +180,10 @@ class Bus:
         self.connected = asyncio.Event()
         self._subs: list[Subscription] = []
         self._routes: dict[str, Subscription | None] = {}  # topic -> its subscription (a cache)
-        self._client: aiomqtt.Client | None = None
+        self._connection: aiomqtt.Client | None = None
+        self._paho: PahoHandle | None = None  # the current connection's paho client
         self._acks = _Acks()
-        self.inbound: FastInbound | None = None  # the read path of the current connection
+        self.inbound: FastReadPath | None = None  # the fast read path of the current connection
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._log = structlog.get_logger("offramp.bus.connection").bind(client_id=client_id)
@@ -188,6 +191,9 @@ class Bus:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
+        """Check the libraries' internals the bus relies on (BusError naming their versions if
+        one is missing), then connect in the background, and reconnect whenever it drops."""
+        paho_internals.check(read_path=self.settings.bus_read_path == "fast")
         self._task = asyncio.create_task(self._supervise(), name=f"bus:{self.client_id}")
         return self
 
@@ -215,12 +221,8 @@ class Bus:
         self.connected.clear()
 
     def _shutdown_socket(self) -> None:
-        client = self._client
-        paho = getattr(client, "_client", None)  # aiomqtt's paho client (no public handle)
-        sock = paho.socket() if paho is not None else None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        if self._paho is not None:
+            self._paho.shutdown_socket()
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         try:
@@ -241,13 +243,13 @@ class Bus:
         deadline = time.monotonic() + self.settings.publish_timeout_s
         data = bytes(payload) if isinstance(payload, memoryview) else payload
         while True:
-            client = self._client
-            if client is not None and self.connected.is_set():
+            paho = self._paho
+            if paho is not None and self.connected.is_set():
                 try:
                     if qos == 0:
-                        _publish_qos0(client, topic, data, retain)
+                        _publish_qos0(paho, topic, data, retain)
                     else:
-                        await self._acks.publish(client, topic, data, qos, retain)
+                        await self._acks.publish(paho, topic, data, qos, retain)
                     self.stats.published += 1
                     return
                 except aiomqtt.MqttError as exc:
@@ -280,7 +282,7 @@ class Bus:
         sub = Subscription(self, topic_filter, qos, inbox, shared_group)
         self._subs.append(sub)
         self._routes.clear()
-        client = self._client
+        client = self._connection
         if client is not None and self.connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError):  # a reconnect resubscribes
                 await client.subscribe(sub.mqtt_filter, qos)
@@ -290,20 +292,25 @@ class Bus:
         if sub in self._subs:
             self._subs.remove(sub)
             self._routes.clear()
-        client = self._client
+        client = self._connection
         if client is not None and self.connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.unsubscribe(sub.mqtt_filter)
 
     # -- internals ----------------------------------------------------------------------------
     def _route(self, message: aiomqtt.Message) -> None:
-        """A message paho handled itself (see :mod:`offramp.bus.read_path` for which)."""
+        """A message paho handled itself (all of them with the library read path)."""
         payload = message.payload
         data = payload if isinstance(payload, bytes) else str(payload or "").encode()
-        self._deliver(message.topic.value, data, bool(message.retain))
+        props = message.properties
+        self._deliver(Incoming(message.topic.value, data, bool(message.retain),
+                               getattr(props, "ResponseTopic", None),
+                               getattr(props, "CorrelationData", None)))
 
-    def _deliver(self, topic: str, data: bytes, retain: bool) -> None:
-        msg = Message(topic, data, retain, time.time())
+    def _deliver(self, incoming: Incoming) -> None:
+        topic = incoming.topic
+        msg = Message(topic, incoming.payload, incoming.retain, time.time(),
+                      incoming.response_topic, incoming.correlation_data)
         self.stats.received += 1
         sub = self._routes.get(topic, _UNSEEN)
         if sub is _UNSEEN:
@@ -358,11 +365,13 @@ class Bus:
         while True:
             try:
                 client = aiomqtt.Client(**self._client_kwargs())
-                self.inbound = FastInbound(client._client, self._deliver)
-                self.inbound.install()  # before it connects: CONNACK comes this way too
+                paho = PahoHandle(paho_of(client))
+                if self.settings.bus_read_path == "fast":
+                    self.inbound = FastReadPath(paho, self._deliver)
+                    self.inbound.install()  # before it connects: CONNACK comes this way too
                 async with client:
-                    self._acks.install(client)
-                    self._client = client
+                    self._acks.install(paho)
+                    self._connection, self._paho = client, paho
                     for sub in list(self._subs):
                         await client.subscribe(sub.mqtt_filter, sub.qos)
                     self.stats.connects += 1
@@ -379,7 +388,7 @@ class Bus:
             finally:
                 self.connected.clear()
                 self._acks.lost()
-                self._client = None
+                self._connection, self._paho = None, None
             if self._closing:
                 return
             await asyncio.sleep(delay * (0.5 + random.random()))

@@ -1,87 +1,87 @@
-"""The bus's read path: MQTT packets parsed from large reads, PUBLISH and PUBACK handled here.
+"""The bus's fast read path: MQTT packets decoded by the ``mqtt5`` codec from large reads.
 
 paho-mqtt reads each packet with at least three ``recv`` calls (the type byte, each byte of the
-length, the body). For every PUBLISH it copies the payload about five times, builds an MQTT v5
-``Properties`` object (about 20 us each: it rebuilds its tables per instance), an
-``MQTTMessage`` and aiomqtt's ``Message``, and matches per-topic callbacks that the bus never
-registers; for every PUBACK it builds ``Properties`` and ``ReasonCode`` again. Measured on the
-project's 2-core machine, a QoS 1 message cost about 400 us of CPU between its publisher and its
-subscriber, which was most of the gap between the distributed pipeline and one ONNX session.
+length, the body), copies a PUBLISH payload about five times and builds an MQTT v5
+``Properties`` object (about 20 us) for every PUBLISH and PUBACK. On the project's 2-core
+machine a QoS 1 message cost about 400 us of CPU between its publisher and its subscriber.
 
-:class:`FastInbound` takes over paho's ``_packet_read`` on one client (aiomqtt >=2.5,<3 and
-paho-mqtt >=2.1,<3 are pinned; both keep these internals). It reads whatever the socket has,
-splits it into packets, and:
+:class:`FastReadPath` takes paho's packet read over on one connection (through
+:class:`~offramp.bus.paho_internals.PahoHandle`, the only place that touches paho's internals).
+It reads whatever the socket has, lets ``mqtt5`` (a sans-I/O codec in Rust, by aiomqtt's
+maintainer) decode each whole packet, and:
 
-- hands a PUBLISH of QoS 0 or 1 without properties to the bus at once, and acknowledges a QoS 1
-  one with paho's own ``_send_puback`` after that (the same order as paho);
-- completes a PUBACK whose reason is success through paho's ``_do_on_publish``, which keeps
-  paho's in-flight accounting, with one shared success reason instead of two new objects;
-- gives every other packet (CONNACK, SUBACK, PINGRESP, QoS 2, a PUBLISH with properties, a
-  PUBACK with a failure reason, DISCONNECT) to paho's ``_packet_handle``, as paho would.
+- hands a PUBLISH of QoS 0 or 1 to the bus at once, with its response topic and correlation
+  data, then acknowledges a QoS 1 one (the same order as paho);
+- completes a successful PUBACK through paho's in-flight accounting;
+- gives every other packet (CONNACK, SUBACK, PINGRESP, QoS 2, a PUBACK with a failure reason,
+  DISCONNECT) to paho's own handler, in stream order.
 
-A connection is one client, so the buffer never outlives the socket it was read from.
+``OFFRAMP_BUS_READ_PATH=library`` leaves all of it to paho and aiomqtt.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
-from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
+import mqtt5
+from paho.mqtt.enums import MQTTErrorCode
 
-Deliver = Callable[[str, bytes, bool], None]  # topic, payload, retained
+from offramp.bus.paho_internals import PahoHandle
 
-PUBLISH, PUBACK = 0x30, 0x40
 READ_BYTES = 256 * 1024
-# What may follow a PUBACK's packet id when the broker accepted the message (MQTT v5 3.4.2):
-# nothing, reason 0, or reason 0 and an empty property list.
-_SUCCESS = (b"", b"\x00", b"\x00\x00")
-MQTTv5 = MQTTProtocolVersion.MQTTv5
 
 
-def _varint(buf: bytearray | bytes, pos: int, end: int) -> tuple[int, int] | None:
-    """(value, position after it) of the variable byte integer at ``pos``; None when it runs
-    past ``end`` (more bytes are needed); ValueError when it is over 4 bytes long."""
-    value, shift = 0, 0
-    while pos < end:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """What a PUBLISH carries that the bus passes on."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+Deliver = Callable[[Incoming], None]
+
+
+def _frame(buf: bytearray, pos: int) -> tuple[int, int] | None:
+    """(start of the variable header, end) of the packet at ``pos`` from its fixed header; None
+    while it has not all arrived; ValueError when its length field is over 4 bytes."""
+    length, shift, i = 0, 0, pos + 1
+    while i < len(buf):
+        byte = buf[i]
+        length |= (byte & 0x7F) << shift
+        i += 1
         if not byte & 0x80:
-            return value, pos
+            return (i, i + length) if i + length <= len(buf) else None
         shift += 7
         if shift >= 28:
             raise ValueError("variable byte integer over 4 bytes")
     return None
 
 
-class FastInbound:
+class FastReadPath:
     """Reads and dispatches the packets of one paho client; see the module docstring."""
 
-    def __init__(self, paho: Any, deliver: Deliver) -> None:
+    def __init__(self, paho: PahoHandle, deliver: Deliver) -> None:
         self._paho = paho
         self._deliver = deliver
         self._buf = bytearray()
-        self._ok = ReasonCode(PacketTypes.PUBACK)
-        self._no_props = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
         self.fast = 0  # packets handled here
         self.delegated = 0  # packets handed to paho
 
     def install(self) -> None:
-        if self._paho._protocol != MQTTv5:  # the parser reads v5's property length
-            raise ValueError("FastInbound reads MQTT v5 connections only")
-        self._paho._packet_read = self.read  # an instance attribute shadows paho's method
+        if not self._paho.speaks_v5():
+            raise ValueError("the fast read path reads MQTT v5 connections only")
+        self._paho.take_over_reads(self.read)
 
     def read(self) -> MQTTErrorCode:
         """paho's ``_packet_read`` contract: AGAIN when the socket has nothing now, an error
         code when the connection is gone or broken, SUCCESS after handling what arrived."""
-        paho = self._paho
         try:
-            data = paho._sock_recv(READ_BYTES)
+            data = self._paho.recv(READ_BYTES)
         except BlockingIOError:
             return MQTTErrorCode.MQTT_ERR_AGAIN
         except OSError:  # ConnectionError included: the socket is gone
@@ -90,89 +90,55 @@ class FastInbound:
             return MQTTErrorCode.MQTT_ERR_CONN_LOST
         buf = self._buf
         buf += data
-        pos, end = 0, len(buf)
+        pos = 0
         rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-        while end - pos >= 2:
-            try:
-                length = _varint(buf, pos + 1, end)
-            except ValueError:
-                return MQTTErrorCode.MQTT_ERR_PROTOCOL
-            if length is None or length[1] + length[0] > end:
-                break  # the rest of this packet has not arrived yet
-            size, start = length
-            header = buf[pos]
-            pos = start + size
-            rc = self._packet(header, buf, start, pos)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                break
-        now = time.monotonic()  # paho's clock for keepalive
-        with paho._msgtime_mutex:
-            paho._last_bytes_received = now
-            if pos:
-                paho._last_msg_in = now
+        with memoryview(buf) as view:
+            while pos < len(buf):
+                try:
+                    packet, size = mqtt5.read(view[pos:])
+                except IndexError:  # the rest of this packet has not arrived yet
+                    break
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException:  # mqtt5 refuses it (ValueError), or its
+                    # Rust side panics (mqtt5 0.8 does on a topic that is not UTF-8, raising a
+                    # BaseException): paho, the connection's owner, judges the packet
+                    try:
+                        frame = _frame(buf, pos)
+                    except ValueError:
+                        rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+                        break
+                    if frame is None:
+                        break
+                    rc = self._delegate(buf[pos], bytes(view[frame[0]:frame[1]]))
+                    pos = frame[1]
+                else:
+                    rc = self._packet(packet, buf, pos, pos + size)
+                    pos += size
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+        self._paho.mark_received()
         if pos:
             del buf[:pos]
         return rc
 
-    def _packet(self, header: int, buf: bytearray, start: int, end: int) -> MQTTErrorCode:
-        """Handle the packet whose body is ``buf[start:end]``."""
-        kind = header & 0xF0
-        if kind == PUBLISH and (header & 0x06) != 0x04:  # QoS 0 or 1
-            rc = self._publish(header, buf, start, end)
-            if rc is not None:
-                return rc
-        elif kind == PUBACK and end - start >= 2 and bytes(buf[start + 2:end]) in _SUCCESS:
-            mid = int.from_bytes(buf[start:start + 2], "big")
+    def _packet(self, packet: object, buf: bytearray, start: int, end: int) -> MQTTErrorCode:
+        if isinstance(packet, mqtt5.PublishPacket) and packet.qos != mqtt5.QoS.EXACTLY_ONCE \
+                and packet.topic:  # a topic alias (never asked for) is paho's business
             self.fast += 1
-            paho = self._paho
-            with paho._out_message_mutex:
-                if mid in paho._out_messages:
-                    done: MQTTErrorCode = paho._do_on_publish(mid, self._ok, self._no_props)
-                    return done
+            self._deliver(Incoming(packet.topic, packet.payload, packet.retain,
+                                   packet.response_topic, packet.correlation_data))
+            if packet.qos == mqtt5.QoS.AT_LEAST_ONCE and packet.packet_id is not None:
+                return self._paho.send_puback(packet.packet_id)
             return MQTTErrorCode.MQTT_ERR_SUCCESS
-        return self._delegate(header, bytes(buf[start:end]))
+        if isinstance(packet, mqtt5.PubAckPacket) \
+                and packet.reason_code == mqtt5.PubAckReasonCode.SUCCESS:
+            self.fast += 1
+            return self._paho.acknowledged(packet.packet_id)
+        frame = _frame(buf, start)
+        assert frame is not None and frame[1] == end  # mqtt5 read this very packet
+        return self._delegate(buf[start], bytes(buf[frame[0]:end]))
 
-    def _publish(self, header: int, buf: bytearray, start: int, end: int
-                 ) -> MQTTErrorCode | None:
-        """Deliver a QoS 0/1 PUBLISH without properties; None: let paho handle it."""
-        qos = (header >> 1) & 0x03
-        if end - start < 2:
-            return None
-        tlen = int.from_bytes(buf[start:start + 2], "big")
-        pos = start + 2 + tlen
-        mid = 0
-        if qos:
-            mid = int.from_bytes(buf[pos:pos + 2], "big")
-            pos += 2
-        if pos >= end or buf[pos] != 0:  # v5 properties (or a short packet): paho's job
-            return None
-        try:
-            topic = buf[start + 2:start + 2 + tlen].decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        with memoryview(buf) as view:
-            payload = bytes(view[pos + 1:end])  # the one copy of the payload
-        self.fast += 1
-        self._deliver(topic, payload, bool(header & 0x01))
-        if qos:
-            rc: MQTTErrorCode = self._paho._send_puback(mid)
-            return rc
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _delegate(self, header: int, body: bytes) -> MQTTErrorCode:
-        paho = self._paho
+    def _delegate(self, command: int, body: bytes) -> MQTTErrorCode:
         self.delegated += 1
-        paho._in_packet = _in_packet(header, body)
-        try:
-            rc: MQTTErrorCode = paho._packet_handle()
-        except Exception:  # paho's MalformedPacket and its kin: the connection is broken
-            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-        paho._in_packet = _in_packet(0, b"")  # as paho leaves it between packets
-        return rc
-
-
-def _in_packet(command: int, body: bytes) -> dict[str, Any]:
-    """paho's record of a packet it has read whole (``command`` 0: none)."""
-    return {"command": command, "have_remaining": int(command != 0), "remaining_count": [],
-            "remaining_mult": 1, "remaining_length": len(body), "packet": bytearray(body),
-            "to_process": 0, "pos": 0}
+        return self._paho.handle_packet(command, body)
