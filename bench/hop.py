@@ -5,7 +5,9 @@ Measured as a ping-pong (each side decodes and re-encodes), halved, so that one 
 both directions. The baseline is the same number of bytes ping-ponged between two bare paho
 clients (network threads, no encoding), halved, against the same broker in the same run.
 Throughput: 64 KiB packets per second one way, offramp (encode + publish, receive + decode)
-vs bare paho, both QoS 0, counted at the receiver.
+vs bare paho, both QoS 0, counted at the receiver. The bus is measured on both read paths:
+``fast`` (mqtt5 on large reads, the default; the top-level figures) and ``library``
+(``OFFRAMP_BUS_READ_PATH=library``: paho's and aiomqtt's own).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any, Literal
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -28,6 +31,7 @@ SIZES = {"16KiB": 16 * 1024, "64KiB": 64 * 1024, "256KiB": 256 * 1024, "1MiB": 1
 ROUNDS = 300
 WARMUP = 30
 THROUGHPUT_N = 3000
+ReadPath = Literal["fast", "library"]
 
 
 def _packet(nbytes: int) -> ActivationPacket:
@@ -35,8 +39,8 @@ def _packet(nbytes: int) -> ActivationPacket:
     return ActivationPacket("bench", 2, (Sample("task-0", "cam-0", "frame-0"),), Tensor.encode(arr))
 
 
-async def offramp_pingpong(url: str, nbytes: int) -> list[float]:
-    settings = BusSettings(broker_url=url, topic_prefix="bench")
+async def offramp_pingpong(url: str, nbytes: int, read_path: ReadPath) -> list[float]:
+    settings = BusSettings(broker_url=url, topic_prefix="bench", bus_read_path=read_path)
     t = Topics("bench")
     ping, pong = t.act("bench", 2, "a"), t.act("bench", 2, "b")
     packet = _packet(nbytes)
@@ -92,10 +96,11 @@ def paho_pingpong(port: int, nbytes: int) -> list[float]:
     return times
 
 
-def offramp_throughput(url: str, nbytes: int) -> float:
+def offramp_throughput(url: str, nbytes: int, read_path: ReadPath) -> float:
     """Sender and receiver each run their own event loop in their own thread, as two services
     would (and as the two paho clients of the baseline each have their network thread)."""
-    settings = BusSettings(broker_url=url, topic_prefix="bench", inbound_queue=THROUGHPUT_N)
+    settings = BusSettings(broker_url=url, topic_prefix="bench", inbound_queue=THROUGHPUT_N,
+                           bus_read_path=read_path)
     topic = Topics("bench").act("bench", 2, "tp")
     packet = _packet(nbytes)
     ready, done = threading.Event(), threading.Event()
@@ -166,28 +171,38 @@ def paho_throughput(port: int, nbytes: int) -> float:
     return count / elapsed
 
 
-def main() -> None:
+def _measure(url: str, port: int, read_path: ReadPath) -> dict[str, Any]:
+    """One read path against bare paho, each size's baseline measured just before it."""
     sizes: dict[str, dict[str, float]] = {}
+    for name, nbytes in SIZES.items():
+        base = paho_pingpong(port, nbytes)
+        ours = asyncio.run(offramp_pingpong(url, nbytes, read_path))
+        sizes[name] = {
+            "offramp_p50_ms": percentile_ms(ours, 50), "offramp_p99_ms": percentile_ms(ours, 99),
+            "baseline_p50_ms": percentile_ms(base, 50),
+            "baseline_p99_ms": percentile_ms(base, 99),
+        }
+        sizes[name]["ratio_p50"] = round(sizes[name]["offramp_p50_ms"]
+                                         / sizes[name]["baseline_p50_ms"], 3)
+        print(read_path, name, sizes[name], flush=True)
+    base_tp = paho_throughput(port, SIZES["64KiB"])
+    ours_tp = offramp_throughput(url, SIZES["64KiB"], read_path)
+    return {"sizes": sizes,
+            "throughput_64KiB": {"offramp_msgs_per_s": round(ours_tp, 1),
+                                 "baseline_msgs_per_s": round(base_tp, 1)},
+            "throughput_ratio": round(ours_tp / base_tp, 3)}
+
+
+def main() -> None:
     with LocalBroker() as broker:
-        for name, nbytes in SIZES.items():
-            base = paho_pingpong(broker.port, nbytes)
-            ours = asyncio.run(offramp_pingpong(broker.url, nbytes))
-            sizes[name] = {
-                "offramp_p50_ms": percentile_ms(ours, 50), "offramp_p99_ms": percentile_ms(ours, 99),
-                "baseline_p50_ms": percentile_ms(base, 50),
-                "baseline_p99_ms": percentile_ms(base, 99),
-            }
-            sizes[name]["ratio_p50"] = round(sizes[name]["offramp_p50_ms"]
-                                             / sizes[name]["baseline_p50_ms"], 3)
-            print(name, sizes[name], flush=True)
-        base_tp = paho_throughput(broker.port, SIZES["64KiB"])
-        ours_tp = offramp_throughput(broker.url, SIZES["64KiB"])
+        fast = _measure(broker.url, broker.port, "fast")
+        library = _measure(broker.url, broker.port, "library")
     write_result("hop", {
-        "rounds": ROUNDS, "sizes": sizes,
-        "throughput_64KiB": {"offramp_msgs_per_s": round(ours_tp, 1),
-                             "baseline_msgs_per_s": round(base_tp, 1)},
-        "throughput_ratio": round(ours_tp / base_tp, 3),
-        "goals": {"ratio_p50_at_64KiB": "<= 1.3", "throughput_ratio": ">= 0.7"},
+        "rounds": ROUNDS, **fast,
+        "ratio_p50_64KiB": fast["sizes"]["64KiB"]["ratio_p50"],
+        "library_read_path": {**library,
+                              "ratio_p50_64KiB": library["sizes"]["64KiB"]["ratio_p50"]},
+        "goals": {"ratio_p50_at_64KiB": "<= 1.1", "throughput_ratio": ">= 0.75"},
     })
 
 

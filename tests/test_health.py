@@ -22,26 +22,37 @@ from offramp.settings import BusSettings
 
 def test_metrics_render_in_prometheus_text_format() -> None:
     reg = Metrics()
-    c = reg.counter("offramp_results_total", "Results")
-    c.inc(source="cam-1", status="ok")
-    c.inc(2, source="cam-1", status="ok")
-    c.inc(source='we"ird', status="error")
-    g = reg.gauge("offramp_queue_length", "Queued")
-    g.set(3, segment=2)
-    h = reg.histogram("offramp_latency_seconds", "Latency", (0.1, 1.0))
+    c = reg.counter("offramp_results_total", "Results", ["source", "status"])
+    c.labels(source="cam-1", status="ok").inc()
+    c.labels(source="cam-1", status="ok").inc(2)
+    c.labels(source='we"ird', status="error").inc()
+    h = reg.histogram("offramp_latency_seconds", "Latency", (0.1, 1.0), ["source"])
     for v in (0.05, 0.5, 5.0):
-        h.observe(v, source="cam-1")
-    text = reg.render()
+        h.labels(source="cam-1").observe(v)
+    queued = {2: 3}
+    reg.on_collect(lambda r: [r.gauge("offramp_queue_length", "Queued", n, segment=s)
+                              for s, n in queued.items()])
+    reg.on_collect(lambda r: r.counter("offramp_samples_total", "Samples", 41, segment=2))
+    text = reg.render().decode()
     assert "# TYPE offramp_results_total counter" in text
-    assert 'offramp_results_total{source="cam-1",status="ok"} 3' in text
-    assert 'offramp_results_total{source="we\\"ird",status="error"} 1' in text
-    assert 'offramp_queue_length{segment="2"} 3' in text
-    assert 'offramp_latency_seconds_bucket{source="cam-1",le="0.1"} 1' in text
-    assert 'offramp_latency_seconds_bucket{source="cam-1",le="1.0"} 2' in text
-    assert 'offramp_latency_seconds_bucket{source="cam-1",le="+Inf"} 3' in text
-    assert 'offramp_latency_seconds_count{source="cam-1"} 3' in text
-    c.set_total(1, source="cam-1", status="ok")  # a mirrored total never goes back
-    assert 'offramp_results_total{source="cam-1",status="ok"} 3' in reg.render()
+    assert 'offramp_results_total{source="cam-1",status="ok"} 3.0' in text
+    assert 'offramp_results_total{source="we\\"ird",status="error"} 1.0' in text
+    assert 'offramp_queue_length{segment="2"} 3.0' in text
+    assert 'offramp_latency_seconds_bucket{le="0.1",source="cam-1"} 1.0' in text
+    assert 'offramp_latency_seconds_bucket{le="1.0",source="cam-1"} 2.0' in text
+    assert 'offramp_latency_seconds_bucket{le="+Inf",source="cam-1"} 3.0' in text
+    assert 'offramp_latency_seconds_count{source="cam-1"} 3.0' in text
+    assert "# TYPE offramp_samples_total counter" in text
+    assert 'offramp_samples_total{segment="2"} 41.0' in text
+    queued[2] = 0  # readings are taken at each scrape
+    assert 'offramp_queue_length{segment="2"} 0.0' in reg.render().decode()
+
+
+def test_a_reading_with_other_labels_than_before_is_an_error() -> None:
+    reg = Metrics()
+    reg.on_collect(lambda r: (r.gauge("offramp_x", "x", 1, a=1), r.gauge("offramp_x", "x", 2)))
+    with pytest.raises(ValueError, match="offramp_x"):
+        reg.render()
 
 
 async def _get(port: int, request: bytes) -> tuple[int, str]:
@@ -69,7 +80,7 @@ async def test_endpoints_answer_and_bad_requests_do_not_hurt() -> None:
         missing[0] = None
         assert (await _get(server.port, b"GET /readyz HTTP/1.1\r\n\r\n"))[0] == 200
         status, body = await _get(server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert status == 200 and "offramp_x_total 1" in body
+        assert status == 200 and "offramp_x_total 1.0" in body
         assert (await _get(server.port, b"GET /nope HTTP/1.1\r\n\r\n"))[0] == 404
         assert (await _get(server.port, b"POST /livez HTTP/1.1\r\n\r\n"))[0] == 405
         assert (await _get(server.port, b"garbage\r\n\r\n"))[0] == 400

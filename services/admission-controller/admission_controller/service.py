@@ -36,7 +36,7 @@ from offramp.model.bundle import Bundle, load_bundle
 from offramp.model.inputs import FrameError
 from offramp.node.allocator import return_large_blocks
 from offramp.node.entry import ServiceSpec
-from offramp.node.metrics import LATENCY_BUCKETS
+from offramp.node.metrics import LATENCY_BUCKETS, Reading
 from offramp.node.runtime import Runtime
 from offramp.node.sources import SourceRegistry, SourceSettings
 from offramp.policy.admission import ControlSettings
@@ -105,26 +105,27 @@ class Admission:
         self.outbox = Outbox(settings.results_in_flight)
         self.max_bytes = settings.common.bus.max_message_bytes
         m = runtime.metrics
-        self.m_frames = m.counter("offramp_frames_total", "Frames received at ingest, by source")
+        self.m_frames = m.counter("offramp_frames_total", "Frames received at ingest, by source",
+                                  ["source"])
         self.m_results = m.counter("offramp_results_total", "Results published, by source and "
-                                   "status")
-        self.m_exits = m.counter("offramp_exits_total", "Frames answered at each exit")
+                                   "status", ["source", "status"])
+        self.m_exits = m.counter("offramp_exits_total", "Frames answered at each exit", ["exit"])
         self.m_latency = m.histogram("offramp_latency_seconds", "Ingest to result of 'ok' "
-                                     "frames, by source", LATENCY_BUCKETS)
-        self.m_drops = m.counter("offramp_drops_total", "Frames answered 'dropped', by reason")
-        m.on_collect(self._collect)
+                                     "frames, by source", LATENCY_BUCKETS, ["source"])
+        self.m_drops = m.counter("offramp_drops_total", "Frames answered 'dropped', by reason",
+                                 ["reason"])
+        m.on_collect(self._read)
         runtime.require(lambda: None if self.dispatcher.peers.nodes("worker")
                         else "no segment-worker seen yet")
 
-    def _collect(self) -> None:
-        m = self.rt.metrics
-        m.gauge("offramp_in_flight", "Frames owned and not yet answered").set(len(self.tracker))
-        m.gauge("offramp_pending", "Frames waiting for a worker's credit").set(
-            self.dispatcher.waiting())
-        rate = m.gauge("offramp_admitted_rate", "Admitted frames/s per source (strategy rate)")
+    def _read(self, r: Reading) -> None:
+        r.gauge("offramp_in_flight", "Frames owned and not yet answered", len(self.tracker))
+        r.gauge("offramp_pending", "Frames waiting for a worker's credit",
+                self.dispatcher.waiting())
         for key, value in self.gate.stats().items():
             if key.startswith("admitted_rate:"):
-                rate.set(value, source=key.split(":", 1)[1])
+                r.gauge("offramp_admitted_rate", "Admitted frames/s per source (strategy rate)",
+                        value, source=key.split(":", 1)[1])
 
     # -- results ----------------------------------------------------------------------------------
     async def answer(self, task_id: str, source: str, frame_id: str, status: Status, *,
@@ -149,10 +150,10 @@ class Admission:
         elif created is not None:
             result = replace(result, latency_ms={"total": round(1000 * (now - created), 3)})
         self.counts[status] += 1
-        self.m_results.inc(source=source, status=status)
+        self.m_results.labels(source=source, status=status).inc()
         if done is not None:
-            self.m_exits.inc(exit=done.exit_index)
-            self.m_latency.observe(now - done.created, source=source)
+            self.m_exits.labels(exit=done.exit_index).inc()
+            self.m_latency.labels(source=source).observe(now - done.created)
         await self.outbox.send(self._publish_result(task_id, source, result.to_json()))
 
     async def _publish_result(self, task_id: str, source: str, payload: bytes) -> None:
@@ -185,7 +186,7 @@ class Admission:
                     self.in_hand.popleft()
                     continue
                 self.counts["frames"] += 1
-                self.m_frames.inc(source=source)
+                self.m_frames.labels(source=source).inc()
                 task_id = self.new_id()
                 if isinstance(frame, FrameError):
                     await self.answer(task_id, source, f"{source}-{task_id}", "error",
@@ -213,7 +214,7 @@ class Admission:
     async def admit(self, source: str, task_id: str, frame: Frame) -> None:
         if self.duplicate(source, frame.frame_id, time.monotonic()):
             self.counts["duplicate_frames"] += 1
-            self.m_drops.inc(reason="duplicate-frame")
+            self.m_drops.labels(reason="duplicate-frame").inc()
             return
         frame_id = frame.frame_id or f"{source}-{task_id}"
         now = time.time()
@@ -223,7 +224,7 @@ class Admission:
                               error=f"unknown source {source!r} (OFFRAMP_SOURCES_UNKNOWN=reject)")
             return
         if not self.tracker.can_admit(source):
-            self.m_drops.inc(reason="in-flight-bound")
+            self.m_drops.labels(reason="in-flight-bound").inc()
             await self.answer(task_id, source, frame_id, "dropped", created=now,
                               error=f"{self.s.max_in_flight} frames of {source} in flight")
             return
@@ -232,7 +233,7 @@ class Admission:
         task = Task(task_id, source, frame_id, frame.x, now, deadline, frame.label, info.priority)
         verdict = self.gate.offer(source, task, now)
         if verdict == "drop":
-            self.m_drops.inc(reason="admitted-rate")
+            self.m_drops.labels(reason="admitted-rate").inc()
             await self.answer(task_id, source, frame_id, "dropped", created=now,
                               error="over the admitted rate")
             return
@@ -246,7 +247,7 @@ class Admission:
 
     async def answer_overflow(self) -> None:
         drops, self.unanswered_drops = self.unanswered_drops, []
-        self.m_drops.inc(len(drops), reason="ingest-queue")
+        self.m_drops.labels(reason="ingest-queue").inc(len(drops))
         await self.answer_unread(drops, "dropped", "ingest queue full")
 
     async def answer_unread(self, msgs: list[Message], status: Status, error: str) -> None:

@@ -25,6 +25,7 @@ from offramp.errors import OfframpError, SettingsError, WireError
 from offramp.model.bundle import load_bundle
 from offramp.model.calibration import DEFAULT_MARGIN_Z, Calibration
 from offramp.node.entry import ServiceSpec
+from offramp.node.metrics import Reading
 from offramp.node.peers import PeerTable
 from offramp.node.runtime import Runtime
 from offramp.policy.admission import ControlSettings, adapt_thresholds, path_backlog
@@ -145,19 +146,17 @@ class Arbiter:
         self.shares = ShareTracker(calib, self.policy)
         self.peers = PeerTable()
         self.changed = asyncio.Event()
-        runtime.metrics.on_collect(self._collect)
+        runtime.metrics.on_collect(self._read)
 
-    def _collect(self) -> None:
-        m = self.rt.metrics
-        thr = m.gauge("offramp_exit_threshold", "Exit threshold in force, by exit")
+    def _read(self, r: Reading) -> None:
         for k, t in enumerate(self.policy.thresholds, start=1):
-            thr.set(t, exit=k)
-        m.gauge("offramp_exit_policy_epoch", "Epoch of the exit policy in force").set(
-            self.policy.epoch)
+            r.gauge("offramp_exit_threshold", "Exit threshold in force, by exit", t, exit=k)
+        r.gauge("offramp_exit_policy_epoch", "Epoch of the exit policy in force",
+                self.policy.epoch)
         stats = self.shares.stats()
         if "implied_accuracy" in stats:
-            m.gauge("offramp_implied_accuracy", "Accuracy the realised exit shares imply").set(
-                stats["implied_accuracy"])
+            r.gauge("offramp_implied_accuracy", "Accuracy the realised exit shares imply",
+                    stats["implied_accuracy"])
 
     def heartbeat(self, hb: Heartbeat) -> Heartbeat:
         stats = self.shares.stats()

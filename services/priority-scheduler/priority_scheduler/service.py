@@ -19,6 +19,7 @@ from offramp.bus.connection import Subscription
 from offramp.errors import OfframpError, TopicError, WireError
 from offramp.model.bundle import Bundle, load_bundle
 from offramp.node.entry import ServiceSpec
+from offramp.node.metrics import Reading
 from offramp.node.runtime import Runtime
 from offramp.node.sources import SourceRegistry, SourceSettings
 from offramp.policy.plan import ModelInfo, plan
@@ -60,15 +61,14 @@ class Scheduler:
             (frozenset(), {}, ())
         self.replans = 0
         self.started = time.monotonic()
-        runtime.metrics.on_collect(self._collect)
+        runtime.metrics.on_collect(self._read)
         runtime.require(lambda: None if self.current else "no plan yet")
 
-    def _collect(self) -> None:
-        m = self.rt.metrics
-        m.gauge("offramp_plan_epoch", "Epoch of the plan in force").set(
-            self.current.epoch if self.current else 0)
-        m.counter("offramp_replans_total", "Plans published").set_total(self.replans)
-        m.gauge("offramp_nodes", "Live segment-workers").set(len(self.view.live(time.monotonic())))
+    def _read(self, r: Reading) -> None:
+        r.gauge("offramp_plan_epoch", "Epoch of the plan in force",
+                self.current.epoch if self.current else 0)
+        r.counter("offramp_replans_total", "Plans published", self.replans)
+        r.gauge("offramp_nodes", "Live segment-workers", len(self.view.live(time.monotonic())))
 
     def model_info(self) -> ModelInfo:
         segs = self.bundle.manifest.segments

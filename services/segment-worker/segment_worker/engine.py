@@ -106,7 +106,7 @@ class Engine:
         self.segment_flops = {s.index: s.flops for s in bundle.manifest.segments}
         self._measured: dict[int, float] = {}  # segment -> seconds per sample at load
         self.m_batch = (metrics or Metrics()).histogram(
-            "offramp_batch_size", "Micro-batch sizes, by segment", BATCH_BUCKETS)
+            "offramp_batch_size", "Micro-batch sizes, by segment", BATCH_BUCKETS, ["segment"])
 
     @property
     def providers(self) -> list[str]:
@@ -230,7 +230,7 @@ class Engine:
         out, started, finished = await loop.run_in_executor(self.executor, self._infer_on,
                                                             hosted.runner, x)
         hosted.stats.record(len(items), finished - started)
-        self.m_batch.observe(len(items), segment=segment)
+        self.m_batch.labels(segment=segment).observe(len(items))
         samples = [replace(it.sample, hops=(*it.sample.hops,
                                             Hop(self.cfg.node, segment, it.arrived, started,
                                                 finished))) for it in items]

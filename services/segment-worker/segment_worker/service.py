@@ -22,6 +22,7 @@ from offramp.model.bundle import load_bundle
 from offramp.model.sessions import installed_providers
 from offramp.node.cpushare import lower_priority
 from offramp.node.entry import ServiceSpec
+from offramp.node.metrics import Reading
 from offramp.node.peers import PeerTable
 from offramp.node.runtime import Runtime
 from offramp.settings import CommonSettings, nested, setting
@@ -114,7 +115,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
 
         engine = Engine(bundle, cfg, topics, peers, publish, metrics=runtime.metrics,
                         nudge=runtime.beat_soon)
-        runtime.metrics.on_collect(lambda: _collect(runtime, engine))
+        runtime.metrics.on_collect(lambda reading: _read(reading, engine))
         runtime.require(lambda: None if engine.serving() else "hosts no segment")
         runtime.require(lambda: None if engine.policy else "no exit policy yet")
         hosting = Hosting(engine, bus, topics, common.bus.max_message_bytes,
@@ -172,28 +173,22 @@ def _beat(hb: Heartbeat, holder: dict[str, Engine], settings: WorkerSettings,
                    max_segments=settings.max_segments, device=engine.device)
 
 
-def _collect(runtime: Runtime, engine: Engine) -> None:
-    m = runtime.metrics
-    length = m.gauge("offramp_queue_length", "Samples queued, by segment")
-    backlog = m.gauge("offramp_queue_backlog_seconds", "Queued work in seconds, by segment")
-    samples = m.counter("offramp_samples_total", "Samples computed, by segment")
-    exited = m.counter("offramp_samples_exited_total", "Samples that exited, by segment")
-    length.clear()
-    backlog.clear()
+def _read(r: Reading, engine: Engine) -> None:
     for seg, h in engine.hosted.items():
-        length.set(len(h.queue), segment=seg)
-        backlog.set(len(h.queue) * h.stats.service_s, segment=seg)
-        samples.set_total(h.stats.samples, segment=seg)
-        exited.set_total(h.stats.exited, segment=seg)
-    m.gauge("offramp_parked", "Samples waiting for a neighbour's credit").set(
-        engine.placer.parked())
-    drops = m.counter("offramp_drops_total", "Samples given up here, by reason (their frame is "
-                      "dispatched again by the admission-controller)")
+        r.gauge("offramp_queue_length", "Samples queued, by segment", len(h.queue), segment=seg)
+        r.gauge("offramp_queue_backlog_seconds", "Queued work in seconds, by segment",
+                len(h.queue) * h.stats.service_s, segment=seg)
+        r.counter("offramp_samples_total", "Samples computed, by segment", h.stats.samples,
+                  segment=seg)
+        r.counter("offramp_samples_exited_total", "Samples that exited, by segment",
+                  h.stats.exited, segment=seg)
+    r.gauge("offramp_parked", "Samples waiting for a neighbour's credit", engine.placer.parked())
     c = engine.counters
     for reason, n in (("queue-overflow", c.queue_overflow), ("bad-packet", c.bad_packets),
                       ("misrouted", c.misrouted), ("expired", c.expired),
                       ("park-timeout", engine.placer.park_expired)):
-        drops.set_total(n, reason=reason)
+        r.counter("offramp_drops_total", "Samples given up here, by reason (their frame is "
+                  "dispatched again by the admission-controller)", n, reason=reason)
 
 
 async def _states(sub: Subscription, engine: Engine) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import structlog
+from prometheus_client import disable_created_metrics
 
 from offramp.bus.topics import check_name
 from offramp.errors import OfframpError, SettingsError
@@ -53,6 +54,7 @@ def main(service: ServiceSpec[S]) -> int:
         settings = load(service.settings, service.prefix)
         common = settings.common
         configure_logging(common.log_level, common.log_format)
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         check_name(common.node_name(), "OFFRAMP_NODE")
         if common.lifeline_fd >= 0:
             check_lifeline(common.lifeline_fd)

@@ -22,10 +22,11 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from offramp.node.metrics import Metrics
+from offramp.node.metrics import CONTENT_TYPE, Metrics
 
 Readiness = Callable[[], str | None]  # None: ready; else what is missing
 
+TEXT = "text/plain; charset=utf-8"
 _MAX_REQUEST = 8192
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request",
             503: "Service Unavailable"}
@@ -53,30 +54,29 @@ class HealthServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
 
-    def answer(self, method: str, path: str) -> tuple[int, str, str]:
+    def answer(self, method: str, path: str) -> tuple[int, str, bytes]:
         """(status, content type, body) for one request: pure, tested without sockets."""
         if method not in ("GET", "HEAD"):
-            return 405, "text/plain", "only GET and HEAD\n"
+            return 405, TEXT, b"only GET and HEAD\n"
         path = path.split("?", 1)[0]
         if path == "/livez":
-            return 200, "text/plain", "ok\n"
+            return 200, TEXT, b"ok\n"
         if path == "/readyz":
             missing = self.ready()
-            return (200, "text/plain", "ready\n") if missing is None else \
-                (503, "text/plain", f"not ready: {missing}\n")
+            return (200, TEXT, b"ready\n") if missing is None else \
+                (503, TEXT, f"not ready: {missing}\n".encode())
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
-        return 404, "text/plain", "try /livez, /readyz or /metrics\n"
+            return 200, CONTENT_TYPE, self.metrics.render()
+        return 404, TEXT, b"try /livez, /readyz or /metrics\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
             parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
             if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-                status, ctype, body = 400, "text/plain", "bad request\n"
+                status, ctype, data = 400, TEXT, b"bad request\n"
             else:
-                status, ctype, body = self.answer(parts[0], parts[1])
-            data = body.encode()
+                status, ctype, data = self.answer(parts[0], parts[1])
             writer.write(f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
                          f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode())
             if parts and parts[0] != "HEAD":

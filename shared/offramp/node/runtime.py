@@ -19,7 +19,7 @@ from offramp.bus.connection import Bus, Will
 from offramp.bus.topics import Topics, check_name
 from offramp.errors import OfframpError, SettingsError
 from offramp.node.health import HealthServer, Readiness
-from offramp.node.metrics import Metrics
+from offramp.node.metrics import Metrics, Reading
 from offramp.settings import CommonSettings
 from offramp.wire import Heartbeat
 
@@ -55,7 +55,7 @@ class Runtime:
         self.metrics = Metrics()
         self._checks: list[Readiness] = []
         self.http: HealthServer | None = None
-        self._bus_metrics()
+        self.metrics.on_collect(self._read_bus)
 
     def require(self, check: Readiness) -> None:
         """Add a readiness condition: ``check()`` returns None when met, else what is missing."""
@@ -66,28 +66,18 @@ class Runtime:
             return "not connected to the broker"
         return next((m for m in (c() for c in self._checks) if m is not None), None)
 
-    def _bus_metrics(self) -> None:
-        up = self.metrics.gauge("offramp_bus_connected", "1 while connected to the broker")
-        reconnects = self.metrics.counter("offramp_bus_reconnects_total", "Reconnects to the broker")
-        received = self.metrics.counter("offramp_bus_messages_received_total", "Messages received")
-        published = self.metrics.counter("offramp_bus_messages_published_total",
-                                         "Messages published")
-        dropped = self.metrics.counter("offramp_inbox_dropped_total",
-                                       "Messages an inbound queue dropped when full")
-        early = self.metrics.counter("offramp_heartbeats_early_total",
-                                     "Heartbeats sent before their period, to pass on credit")
-
-        def collect() -> None:
-            st = self.bus.stats
-            up.set(1.0 if self.bus.connected.is_set() else 0.0)
-            reconnects.set_total(st.reconnects)
-            received.set_total(st.received)
-            published.set_total(st.published)
-            early.set_total(self.early_beats)
-            for inbox, n in st.dropped.items():
-                dropped.set_total(n, inbox=inbox.rsplit(":", 1)[-1])
-
-        self.metrics.on_collect(collect)
+    def _read_bus(self, r: Reading) -> None:
+        st = self.bus.stats
+        r.gauge("offramp_bus_connected", "1 while connected to the broker",
+                1.0 if self.bus.connected.is_set() else 0.0)
+        r.counter("offramp_bus_reconnects_total", "Reconnects to the broker", st.reconnects)
+        r.counter("offramp_bus_messages_received_total", "Messages received", st.received)
+        r.counter("offramp_bus_messages_published_total", "Messages published", st.published)
+        r.counter("offramp_heartbeats_early_total",
+                  "Heartbeats sent before their period, to pass on credit", self.early_beats)
+        for inbox, n in st.dropped.items():
+            r.counter("offramp_inbox_dropped_total", "Messages an inbound queue dropped when full",
+                      n, inbox=inbox.rsplit(":", 1)[-1])
 
     async def __aenter__(self) -> Self:
         if self.common.http_port:
