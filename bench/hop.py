@@ -36,7 +36,9 @@ ReadPath = Literal["fast", "library"]
 
 def _packet(nbytes: int) -> ActivationPacket:
     arr = np.random.default_rng(0).standard_normal((1, nbytes // 4)).astype(np.float32)
-    return ActivationPacket("bench", 2, (Sample("task-0", "cam-0", "frame-0"),), Tensor.encode(arr))
+    return ActivationPacket(model="bench", segment=2,
+                            samples=(Sample(task_id="task-0", source="cam-0", frame_id="frame-0"),),
+                            tensor=Tensor.encode(arr))
 
 
 async def offramp_pingpong(url: str, nbytes: int, read_path: ReadPath) -> list[float]:

@@ -35,8 +35,8 @@ async def _next(sub: object, timeout: float = 5.0) -> object:
 
 async def test_tensor_round_trip_over_the_broker(bus_settings: BusSettings, topics: Topics) -> None:
     arr = np.random.default_rng(0).standard_normal((4, 32, 8, 8)).astype(np.float32)
-    samples = tuple(Sample(f"t{i}", "cam", f"f{i}") for i in range(4))
-    packet = ActivationPacket("mnv2", 2, samples, Tensor.encode(arr, "fp16"))
+    samples = tuple(Sample(task_id=f"t{i}", source="cam", frame_id=f"f{i}") for i in range(4))
+    packet = ActivationPacket(model="mnv2", segment=2, samples=samples, tensor=Tensor.encode(arr, "fp16"))
     async with Bus(bus_settings, "rx") as rx, Bus(bus_settings, "tx") as tx:
         sub = await rx.subscribe(topics.act("mnv2", 2, "n1"))
         await rx.wait_connected(5)

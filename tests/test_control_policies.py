@@ -28,7 +28,8 @@ from segment_worker.queue import Item, SegmentQueue
 
 
 def _item(task: str, priority: float, arrived: float) -> Item:
-    return Item(Sample(task, "s", task, priority), np.zeros(2, np.float32), None, arrived)
+    return Item(Sample(task_id=task, source="s", frame_id=task,
+                       priority=priority), np.zeros(2, np.float32), None, arrived)
 
 
 # -- queue discipline (3.2) --------------------------------------------------------------------
@@ -183,13 +184,14 @@ def test_priority_aware_cost_counts_only_work_ahead() -> None:
     from offramp.node.peers import PeerTable
     from offramp.wire import Heartbeat, SegmentLoad
 
-    load = SegmentLoad("m", 2, queued=100, service_rate=100.0, by_priority=((4.0, 2), (1.0, 98)))
+    load = SegmentLoad(model="m", segment=2, queued=100, service_rate=100.0,
+                       by_priority=((4.0, 2), (1.0, 98)))
     assert load.queued_at_or_above(4.0) == 2
     assert load.queued_at_or_above(1.0) == 100
     peers = PeerTable()
-    first = SegmentLoad("m", 1, queued=0, service_rate=100.0)
-    peers.update(Heartbeat("worker", "busy", segments=(first, load)))
-    peers.update(Heartbeat("worker", "gone", segments=(first,)), now=time.monotonic() - 10)
+    first = SegmentLoad(model="m", segment=1, queued=0, service_rate=100.0)
+    peers.update(Heartbeat(role="worker", node="busy", segments=(first, load)))
+    peers.update(Heartbeat(role="worker", node="gone", segments=(first,)), now=time.monotonic() - 10)
     # Q_path input: per segment, each fresh host's wait ahead plus one service (0.01 s)
     assert peers.segment_backlogs("m", 2, 1.0, priority=4.0) == \
         [[pytest.approx(0.01)], [pytest.approx(0.03)]]

@@ -47,7 +47,7 @@ def test_feature_difference_criterion_uses_the_previous_embedding() -> None:
 
 
 def _item(i: int) -> Item:
-    return Item(Sample(f"t{i}", "s", f"f{i}"), np.zeros(2, np.float32), None, 0.0)
+    return Item(Sample(task_id=f"t{i}", source="s", frame_id=f"f{i}"), np.zeros(2, np.float32), None, 0.0)
 
 
 async def test_micro_batch_fills_up_to_max_or_leaves_after_the_wait() -> None:

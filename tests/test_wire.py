@@ -33,12 +33,14 @@ from offramp.wire import (
 
 text = st.text(min_size=1, max_size=12)
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
-hops = st.builds(Hop, text, st.integers(1, 9), finite, finite, finite)
+hops = st.builds(Hop, node=text, segment=st.integers(1, 9), arrived=finite, started=finite,
+                 finished=finite)
 
 
 def samples(n: int) -> st.SearchStrategy[tuple[Sample, ...]]:
-    one = st.builds(Sample, text, text, text, st.floats(0.01, 100), finite,
-                    st.none() | finite, st.integers(0, 5), st.tuples(hops) | st.just(()))
+    one = st.builds(Sample, task_id=text, source=text, frame_id=text,
+                    priority=st.floats(0.01, 100), created=finite, deadline=st.none() | finite,
+                    attempt=st.integers(0, 5), hops=st.tuples(hops) | st.just(()))
     return st.lists(one, min_size=n, max_size=n).map(tuple)
 
 
@@ -49,9 +51,9 @@ def packets(draw: st.DrawFn) -> ActivationPacket:
     shape = (batch, *draw(hnp.array_shapes(min_dims=0, max_dims=3, max_side=5)))
     arr = draw(hnp.arrays(dtype, shape))
     emb = draw(st.none() | hnp.arrays("float32", (batch, 4), elements=st.floats(-1, 1, width=32)))
-    return ActivationPacket(draw(text), draw(st.integers(1, 9)), draw(samples(batch)),
-                            Tensor.encode(arr), None if emb is None else Tensor.encode(emb),
-                            draw(finite), draw(st.just("") | text), draw(finite))
+    return ActivationPacket(model=draw(text), segment=draw(st.integers(1, 9)), samples=draw(samples(batch)),
+                            tensor=Tensor.encode(arr), embedding=None if emb is None else Tensor.encode(emb),
+                            sent=draw(finite), sender=draw(st.just("") | text), sender_boot=draw(finite))
 
 
 @given(packets())
@@ -78,7 +80,8 @@ def test_lossy_codecs_stay_within_their_error_bound(arr: np.ndarray) -> None:
 
 def test_raw_decode_is_a_view_of_the_payload_not_a_copy() -> None:
     arr = np.arange(64 * 1024 // 4, dtype=np.float32).reshape(1, -1)
-    packet = ActivationPacket("m", 2, (Sample("t", "s", "f"),), Tensor.encode(arr))
+    packet = ActivationPacket(model="m", segment=2, samples=(Sample(task_id="t", source="s", frame_id="f"),),
+                              tensor=Tensor.encode(arr))
     payload = packet.encode()
     decoded = ActivationPacket.decode(payload).tensor.to_numpy()
     assert not decoded.flags.owndata
@@ -91,43 +94,51 @@ def test_fp16_halves_the_bytes() -> None:
     assert Tensor.encode(arr, "int8").nbytes == arr.nbytes // 4
 
 
-loads = st.builds(SegmentLoad, text, st.integers(1, 9), st.integers(0, 99), finite, finite,
-                  finite, st.integers(0, 9), st.integers(0, 9), st.integers(0, 999),
-                  st.lists(st.tuples(finite, st.integers(0, 99)), max_size=3).map(tuple),
-                  st.dictionaries(text, st.builds(Grant, finite, st.integers(0, 10**6)),
-                                  max_size=3))
+loads = st.builds(SegmentLoad, model=text, segment=st.integers(1, 9), queued=st.integers(0, 99),
+                  backlog_s=finite, service_rate=finite, mean_batch=finite,
+                  exited=st.integers(0, 9), forwarded=st.integers(0, 9), bound=st.integers(0, 999),
+                  by_priority=st.lists(st.tuples(finite, st.integers(0, 99)), max_size=3).map(tuple),
+                  credits=st.dictionaries(text, st.builds(Grant, boot=finite,
+                                                          limit=st.integers(0, 10**6)),
+                                          max_size=3))
 
 
-@given(st.builds(Heartbeat, text, text, st.booleans(), st.integers(0, 2**40), finite,
-                 st.lists(loads, max_size=3).map(tuple), finite,
-                 st.dictionaries(text, finite, max_size=3), finite,
-                 st.lists(st.builds(Want, text, st.integers(1, 9), finite, st.integers(0, 99)),
-                          max_size=3).map(tuple),
-                 st.lists(st.builds(SentCount, text, finite, text, st.integers(1, 9),
-                                    st.integers(0, 10**6)), max_size=3).map(tuple),
-                 finite, finite,
-                 st.lists(st.builds(SegmentRef, text, st.integers(1, 9)), max_size=3).map(tuple),
-                 st.integers(0, 9), st.sampled_from(["", "cpu", "cuda", "tensorrt"])))
+wants = st.builds(Want, model=text, segment=st.integers(1, 9), priority=finite,
+                  count=st.integers(0, 99))
+sent = st.builds(SentCount, receiver=text, receiver_boot=finite, model=text,
+                 segment=st.integers(1, 9), count=st.integers(0, 10**6))
+refs = st.builds(SegmentRef, model=text, segment=st.integers(1, 9))
+
+
+@given(st.builds(Heartbeat, role=text, node=text, online=st.booleans(), seq=st.integers(0, 2**40),
+                 ts=finite, segments=st.lists(loads, max_size=3).map(tuple), flops_per_s=finite,
+                 stats=st.dictionaries(text, finite, max_size=3), boot=finite,
+                 wants=st.lists(wants, max_size=3).map(tuple),
+                 sent=st.lists(sent, max_size=3).map(tuple), link_bps=finite, link_rtt_s=finite,
+                 loadable=st.lists(refs, max_size=3).map(tuple), max_segments=st.integers(0, 9),
+                 device=st.sampled_from(["", "cpu", "cuda", "tensorrt"])))
 def test_heartbeat_round_trips(hb: Heartbeat) -> None:
     assert Heartbeat.decode(hb.encode()) == hb
 
 
 def test_heartbeat_from_a_sender_that_does_not_say_its_device_decodes() -> None:
-    wire = msgpack.unpackb(Heartbeat("worker", "n1", device="cuda").encode())
+    wire = msgpack.unpackb(Heartbeat(role="worker", node="n1", device="cuda").encode())
     del wire["device"]
     assert Heartbeat.decode(msgpack.packb(wire)).device == ""
 
 
-completions = st.builds(Completion, text, text, text, st.integers(0, 5), st.integers(0, 999),
-                        finite, st.integers(1, 9),
-                        st.sampled_from(["threshold", "final", "deadline", "feature-difference"]),
-                        text, finite, st.lists(hops, max_size=3).map(tuple),
-                        st.lists(finite, max_size=4).map(tuple), finite)
+completions = st.builds(Completion, task_id=text, source=text, frame_id=text,
+                        attempt=st.integers(0, 5), label=st.integers(0, 999), confidence=finite,
+                        exit_index=st.integers(1, 9),
+                        reason=st.sampled_from(["threshold", "final", "deadline",
+                                                "feature-difference"]),
+                        node=text, ts=finite, hops=st.lists(hops, max_size=3).map(tuple),
+                        thresholds=st.lists(finite, max_size=4).map(tuple), created=finite)
 
 
 @given(st.lists(completions, min_size=1, max_size=4).map(tuple))
 def test_done_report_round_trips(items: tuple[Completion, ...]) -> None:
-    report = DoneReport(items)
+    report = DoneReport(completions=items)
     assert DoneReport.decode(report.encode()) == report
 
 
@@ -139,9 +150,11 @@ def test_done_report_round_trips(items: tuple[Completion, ...]) -> None:
     ("hops", [["n", 1, 0.0, 0.0]], "a hop has 5 fields"),
 ])
 def test_a_bad_completion_field_is_named(field: str, value: object, words: str) -> None:
-    done = Completion("t", "cam", "f", 0, 3, 0.9, 1, "threshold", "n", 1.0,
-                      (Hop("n", 1, 0.0, 0.5, 1.0),), (0.8,), 0.5)
-    wire = msgpack.unpackb(DoneReport((done,)).encode(), raw=False)
+    done = Completion(task_id="t", source="cam", frame_id="f", attempt=0, label=3, confidence=0.9,
+                      exit_index=1, reason="threshold", node="n", ts=1.0,
+                      hops=(Hop(node="n", segment=1, arrived=0.0, started=0.5, finished=1.0),),
+                      thresholds=(0.8,), created=0.5)
+    wire = msgpack.unpackb(DoneReport(completions=(done,)).encode(), raw=False)
     wire["items"][0][field] = value
     with pytest.raises(WireError, match=words):
         DoneReport.decode(msgpack.packb(wire, use_bin_type=True))
@@ -149,42 +162,45 @@ def test_a_bad_completion_field_is_named(field: str, value: object, words: str) 
 
 def test_an_empty_done_report_is_refused() -> None:
     with pytest.raises(WireError, match="at least one completion"):
-        DoneReport(())
+        DoneReport(completions=())
 
 
-@given(st.builds(Plan, st.integers(0, 10**6), finite,
-                 st.dictionaries(text, st.lists(st.builds(SegmentRef, text, st.integers(1, 9)),
-                                                max_size=3).map(tuple), max_size=3),
-                 st.dictionaries(text, st.dictionaries(st.integers(1, 9), text, max_size=3),
-                                 max_size=3),
-                 st.dictionaries(text, finite, max_size=3), text))
+@given(st.builds(Plan, epoch=st.integers(0, 10**6), ts=finite,
+                 nodes=st.dictionaries(text, st.lists(refs, max_size=3).map(tuple), max_size=3),
+                 routes=st.dictionaries(text, st.dictionaries(st.integers(1, 9), text, max_size=3),
+                                        max_size=3),
+                 expected_s=st.dictionaries(text, finite, max_size=3), reason=text))
 def test_plan_round_trips(plan: Plan) -> None:
     assert Plan.decode(plan.encode()) == plan
 
 
-@given(st.builds(ExitPolicy, text, st.integers(0, 99), finite,
-                 st.sampled_from(["confidence", "entropy", "margin", "feature-difference"]),
-                 st.lists(st.floats(0, 1), max_size=4).map(tuple), st.none() | st.floats(0, 1),
-                 st.floats(0, 1)))
+@given(st.builds(ExitPolicy, model=text, epoch=st.integers(0, 99), ts=finite,
+                 criterion=st.sampled_from(["confidence", "entropy", "margin",
+                                            "feature-difference"]),
+                 thresholds=st.lists(st.floats(0, 1), max_size=4).map(tuple),
+                 target_accuracy=st.none() | st.floats(0, 1), expected_accuracy=st.floats(0, 1)))
 def test_exit_policy_round_trips(policy: ExitPolicy) -> None:
     assert ExitPolicy.decode(policy.encode()) == policy
 
 
 def test_frame_envelope_round_trips_with_image_or_tensor() -> None:
-    img = FrameEnvelope("f1", 1.5, image=b"\x89PNG...", deadline=2.0, label=3)
+    img = FrameEnvelope(frame_id="f1", ts=1.5, image=b"\x89PNG...", deadline=2.0, label=3)
     assert FrameEnvelope.decode(img.encode()) == img
-    ten = FrameEnvelope("f2", 1.5, tensor=Tensor.encode(np.zeros((3, 8, 8), np.float32)))
+    ten = FrameEnvelope(frame_id="f2", ts=1.5, tensor=Tensor.encode(np.zeros((3, 8, 8), np.float32)))
     back = FrameEnvelope.decode(ten.encode())
     assert back.tensor is not None and back.tensor.shape == (3, 8, 8)
     with pytest.raises(WireError, match="exactly one"):
-        FrameEnvelope("f3", 0.0)
+        FrameEnvelope(frame_id="f3", ts=0.0)
 
 
-@given(st.builds(Result, text, text, text, st.sampled_from(["ok", "dropped", "expired", "error"]),
-                 st.none() | st.integers(0, 9), st.none() | text, st.none() | st.floats(0, 1),
-                 st.none() | st.integers(1, 5), st.none() | text, st.none() | text,
-                 st.dictionaries(text, st.floats(0, 1e4), max_size=3),
-                 st.lists(text, max_size=3), st.lists(st.floats(0, 1), max_size=3), finite))
+@given(st.builds(Result, task_id=text, source=text, frame_id=text,
+                 status=st.sampled_from(["ok", "dropped", "expired", "error"]),
+                 label=st.none() | st.integers(0, 9), class_name=st.none() | text,
+                 confidence=st.none() | st.floats(0, 1), exit_index=st.none() | st.integers(1, 5),
+                 reason=st.none() | text, error=st.none() | text,
+                 latency_ms=st.dictionaries(text, st.floats(0, 1e4), max_size=3),
+                 nodes=st.lists(text, max_size=3), thresholds=st.lists(st.floats(0, 1), max_size=3),
+                 ts=finite))
 def test_result_json_round_trips(result: Result) -> None:
     assert Result.from_json(result.to_json()) == result
 
@@ -204,8 +220,10 @@ def test_random_bytes_raise_only_wire_error(data: bytes, decode: object) -> None
 
 def _valid_packet() -> bytes:
     arr = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    return ActivationPacket("m", 1, (Sample("a", "s", "f"), Sample("b", "s", "g")),
-                            Tensor.encode(arr)).encode()
+    return ActivationPacket(model="m", segment=1,
+                            samples=(Sample(task_id="a", source="s", frame_id="f"),
+                                     Sample(task_id="b", source="s", frame_id="g")),
+                            tensor=Tensor.encode(arr)).encode()
 
 
 @given(st.data())
@@ -272,4 +290,4 @@ def test_result_from_json_rejects_garbage() -> None:
         with pytest.raises(WireError):
             Result.from_json(bad)
     with pytest.raises(WireError, match="status"):
-        Result("t", "s", "f", "maybe")  # type: ignore[arg-type]
+        Result(task_id="t", source="s", frame_id="f", status="maybe")  # type: ignore[arg-type]

@@ -12,11 +12,11 @@ from offramp.wire import Heartbeat
 async def main(url: str, prefix: str, node: str) -> None:
     topics = Topics(prefix)
     state = topics.state("worker", node)
-    will = Will(state, Heartbeat("worker", node, online=False).encode())
+    will = Will(state, Heartbeat(role="worker", node=node, online=False).encode())
     async with Bus(BusSettings(broker_url=url, topic_prefix=prefix), f"will-{node}",
                    will=will) as bus:
         await bus.wait_connected(10)
-        await bus.publish(state, Heartbeat("worker", node, online=True).encode(), qos=1,
+        await bus.publish(state, Heartbeat(role="worker", node=node, online=True).encode(), qos=1,
                           retain=True)
         await asyncio.Event().wait()
 

@@ -106,11 +106,12 @@ class Dispatcher:
         hb = self.peers.heartbeat(node)
         for t in tasks:
             self.adm.tracker.dispatched(t, now, node)
-        samples = tuple(Sample(t.task_id, t.source, t.frame_id, t.priority, t.created, t.deadline,
-                               t.attempt) for t in tasks)
+        samples = tuple(Sample(task_id=t.task_id, source=t.source, frame_id=t.frame_id, priority=t.priority,
+                               created=t.created, deadline=t.deadline, attempt=t.attempt) for t in tasks)
         x = np.stack([t.x for t in tasks])
-        packet = ActivationPacket(self.model, 1, samples, Tensor.encode(x, self.adm.s.codec), None,
-                                  now, self.rt.node, self.boot)
+        packet = ActivationPacket(model=self.model, segment=1, samples=samples,
+                                  tensor=Tensor.encode(x, self.adm.s.codec), embedding=None, sent=now,
+                                  sender=self.rt.node, sender_boot=self.boot)
         self.window.spend(node, hb.boot if hb else 0.0, self.model, 1, len(tasks))
         try:
             await self.adm.bus.publish(self.adm.topics.act(self.model, 1, node), packet.encode(),
@@ -133,5 +134,5 @@ class Dispatcher:
     def heartbeat(self, hb: Heartbeat) -> Heartbeat:
         counts = self._demand.wants({p: len(q) for p, q in self.pending.items()},
                                     time.monotonic())
-        wants = tuple(Want(self.model, 1, p, n) for p, n in counts.items())
+        wants = tuple(Want(model=self.model, segment=1, priority=p, count=n) for p, n in counts.items())
         return replace(hb, boot=self.boot, wants=wants, sent=self.window.report())

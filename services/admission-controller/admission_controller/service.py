@@ -132,7 +132,7 @@ class Admission:
                      error: str | None = None, done: Completion | None = None,
                      created: float | None = None) -> None:
         now = time.time()
-        result = Result(task_id, source, frame_id, status, error=error, ts=now)
+        result = Result(task_id=task_id, source=source, frame_id=frame_id, status=status, error=error, ts=now)
         if done is not None:
             queue = sum(h.started - h.arrived for h in done.hops)
             compute = sum(h.finished - h.started for h in done.hops)

@@ -75,7 +75,8 @@ def make_policy(settings: ArbiterSettings, calib: Calibration, model: str, epoch
         thresholds = calib.thresholds_for_accuracy(settings.criterion, target,
                                                    settings.target_margin_z)
     expected = calib.simulate(settings.criterion, thresholds).accuracy
-    return ExitPolicy(model, epoch, time.time(), settings.criterion, thresholds, target, expected)
+    return ExitPolicy(model=model, epoch=epoch, ts=time.time(), criterion=settings.criterion,
+                      thresholds=thresholds, target_accuracy=target, expected_accuracy=expected)
 
 
 class Adapter:

@@ -106,7 +106,7 @@ class Scheduler:
             if self.current else None
         alloc = plan(self.model_info(), self.view.nodes(now), sources, current=current)
         model = self.bundle.name
-        nodes = {n: tuple(SegmentRef(model, k) for k in sorted(segs))
+        nodes = {n: tuple(SegmentRef(model=model, segment=k) for k in sorted(segs))
                  for n, segs in alloc.nodes.items()}
         hosted = {k for segs in alloc.nodes.values() for k in segs}
         missing = set(range(1, len(self.bundle.manifest.segments) + 1)) - hosted
@@ -118,8 +118,8 @@ class Scheduler:
                 and alloc.routes == self.current.routes:
             return None
         epoch = max((self.current.epoch + 1) if self.current else 0, int(time.time() * 1000))
-        self.current = Plan(epoch, time.time(), nodes, alloc.routes,
-                            {k: round(v, 6) for k, v in alloc.expected_s.items()}, reason)
+        self.current = Plan(epoch=epoch, ts=time.time(), nodes=nodes, routes=alloc.routes,
+                            expected_s={k: round(v, 6) for k, v in alloc.expected_s.items()}, reason=reason)
         self.replans += 1
         return self.current
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import numpy as np
 import structlog
@@ -33,6 +34,7 @@ from offramp.wire import (
     Completion,
     DoneReport,
     ExitPolicy,
+    ExitReason,
     Hop,
     SegmentLoad,
 )
@@ -232,8 +234,8 @@ class Engine:
         hosted.stats.record(len(items), finished - started)
         self.m_batch.labels(segment=segment).observe(len(items))
         samples = [replace(it.sample, hops=(*it.sample.hops,
-                                            Hop(self.cfg.node, segment, it.arrived, started,
-                                                finished))) for it in items]
+                                            Hop(node=self.cfg.node, segment=segment, arrived=it.arrived,
+                                                started=started, finished=finished))) for it in items]
         last = segment == self.bundle.num_segments
         prevs = [it.prev for it in items if it.prev is not None]
         prev = np.stack(prevs) if len(prevs) == len(items) else None
@@ -255,10 +257,12 @@ class Engine:
         for i, sample in enumerate(samples):
             if d.exits[i]:
                 done.setdefault(sample.source, []).append(Completion(
-                    sample.task_id, sample.source, sample.frame_id, sample.attempt,
-                    int(d.labels[i]), float(d.confidence[i]), segment,
-                    d.reasons[i], self.cfg.node, finished, sample.hops,  # type: ignore[arg-type]
-                    thresholds, sample.created))
+                    task_id=sample.task_id, source=sample.source, frame_id=sample.frame_id,
+                    attempt=sample.attempt, label=int(d.labels[i]),
+                    confidence=float(d.confidence[i]), exit_index=segment,
+                    reason=cast(ExitReason, d.reasons[i]),
+                    node=self.cfg.node, ts=finished, hops=sample.hops, thresholds=thresholds,
+                    created=sample.created))
             else:
                 stay.append(i)
         for source, completions in done.items():
@@ -271,7 +275,7 @@ class Engine:
                                                     for i in stay])
 
     async def _report(self, source: str, completions: list[Completion]) -> None:
-        await self._publish(self.topics.done(source), DoneReport(tuple(completions)).encode(), 1)
+        await self._publish(self.topics.done(source), DoneReport(completions=tuple(completions)).encode(), 1)
         self.counters.completions += len(completions)
 
     async def _send_packet(self, topic: str, payload: bytes) -> None:
@@ -308,9 +312,10 @@ class Engine:
                                                                self.cfg.stale_after_s, now), now)
             mean = st.samples / st.batches if st.batches else 0.0
             rate = 1.0 / st.service_s if st.service_s > 0 else 0.0
-            out.append(SegmentLoad(self.model, seg, len(h.queue), len(h.queue) * st.service_s,
-                                   rate, mean, st.exited, st.forwarded, self.cfg.queue_max,
-                                   h.queue.by_priority(), grants))
+            out.append(SegmentLoad(model=self.model, segment=seg, queued=len(h.queue),
+                                   backlog_s=len(h.queue) * st.service_s, service_rate=rate, mean_batch=mean,
+                                   exited=st.exited, forwarded=st.forwarded, bound=self.cfg.queue_max,
+                                   by_priority=h.queue.by_priority(), credits=grants))
         return tuple(out)
 
     def flops_per_s(self) -> float:

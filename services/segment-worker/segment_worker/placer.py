@@ -153,10 +153,11 @@ class Placer:
         act = np.stack([it.x for it in items])
         emb = np.stack([it.prev for it in items if it.prev is not None]) \
             if all(it.prev is not None for it in items) else None
-        packet = ActivationPacket(engine.model, segment, tuple(it.sample for it in items),
-                                  Tensor.encode(act, self.cfg.codec),
-                                  None if emb is None else Tensor.encode(emb, "fp16"),
-                                  time.time(), self.cfg.node, engine.boot)
+        packet = ActivationPacket(model=engine.model, segment=segment,
+                                  samples=tuple(it.sample for it in items),
+                                  tensor=Tensor.encode(act, self.cfg.codec),
+                                  embedding=None if emb is None else Tensor.encode(emb, "fp16"),
+                                  sent=time.time(), sender=self.cfg.node, sender_boot=engine.boot)
         self.window.spend(node, boot, engine.model, segment, len(items))
         await engine.link.send(engine.topics.act(engine.model, segment, node), packet.encode())
         if segment - 1 in engine.hosted:
@@ -170,7 +171,8 @@ class Placer:
             for it in items:
                 waiting[(seg, it.sample.priority)] += 1
         counts = self._demand.wants(waiting, time.monotonic())
-        return tuple(Want(self.engine.model, seg, prio, n) for (seg, prio), n in counts.items())
+        return tuple(Want(model=self.engine.model, segment=seg, priority=prio,
+                          count=n) for (seg, prio), n in counts.items())
 
     def sent(self) -> tuple[SentCount, ...]:
         return self.window.report()

@@ -157,7 +157,7 @@ def _beat(hb: Heartbeat, holder: dict[str, Engine], settings: WorkerSettings,
           loadable: tuple[int, ...], bundle_name: str) -> Heartbeat:
     engine = holder.get("engine")
     if engine is None:  # still loading: say what it can host, not yet what it serves
-        return replace(hb, loadable=tuple(SegmentRef(bundle_name, s) for s in loadable),
+        return replace(hb, loadable=tuple(SegmentRef(model=bundle_name, segment=s) for s in loadable),
                        max_segments=settings.max_segments)
     c = engine.counters
     stats = {"bad_packets": c.bad_packets, "misrouted": c.misrouted, "expired": c.expired,
@@ -169,7 +169,7 @@ def _beat(hb: Heartbeat, holder: dict[str, Engine], settings: WorkerSettings,
                    flops_per_s=engine.flops_per_s(), wants=engine.placer.wants(),
                    sent=engine.placer.sent(), link_bps=settings.link_mbps * 1e6 / 8,
                    link_rtt_s=settings.link_delay_ms / 1000,
-                   loadable=tuple(SegmentRef(engine.model, s) for s in loadable),
+                   loadable=tuple(SegmentRef(model=engine.model, segment=s) for s in loadable),
                    max_segments=settings.max_segments, device=engine.device)
 
 

@@ -32,9 +32,9 @@ def envelope(frame_id: str, *, image: np.ndarray | None = None, tensor: np.ndarr
              label: int | None = None, deadline_s: float | None = None) -> bytes:
     """A msgpack frame envelope around a PNG image (uint8 HxWx3) or a model-input tensor."""
     now = time.time()
-    return FrameEnvelope(frame_id, now, png_bytes(image) if image is not None else None,
-                         Tensor.encode(tensor) if tensor is not None else None,
-                         now + deadline_s if deadline_s else None, label).encode()
+    return FrameEnvelope(frame_id=frame_id, ts=now, image=png_bytes(image) if image is not None else None,
+                         tensor=Tensor.encode(tensor) if tensor is not None else None,
+                         deadline=now + deadline_s if deadline_s else None, label=label).encode()
 
 
 async def publish_frames(bus: Bus, topic: str, payloads: Sequence[bytes], rate: float,

@@ -44,7 +44,7 @@ class Runtime:
         self.node = check_name(common.node_name(), "OFFRAMP_NODE")
         self.topics = Topics(common.bus.topic_prefix)
         self.state_topic = self.topics.state(role, self.node)
-        will = Will(self.state_topic, Heartbeat(role, self.node, online=False).encode())
+        will = Will(self.state_topic, Heartbeat(role=role, node=self.node, online=False).encode())
         self.bus = Bus(common.bus, f"offramp-{role}-{self.node}", will=will, address=bus_address)
         self.log = structlog.get_logger(f"offramp.{role}").bind(node=self.node)
         self._heartbeat = heartbeat or (lambda hb: hb)
@@ -101,7 +101,7 @@ class Runtime:
                 await self._hb_task
         if self.bus.connected.is_set():
             with contextlib.suppress(OfframpError):
-                offline = Heartbeat(self.role, self.node, online=False, seq=self._seq + 1,
+                offline = Heartbeat(role=self.role, node=self.node, online=False, seq=self._seq + 1,
                                     ts=time.time())
                 await asyncio.wait_for(self._publish_state(offline), 2.0)
         await self.bus.close()
@@ -111,7 +111,7 @@ class Runtime:
 
     def base_heartbeat(self) -> Heartbeat:
         self._seq += 1
-        return Heartbeat(self.role, self.node, online=True, seq=self._seq, ts=time.time())
+        return Heartbeat(role=self.role, node=self.node, online=True, seq=self._seq, ts=time.time())
 
     async def _publish_state(self, hb: Heartbeat) -> None:
         await self.bus.publish(self.state_topic, hb.encode(), qos=0, retain=True)

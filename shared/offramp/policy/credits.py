@@ -116,7 +116,7 @@ class CreditLedger:
             acc.reports = acc.reports[-8:]
         for account, give, _ in self._round(queued, requests, now):
             account.limit += give
-        return {s: Grant(a.boot, a.limit) for s, a in self._accounts.items()}
+        return {s: Grant(boot=a.boot, limit=a.limit) for s, a in self._accounts.items()}
 
     def due(self, queued: int, requests: Iterable[Request], batch: int) -> bool:
         """Whether a sender has less than a micro-batch (``batch`` samples) of credit left and
@@ -212,4 +212,5 @@ class SendWindow:
 
     def report(self) -> tuple[SentCount, ...]:
         """Cumulative sent counts, for this node's heartbeat."""
-        return tuple(SentCount(r, boot, m, s, n) for (r, m, s), (boot, n) in self._sent.items())
+        return tuple(SentCount(receiver=r, receiver_boot=boot, model=m, segment=s,
+                               count=n) for (r, m, s), (boot, n) in self._sent.items())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from offramp.errors import WireError
 from offramp.wire.base import WireMessage
@@ -11,13 +11,13 @@ from offramp.wire.messages import CRITERIA, Criterion
 from offramp.wire.reader import Reader
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SegmentRef:
     model: str
     segment: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Plan(WireMessage):
     """The allocation plan (ALGORITHMS.md 3.4): which segments each node hosts, each source's
     route (segment -> node) and the latency the scheduler expects for it; ``reason`` says why it
@@ -32,7 +32,7 @@ class Plan(WireMessage):
     reason: str = ""
 
     def hosts(self, model: str, segment: int) -> list[str]:
-        ref = SegmentRef(model, segment)
+        ref = SegmentRef(model=model, segment=segment)
         return sorted(n for n, refs in self.nodes.items() if ref in refs)
 
     def to_wire(self) -> dict[str, Any]:
@@ -45,7 +45,7 @@ class Plan(WireMessage):
     @classmethod
     def from_wire(cls, r: Reader) -> Plan:
         nodes_r = r.map("nodes")
-        nodes = {node: tuple(SegmentRef(row[0].text("_"), row[1].integer("_"))
+        nodes = {node: tuple(SegmentRef(model=row[0].text("_"), segment=row[1].integer("_"))
                              for row in nodes_r.rows(node, 2)) for node in nodes_r}
         routes_r = r.map("routes")
         routes: dict[str, dict[int, str]] = {}
@@ -58,11 +58,11 @@ class Plan(WireMessage):
                 parsed[int(key)] = route.text(key)
             routes[src] = parsed
         exp = r.map("expected")
-        return cls(r.integer("epoch"), r.number("ts"), nodes, routes,
-                   {k: exp.number(k) for k in exp}, r.text("reason"))
+        return cls(epoch=r.integer("epoch"), ts=r.number("ts"), nodes=nodes, routes=routes,
+                   expected_s={k: exp.number(k) for k in exp}, reason=r.text("reason"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ExitPolicy(WireMessage):
     """Thresholds for every exit but the last, published retained by the exit-arbiter."""
 
@@ -85,5 +85,7 @@ class ExitPolicy(WireMessage):
         crit = r.text("criterion")
         if crit not in CRITERIA:
             raise WireError(f"{r.path}.criterion: {crit!r} is not one of {', '.join(CRITERIA)}")
-        return cls(r.text("model"), r.integer("epoch"), r.number("ts"), crit,  # type: ignore[arg-type]
-                   tuple(r.numbers("thr")), r.opt_number("target"), r.number("expected"))
+        return cls(model=r.text("model"), epoch=r.integer("epoch"), ts=r.number("ts"),
+                   criterion=cast(Criterion, crit),
+                   thresholds=tuple(r.numbers("thr")), target_accuracy=r.opt_number("target"),
+                   expected_accuracy=r.number("expected"))

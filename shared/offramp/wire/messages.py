@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 from offramp.errors import WireError
 from offramp.wire.base import WireMessage
@@ -22,7 +22,7 @@ Criterion = Literal["confidence", "entropy", "margin", "feature-difference"]
 CRITERIA: tuple[str, ...] = ("confidence", "entropy", "margin", "feature-difference")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Hop:
     """One segment run on one node: when the sample arrived, started computing, finished."""
 
@@ -43,7 +43,7 @@ class Hop:
         node = r.item(key, 0).text("_")
         seg = r.item(key, 1).integer("_")
         a, s, f = (r.item(key, i).number("_") for i in (2, 3, 4))
-        return cls(node, seg, a, s, f)
+        return cls(node=node, segment=seg, arrived=a, started=s, finished=f)
 
 
 def _finite(v: Any) -> bool:
@@ -61,13 +61,13 @@ def _hops(r: Reader, key: str) -> tuple[Hop, ...]:
             node, seg, a, s, f = h
             if (type(node) is str and type(seg) is int and type(a) is float
                     and type(s) is float and type(f) is float and math.isfinite(a + s + f)):
-                out.append(Hop(node, seg, a, s, f))
+                out.append(Hop(node=node, segment=seg, arrived=a, started=s, finished=f))
                 continue
         out.append(Hop.from_wire(Reader({f"{key}[{i}]": h}, (r, "")), f"{key}[{i}]"))
     return tuple(out)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Sample:
     """Per-sample header of an activation packet (one per row of the batch tensor)."""
 
@@ -94,16 +94,18 @@ class Sample:
         if (type(task) is str and type(src) is str and type(frame) is str and _finite(prio)
                 and prio > 0 and _finite(created) and (deadline is None or _finite(deadline))
                 and type(attempt) is int):
-            return cls(task, src, frame, float(prio), float(created),
-                       None if deadline is None else float(deadline), attempt, _hops(r, "hops"))
+            return cls(task_id=task, source=src, frame_id=frame, priority=float(prio), created=float(created),
+                       deadline=None if deadline is None else float(deadline), attempt=attempt,
+                       hops=_hops(r, "hops"))
         prio = r.number("prio")
         if prio <= 0:
             raise WireError(f"{r.path}.prio: priority must be > 0, got {prio}")
-        return cls(r.text("task"), r.text("src"), r.text("frame"), prio, r.number("created"),
-                   r.opt_number("deadline"), r.integer("attempt"), _hops(r, "hops"))
+        return cls(task_id=r.text("task"), source=r.text("src"), frame_id=r.text("frame"), priority=prio,
+                   created=r.number("created"), deadline=r.opt_number("deadline"),
+                   attempt=r.integer("attempt"), hops=_hops(r, "hops"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ActivationPacket(WireMessage):
     """A micro-batch on its way to ``segment`` of ``model``: headers, tensor, optional embedding."""
 
@@ -139,17 +141,18 @@ class ActivationPacket(WireMessage):
     @classmethod
     def from_wire(cls, r: Reader) -> ActivationPacket:
         emb = r.opt_map("emb")
-        return cls(r.text("model"), r.integer("seg"), tuple(Sample.from_wire(s) for s in r.maps("samples")),
-                   Tensor.from_wire(r.map("tensor")),
-                   None if emb is None else Tensor.from_wire(emb), r.number("sent"),
-                   r.text("from"), r.number("boot"))
+        return cls(model=r.text("model"), segment=r.integer("seg"),
+                   samples=tuple(Sample.from_wire(s) for s in r.maps("samples")),
+                   tensor=Tensor.from_wire(r.map("tensor")),
+                   embedding=None if emb is None else Tensor.from_wire(emb), sent=r.number("sent"),
+                   sender=r.text("from"), sender_boot=r.number("boot"))
 
 
 _COMPLETION_KEYS = ("task", "src", "frame", "attempt", "label", "conf", "exit", "reason", "node",
                     "ts", "thr", "created")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Completion:
     """One finished frame: where it exited, with what label and confidence, by which path."""
 
@@ -185,17 +188,20 @@ class Completion:
                 and type(ts) is float and type(created) is float
                 and math.isfinite(conf + ts + created) and type(thr) is list
                 and all(type(t) is float for t in thr) and math.isfinite(sum(thr))):
-            return cls(task, src, frame, attempt, label, conf, exit_, reason, node, ts,
-                       _hops(r, "hops"), tuple(thr), created)
+            return cls(task_id=task, source=src, frame_id=frame, attempt=attempt, label=label,
+                       confidence=conf, exit_index=exit_, reason=cast(ExitReason, reason), node=node, ts=ts,
+                       hops=_hops(r, "hops"), thresholds=tuple(thr), created=created)
         reason = r.text("reason")
         if reason not in EXIT_REASONS:
             raise WireError(f"{r.path}.reason: {reason!r} is not one of {', '.join(EXIT_REASONS)}")
-        return cls(r.text("task"), r.text("src"), r.text("frame"), r.integer("attempt"), r.integer("label"),
-                   r.number("conf"), r.integer("exit"), reason, r.text("node"),  # type: ignore[arg-type]
-                   r.number("ts"), _hops(r, "hops"), tuple(r.numbers("thr")), r.number("created"))
+        return cls(task_id=r.text("task"), source=r.text("src"), frame_id=r.text("frame"),
+                   attempt=r.integer("attempt"), label=r.integer("label"), confidence=r.number("conf"),
+                   exit_index=r.integer("exit"), reason=cast(ExitReason, reason),
+                   node=r.text("node"), ts=r.number("ts"), hops=_hops(r, "hops"),
+                   thresholds=tuple(r.numbers("thr")), created=r.number("created"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DoneReport(WireMessage):
     """A worker's report of the frames of one source that one micro-batch finished: one
     message per batch and source, not per frame (the admission-controller and the arbiter read
@@ -213,10 +219,10 @@ class DoneReport(WireMessage):
 
     @classmethod
     def from_wire(cls, r: Reader) -> DoneReport:
-        return cls(tuple(Completion.from_wire(c) for c in r.maps("items")))
+        return cls(completions=tuple(Completion.from_wire(c) for c in r.maps("items")))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FrameEnvelope(WireMessage):
     """A camera frame with metadata: exactly one of ``image`` (JPEG/PNG bytes) or ``tensor``."""
 
@@ -241,6 +247,6 @@ class FrameEnvelope(WireMessage):
     def from_wire(cls, r: Reader) -> FrameEnvelope:
         tensor = r.opt_map("tensor")
         label = r.integer("label") if r.has("label") else None
-        return cls(r.text("frame"), r.number("ts"), r.opt_blob("image"),
-                   None if tensor is None else Tensor.from_wire(tensor), r.opt_number("deadline"),
-                   label)
+        return cls(frame_id=r.text("frame"), ts=r.number("ts"), image=r.opt_blob("image"),
+                   tensor=None if tensor is None else Tensor.from_wire(tensor),
+                   deadline=r.opt_number("deadline"), label=label)

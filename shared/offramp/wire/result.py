@@ -14,7 +14,7 @@ Status = Literal["ok", "dropped", "expired", "error"]
 STATUSES: tuple[str, ...] = ("ok", "dropped", "expired", "error")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Result:
     """One answer to one frame. ``status`` says whether the other fields carry a prediction."""
 

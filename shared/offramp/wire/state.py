@@ -16,7 +16,7 @@ from offramp.wire.control import SegmentRef
 from offramp.wire.reader import Reader
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Grant:
     """Cumulative credit for one sender: it may send samples while its count since ``boot``
     (the sender's start time, so a restarted sender starts again from zero) is below ``limit``."""
@@ -25,7 +25,7 @@ class Grant:
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SegmentLoad:
     """Queue state of one hosted segment, as a worker reports it in its heartbeat."""
 
@@ -63,13 +63,15 @@ class SegmentLoad:
             raw = cr.array(sender)
             if len(raw) != 2:
                 raise WireError(f"{cr.path}.{sender}: a grant is [boot, limit]")
-            credits[sender] = Grant(cr.item(sender, 0).number("_"), cr.item(sender, 1).integer("_"))
-        return cls(r.text("model"), r.integer("seg"), r.integer("queued"), r.number("backlog_s"),
-                   r.number("rate"), r.number("batch"), r.integer("exited"), r.integer("fwd"),
-                   r.integer("bound"), prio, credits)
+            credits[sender] = Grant(boot=cr.item(sender, 0).number("_"),
+                                    limit=cr.item(sender, 1).integer("_"))
+        return cls(model=r.text("model"), segment=r.integer("seg"), queued=r.integer("queued"),
+                   backlog_s=r.number("backlog_s"), service_rate=r.number("rate"),
+                   mean_batch=r.number("batch"), exited=r.integer("exited"), forwarded=r.integer("fwd"),
+                   bound=r.integer("bound"), by_priority=prio, credits=credits)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Want:
     """A sender's demand: ``count`` samples of ``priority`` it has for ``segment`` of ``model``."""
 
@@ -82,7 +84,7 @@ class Want:
         return [self.model, self.segment, self.priority, self.count]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SentCount:
     """A sender's cumulative count of samples sent to ``segment`` on ``receiver`` (that run of
     it, ``receiver_boot``), so the receiver can write off credit spent on lost packets."""
@@ -97,7 +99,7 @@ class SentCount:
         return [self.receiver, self.receiver_boot, self.model, self.segment, self.count]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat(WireMessage):
     """Liveness and queue state on ``state/{role}/{node}``; the will sends ``online=False``.
 
@@ -139,15 +141,16 @@ class Heartbeat(WireMessage):
     @classmethod
     def from_wire(cls, r: Reader) -> Heartbeat:
         stats = r.map("stats")
-        wants = tuple(Want(row[0].text("_"), row[1].integer("_"), row[2].number("_"),
-                           row[3].integer("_")) for row in r.rows("wants", 4))
-        sent = tuple(SentCount(row[0].text("_"), row[1].number("_"), row[2].text("_"),
-                               row[3].integer("_"), row[4].integer("_"))
+        wants = tuple(Want(model=row[0].text("_"), segment=row[1].integer("_"), priority=row[2].number("_"),
+                           count=row[3].integer("_")) for row in r.rows("wants", 4))
+        sent = tuple(SentCount(receiver=row[0].text("_"), receiver_boot=row[1].number("_"),
+                               model=row[2].text("_"), segment=row[3].integer("_"), count=row[4].integer("_"))
                      for row in r.rows("sent", 5))
-        loadable = tuple(SegmentRef(row[0].text("_"), row[1].integer("_"))
+        loadable = tuple(SegmentRef(model=row[0].text("_"), segment=row[1].integer("_"))
                          for row in r.rows("loadable", 2))
-        return cls(r.text("role"), r.text("node"), r.flag("online"), r.integer("seq"),
-                   r.number("ts"), tuple(SegmentLoad.from_wire(s) for s in r.maps("segments")),
-                   r.number("flops"), {k: stats.number(k) for k in stats}, r.number("boot"),
-                   wants, sent, r.number("link_bps"), r.number("link_rtt"), loadable,
-                   r.integer("max_segs"), r.opt_text("device") or "")
+        return cls(role=r.text("role"), node=r.text("node"), online=r.flag("online"), seq=r.integer("seq"),
+                   ts=r.number("ts"), segments=tuple(SegmentLoad.from_wire(s) for s in r.maps("segments")),
+                   flops_per_s=r.number("flops"), stats={k: stats.number(k) for k in stats},
+                   boot=r.number("boot"), wants=wants, sent=sent, link_bps=r.number("link_bps"),
+                   link_rtt_s=r.number("link_rtt"), loadable=loadable, max_segments=r.integer("max_segs"),
+                   device=r.opt_text("device") or "")
