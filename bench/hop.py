@@ -21,8 +21,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from bench.common import percentile_ms, write_result
-from offramp.bus.connection import Bus
-from offramp.bus.topics import Topics
+from offramp.bus import Bus, Topics
 from offramp.local.broker import LocalBroker
 from offramp.settings import BusSettings
 from offramp.wire import ActivationPacket, Sample, Tensor

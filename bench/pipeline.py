@@ -44,8 +44,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import percentile_ms, write_result
-from offramp.bus.connection import Bus
-from offramp.bus.topics import Topics
+from offramp.bus import Bus, Topics
 from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
 from offramp.local.system import LocalSystem
 from offramp.ml.build import build, load_data, load_trained, preset

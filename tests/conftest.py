@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from offramp.bus.topics import Topics
+from offramp.bus import Topics
 from offramp.local.broker import LocalBroker
 from offramp.ml.build import Recipe, build
 from offramp.ml.train import TrainConfig

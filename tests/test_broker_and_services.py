@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from offramp.bus.connection import Bus
-from offramp.bus.topics import Topics
+from offramp.bus import Bus, Topics
 from offramp.errors import BrokerError
 from offramp.local.broker import LocalBroker, find_mosquitto
 from offramp.local.launcher import ServiceProcess

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from offramp.bus.connection import Bus
-from offramp.bus.topics import Topics
+from offramp.bus import Bus, Topics
 from offramp.errors import BusError
 from offramp.local.broker import LocalBroker
 from offramp.settings import BusSettings
@@ -159,7 +158,7 @@ async def test_routes_follow_subscription_changes_and_stay_bounded(
         bus_settings: BusSettings, topics: Topics, monkeypatch: pytest.MonkeyPatch) -> None:
     """A topic's subscription is remembered after its first message; subscribing or
     unsubscribing forgets every route, and no more than ROUTE_CACHE topics are remembered."""
-    monkeypatch.setattr("offramp.bus.connection.ROUTE_CACHE", 4)
+    monkeypatch.setattr("offramp.bus.subscription.ROUTE_CACHE", 4)
     async with Bus(bus_settings, "rx") as rx, Bus(bus_settings, "tx") as tx:
         wide = await rx.subscribe(topics.ingest_all(), qos=1)
         await rx.wait_connected(5)
@@ -167,7 +166,7 @@ async def test_routes_follow_subscription_changes_and_stay_bounded(
             await tx.publish(topics.ingest(cam), cam.encode(), qos=1)
         assert [(await _next(wide)).payload for _ in range(6)] == [  # type: ignore[attr-defined]
             b"a", b"b", b"c", b"d", b"e", b"f"]
-        assert len(rx._routes) <= 4
+        assert len(rx.router._routes) <= 4
         await wide.close()
         narrow = await rx.subscribe(topics.ingest("a"), qos=1)
         await asyncio.sleep(0.2)

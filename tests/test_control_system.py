@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offramp.bus.connection import Bus
-from offramp.bus.topics import Topics
+from offramp.bus import Bus, Topics
 from offramp.local import loadgen
 from offramp.local.loadgen import Hook, Run, Stream
 from offramp.local.system import LocalSystem

@@ -299,7 +299,7 @@ def test_tls_and_websocket_listeners_work(secure_broker: SecureBroker) -> None:
 def test_a_publish_the_broker_refuses_fails_with_its_reason(secure_broker: SecureBroker) -> None:
     """MQTT v5 brokers answer a QoS 1 publish the ACL denies with a failure reason code in the
     PUBACK: the bus raises it at once, where a success would silently lose the frame."""
-    from offramp.bus.connection import Bus
+    from offramp.bus import Bus
     from offramp.errors import BusError
     from offramp.settings import BusSettings
 

@@ -16,8 +16,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from offramp.bus import paho_internals
-from offramp.bus.connection import Bus
+from offramp.bus import Bus, paho_internals
 from offramp.bus.paho_internals import PahoHandle
 from offramp.bus.read_path import FastReadPath, Incoming
 from offramp.errors import BusError

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from exit_arbiter.service import ArbiterSettings, make_policy
-from offramp.bus.connection import Bus
-from offramp.bus.topics import Topics
+from offramp.bus import Bus, Topics
 from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
 from offramp.local.system import LocalSystem
 from offramp.ml.data import load_digits

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from offramp.bus.topics import ParsedTopic, Topics
+from offramp.bus import ParsedTopic, Topics
 from offramp.errors import TopicError
 
 names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,20}\Z")

@@ -116,7 +116,7 @@ refs = st.builds(SegmentRef, model=text, segment=st.integers(1, 9))
                  wants=st.lists(wants, max_size=3).map(tuple),
                  sent=st.lists(sent, max_size=3).map(tuple), link_bps=finite, link_rtt_s=finite,
                  loadable=st.lists(refs, max_size=3).map(tuple), max_segments=st.integers(0, 9),
-                 device=st.sampled_from(["", "cpu", "cuda", "tensorrt"])))
+                 device=st.sampled_from(["", "cpu", "cuda", "tensorrt"]), draining=st.booleans()))
 def test_heartbeat_round_trips(hb: Heartbeat) -> None:
     assert Heartbeat.decode(hb.encode()) == hb
 
@@ -125,6 +125,13 @@ def test_heartbeat_from_a_sender_that_does_not_say_its_device_decodes() -> None:
     wire = msgpack.unpackb(Heartbeat(role="worker", node="n1", device="cuda").encode())
     del wire["device"]
     assert Heartbeat.decode(msgpack.packb(wire)).device == ""
+
+
+def test_heartbeat_from_a_sender_that_does_not_say_whether_it_drains_decodes() -> None:
+    wire = msgpack.unpackb(Heartbeat(role="worker", node="n1", draining=True).encode())
+    assert Heartbeat.decode(msgpack.packb(wire)).draining
+    del wire["draining"]
+    assert not Heartbeat.decode(msgpack.packb(wire)).draining
 
 
 completions = st.builds(Completion, task_id=text, source=text, frame_id=text,

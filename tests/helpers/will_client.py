@@ -3,8 +3,7 @@
 import asyncio
 import sys
 
-from offramp.bus.connection import Bus, Will
-from offramp.bus.topics import Topics
+from offramp.bus import Bus, Topics, Will
 from offramp.settings import BusSettings
 from offramp.wire import Heartbeat
 

@@ -10,37 +10,51 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 
-from admission_controller.tracker import Task
+from admission_controller.tracker import Task, Tracker
 from offramp.errors import OfframpError
 from offramp.node.peers import PeerTable
-from offramp.node.runtime import Runtime
 from offramp.policy.admission import path_backlog
 from offramp.policy.credits import Demand, SendWindow
 from offramp.policy.offload import place
 from offramp.wire import ActivationPacket, Heartbeat, Plan, Sample, Tensor, Want
 
-if TYPE_CHECKING:
-    from admission_controller.service import Admission
+Send = Callable[[str, bytes], Awaitable[None]]  # node, packet: to that node's segment 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class DispatchConfig:
+    model: str
+    segments: int  # of the model, for the path backlog
+    node: str  # this admission-controller
+    batch: int = 8  # frames per first-activation packet
+    wait_s: float = 0.001  # longest wait to fill a packet
+    codec: Literal["raw", "fp16"] = "raw"
+    heartbeat_s: float = 0.25
 
 
 class Dispatcher:
-    def __init__(self, adm: Admission, runtime: Runtime) -> None:
-        self.adm = adm
-        self.rt = runtime
-        self.model = adm.bundle.name
+    def __init__(self, cfg: DispatchConfig, *, tracker: Tracker, send: Send,
+                 nudge: Callable[[], None], log: Any) -> None:
+        self.cfg = cfg
+        self.model = cfg.model
+        self.tracker = tracker
+        self.send = send
+        self.nudge = nudge  # this node's heartbeat, early: it carries a new request
+        self.log = log
         self.boot = time.time()
-        self.peers = PeerTable(runtime.node)
-        self.window = SendWindow(runtime.node, self.boot)
+        self.peers = PeerTable(cfg.node)
+        self.window = SendWindow(cfg.node, self.boot)
         self.plan: Plan | None = None
         self.pending: dict[float, OrderedDict[str, Task]] = {}  # priority -> FIFO
         self._event = asyncio.Event()
-        self._demand: Demand[float] = Demand(adm.s.common.heartbeat_s, time.monotonic())
-        self.stale_after_s = 3 * adm.s.common.heartbeat_s
+        self._demand: Demand[float] = Demand(cfg.heartbeat_s, time.monotonic())
+        self.stale_after_s = 3 * cfg.heartbeat_s
 
     def waiting(self, priority: float | None = None) -> int:
         """Frames waiting here for credit (of ``priority`` or higher)."""
@@ -58,13 +72,11 @@ class Dispatcher:
         self._event.set()
 
     async def run(self) -> None:
-        wait = self.adm.s.dispatch_wait_ms / 1000
+        wait = self.cfg.wait_s
         while True:
             await self._event.wait()
             self._event.clear()
-            if self.adm.unanswered_drops:
-                await self.adm.answer_overflow()
-            if wait and 0 < self.waiting() < self.adm.s.dispatch_batch:
+            if wait and 0 < self.waiting() < self.cfg.batch:
                 await asyncio.sleep(wait)
             await self.dispatch()
 
@@ -78,7 +90,7 @@ class Dispatcher:
             group: list[Task] = []
             while queue and len(group) < credit:
                 _, task = queue.popitem(last=False)
-                if task.task_id in self.adm.tracker:  # else answered or expired meanwhile
+                if task.task_id in self.tracker:  # else answered or expired meanwhile
                     group.append(task)
             if not queue:
                 del self.pending[prio]
@@ -93,36 +105,35 @@ class Dispatcher:
             for node, n in placement.parts:
                 chunk = group[start:start + n]
                 start += n
-                for i in range(0, n, self.adm.s.dispatch_batch):
-                    await self._send(node, chunk[i:i + self.adm.s.dispatch_batch])
+                for i in range(0, n, self.cfg.batch):
+                    await self._send(node, chunk[i:i + self.cfg.batch])
             for task in reversed(group[start:]):  # no fresh host could take them: back in front
                 self.pending.setdefault(prio, OrderedDict())[task.task_id] = task
                 self.pending[prio].move_to_end(task.task_id, last=False)
         if any(self._demand.untold(p, len(q)) for p, q in self.pending.items()):
-            self.rt.beat_soon()  # the hosts of segment 1 do not know of these frames yet
+            self.nudge()  # the hosts of segment 1 do not know of these frames yet
 
     async def _send(self, node: str, tasks: list[Task]) -> None:
         now = time.time()
         hb = self.peers.heartbeat(node)
         for t in tasks:
-            self.adm.tracker.dispatched(t, now, node)
+            self.tracker.dispatched(t, now, node)
         samples = tuple(Sample(task_id=t.task_id, source=t.source, frame_id=t.frame_id, priority=t.priority,
                                created=t.created, deadline=t.deadline, attempt=t.attempt) for t in tasks)
         x = np.stack([t.x for t in tasks])
         packet = ActivationPacket(model=self.model, segment=1, samples=samples,
-                                  tensor=Tensor.encode(x, self.adm.s.codec), embedding=None, sent=now,
-                                  sender=self.rt.node, sender_boot=self.boot)
+                                  tensor=Tensor.encode(x, self.cfg.codec), embedding=None, sent=now,
+                                  sender=self.cfg.node, sender_boot=self.boot)
         self.window.spend(node, hb.boot if hb else 0.0, self.model, 1, len(tasks))
         try:
-            await self.adm.bus.publish(self.adm.topics.act(self.model, 1, node), packet.encode(),
-                                       qos=0)
+            await self.send(node, packet.encode())
         except OfframpError as exc:  # the sweeper dispatches them again
-            self.rt.log.warning("dispatch_failed", error=str(exc), tasks=len(tasks))
+            self.log.warning("dispatch_failed", error=str(exc), tasks=len(tasks))
 
     def path_backlog(self, priority: float) -> float:
         """Q_path of a source of ``priority``: least backlog per segment along the model, plus
         what waits here for credit ahead of it (spread over the hosts of segment 1)."""
-        per_segment = self.peers.segment_backlogs(self.model, self.adm.bundle.num_segments,
+        per_segment = self.peers.segment_backlogs(self.model, self.cfg.segments,
                                                   self.stale_after_s, priority=priority)
         first = per_segment[0]
         waiting = self.waiting(priority)

@@ -19,15 +19,16 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import partial
 
-from offramp.bus.connection import Subscription
-from offramp.errors import OfframpError, SettingsError, WireError
+from offramp.bus import Subscription, from_payload
+from offramp.errors import OfframpError, SettingsError
 from offramp.model.bundle import load_bundle
 from offramp.model.calibration import DEFAULT_MARGIN_Z, Calibration
 from offramp.node.entry import ServiceSpec
 from offramp.node.metrics import Reading
 from offramp.node.peers import PeerTable
-from offramp.node.runtime import Runtime
+from offramp.node.runtime import BusFactory, Runtime
 from offramp.policy.admission import ControlSettings, adapt_thresholds, path_backlog
 from offramp.settings import CommonSettings, nested, setting
 from offramp.wire import Criterion, DoneReport, ExitPolicy, Heartbeat
@@ -178,18 +179,14 @@ class Arbiter:
                 async with asyncio.timeout(self.s.republish_s):
                     await self.changed.wait()
 
-    async def watch(self, done: Subscription) -> None:
-        async for msg in done:
-            try:
-                for c in DoneReport.decode(msg.payload).completions:
-                    self.shares.add(c.exit_index)
-            except WireError:
-                continue
+    async def watch(self, done: Subscription[DoneReport]) -> None:
+        async for report in done:
+            for c in report.completions:
+                self.shares.add(c.exit_index)
 
-    async def watch_workers(self, states: Subscription) -> None:
-        async for msg in states:
-            with contextlib.suppress(WireError):
-                self.peers.update(Heartbeat.decode(msg.payload))
+    async def watch_workers(self, states: Subscription[Heartbeat]) -> None:
+        async for hb in states:
+            self.peers.update(hb)
 
     async def adapt(self, num_segments: int) -> None:
         stale = 3 * self.s.common.heartbeat_s
@@ -204,25 +201,29 @@ class Arbiter:
                 self.changed.set()
 
 
-async def run(settings: ArbiterSettings, stop: asyncio.Event) -> None:
+async def run(settings: ArbiterSettings, stop: asyncio.Event, *,
+              connect: BusFactory | None = None) -> None:
+    """Serve until ``stop`` is set (``connect`` makes the bus; default: MQTT)."""
     bundle = load_bundle(settings.bundle)
     calib = bundle.calibration()
-    holder: dict[str, Arbiter] = {}
-    runtime = Runtime("arbiter", settings.common,
-                      heartbeat=lambda hb: holder["a"].heartbeat(hb) if "a" in holder else hb)
+    runtime = Runtime("arbiter", settings.common, bus=connect)
+    arb = Arbiter(settings, calib, bundle.name, runtime)
+    runtime.heartbeat_with(arb.heartbeat)
     adaptive = settings.control.strategy == "threshold"
     async with runtime:
-        arb = holder["a"] = Arbiter(settings, calib, bundle.name, runtime)
         bus, topics = runtime.bus, runtime.topics
-        done = await bus.subscribe(topics.done_all(), maxsize=65536)
-        states = await bus.subscribe(topics.state_all("worker"), maxsize=1024)
+        done = await bus.subscribe(topics.done_all(), maxsize=65536, decode=from_payload(
+            partial(DoneReport.decode, max_bytes=settings.common.bus.max_message_bytes)))
+        # worker heartbeats matter only to the threshold strategy: no subscription otherwise
+        states = await bus.subscribe(topics.state_all("worker"), maxsize=1024,
+                                     decode=from_payload(Heartbeat.decode)) if adaptive else None
         base = arb.policy
         runtime.log.info("exit_policy", model=bundle.name, thresholds=list(base.thresholds),
                          target=base.target_accuracy, expected=round(base.expected_accuracy, 4),
                          adaptive=adaptive, floor=list(arb.adapter.floor))
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(arb.publish()), tg.create_task(arb.watch(done))]
-            if adaptive:
+            if states is not None:
                 tasks += [tg.create_task(arb.watch_workers(states)),
                           tg.create_task(arb.adapt(bundle.num_segments))]
             await stop.wait()

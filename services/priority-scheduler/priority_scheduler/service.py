@@ -15,13 +15,13 @@ import contextlib
 import time
 from dataclasses import dataclass, replace
 
-from offramp.bus.connection import Subscription
-from offramp.errors import OfframpError, TopicError, WireError
+from offramp.bus import Subscription, from_payload
+from offramp.errors import OfframpError
 from offramp.model.bundle import Bundle, load_bundle
 from offramp.node.entry import ServiceSpec
 from offramp.node.metrics import Reading
-from offramp.node.runtime import Runtime
-from offramp.node.sources import SourceRegistry, SourceSettings
+from offramp.node.runtime import BusFactory, Runtime
+from offramp.node.sources import Registration, SourceRegistry, SourceSettings, registration
 from offramp.policy.plan import ModelInfo, plan
 from offramp.settings import CommonSettings, nested, setting
 from offramp.wire import ExitPolicy, Heartbeat, Plan, SegmentRef
@@ -129,18 +129,21 @@ class Scheduler:
         return replace(hb, stats=stats)
 
 
-async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
+async def run(settings: SchedulerSettings, stop: asyncio.Event, *,
+              connect: BusFactory | None = None) -> None:
+    """Serve until ``stop`` is set (``connect`` makes the bus; default: MQTT)."""
     bundle = load_bundle(settings.bundle)
-    holder: dict[str, Scheduler] = {}
-    runtime = Runtime("scheduler", settings.common,
-                      heartbeat=lambda hb: holder["s"].heartbeat(hb) if "s" in holder else hb)
+    runtime = Runtime("scheduler", settings.common, bus=connect)
+    sched = Scheduler(settings, bundle, runtime)
+    runtime.heartbeat_with(sched.heartbeat)
     async with runtime:
-        sched = Scheduler(settings, bundle, runtime)
-        holder["s"] = sched
         bus, topics = runtime.bus, runtime.topics
-        states = await bus.subscribe(topics.state_all(), maxsize=4096)
-        sources = await bus.subscribe(topics.source_all(), qos=1, maxsize=1024)
-        policies = await bus.subscribe(topics.exit_policy(bundle.name), maxsize=8)
+        states = await bus.subscribe(topics.state_all(), maxsize=4096,
+                                     decode=from_payload(Heartbeat.decode))
+        sources = await bus.subscribe(topics.source_all(), qos=1, maxsize=1024,
+                                      decode=registration(topics))
+        policies = await bus.subscribe(topics.exit_policy(bundle.name), maxsize=8,
+                                       decode=from_payload(ExitPolicy.decode))
         wake = asyncio.Event()
 
         async def publish(p: Plan) -> None:
@@ -182,34 +185,30 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
 
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c) for c in (
-                planner(), _states(states, sched, wake), _sources(sources, sched, runtime, wake),
+                planner(), _states(states, sched, wake), _sources(sources, sched, wake),
                 _policies(policies, sched))]
             await stop.wait()
             for t in tasks:
                 t.cancel()
 
 
-async def _states(sub: Subscription, sched: Scheduler, wake: asyncio.Event) -> None:
-    async for msg in sub:
-        with contextlib.suppress(WireError):
-            if sched.view.update(Heartbeat.decode(msg.payload), time.monotonic()):
-                wake.set()  # a will: re-plan now (subject to the minimum interval)
+async def _states(states: Subscription[Heartbeat], sched: Scheduler,
+                  wake: asyncio.Event) -> None:
+    async for hb in states:
+        if sched.view.update(hb, time.monotonic()):
+            wake.set()  # a will: re-plan now (subject to the minimum interval)
 
 
-async def _sources(sub: Subscription, sched: Scheduler, runtime: Runtime,
+async def _sources(sources: Subscription[Registration], sched: Scheduler,
                    wake: asyncio.Event) -> None:
-    async for msg in sub:
-        try:
-            sched.registry.update(runtime.topics.parse(msg.topic).source, msg.payload)
-            wake.set()
-        except (TopicError, WireError) as exc:
-            runtime.log.warning("bad_source_registration", topic=msg.topic, error=str(exc))
+    async for reg in sources:
+        sched.registry.apply(reg)
+        wake.set()
 
 
-async def _policies(sub: Subscription, sched: Scheduler) -> None:
-    async for msg in sub:
-        with contextlib.suppress(WireError):
-            sched.policy = ExitPolicy.decode(msg.payload)
+async def _policies(policies: Subscription[ExitPolicy], sched: Scheduler) -> None:
+    async for policy in policies:
+        sched.policy = policy
 
 
 SERVICE = ServiceSpec(name="priority-scheduler", module="priority_scheduler", settings=SchedulerSettings,

@@ -3,25 +3,29 @@ exit -> completion, or on to the next segment (in memory when local, over the bu
 
 Segments come and go while running (the plan): :meth:`Engine.host` loads one, :meth:`Engine.
 release` stops advertising it and lets it drain; the service unloads it once it is empty.
-Where the next task goes is :mod:`segment_worker.placer`'s business.
+:meth:`Engine.drain` stops advertising every segment (the worker is stopping). Where the next
+task goes is :mod:`segment_worker.placer`'s business; the engine gives it this node's side
+(:class:`~segment_worker.placer.Stages`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import cast
+from types import TracebackType
+from typing import Self, cast
 
 import numpy as np
 import structlog
 
+from offramp.bus import Topics
 from offramp.bus.inbox import RateLimitedWarning
 from offramp.bus.outbox import Outbox
-from offramp.bus.topics import Topics
 from offramp.errors import WireError
 from offramp.model.bundle import Bundle
 from offramp.model.sessions import SegmentOutput, SegmentRunner
@@ -29,6 +33,7 @@ from offramp.node.metrics import BATCH_BUCKETS, Metrics
 from offramp.node.peers import PeerTable
 from offramp.policy.credits import CreditLedger
 from offramp.policy.exits import decide
+from offramp.policy.offload import Candidate
 from offramp.wire import (
     ActivationPacket,
     Completion,
@@ -39,8 +44,11 @@ from offramp.wire import (
     SegmentLoad,
 )
 from segment_worker.link import Link
-from segment_worker.placer import EngineConfig, Placer, Publish
+from segment_worker.placer import Placer
 from segment_worker.queue import Item, SegmentQueue
+from segment_worker.settings import EngineConfig
+
+Publish = Callable[[str, bytes, int], Awaitable[None]]  # topic, payload, qos
 
 
 @dataclass
@@ -83,6 +91,9 @@ class Counters:
 
 
 class Engine:
+    """Use as ``async with Engine(...) as engine:`` (its publishes live in task groups of its
+    own; the inference thread is shut down on the way out)."""
+
     def __init__(self, bundle: Bundle, cfg: EngineConfig, topics: Topics, peers: PeerTable,
                  publish: Publish, boot: float | None = None,
                  metrics: Metrics | None = None,
@@ -99,9 +110,13 @@ class Engine:
         self.counters = Counters()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{cfg.node}")
         self.outbox = Outbox(1024)
-        self.link = Link(self._send_packet, rate_bps=cfg.link_mbps * 1e6,
-                         delay_s=cfg.link_delay_ms / 1000)
-        self.placer = Placer(self, peers)
+        self.link = Link(self._send_packet, rate_bps=cfg.link_bits_per_s,
+                         delay_s=cfg.link_delay_s)
+        self.placer = Placer(cfg, model=self.model, boot=self.boot, peers=peers, stages=self,
+                             transmit=self.link.send,
+                             act_topic=lambda seg, node: topics.act(self.model, seg, node),
+                             nudge=nudge)
+        self.draining = False  # the worker is stopping: nothing advertised, no credit
         self.log = structlog.get_logger("offramp.worker").bind(node=cfg.node, model=self.model)
         self._warn = RateLimitedWarning()
         self._inflight = 0
@@ -109,6 +124,19 @@ class Engine:
         self._measured: dict[int, float] = {}  # segment -> seconds per sample at load
         self.m_batch = (metrics or Metrics()).histogram(
             "offramp_batch_size", "Micro-batch sizes, by segment", BATCH_BUCKETS, ["segment"])
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> Self:
+        await self._stack.enter_async_context(self.outbox)
+        await self._stack.enter_async_context(self.link.outbox)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        try:
+            await self._stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self.executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def providers(self) -> list[str]:
@@ -121,8 +149,15 @@ class Engine:
         return next((h.runner.device for h in self.hosted.values()), "")
 
     def serving(self) -> list[int]:
-        """Segments advertised to others (hosted and not draining)."""
+        """Segments advertised to others (hosted and not draining; none once the worker
+        drains)."""
+        if self.draining:
+            return []
         return sorted(s for s, h in self.hosted.items() if not h.draining)
+
+    def drain(self) -> None:
+        """Stop advertising every segment and granting credit; what is queued is still served."""
+        self.draining = True
 
     # -- hosting ----------------------------------------------------------------------------------
     def load(self, segment: int) -> Hosted:
@@ -195,6 +230,31 @@ class Engine:
             self.log.warning("queue_overflow", segment=segment, dropped=len(rejected),
                              bound=self.cfg.queue_max)
         return len(items) - len(rejected)
+
+    # -- this node's side of placement (segment_worker.placer.Stages) -------------------------
+    def local_candidate(self, segment: int, priority: float) -> Candidate | None:
+        """This node for ``segment``, unless it does not host it or the plan took it away. A
+        draining worker still takes its own work from one segment to the next."""
+        h = self.hosted.get(segment)
+        if h is None or h.draining:
+            return None
+        per = h.stats.service_s
+        room = self.cfg.queue_max - len(h.queue) - h.ledger.outstanding()
+        backlog = sum(n for p, n in h.queue.by_priority() if p >= priority) * per
+        return Candidate(self.cfg.node, backlog, per, local=True, credit=max(0, room))
+
+    def hand_over(self, segment: int, items: list[Item]) -> None:
+        self.hosted[segment].stats.handed_over += self.enqueue(segment, items)
+
+    def forwarded(self, segment: int, count: int) -> None:
+        if segment in self.hosted:
+            self.hosted[segment].stats.forwarded += count
+
+    def forget(self, node: str) -> None:
+        """``node`` went offline: the credit it granted, and the credit granted to it, go."""
+        self.placer.forget(node)
+        for h in self.hosted.values():
+            h.ledger.forget(node)
 
     # -- serving --------------------------------------------------------------------------------
     async def serve(self, segment: int, stop: asyncio.Event) -> None:
@@ -292,6 +352,8 @@ class Engine:
     # -- state ----------------------------------------------------------------------------------
     def credit_due(self) -> bool:
         """Whether some sender waits for credit that a hosted segment's queue has room for now."""
+        if self.draining:
+            return False
         now = time.monotonic()
         requests = self.placer.peers.requests
         return any(h.ledger.due(len(h.queue), requests(self.model, seg, self.cfg.stale_after_s,

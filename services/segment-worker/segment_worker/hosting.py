@@ -1,30 +1,35 @@
 """Which segments a worker runs, while it runs: loads segments the plan gives it (session
 created off the event loop), and for those it takes away, stops advertising them, lets queued
 work, outstanding credit and parked work drain, waits a grace period for packets still on
-their way, and only then unsubscribes and unloads. No task is lost in between."""
+their way, and only then unsubscribes and unloads. No task is lost in between.
+
+Every task (a segment's intake and server, an unload in progress) lives in the task group
+given to :meth:`Hosting.start`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from offramp.bus.connection import Bus, Subscription
-from offramp.bus.topics import Topics
+from offramp.bus import Message, Subscription
 from offramp.wire import Plan
 from segment_worker.engine import Engine
 
+Listen = Callable[[int], Awaitable[Subscription[Message]]]  # segment -> its packets
+
 
 class Hosting:
-    def __init__(self, engine: Engine, bus: Bus, topics: Topics, max_bytes: int,
-                 grace_s: float, log: Any) -> None:
+    def __init__(self, engine: Engine, listen: Listen, *, max_bytes: int, grace_s: float,
+                 log: Any) -> None:
         self.engine = engine
-        self.bus = bus
-        self.topics = topics
+        self.listen = listen
         self.max_bytes = max_bytes
         self.grace_s = grace_s
         self.log = log
-        self._subs: dict[int, Subscription] = {}
+        self._subs: dict[int, Subscription[Message]] = {}
         self._tasks: dict[int, list[asyncio.Task[None]]] = {}
         self._unloading: dict[int, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
@@ -35,8 +40,7 @@ class Hosting:
         loop = asyncio.get_running_loop()
         hosted = await loop.run_in_executor(None, self.engine.load, segment)
         self.engine.host(segment, hosted)
-        self._subs[segment] = await self.bus.subscribe(
-            self.topics.act(self.engine.model, segment, self.engine.cfg.node), qos=0)
+        self._subs[segment] = await self.listen(segment)
         if self._tg is not None:
             self._start(segment)
 
@@ -50,19 +54,18 @@ class Hosting:
         self._tasks[segment] = [self._tg.create_task(self._intake(self._subs[segment])),
                                 self._tg.create_task(self.engine.serve(segment, self._finishing))]
 
-    async def _intake(self, sub: Subscription) -> None:
+    async def _intake(self, sub: Subscription[Message]) -> None:
         async for msg in sub:
             self.engine.accept(msg.payload, self.max_bytes)
 
     async def follow(self, plan: Plan, loadable: set[int]) -> None:
-        """Make the hosted set what ``plan`` asks of this node (if it names this node)."""
+        """Make the hosted set what ``plan`` asks of this node (if it names this node and is
+        newer than the last one followed)."""
         node, model = self.engine.cfg.node, self.engine.model
         if plan.epoch <= self.plan_epoch or node not in plan.nodes:
-            self.engine.placer.plan = plan if plan.epoch > self.plan_epoch else \
-                self.engine.placer.plan
             return
+        assert self._tg is not None, "Hosting.follow before Hosting.start"
         self.plan_epoch = plan.epoch
-        self.engine.placer.plan = plan
         wanted = {r.segment for r in plan.nodes[node] if r.model == model} & loadable
         current = set(self.engine.hosted)
         for segment in sorted(wanted):
@@ -74,7 +77,7 @@ class Hosting:
         for segment in sorted(current - wanted):
             if segment not in self._unloading:
                 self.engine.release(segment)
-                self._unloading[segment] = asyncio.create_task(self._unload(segment))
+                self._unloading[segment] = self._tg.create_task(self._unload(segment))
         self.log.info("plan_followed", epoch=plan.epoch, reason=plan.reason,
                       hosting=sorted(wanted), releasing=sorted(self._unloading))
 
@@ -95,6 +98,7 @@ class Hosting:
         self.log.info("segment_unloaded", segment=segment)
 
     async def stop_intake(self) -> None:
+        """Read no more packets (the worker is stopping; its senders stopped sending)."""
         for task in self._unloading.values():
             task.cancel()
         for segment, sub in list(self._subs.items()):

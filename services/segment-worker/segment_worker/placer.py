@@ -11,8 +11,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Protocol
 
 import numpy as np
 
@@ -21,40 +20,38 @@ from offramp.policy.credits import Demand, SendWindow
 from offramp.policy.offload import Candidate, choose, place
 from offramp.wire import ActivationPacket, Plan, SentCount, Tensor, Want
 from segment_worker.queue import Item
+from segment_worker.settings import EngineConfig
 
-if TYPE_CHECKING:
-    from segment_worker.engine import Engine
-
-Publish = Callable[[str, bytes, int], Awaitable[None]]
+Transmit = Callable[[str, bytes], Awaitable[None]]  # topic, payload: onto this node's link
+ActTopic = Callable[[int, str], str]  # segment, node -> the topic of that node's packets
 
 
-@dataclass
-class EngineConfig:
-    node: str
-    segments: tuple[int, ...]
-    batch_max: int = 8
-    batch_wait_s: float = 0.002
-    queue_max: int = 512
-    codec: Literal["raw", "fp16", "int8"] = "raw"
-    device: str = "cpu"
-    threads: int = 1
-    offload_margin_s: float = 0.002
-    stale_after_s: float = 0.75
-    slowdown: float = 1.0
-    ageing_s: float = 0.5
-    credit_lease_s: float = 2.0
-    park_timeout_s: float = 5.0
-    link_mbps: float = 0.0
-    link_delay_ms: float = 0.0
-    heartbeat_s: float = 0.25
+class Stages(Protocol):
+    """What the placer needs of the segments this node hosts (the engine provides it)."""
+
+    def local_candidate(self, segment: int, priority: float) -> Candidate | None:
+        """This node as a candidate for ``segment``, or None when it does not take it now."""
+
+    def hand_over(self, segment: int, items: list[Item]) -> None:
+        """Queue ``items`` for ``segment`` here, in memory."""
+
+    def forwarded(self, segment: int, count: int) -> None:
+        """``count`` samples that finished ``segment`` left for another node."""
 
 
 class Placer:
-    def __init__(self, engine: Engine, peers: PeerTable) -> None:
-        self.engine = engine
-        self.cfg = engine.cfg
+    def __init__(self, cfg: EngineConfig, *, model: str, boot: float, peers: PeerTable,
+                 stages: Stages, transmit: Transmit, act_topic: ActTopic,
+                 nudge: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.boot = boot
         self.peers = peers
-        self.window = SendWindow(self.cfg.node, engine.boot)
+        self.stages = stages
+        self.transmit = transmit
+        self.act_topic = act_topic
+        self.nudge = nudge  # this node's heartbeat, early: it carries a new request
+        self.window = SendWindow(cfg.node, boot)
         self.plan: Plan | None = None
         self._parked: dict[int, list[Item]] = {}
         self._room = asyncio.Event()
@@ -88,21 +85,11 @@ class Placer:
         self._room.set()
 
     # -- placing ----------------------------------------------------------------------------------
-    def _local(self, segment: int, priority: float) -> Candidate | None:
-        h = self.engine.hosted.get(segment)
-        if h is None or h.draining:
-            return None
-        per = h.stats.service_s
-        room = self.cfg.queue_max - len(h.queue) - h.ledger.outstanding()
-        backlog = sum(n for p, n in h.queue.by_priority() if p >= priority) * per
-        return Candidate(self.cfg.node, backlog, per, local=True, credit=max(0, room))
-
     def _candidates(self, segment: int, priority: float, count: int) -> list[Candidate]:
-        rtt = self.cfg.link_delay_ms / 1000
-        cands = self.peers.candidates(self.engine.model, segment, count, priority=priority,
-                                      window=self.window, link_bps=self.cfg.link_mbps * 1e6 / 8,
-                                      rtt_s=rtt)
-        local = self._local(segment, priority)
+        cands = self.peers.candidates(self.model, segment, count, priority=priority,
+                                      window=self.window, link_bps=self.cfg.link_bits_per_s / 8,
+                                      rtt_s=self.cfg.link_delay_s)
+        local = self.stages.local_candidate(segment, priority)
         return [*cands, local] if local is not None else cands
 
     def estimate(self, segment: int, nbytes: int) -> float:
@@ -138,30 +125,28 @@ class Placer:
                 parked.extend(group[start:])
                 waiting = sum(1 for it in parked if it.sample.priority == prio)
                 if self._demand.untold((segment, prio), waiting):
-                    self.engine.nudge()  # the hosts of ``segment`` do not know of this yet
+                    self.nudge()  # the hosts of ``segment`` do not know of this yet
 
     async def _send(self, segment: int, node: str, items: list[Item]) -> None:
-        engine = self.engine
         if node == self.cfg.node:
             now = time.time()
             for it in items:
                 it.arrived = now
-            engine.hosted[segment].stats.handed_over += engine.enqueue(segment, items)
+            self.stages.hand_over(segment, items)
             return
         hb = self.peers.heartbeat(node)
         boot = hb.boot if hb is not None else 0.0
         act = np.stack([it.x for it in items])
         emb = np.stack([it.prev for it in items if it.prev is not None]) \
             if all(it.prev is not None for it in items) else None
-        packet = ActivationPacket(model=engine.model, segment=segment,
+        packet = ActivationPacket(model=self.model, segment=segment,
                                   samples=tuple(it.sample for it in items),
                                   tensor=Tensor.encode(act, self.cfg.codec),
                                   embedding=None if emb is None else Tensor.encode(emb, "fp16"),
-                                  sent=time.time(), sender=self.cfg.node, sender_boot=engine.boot)
-        self.window.spend(node, boot, engine.model, segment, len(items))
-        await engine.link.send(engine.topics.act(engine.model, segment, node), packet.encode())
-        if segment - 1 in engine.hosted:
-            engine.hosted[segment - 1].stats.forwarded += len(items)
+                                  sent=time.time(), sender=self.cfg.node, sender_boot=self.boot)
+        self.window.spend(node, boot, self.model, segment, len(items))
+        await self.transmit(self.act_topic(segment, node), packet.encode())
+        self.stages.forwarded(segment - 1, len(items))
 
     # -- what this node tells the others ----------------------------------------------------------
     def wants(self) -> tuple[Want, ...]:
@@ -171,13 +156,12 @@ class Placer:
             for it in items:
                 waiting[(seg, it.sample.priority)] += 1
         counts = self._demand.wants(waiting, time.monotonic())
-        return tuple(Want(model=self.engine.model, segment=seg, priority=prio,
-                          count=n) for (seg, prio), n in counts.items())
+        return tuple(Want(model=self.model, segment=seg, priority=prio, count=n)
+                     for (seg, prio), n in counts.items())
 
     def sent(self) -> tuple[SentCount, ...]:
         return self.window.report()
 
     def forget(self, node: str) -> None:
+        """``node`` went offline: the credit it granted this node is gone."""
         self.window.forget(node)
-        for h in self.engine.hosted.values():
-            h.ledger.forget(node)

@@ -18,85 +18,21 @@ import contextlib
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from types import TracebackType
+from collections.abc import Callable
 from typing import Any, Self
 
 import aiomqtt
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.client import topic_matches_sub
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from offramp.bus import paho_internals
-from offramp.bus.inbox import Inbox, Overflow, RateLimitedWarning
 from offramp.bus.paho_internals import PahoHandle, paho_of
 from offramp.bus.read_path import FastReadPath, Incoming
+from offramp.bus.subscription import MessageBus, Subscription, Will
 from offramp.errors import BusError
 from offramp.settings import BrokerAddress, BusSettings
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A received message: topic, payload bytes, whether the broker replayed it as retained,
-    when it arrived, and MQTT v5's request/response properties when the sender set them."""
-
-    topic: str
-    payload: bytes
-    retain: bool = False
-    received: float = 0.0
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Will:
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-@dataclass(slots=True)
-class BusStats:
-    connects: int = 0
-    reconnects: int = 0
-    published: int = 0
-    received: int = 0
-    unrouted: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-
-
-ROUTE_CACHE = 4096  # topics whose subscription is remembered
-_UNSEEN: Any = object()
-
-
-class Subscription:
-    """One topic filter and its bounded inbox. Iterate it, or call :meth:`get`."""
-
-    def __init__(self, bus: Bus, topic_filter: str, qos: int, inbox: Inbox[Message],
-                 shared_group: str | None) -> None:
-        self._bus = bus
-        self.filter = topic_filter
-        self.qos = qos
-        self.inbox = inbox
-        self.mqtt_filter = (f"$share/{shared_group}/{topic_filter}" if shared_group
-                            else topic_filter)
-
-    async def get(self) -> Message:
-        return await self.inbox.get()
-
-    def __aiter__(self) -> AsyncIterator[Message]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Message]:
-        while True:
-            yield await self.inbox.get()
-
-    async def close(self) -> None:
-        await self._bus.unsubscribe(self)
 
 
 def _publish_qos0(paho: PahoHandle, topic: str, payload: bytes | bytearray,
@@ -156,50 +92,50 @@ class _Acks:
                                                     "acknowledged"))
 
 
-class _Router(asyncio.Queue[Any]):
-    """aiomqtt's incoming queue, replaced: every message goes straight into its inbox."""
+class _Incoming(asyncio.Queue[Any]):
+    """aiomqtt's incoming queue, replaced (``queue_type``, a public argument of aiomqtt's
+    client): every message paho handled goes straight into its inbox."""
 
-    def __init__(self, bus: Bus, maxsize: int = 0) -> None:
+    def __init__(self, route: Callable[[aiomqtt.Message], None], maxsize: int = 0) -> None:
         super().__init__(maxsize)
-        self._bus = bus
+        self._route = route
 
     def put_nowait(self, item: Any) -> None:
-        self._bus._route(item)
+        self._route(item)
 
 
-class Bus:
+class Bus(MessageBus):
     """A supervised MQTT connection. Use as ``async with Bus(settings, client_id) as bus:``."""
+
+    address: BrokerAddress
 
     def __init__(self, settings: BusSettings, client_id: str, *, will: Will | None = None,
                  address: BrokerAddress | None = None) -> None:
+        super().__init__(client_id, settings.inbound_queue)
         self.settings = settings
-        self.client_id = client_id
         self.address = address or settings.address()
         self.will = will
-        self.stats = BusStats()
         self.connected = asyncio.Event()
-        self._subs: list[Subscription] = []
-        self._routes: dict[str, Subscription | None] = {}  # topic -> its subscription (a cache)
         self._connection: aiomqtt.Client | None = None
         self._paho: PahoHandle | None = None  # the current connection's paho client
         self._acks = _Acks()
         self.inbound: FastReadPath | None = None  # the fast read path of the current connection
         self._task: asyncio.Task[None] | None = None
+        self._stack = contextlib.AsyncExitStack()
         self._closing = False
-        self._log = structlog.get_logger("offramp.bus.connection").bind(client_id=client_id)
-        self._drop_warning = RateLimitedWarning()
+        self._log = structlog.get_logger("offramp.bus").bind(client_id=client_id)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
         """Check the libraries' internals the bus relies on (BusError naming their versions if
         one is missing), then connect in the background, and reconnect whenever it drops."""
         paho_internals.check(read_path=self.settings.bus_read_path == "fast")
-        self._task = asyncio.create_task(self._supervise(), name=f"bus:{self.client_id}")
+        # The connection's task lives in a task group of the bus's owner: an error the bus
+        # does not expect stops the owner (the service exits and is restarted) instead of
+        # leaving it disconnected for good without a word.
+        tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._task = tg.create_task(self._supervise(), name=f"bus:{self.client_id}")
         return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Disconnect cleanly (the broker does not send the will) and stop reconnecting."""
@@ -213,11 +149,8 @@ class Bus:
                 # a stop outlast its grace. Cut the socket: the disconnect completes at once.
                 self._log.warning("bus_disconnect_forced")
                 self._shutdown_socket()
-                await asyncio.wait({self._task}, timeout=3.0)
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                if self._task.done():
-                    self._task.result()
             self._task = None
+            await self._stack.aclose()
         self.connected.clear()
 
     def _shutdown_socket(self) -> None:
@@ -265,33 +198,13 @@ class Bus:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.connected.wait(), remaining)
 
-    async def subscribe(self, topic_filter: str, *, qos: int = 0, maxsize: int | None = None,
-                        overflow: Overflow = "drop-oldest", shared_group: str | None = None,
-                        on_drop: Callable[[Message], None] | None = None) -> Subscription:
-        """Add a subscription that outlives reconnects; messages land in its bounded inbox.
-        ``on_drop`` is told of every message the inbox discards (after it is counted)."""
-        name = f"{self.client_id}:{topic_filter}"
-
-        def dropped(inbox: str, item: Message, total: int) -> None:
-            self._on_drop(inbox, item, total)
-            if on_drop is not None:
-                on_drop(item)
-
-        inbox: Inbox[Message] = Inbox(name, maxsize or self.settings.inbound_queue, overflow,
-                                      on_drop=dropped)
-        sub = Subscription(self, topic_filter, qos, inbox, shared_group)
-        self._subs.append(sub)
-        self._routes.clear()
+    async def _remote_subscribe(self, sub: Subscription[Any]) -> None:
         client = self._connection
         if client is not None and self.connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError):  # a reconnect resubscribes
-                await client.subscribe(sub.mqtt_filter, qos)
-        return sub
+                await client.subscribe(sub.mqtt_filter, sub.qos)
 
-    async def unsubscribe(self, sub: Subscription) -> None:
-        if sub in self._subs:
-            self._subs.remove(sub)
-            self._routes.clear()
+    async def _remote_unsubscribe(self, sub: Subscription[Any]) -> None:
         client = self._connection
         if client is not None and self.connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError):
@@ -307,31 +220,8 @@ class Bus:
                                getattr(props, "ResponseTopic", None),
                                getattr(props, "CorrelationData", None)))
 
-    def _deliver(self, incoming: Incoming) -> None:
-        topic = incoming.topic
-        msg = Message(topic, incoming.payload, incoming.retain, time.time(),
-                      incoming.response_topic, incoming.correlation_data)
-        self.stats.received += 1
-        sub = self._routes.get(topic, _UNSEEN)
-        if sub is _UNSEEN:
-            # paho's topic_matches_sub builds a trie per call (about 10 us): matching every
-            # message against each filter cost a service more than decoding it. Topics repeat
-            # (one per source, node, segment), so each is matched once; the cache is bounded.
-            sub = next((s for s in self._subs if topic_matches_sub(s.filter, topic)), None)
-            if len(self._routes) >= ROUTE_CACHE:
-                self._routes.clear()
-            self._routes[topic] = sub
-        if sub is None:
-            self.stats.unrouted += 1
-        else:
-            sub.inbox.put(msg)
-
-    def _on_drop(self, inbox: str, item: Message, total: int) -> None:
-        self.stats.dropped[inbox] = total
-        count = self._drop_warning.should_log()
-        if count:
-            self._log.warning("inbox_overflow", inbox=inbox, dropped_now=count,
-                              dropped_total=total, topic=item.topic)
+    def _deliver(self, m: Incoming) -> None:
+        self.router.deliver(m.topic, m.payload, m.retain, m.response_topic, m.correlation_data)
 
     def _client_kwargs(self) -> dict[str, Any]:
         addr = self.address
@@ -339,7 +229,7 @@ class Bus:
             "hostname": addr.host, "port": addr.port, "identifier": self.client_id,
             "protocol": aiomqtt.ProtocolVersion.V5, "keepalive": self.settings.keepalive_s,
             "username": addr.username, "password": addr.password, "timeout": 10,
-            "queue_type": lambda maxsize=0: _Router(self, maxsize),
+            "queue_type": lambda maxsize=0: _Incoming(self._route, maxsize),
         }
         if self.will is not None:
             kwargs["will"] = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos,
@@ -372,7 +262,7 @@ class Bus:
                 async with client:
                     self._acks.install(paho)
                     self._connection, self._paho = client, paho
-                    for sub in list(self._subs):
+                    for sub in list(self.router.subs):
                         await client.subscribe(sub.mqtt_filter, sub.qos)
                     self.stats.connects += 1
                     if self.stats.connects > 1:
@@ -380,7 +270,8 @@ class Bus:
                     self.connected.set()
                     delay = self.settings.reconnect_min_s
                     self._log.info("bus_connected", broker=self.address.url(),
-                                   subscriptions=len(self._subs), connects=self.stats.connects)
+                                   subscriptions=len(self.router.subs),
+                                   connects=self.stats.connects)
                     async for _ in client.messages:  # the router takes messages; this only ends
                         pass  # pragma: no cover     # when the connection drops
             except aiomqtt.MqttError as exc:

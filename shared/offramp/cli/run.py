@@ -17,9 +17,8 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from offramp.bus.connection import Bus
-from offramp.bus.topics import Topics
-from offramp.errors import OfframpError, SettingsError, TopicError, WireError
+from offramp.bus import Bus, Topics, from_payload
+from offramp.errors import OfframpError, SettingsError
 from offramp.local.broker import free_port
 from offramp.local.client import envelope, publish_frames
 from offramp.local.launcher import interrupt_on_stop_signals
@@ -188,30 +187,31 @@ def cmd_up(args: argparse.Namespace) -> int:
     async def go() -> None:
         async with Bus(BusSettings(broker_url=broker.url, topic_prefix=args.prefix),
                        f"offramp-up-{os.getpid()}") as bus:
-            states = await bus.subscribe(f"{args.prefix}/state/+/+", maxsize=1024)
-            results = await bus.subscribe(topics.results_all(), maxsize=100_000)
+            states = await bus.subscribe(topics.state_all(), maxsize=1024,
+                                         decode=from_payload(Heartbeat.decode))
+            results = await bus.subscribe(topics.results_all(), maxsize=100_000,
+                                          decode=from_payload(Result.from_json))
 
             async def pump_states() -> None:
-                async for msg in states:
-                    with contextlib.suppress(WireError):
-                        view.add_state(Heartbeat.decode(msg.payload))
+                async for hb in states:
+                    view.add_state(hb)
 
             async def pump_results() -> None:
-                async for msg in results:
-                    with contextlib.suppress(WireError, TopicError):
-                        view.add_result(Result.from_json(msg.payload))
+                async for result in results:
+                    view.add_result(result)
 
-            tasks = [asyncio.create_task(pump_states()), asyncio.create_task(pump_results())]
             stop = stop_on_signals()
-            try:
-                with Live(view.render(), refresh_per_second=2) as live:
-                    while not stop.is_set():
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stop.wait(), 0.5)
-                        live.update(view.render())
-            finally:
-                for t in tasks:
-                    t.cancel()
+            async with asyncio.TaskGroup() as tg:
+                pumps = [tg.create_task(pump_states()), tg.create_task(pump_results())]
+                try:
+                    with Live(view.render(), refresh_per_second=2) as live:
+                        while not stop.is_set():
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(stop.wait(), 0.5)
+                            live.update(view.render())
+                finally:
+                    for t in pumps:
+                        t.cancel()
 
     system.start()
     try:

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from offramp.bus.connection import Bus, Subscription
+from offramp.bus import Message, MessageBus, Subscription, Topics, from_payload
 from offramp.bus.outbox import Outbox
-from offramp.bus.topics import Topics
 from offramp.errors import BusError, WireError
-from offramp.wire import FrameEnvelope, Result, Tensor
+from offramp.wire import FrameEnvelope, Heartbeat, Result, Tensor
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -37,7 +36,7 @@ def envelope(frame_id: str, *, image: np.ndarray | None = None, tensor: np.ndarr
                          deadline=now + deadline_s if deadline_s else None, label=label).encode()
 
 
-async def publish_frames(bus: Bus, topic: str, payloads: Sequence[bytes], rate: float,
+async def publish_frames(bus: MessageBus, topic: str, payloads: Sequence[bytes], rate: float,
                          qos: int = 1, window: int = 32) -> float:
     """Publish at ``rate`` frames per second (0: as fast as possible); return seconds taken.
     Up to ``window`` QoS 1 publishes wait for their acknowledgement at once, as a camera's MQTT
@@ -51,15 +50,14 @@ async def publish_frames(bus: Bus, topic: str, payloads: Sequence[bytes], rate: 
         except BusError as exc:
             failed.append(exc)
 
-    outbox = Outbox(window)
     start = time.perf_counter()
-    for i, payload in enumerate(payloads):
-        if rate > 0:
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        await outbox.send(one(payload))
-    await outbox.flush(None)
+    async with Outbox(window, grace_s=None) as outbox:
+        for i, payload in enumerate(payloads):
+            if rate > 0:
+                delay = start + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await outbox.send(one(payload))
     if failed:
         raise failed[0]
     return time.perf_counter() - start
@@ -73,7 +71,7 @@ class Collected:
     last: float = 0.0
 
 
-async def collect(sub: Subscription, count: int, timeout: float) -> Collected:
+async def collect(sub: Subscription[Message], count: int, timeout: float) -> Collected:
     """Read results until ``count`` arrived or ``timeout`` seconds pass without completing."""
     out = Collected()
     deadline = time.monotonic() + timeout
@@ -96,20 +94,15 @@ async def collect(sub: Subscription, count: int, timeout: float) -> Collected:
     return out
 
 
-async def wait_for_workers(bus: Bus, topics: Topics, nodes: int, timeout: float) -> None:
+async def wait_for_workers(bus: MessageBus, topics: Topics, nodes: int, timeout: float) -> None:
     """Wait until ``nodes`` workers heartbeat (the system is up)."""
-    from offramp.wire import Heartbeat
-
-    sub = await bus.subscribe(topics.state_all("worker"), maxsize=256)
+    sub = await bus.subscribe(topics.state_all("worker"), maxsize=256,
+                              decode=from_payload(Heartbeat.decode))
     seen: set[str] = set()
     deadline = time.monotonic() + timeout
     try:
         while len(seen) < nodes:
-            msg = await asyncio.wait_for(sub.get(), max(0.01, deadline - time.monotonic()))
-            try:
-                hb = Heartbeat.decode(msg.payload)
-            except WireError:
-                continue
+            hb = await asyncio.wait_for(sub.get(), max(0.01, deadline - time.monotonic()))
             if hb.online and hb.segments:
                 seen.add(hb.node)
     finally:

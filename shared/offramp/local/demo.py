@@ -13,8 +13,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from offramp.bus.connection import Bus
-from offramp.bus.topics import Topics
+from offramp.bus import Bus, Topics
 from offramp.errors import OfframpError
 from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
 from offramp.local.launcher import interrupt_on_stop_signals

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from offramp.bus.connection import Bus
-from offramp.bus.topics import Topics
-from offramp.errors import WireError
+from offramp.bus import Bus, Topics, from_payload
 from offramp.local.client import envelope, wait_for_workers
 from offramp.settings import BusSettings
 from offramp.wire import Heartbeat, Plan, Result
@@ -67,31 +65,24 @@ async def drive(url: str, prefix: str, workers: int, streams: Sequence[Stream],
     async with Bus(settings, f"loadgen-{os.getpid()}-{time.monotonic_ns()}") as bus:
         await bus.wait_connected(10)
         await wait_for_workers(bus, topics, workers, 60)
-        results = await bus.subscribe(topics.results_all(), qos=1, maxsize=500_000)
-        states = await bus.subscribe(topics.state_all(), maxsize=200_000)
-        plans = await bus.subscribe(topics.plan(), maxsize=1000)
+        results = await bus.subscribe(topics.results_all(), qos=1, maxsize=500_000,
+                                      decode=from_payload(Result.from_json))
+        states = await bus.subscribe(topics.state_all(), maxsize=200_000,
+                                     decode=from_payload(Heartbeat.decode))
+        plans = await bus.subscribe(topics.plan(), maxsize=1000, decode=from_payload(Plan.decode))
         await asyncio.sleep(warmup_s)  # the first plan and exit policy are out
 
         async def read() -> None:
-            async for msg in results:
-                try:
-                    run.results.append(Result.from_json(msg.payload))
-                except WireError:
-                    continue
+            async for result in results:
+                run.results.append(result)
 
         async def watch() -> None:
-            async for msg in states:
-                try:
-                    run.beats.append(Heartbeat.decode(msg.payload))
-                except WireError:
-                    continue
+            async for hb in states:
+                run.beats.append(hb)
 
         async def watch_plans() -> None:
-            async for msg in plans:
-                try:
-                    run.plans.append((time.monotonic(), Plan.decode(msg.payload)))
-                except WireError:
-                    continue
+            async for plan in plans:
+                run.plans.append((time.monotonic(), plan))
 
         async def publish(s: Stream) -> None:
             n = int(s.rate * s.seconds)
@@ -107,18 +98,20 @@ async def drive(url: str, prefix: str, workers: int, streams: Sequence[Stream],
                                   qos=qos)
                 run.offered[s.source] += 1
 
-        tasks = [asyncio.create_task(c) for c in (read(), watch(), watch_plans())]
-        run.started = time.monotonic()
-        senders = [asyncio.create_task(publish(s)) for s in streams]
-        if during is not None:
-            await during(bus, run)
-        await asyncio.gather(*senders)
-        total = sum(run.offered.values())
-        deadline = time.monotonic() + settle_s
-        while len(run.results) < total and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
-        run.finished = time.monotonic()
-        await asyncio.sleep(1.0)  # a frame answered twice would show up now
-        for t in tasks:
-            t.cancel()
+        async with asyncio.TaskGroup() as tg:
+            readers = [tg.create_task(c) for c in (read(), watch(), watch_plans())]
+            run.started = time.monotonic()
+            async with asyncio.TaskGroup() as send:
+                for s in streams:
+                    send.create_task(publish(s))
+                if during is not None:
+                    await during(bus, run)
+            total = sum(run.offered.values())
+            deadline = time.monotonic() + settle_s
+            while len(run.results) < total and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            run.finished = time.monotonic()
+            await asyncio.sleep(1.0)  # a frame answered twice would show up now
+            for t in readers:
+                t.cancel()
     return run

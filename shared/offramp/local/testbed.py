@@ -280,8 +280,7 @@ def wait_until_serving(url: str, prefix: str, workers: int, timeout_s: float) ->
     """Block until ``workers`` workers heartbeat with segments; seconds it took."""
     import asyncio
 
-    from offramp.bus.connection import Bus
-    from offramp.bus.topics import Topics
+    from offramp.bus import Bus, Topics
     from offramp.local.client import wait_for_workers
     from offramp.settings import BusSettings
 

@@ -19,7 +19,7 @@ from typing import Generic, Protocol, TypeVar
 import structlog
 from prometheus_client import disable_created_metrics
 
-from offramp.bus.topics import check_name
+from offramp.bus import check_name
 from offramp.errors import OfframpError, SettingsError
 from offramp.node.log import configure_logging
 from offramp.settings import CommonSettings, load

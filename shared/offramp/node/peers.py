@@ -66,12 +66,13 @@ class PeerTable:
                    now: float | None = None) -> list[Candidate]:
         """Every known worker hosting ``segment`` of ``model``, as an offloading candidate: its
         backlog counts only work of priority >= ``priority``; with a ``window``, its credit for
-        this node; ``link_bps``/``rtt_s`` describe this node's outgoing link."""
+        this node; ``link_bps``/``rtt_s`` describe this node's outgoing link. A worker whose
+        heartbeat says it is draining is no candidate, whatever it still lists."""
         now = time.monotonic() if now is None else now
         out = []
         for peer in self._peers.values():
             hb = peer.heartbeat
-            if hb.role != "worker":
+            if hb.role != "worker" or hb.draining:
                 continue
             for s in hb.segments:
                 if s.model != model or s.segment != segment:

@@ -11,12 +11,11 @@ import contextlib
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Self, TypeVar
 
 import structlog
 
-from offramp.bus.connection import Bus, Will
-from offramp.bus.topics import Topics, check_name
+from offramp.bus import Bus, MessageBus, Topics, Will, check_name
 from offramp.errors import OfframpError, SettingsError
 from offramp.node.health import HealthServer, Readiness
 from offramp.node.metrics import Metrics, Reading
@@ -27,16 +26,21 @@ S = TypeVar("S")
 HeartbeatBuilder = Callable[[Heartbeat], Heartbeat]
 
 
+BusFactory = Callable[[str, Will], MessageBus]  # client id, will -> a bus
+
+
 class Runtime:
     """A connected service: node name, topics, bus (with will) and the heartbeat task.
 
-    ``heartbeat`` is called every period with the base heartbeat and returns the one to send,
-    so a service adds its own queue state without owning the timing.
+    The service says what its heartbeat carries with :meth:`heartbeat_with`: a function that
+    gets the base heartbeat every period and returns the one to send, so a service adds its own
+    queue state without owning the timing. ``bus`` makes the bus (default: MQTT to
+    ``OFFRAMP_BROKER_URL``; tests pass an in-memory one).
     """
 
     def __init__(self, role: str, common: CommonSettings, *,
-                 heartbeat: HeartbeatBuilder | None = None, bus_address: Any = None) -> None:
-        if not common.bus.broker_url and bus_address is None:
+                 bus: BusFactory | None = None) -> None:
+        if not common.bus.broker_url and bus is None:
             raise SettingsError("OFFRAMP_BROKER_URL is not set: point it at your broker, "
                                 "e.g. mqtt://127.0.0.1:1883 (offramp up starts one for you)")
         self.role = role
@@ -45,10 +49,13 @@ class Runtime:
         self.topics = Topics(common.bus.topic_prefix)
         self.state_topic = self.topics.state(role, self.node)
         will = Will(self.state_topic, Heartbeat(role=role, node=self.node, online=False).encode())
-        self.bus = Bus(common.bus, f"offramp-{role}-{self.node}", will=will, address=bus_address)
+        client_id = f"offramp-{role}-{self.node}"
+        self.bus: MessageBus = (bus or (lambda c, w: Bus(common.bus, c, will=w)))(client_id, will)
         self.log = structlog.get_logger(f"offramp.{role}").bind(node=self.node)
-        self._heartbeat = heartbeat or (lambda hb: hb)
+        self._heartbeat: HeartbeatBuilder = lambda hb: hb
+        self.draining = False  # said in every heartbeat from the moment it is set
         self._seq = 0
+        self._tasks = contextlib.AsyncExitStack()
         self._hb_task: asyncio.Task[None] | None = None
         self._soon = asyncio.Event()
         self.early_beats = 0
@@ -56,6 +63,10 @@ class Runtime:
         self._checks: list[Readiness] = []
         self.http: HealthServer | None = None
         self.metrics.on_collect(self._read_bus)
+
+    def heartbeat_with(self, build: HeartbeatBuilder) -> None:
+        """From now on, every heartbeat is ``build(base heartbeat)``."""
+        self._heartbeat = build
 
     def require(self, check: Readiness) -> None:
         """Add a readiness condition: ``check()`` returns None when met, else what is missing."""
@@ -89,7 +100,8 @@ class Runtime:
                 raise SettingsError(f"OFFRAMP_HTTP_PORT={self.common.http_port}: cannot listen "
                                     f"({exc})") from None
         await self.bus.__aenter__()
-        self._hb_task = asyncio.create_task(self._beat(), name=f"heartbeat:{self.node}")
+        tg = await self._tasks.enter_async_context(asyncio.TaskGroup())
+        self._hb_task = tg.create_task(self._beat(), name=f"heartbeat:{self.node}")
         self.log.info("service_started", role=self.role, broker=self.bus.address.url())
         return self
 
@@ -97,8 +109,7 @@ class Runtime:
                         tb: TracebackType | None) -> None:
         if self._hb_task is not None:
             self._hb_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._hb_task
+        await self._tasks.aclose()
         if self.bus.connected.is_set():
             with contextlib.suppress(OfframpError):
                 offline = Heartbeat(role=self.role, node=self.node, online=False, seq=self._seq + 1,
@@ -111,7 +122,13 @@ class Runtime:
 
     def base_heartbeat(self) -> Heartbeat:
         self._seq += 1
-        return Heartbeat(role=self.role, node=self.node, online=True, seq=self._seq, ts=time.time())
+        return Heartbeat(role=self.role, node=self.node, online=True, seq=self._seq,
+                         ts=time.time(), draining=self.draining)
+
+    def drain(self) -> None:
+        """Say in the heartbeat, now, that this service is stopping: it takes no new work."""
+        self.draining = True
+        self.beat_soon()
 
     async def _publish_state(self, hb: Heartbeat) -> None:
         await self.bus.publish(self.state_topic, hb.encode(), qos=0, retain=True)

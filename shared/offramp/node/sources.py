@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from offramp.bus.topics import check_name
+from offramp.bus import Message, Topics, check_name
 from offramp.errors import SettingsError, TopicError, WireError
 from offramp.settings import setting
 
@@ -81,6 +82,30 @@ class SourceSpec:
         return json.dumps(body).encode()
 
 
+@dataclass(frozen=True)
+class Registration:
+    """One retained message on ``control/source/{source}``: the spec, or None to remove it."""
+
+    source: str
+    spec: SourceSpec | None
+
+
+def parse_registration(source: str, payload: bytes) -> Registration:
+    """The registration ``payload`` makes for ``source``; WireError saying why it is not one."""
+    if not payload:
+        return Registration(source, None)
+    try:
+        spec = SourceSpec.parse(source, json.loads(payload), f"control/source/{source}")
+    except (ValueError, TopicError) as exc:  # JSON errors are ValueErrors too
+        raise WireError(f"source registration for {source!r}: {exc}") from None
+    return Registration(source, spec)
+
+
+def registration(topics: Topics) -> Callable[[Message], Registration]:
+    """A subscription decoder for ``control/source/+`` (the source comes from the topic)."""
+    return lambda msg: parse_registration(topics.parse(msg.topic).source, msg.payload)
+
+
 class SourceRegistry:
     def __init__(self, settings: SourceSettings) -> None:
         self.settings = settings
@@ -89,15 +114,14 @@ class SourceRegistry:
 
     def update(self, source: str, payload: bytes) -> SourceSpec | None:
         """Apply a retained registration; an empty payload removes it. Raises WireError."""
-        if not payload:
-            self._messages.pop(source, None)
-            return None
-        try:
-            spec = SourceSpec.parse(source, json.loads(payload), f"control/source/{source}")
-        except (ValueError, TopicError) as exc:
-            raise WireError(f"source registration for {source!r}: {exc}") from None
-        self._messages[source] = spec
-        return spec
+        return self.apply(parse_registration(source, payload))
+
+    def apply(self, reg: Registration) -> SourceSpec | None:
+        if reg.spec is None:
+            self._messages.pop(reg.source, None)
+        else:
+            self._messages[reg.source] = reg.spec
+        return reg.spec
 
     def lookup(self, source: str) -> SourceSpec | None:
         """The source's entry; for an unknown source the default one, or None ('reject')."""

@@ -108,6 +108,8 @@ class Heartbeat(WireMessage):
     (0: unknown), ``loadable``/``max_segments`` what the scheduler may ask it to host.
     ``device`` is what a worker's segments run on (``cpu``, ``cuda``, ``tensorrt``; empty when
     unknown), as ONNX Runtime gave it, which may differ from what it was asked for.
+    ``draining``: the service is stopping; it advertises no segment and grants no credit, and
+    senders stop sending to it at once (it still finishes what it holds).
     """
 
     KIND: ClassVar[str] = "hb"
@@ -127,6 +129,7 @@ class Heartbeat(WireMessage):
     loadable: tuple[SegmentRef, ...] = ()
     max_segments: int = 0
     device: str = ""
+    draining: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {"role": self.role, "node": self.node, "online": self.online, "seq": self.seq,
@@ -136,21 +139,27 @@ class Heartbeat(WireMessage):
                 "sent": [c.to_wire() for c in self.sent], "link_bps": self.link_bps,
                 "link_rtt": self.link_rtt_s,
                 "loadable": [[s.model, s.segment] for s in self.loadable],
-                "max_segs": self.max_segments, "device": self.device}
+                "max_segs": self.max_segments, "device": self.device,
+                "draining": self.draining}
 
     @classmethod
     def from_wire(cls, r: Reader) -> Heartbeat:
         stats = r.map("stats")
-        wants = tuple(Want(model=row[0].text("_"), segment=row[1].integer("_"), priority=row[2].number("_"),
-                           count=row[3].integer("_")) for row in r.rows("wants", 4))
+        wants = tuple(Want(model=row[0].text("_"), segment=row[1].integer("_"),
+                           priority=row[2].number("_"), count=row[3].integer("_"))
+                      for row in r.rows("wants", 4))
         sent = tuple(SentCount(receiver=row[0].text("_"), receiver_boot=row[1].number("_"),
-                               model=row[2].text("_"), segment=row[3].integer("_"), count=row[4].integer("_"))
+                               model=row[2].text("_"), segment=row[3].integer("_"),
+                               count=row[4].integer("_"))
                      for row in r.rows("sent", 5))
         loadable = tuple(SegmentRef(model=row[0].text("_"), segment=row[1].integer("_"))
                          for row in r.rows("loadable", 2))
-        return cls(role=r.text("role"), node=r.text("node"), online=r.flag("online"), seq=r.integer("seq"),
-                   ts=r.number("ts"), segments=tuple(SegmentLoad.from_wire(s) for s in r.maps("segments")),
+        return cls(role=r.text("role"), node=r.text("node"), online=r.flag("online"),
+                   seq=r.integer("seq"), ts=r.number("ts"),
+                   segments=tuple(SegmentLoad.from_wire(s) for s in r.maps("segments")),
                    flops_per_s=r.number("flops"), stats={k: stats.number(k) for k in stats},
                    boot=r.number("boot"), wants=wants, sent=sent, link_bps=r.number("link_bps"),
-                   link_rtt_s=r.number("link_rtt"), loadable=loadable, max_segments=r.integer("max_segs"),
-                   device=r.opt_text("device") or "")
+                   link_rtt_s=r.number("link_rtt"), loadable=loadable,
+                   max_segments=r.integer("max_segs"),
+                   device=r.opt_text("device") or "",
+                   draining=r.flag("draining") if r.has("draining") else False)

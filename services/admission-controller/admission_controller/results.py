@@ -1,0 +1,86 @@
+"""Every frame's one answer: its JSON result on ``results/{source}``, the metrics and counts
+it adds, published QoS 1 through a bounded outbox (many in flight, none lost from view)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from types import TracebackType
+from typing import Any, Self
+
+from offramp.bus import Topics
+from offramp.bus.outbox import Outbox
+from offramp.errors import OfframpError
+from offramp.node.metrics import LATENCY_BUCKETS, Metrics
+from offramp.wire import Completion, Result, Status
+
+Publish = Callable[[str, bytes], Awaitable[None]]  # topic, payload: QoS 1
+
+
+class Results:
+    """Use as ``async with Results(...) as results:``; on the way out the results still in
+    flight get a few seconds to reach the broker."""
+
+    def __init__(self, *, classes: Sequence[str], topics: Topics, publish: Publish,
+                 metrics: Metrics, log: Any, in_flight: int) -> None:
+        self.classes = classes
+        self.topics = topics
+        self.publish = publish
+        self.log = log
+        self.outbox = Outbox(in_flight)
+        self.counts: Counter[str] = Counter()
+        self.m_results = metrics.counter("offramp_results_total", "Results published, by source "
+                                         "and status", ["source", "status"])
+        self.m_exits = metrics.counter("offramp_exits_total", "Frames answered at each exit",
+                                       ["exit"])
+        self.m_latency = metrics.histogram("offramp_latency_seconds", "Ingest to result of 'ok' "
+                                           "frames, by source", LATENCY_BUCKETS, ["source"])
+
+    async def __aenter__(self) -> Self:
+        await self.outbox.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.outbox.__aexit__(exc_type, exc, tb)
+
+    async def answer(self, task_id: str, source: str, frame_id: str, status: Status, *,
+                     error: str | None = None, done: Completion | None = None,
+                     created: float | None = None) -> None:
+        """Publish the result of one frame: from its completion (``ok``), or with ``error``
+        saying why it got none; ``created`` gives its latency."""
+        now = time.time()
+        result = Result(task_id=task_id, source=source, frame_id=frame_id, status=status,
+                        error=error, ts=now)
+        if done is not None:
+            result = self._completed(result, done, now)
+            self.m_exits.labels(exit=done.exit_index).inc()
+            self.m_latency.labels(source=source).observe(now - done.created)
+        elif created is not None:
+            result = replace(result, latency_ms={"total": round(1000 * (now - created), 3)})
+        self.counts[status] += 1
+        self.m_results.labels(source=source, status=status).inc()
+        await self.outbox.send(self._publish(task_id, source, result.to_json()))
+
+    def _completed(self, result: Result, done: Completion, now: float) -> Result:
+        queue = sum(h.started - h.arrived for h in done.hops)
+        compute = sum(h.finished - h.started for h in done.hops)
+        total = now - done.created
+        known = 0 <= done.label < len(self.classes)
+        return replace(result, label=done.label,
+                       class_name=self.classes[done.label] if known else None,
+                       confidence=round(done.confidence, 6), exit_index=done.exit_index,
+                       reason=done.reason, nodes=[h.node for h in done.hops],
+                       thresholds=list(done.thresholds),
+                       latency_ms={"total": round(1000 * total, 3),
+                                   "queue": round(1000 * queue, 3),
+                                   "compute": round(1000 * compute, 3),
+                                   "transfer": round(1000 * max(0.0, total - queue - compute), 3)})
+
+    async def _publish(self, task_id: str, source: str, payload: bytes) -> None:
+        try:
+            await self.publish(self.topics.results(source), payload)
+        except OfframpError as exc:
+            self.log.error("result_not_published", task_id=task_id, error=str(exc))

@@ -1,0 +1,43 @@
+"""The admission-controller's settings (``OFFRAMP_ADMISSION_*``, with the source registry's
+``OFFRAMP_SOURCES_*`` and the admission strategy's ``OFFRAMP_CONTROL_*``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from offramp.node.sources import SourceSettings
+from offramp.policy.admission import ControlSettings
+from offramp.settings import CommonSettings, nested, setting
+
+PREFIX = "OFFRAMP_ADMISSION_"
+
+
+@dataclass(frozen=True)
+class AdmissionSettings:
+    common: CommonSettings = nested(CommonSettings, "OFFRAMP_")
+    sources: SourceSettings = nested(SourceSettings, "OFFRAMP_SOURCES_")
+    control: ControlSettings = nested(ControlSettings, "OFFRAMP_CONTROL_")
+    bundle: str = setting("bundles/demo", "Model bundle directory")
+    max_in_flight: int = setting(256, "Frames in flight per source; beyond it: 'dropped'",
+                                 min=1, max=1_000_000)
+    ingest_queue: int = setting(2048, "Bound of the ingest inbox; overflow: 'dropped'", min=1,
+                                max=1_000_000)
+    progress_timeout_s: float = setting(5.0, "Dispatch again when no result after this long "
+                                        "(plus twice the backlog along the path)",
+                                        min=0.05, max=3600)
+    max_attempts: int = setting(3, "Dispatches per frame before it is answered 'error'", min=1,
+                                max=100)
+    deadline_s: float = setting(0.0, "Default deadline per frame after arrival (0: none)", min=0,
+                                max=86400)
+    dispatch_batch: int = setting(8, "Frames per first-activation packet", min=1, max=1024)
+    dispatch_wait_ms: float = setting(1.0, "Longest wait to fill a packet", min=0, max=1000)
+    codec: Literal["raw", "fp16"] = setting("raw", "Codec of the input tensor")
+    results_in_flight: int = setting(256, "Results being published at once (QoS 1)", min=1,
+                                     max=100_000)
+    max_pixels: int = setting(0, "Largest image accepted, in pixels, read from its header "
+                              "before any decoding (0: 4K UHD, or 4x the model input if larger)",
+                              min=0, max=1 << 28)
+    dedup_s: float = setting(10.0, "A frame id seen again from the same source within this "
+                             "long is a redelivery and gets no second result (0: off)", min=0,
+                             max=3600)

@@ -1,0 +1,140 @@
+"""A bus in memory, for tests that build services in one process: the same interface as
+:class:`~offramp.bus.connection.Bus` (subscribe with inboxes and decoders, publish, retained
+messages, wills, connection state), with a :class:`MemoryBroker` in place of Mosquitto.
+
+Delivery is immediate and in order, as one broker delivers to one subscriber; a message goes
+to every bus with a matching subscription (and to the first matching subscription of each).
+Shared subscriptions are delivered to one member in turn, as Mosquitto does. QoS is accepted
+and has nothing to do: nothing is lost in memory. :meth:`MemoryBus.crash` drops a bus without
+a clean disconnect, so its will is published, as the broker would on a lost connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from itertools import count
+from types import TracebackType
+from typing import Any, Self
+
+from paho.mqtt.client import topic_matches_sub
+
+from offramp.bus.subscription import MessageBus, Subscription, Will
+from offramp.errors import BusError
+
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MemoryAddress:
+    name: str
+
+    def url(self) -> str:
+        return f"memory://{self.name}"
+
+
+class MemoryBroker:
+    """Routes messages between the :class:`MemoryBus` clients attached to it and keeps
+    retained messages, as one broker would."""
+
+    def __init__(self, name: str = "broker") -> None:
+        self.address = MemoryAddress(name)
+        self.retained: dict[str, bytes] = {}
+        self._clients: dict[str, MemoryBus] = {}
+        self._turns = count()
+
+    def attach(self, bus: MemoryBus) -> None:
+        if bus.client_id in self._clients:
+            self._clients[bus.client_id].crash()  # a client id takes over the older session
+        self._clients[bus.client_id] = bus
+
+    def detach(self, bus: MemoryBus, *, clean: bool) -> None:
+        if self._clients.get(bus.client_id) is bus:
+            del self._clients[bus.client_id]
+            if not clean and bus.will is not None:
+                w = bus.will
+                self.publish(w.topic, w.payload, w.retain)
+
+    def publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        if retain:
+            if payload:
+                self.retained[topic] = payload
+            else:
+                self.retained.pop(topic, None)  # an empty retained message clears the topic
+        groups: dict[str, list[tuple[MemoryBus, Subscription[Any]]]] = {}
+        for bus in list(self._clients.values()):
+            for sub in bus.router.subs:
+                if not topic_matches_sub(sub.filter, topic):
+                    continue
+                if sub.mqtt_filter != sub.filter:  # $share/<group>/...: one member of a group
+                    groups.setdefault(sub.mqtt_filter, []).append((bus, sub))
+                else:
+                    bus.router.deliver(topic, payload, False)
+                break
+        for members in groups.values():
+            bus, _ = members[next(self._turns) % len(members)]
+            bus.router.deliver(topic, payload, False)
+
+    def replay_retained(self, bus: MemoryBus, sub: Subscription[Any]) -> None:
+        for topic, payload in list(self.retained.items()):
+            if topic_matches_sub(sub.filter, topic):
+                bus.router.deliver(topic, payload, True)
+
+
+class MemoryBus(MessageBus):
+    """A client of a :class:`MemoryBroker`. Use as ``async with MemoryBus(broker, id) as bus``."""
+
+    def __init__(self, broker: MemoryBroker, client_id: str, *, will: Will | None = None,
+                 inbound_queue: int = 1024, max_message_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        super().__init__(client_id, inbound_queue)
+        self.broker = broker
+        self.address = broker.address
+        self.will = will
+        self.max_message_bytes = max_message_bytes
+        self.connected = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        self.broker.attach(self)
+        self.stats.connects += 1
+        self.connected.set()
+        for sub in self.router.subs:
+            self.broker.replay_retained(self, sub)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Disconnect cleanly: the broker does not publish the will."""
+        self.connected.clear()
+        self.broker.detach(self, clean=True)
+
+    def crash(self) -> None:
+        """Drop the connection without a clean disconnect: the broker publishes the will."""
+        self.connected.clear()
+        self.broker.detach(self, clean=False)
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except TimeoutError:
+            raise BusError(f"no connection to {self.address.url()} within {timeout} s") from None
+
+    async def publish(self, topic: str, payload: bytes | bytearray | memoryview, *, qos: int = 0,
+                      retain: bool = False) -> None:
+        if len(payload) > self.max_message_bytes:
+            raise BusError(f"message of {len(payload)} bytes to {topic} is over "
+                           "OFFRAMP_MAX_MESSAGE_BYTES")
+        if not self.connected.is_set():
+            raise BusError(f"could not publish to {topic}: not connected to "
+                           f"{self.address.url()}")
+        self.broker.publish(topic, bytes(payload), retain)
+        self.stats.published += 1
+
+    async def _remote_subscribe(self, sub: Subscription[Any]) -> None:
+        if self.connected.is_set():
+            self.broker.replay_retained(self, sub)
+
+    async def _remote_unsubscribe(self, sub: Subscription[Any]) -> None:
+        return None
