@@ -277,3 +277,40 @@ def test_task_ids_are_never_reused_by_a_restarted_admission_controller(
     assert len(incarnations) == 2, incarnations
     assert all(r.task_id.startswith("admission-1-") for r in results)
     assert all(code == 0 for code in codes.values()), str(codes)
+
+
+def test_a_worker_stopped_mid_stream_says_so_first_and_no_frame_waits(
+        tiny_bundle: Bundle, prefix: str) -> None:
+    """The rolling-update case. worker-2 runs segment 1 and sends the rest on to worker-1 (or,
+    slower, to worker-3, which hosts the same). worker-1 gets SIGTERM mid-stream: it says it is
+    draining before it stops reading, so worker-2 stops sending to it at once, and packets
+    already on their way are still served. Every frame is answered, none slower than 1 s: a
+    packet lost on that later hop would wait for the admission-controller's 5 s progress
+    timeout, since worker-1 was not the frame's first hop."""
+    _, payloads = _frames(360)
+    env = {"OFFRAMP_WORKER_FOLLOW_PLAN": "false", "OFFRAMP_ARBITER_REPUBLISH_S": "0.5"}
+    rest = tuple(range(2, tiny_bundle.num_segments + 1))
+    with LocalSystem(tiny_bundle, 0, prefix=prefix, env=env) as system:
+        system.add_worker("worker-1", rest)
+        system.add_worker("worker-2", (1,))
+        system.add_worker("worker-3", rest, {"OFFRAMP_WORKER_SLOWDOWN": "3"})
+        system.workers = 3
+        victim = system.member("worker-1")
+
+        async def rolling_update(bus: Bus) -> None:
+            await asyncio.sleep(1.2)
+            victim.signal(signal.SIGTERM)
+
+        results = asyncio.run(_run(system, payloads, rate=180, during=rolling_update))
+        assert victim.proc is not None
+        code = victim.proc.wait(20)
+        logs = system.logs(tail=3000)
+        system.stop()
+    per_frame = Counter(r.frame_id for r in results)
+    assert len(per_frame) == len(payloads) and set(per_frame.values()) == {1}
+    assert Counter(r.status for r in results) == {"ok": len(payloads)}
+    slowest = max(r.latency_ms["total"] for r in results)
+    assert slowest < 1000, (slowest, logs)
+    assert code == 0
+    assert '"worker_draining"' in logs
+    assert any("worker-1" in r.nodes for r in results)  # it did serve until it stopped
