@@ -1,0 +1,326 @@
+"""The middle tier: services and their parts built in this process on the in-memory bus, with
+a real ONNX bundle. Between the pure policy tests and the system tests that start process
+groups on a real broker; most of these run in milliseconds once the bundle exists."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import structlog
+from test_system import reference
+
+from admission_controller.dispatch import DispatchConfig, Dispatcher
+from admission_controller.service import run as admission_run
+from admission_controller.settings import AdmissionSettings
+from admission_controller.tracker import Task, Tracker
+from exit_arbiter.service import ArbiterSettings, make_policy
+from exit_arbiter.service import run as arbiter_run
+from offramp.bus import MemoryBroker, MemoryBus, Topics, Will, from_payload
+from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
+from offramp.model.bundle import Bundle
+from offramp.model.inputs import normalise
+from offramp.node.peers import PeerTable
+from offramp.policy.offload import Candidate
+from offramp.settings import load
+from offramp.wire import (
+    ActivationPacket,
+    DoneReport,
+    Grant,
+    Heartbeat,
+    Plan,
+    Sample,
+    SegmentLoad,
+    SegmentRef,
+    Tensor,
+)
+from priority_scheduler.service import SchedulerSettings
+from priority_scheduler.service import run as scheduler_run
+from segment_worker.engine import Engine
+from segment_worker.hosting import Hosting
+from segment_worker.placer import Placer
+from segment_worker.queue import Item
+from segment_worker.service import run as worker_run
+from segment_worker.settings import EngineConfig, WorkerSettings
+
+LOG = structlog.get_logger("test")
+
+
+def _connect(broker: MemoryBroker) -> Callable[[str, Will], MemoryBus]:
+    return lambda client_id, will: MemoryBus(broker, client_id, will=will)
+
+
+async def _bundle_ready(engine: Engine, bundle: Bundle) -> None:
+    loop = asyncio.get_running_loop()
+    for s in bundle.manifest.segments:
+        engine.host(s.index, await loop.run_in_executor(None, engine.load, s.index))
+
+
+# -- the whole system in one process ---------------------------------------------------------
+async def test_the_whole_system_in_one_process_answers_like_the_chain(
+        tiny_bundle: Bundle) -> None:
+    """Admission, arbiter, scheduler and two workers as coroutines on one memory broker: every
+    frame answered, each answer equal to the chained segments run here one by one."""
+    from offramp.ml.data import load_digits
+
+    broker = MemoryBroker()
+    root = str(tiny_bundle.root)
+    env = {"OFFRAMP_TOPIC_PREFIX": "inproc", "OFFRAMP_LOG_LEVEL": "warning",
+           "OFFRAMP_ADMISSION_BUNDLE": root, "OFFRAMP_WORKER_BUNDLE": root,
+           "OFFRAMP_ARBITER_BUNDLE": root, "OFFRAMP_SCHEDULER_BUNDLE": root,
+           "OFFRAMP_SCHEDULER_SETTLE_S": "0.2", "OFFRAMP_WORKER_FOLLOW_PLAN": "false"}
+    k = tiny_bundle.num_segments
+    stop = asyncio.Event()
+    images = load_digits().test.images[:40]
+    policy = make_policy(ArbiterSettings(), tiny_bundle.calibration(), tiny_bundle.name, 1)
+    want = reference(tiny_bundle, images, policy)
+    topics = Topics("inproc")
+    connect = _connect(broker)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(arbiter_run(load(ArbiterSettings, "OFFRAMP_ARBITER_",
+                                        {**env, "OFFRAMP_NODE": "arbiter-1"}), stop,
+                                   connect=connect))
+        tg.create_task(scheduler_run(load(SchedulerSettings, "OFFRAMP_SCHEDULER_",
+                                          {**env, "OFFRAMP_NODE": "scheduler-1"}), stop,
+                                     connect=connect))
+        for node, segs in (("worker-1", "1,2"), ("worker-2", ",".join(map(str, range(3, k + 1))))):
+            tg.create_task(worker_run(load(WorkerSettings, "OFFRAMP_WORKER_", {
+                **env, "OFFRAMP_NODE": node, "OFFRAMP_WORKER_SEGMENTS": segs}), stop,
+                connect=connect))
+        tg.create_task(admission_run(load(AdmissionSettings, "OFFRAMP_ADMISSION_",
+                                          {**env, "OFFRAMP_NODE": "admission-1"}), stop,
+                                     connect=connect))
+        try:
+            async with MemoryBus(broker, "camera") as cam:
+                await wait_for_workers(cam, topics, 2, 20)
+                policies = await cam.subscribe(topics.exit_policy(tiny_bundle.name))
+                await asyncio.wait_for(policies.get(), 10)
+                results = await cam.subscribe(topics.results_all(), maxsize=1000)
+                payloads = [envelope(f"f{i}", image=im) for i, im in enumerate(images)]
+                await publish_frames(cam, topics.ingest("cam-1"), payloads, rate=0)
+                got = await collect(results, len(payloads), 30)
+        finally:
+            stop.set()
+    by_frame = {r.frame_id: r for r in got.results}
+    assert len(got.results) == len(payloads) == len(by_frame)
+    for i, expected in enumerate(want):
+        r = by_frame[f"f{i}"]
+        assert r.status == "ok", r
+        assert (r.label, r.exit_index) == (expected.label, expected.exit_index), (i, r, expected)
+
+
+# -- the worker's engine ----------------------------------------------------------------------
+@pytest.fixture
+async def engine(tiny_bundle: Bundle) -> AsyncIterator[tuple[Engine, MemoryBus, Topics]]:
+    broker = MemoryBroker()
+    topics = Topics("eng")
+    async with MemoryBus(broker, "w1") as bus:
+        async def publish(topic: str, payload: bytes, qos: int) -> None:
+            await bus.publish(topic, payload, qos=qos)
+
+        cfg = EngineConfig(node="w1", batch_max=8, batch_wait_s=0.0)
+        async with Engine(tiny_bundle, cfg, topics, PeerTable("w1"), publish) as eng:
+            await _bundle_ready(eng, tiny_bundle)
+            yield eng, bus, topics
+
+
+def _packet(bundle: Bundle, n: int, offset: int = 0) -> tuple[np.ndarray, bytes]:
+    from offramp.ml.data import load_digits
+
+    images = load_digits().test.images[offset:offset + n]
+    x = normalise(images, bundle.manifest.input)
+    samples = tuple(Sample(task_id=f"t{i}", source="cam", frame_id=f"f{i}", created=time.time())
+                    for i in range(n))
+    return images, ActivationPacket(model=bundle.name, segment=1, samples=samples,
+                                    tensor=Tensor.encode(x)).encode()
+
+
+async def _serve_all(eng: Engine, k: int, until: Callable[[], Awaitable[Any]]) -> Any:
+    """Serve every segment until ``until()`` returns (then stop serving, as hosting does)."""
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        servers = [tg.create_task(eng.serve(seg, stop)) for seg in range(1, k + 1)]
+        try:
+            return await until()
+        finally:
+            for task in servers:
+                task.cancel()
+
+
+async def test_one_engine_hosting_every_segment_answers_like_the_chain(
+        engine: tuple[Engine, MemoryBus, Topics], tiny_bundle: Bundle) -> None:
+    eng, bus, topics = engine
+    eng.policy = make_policy(ArbiterSettings(), tiny_bundle.calibration(), tiny_bundle.name, 1)
+    done = await bus.subscribe(topics.done_all(), decode=from_payload(DoneReport.decode))
+    images, packet = _packet(tiny_bundle, 24)
+    assert eng.accept(packet, 1 << 24) == 24
+
+    async def answers() -> list[Any]:
+        out: list[Any] = []
+        while len(out) < 24:
+            out.extend((await asyncio.wait_for(done.get(), 10)).completions)
+        return out
+
+    completions = await _serve_all(eng, tiny_bundle.num_segments, answers)
+    want = reference(tiny_bundle, images, eng.policy)
+    got = {c.frame_id: c for c in completions}
+    for i, expected in enumerate(want):
+        c = got[f"f{i}"]
+        assert (c.label, c.exit_index) == (expected.label, expected.exit_index)
+        assert [h.segment for h in c.hops] == list(range(1, c.exit_index + 1))
+    assert eng.idle()
+
+
+async def test_bad_and_misrouted_packets_are_counted_not_raised(
+        engine: tuple[Engine, MemoryBus, Topics], tiny_bundle: Bundle) -> None:
+    eng, _, _ = engine
+    assert eng.accept(b"\x00garbage", 1 << 20) == 0
+    other = ActivationPacket(model="other", segment=1, samples=(
+        Sample(task_id="t", source="s", frame_id="f"),),
+        tensor=Tensor.encode(np.zeros((1, 3, 32, 32), np.float32))).encode()
+    assert eng.accept(other, 1 << 20) == 0
+    assert (eng.counters.bad_packets, eng.counters.misrouted) == (1, 1)
+
+
+async def test_a_draining_engine_advertises_nothing_and_grants_no_credit(
+        engine: tuple[Engine, MemoryBus, Topics]) -> None:
+    eng, _, _ = engine
+    assert [s.segment for s in eng.loads(time.monotonic())] == [1, 2, 3, 4]
+    eng.drain()
+    assert eng.loads(time.monotonic()) == () and eng.serving() == []
+    assert not eng.credit_due()
+    assert eng.local_candidate(2, 1.0) is not None  # its own work still moves on here
+    peers = PeerTable("w2")
+    load = SegmentLoad(model="m", segment=1, service_rate=100.0,
+                       credits={"w2": Grant(boot=0.0, limit=10)})
+    peers.update(Heartbeat(role="worker", node="w1", segments=(load,), draining=True))
+    assert peers.candidates("m", 1) == []
+
+
+# -- the placer -------------------------------------------------------------------------------
+class _Stages:
+    def __init__(self, local: Candidate | None) -> None:
+        self.local = local
+        self.handed: list[tuple[int, int]] = []
+        self.left: list[tuple[int, int]] = []
+
+    def local_candidate(self, segment: int, priority: float) -> Candidate | None:
+        return self.local
+
+    def hand_over(self, segment: int, items: list[Item]) -> None:
+        self.handed.append((segment, len(items)))
+
+    def forwarded(self, segment: int, count: int) -> None:
+        self.left.append((segment, count))
+
+
+def _items(n: int, priority: float = 1.0) -> list[Item]:
+    return [Item(Sample(task_id=f"t{i}", source="cam", frame_id=f"f{i}", priority=priority),
+                 np.zeros(16, np.float32), None, time.time()) for i in range(n)]
+
+
+def _worker_beat(node: str, segment: int, *, grant_to: str, limit: int,
+                 sender_boot: float = 0.0) -> Heartbeat:
+    """A worker's heartbeat granting ``grant_to`` (that run of it) ``limit`` samples in all."""
+    load = SegmentLoad(model="m", segment=segment, service_rate=1000.0,
+                       credits={grant_to: Grant(boot=sender_boot, limit=limit)})
+    return Heartbeat(role="worker", node=node, segments=(load,))
+
+
+async def test_the_placer_sends_within_credit_and_keeps_the_rest() -> None:
+    sent: list[tuple[str, int]] = []
+    nudges: list[int] = []
+
+    async def transmit(topic: str, payload: bytes) -> None:
+        sent.append((topic, len(ActivationPacket.decode(payload).samples)))
+
+    peers = PeerTable("w1")
+    peers.update(_worker_beat("w2", 2, grant_to="w1", limit=5))
+    stages = _Stages(local=None)
+    placer = Placer(EngineConfig(node="w1"), model="m", boot=0.0, peers=peers, stages=stages,
+                    transmit=transmit, act_topic=lambda seg, node: f"act/m/{seg}/{node}",
+                    nudge=lambda: nudges.append(1))
+    await placer.forward(2, _items(8))
+    assert sent == [("act/m/2/w2", 5)]
+    assert placer.parked(2) == 3 and nudges  # asked for more at once
+    assert stages.left == [(1, 5)]
+    peers.update(_worker_beat("w2", 2, grant_to="w1", limit=8))
+    await placer.retry()
+    assert sent[-1] == ("act/m/2/w2", 3) and placer.parked() == 0
+
+
+async def test_the_placer_keeps_near_ties_local() -> None:
+    sent: list[str] = []
+
+    async def transmit(topic: str, payload: bytes) -> None:
+        sent.append(topic)
+
+    peers = PeerTable("w1")
+    peers.update(_worker_beat("w2", 2, grant_to="w1", limit=100))
+    stages = _Stages(local=Candidate("w1", 0.0005, 0.001, local=True, credit=100))
+    placer = Placer(EngineConfig(node="w1", offload_margin_s=0.002), model="m", boot=0.0,
+                    peers=peers, stages=stages, transmit=transmit,
+                    act_topic=lambda seg, node: f"act/m/{seg}/{node}", nudge=lambda: None)
+    await placer.forward(2, _items(4))
+    assert stages.handed == [(2, 4)] and sent == []
+
+
+# -- the dispatcher ---------------------------------------------------------------------------
+async def test_the_dispatcher_sends_within_credit_highest_priority_first() -> None:
+    packets: list[tuple[str, ActivationPacket]] = []
+
+    async def send(node: str, packet: bytes) -> None:
+        packets.append((node, ActivationPacket.decode(packet)))
+
+    tracker = Tracker(100, 5.0, 3)
+    nudges: list[int] = []
+    d = Dispatcher(DispatchConfig(model="m", segments=2, node="adm", batch=4, wait_s=0.0),
+                   tracker=tracker, send=send, nudge=lambda: nudges.append(1), log=LOG)
+    tasks = [Task(f"t{i}", "cam", f"f{i}", np.zeros(8, np.float32), time.time(),
+                  priority=4.0 if i >= 6 else 1.0) for i in range(8)]
+    for t in tasks:
+        tracker.add(t)
+    d.submit(tasks)
+    await d.dispatch()
+    assert packets == [] and d.waiting() == 8 and nudges  # no credit yet: ask for it
+    d.peers.update(_worker_beat("w1", 1, grant_to="adm", limit=3, sender_boot=d.boot))
+    await d.dispatch()
+    assert [(n, [s.task_id for s in p.samples]) for n, p in packets] == [
+        ("w1", ["t6", "t7"]), ("w1", ["t0"])]  # a packet per priority, the higher first
+    assert d.waiting() == 5 and d.waiting(priority=4.0) == 0
+    assert tracker.complete("t1") is not None  # answered meanwhile: never sent
+    d.peers.update(_worker_beat("w1", 1, grant_to="adm", limit=10, sender_boot=d.boot))
+    await d.dispatch()
+    assert sorted(s.task_id for _, p in packets[2:] for s in p.samples) == ["t2", "t3", "t4", "t5"]
+    assert all(len(p.samples) <= 4 for _, p in packets)
+
+
+# -- hosting ----------------------------------------------------------------------------------
+async def test_hosting_follows_a_plan_unloads_what_it_lost_and_takes_it_back(
+        engine: tuple[Engine, MemoryBus, Topics], tiny_bundle: Bundle) -> None:
+    eng, bus, topics = engine
+
+    async def listen(seg: int) -> Any:
+        return await bus.subscribe(topics.act(tiny_bundle.name, seg, "w1"))
+
+    hosting = Hosting(eng, listen, max_bytes=1 << 24, grace_s=0.0, log=LOG)
+    for seg in (1, 2, 3, 4):
+        await hosting.load(seg)
+    ref = [SegmentRef(model=tiny_bundle.name, segment=s) for s in (1, 2)]
+    async with asyncio.TaskGroup() as tg:
+        hosting.start(tg)
+        await hosting.follow(Plan(epoch=1, ts=0.0, nodes={"w1": tuple(ref)}), {1, 2, 3, 4})
+        assert eng.serving() == [1, 2]
+        async with asyncio.timeout(5):
+            while set(eng.hosted) != {1, 2}:  # noqa: ASYNC110 - the unloads run in the group
+                await asyncio.sleep(0.01)
+        await hosting.follow(Plan(epoch=1, ts=0.0, nodes={"w1": ()}), {1, 2, 3, 4})
+        assert eng.serving() == [1, 2]  # not newer: ignored
+        await hosting.follow(Plan(epoch=2, ts=0.0, nodes={"w1": (*ref, SegmentRef(
+            model=tiny_bundle.name, segment=3))}), {1, 2, 3, 4})
+        assert eng.serving() == [1, 2, 3]
+        hosting.finish()
