@@ -7,7 +7,7 @@ Watches completions (``done/+``) for the realised exit shares and reports, in it
 the accuracy they imply: sum over exits of share x calibrated accuracy of that exit.
 
 With ``OFFRAMP_CONTROL_STRATEGY=threshold`` it also adapts the thresholds to the backlog along
-the model (ALGORITHMS.md 1.4), every ``OFFRAMP_CONTROL_TICK_S``, between the calibrated floor
+the model (docs/algorithms.md 1.4), every ``OFFRAMP_CONTROL_TICK_S``, between the calibrated floor
 (thresholds that keep ``OFFRAMP_CONTROL_ACCURACY_FLOOR``) and the configured policy as ceiling.
 """
 

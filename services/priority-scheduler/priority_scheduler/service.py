@@ -1,4 +1,4 @@
-"""priority-scheduler: the control plane of placement (ALGORITHMS.md 3.4).
+"""priority-scheduler: the control plane of placement (docs/algorithms.md 3.4).
 
 Keeps the node registry (worker heartbeats and wills) and the source registry (file and
 retained ``control/source/+`` messages, plus the rates admission-controllers observe), and

@@ -1,4 +1,4 @@
-"""The bounded per-segment queue of a worker: weighted priority with ageing (ALGORITHMS.md
+"""The bounded per-segment queue of a worker: weighted priority with ageing (docs/algorithms.md
 3.2), priority-aware overflow, and dynamic micro-batching."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every MQTT topic offramp uses, built and parsed in one place (ARCHITECTURE.md, Topics).
+"""Every MQTT topic offramp uses, built and parsed in one place (docs/wire.md, Topics).
 
 Services never write a topic string by hand: they ask a :class:`Topics` for it, and parse what
 they receive with :meth:`Topics.parse`.

@@ -1,4 +1,4 @@
-"""Compressing the activation at a cut (ALGORITHMS.md 1.5, after MDI-Exit).
+"""Compressing the activation at a cut (docs/algorithms.md 1.5, after MDI-Exit).
 
 An encoder (1x1 conv shrinking channels by ``ratio``) runs on the sender; its latent travels as
 fp16; the decoder (1x1 conv back, BN, ReLU, 1x1 conv) runs on the receiver. Trained with the

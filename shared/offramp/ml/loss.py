@@ -1,4 +1,4 @@
-"""The joint loss over all exits (ALGORITHMS.md 2.1, after DistrEE):
+"""The joint loss over all exits (docs/algorithms.md 2.1, after DistrEE):
 
 ``L = sum_k w_k [ a CE(y, p_k) + (1 - a) t^2 KL(p_T^t || p_k^t) ] + g sum_k || P_k(f_k) - f_T ||^2``
 

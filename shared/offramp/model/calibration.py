@@ -1,4 +1,4 @@
-"""Calibration of exits on held-out data, and threshold selection (ALGORITHMS.md 1.2).
+"""Calibration of exits on held-out data, and threshold selection (docs/algorithms.md 1.2).
 
 A :class:`Calibration` holds, for every validation sample and exit, each criterion's score and
 whether that exit's prediction is right, plus the cost of reaching each exit. From these it

@@ -1,7 +1,7 @@
 """Exit scores, one definition for calibration, the exit-arbiter and the segment-workers.
 
 Every criterion maps to a score in [0, 1] where higher means "safe to stop here", so that one
-rule serves all of them: a sample exits at exit k when ``score >= T_k`` (ALGORITHMS.md 1.1, 2.2).
+rule serves all of them: a sample exits at exit k when ``score >= T_k`` (docs/algorithms.md 1.1, 2.2).
 
 - confidence: the maximum softmax probability.
 - entropy: ``1 - H(p) / log(C)``, the normalised entropy turned around.

@@ -89,6 +89,9 @@ class Runtime:
         for inbox, n in st.dropped.items():
             r.counter("offramp_inbox_dropped_total", "Messages an inbound queue dropped when full",
                       n, inbox=inbox.rsplit(":", 1)[-1])
+        for subscription, n in st.undecodable.items():
+            r.counter("offramp_messages_undecodable_total", "Messages skipped because they did "
+                      "not decode, by subscription", n, subscription=subscription)
 
     async def __aenter__(self) -> Self:
         if self.common.http_port:

@@ -1,4 +1,4 @@
-"""Data admission at the source (ALGORITHMS.md 1.4), pure and clock-free.
+"""Data admission at the source (docs/algorithms.md 1.4), pure and clock-free.
 
 ``rate`` (arrival-rate adaptation, NUM-style with log utility): every tick the admitted rate of
 a source follows ``lambda <- (1-eta) lambda + eta min(lambda_max, V / max(Q_path, eps))``; a token

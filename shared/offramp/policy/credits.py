@@ -1,4 +1,4 @@
-"""No herding (ALGORITHMS.md 3.3): credit-based admission of offloaded work, pure and clock-free.
+"""No herding (docs/algorithms.md 3.3): credit-based admission of offloaded work, pure and clock-free.
 
 A receiver (a worker hosting a segment) never lets queued work plus the credit it has handed out
 exceed its bound ``B``:

@@ -1,4 +1,4 @@
-"""Per-sample exit decisions inside a batch (ALGORITHMS.md 1.1, 2.2, 2.3).
+"""Per-sample exit decisions inside a batch (docs/algorithms.md 1.1, 2.2, 2.3).
 
 After segment k a sample exits when its score (:mod:`offramp.model.scores`) is >= T_k; the last exit
 always exits. The QoS rule: a sample with a deadline that would miss it by going on (now +

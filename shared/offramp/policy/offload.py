@@ -1,4 +1,4 @@
-"""Where the next task of a sample runs (ALGORITHMS.md 1.3, with PA-MDI's priority-aware
+"""Where the next task of a sample runs (docs/algorithms.md 1.3, with PA-MDI's priority-aware
 backlog, 3.1).
 
 Each candidate n (this node, if it hosts the segment, and every neighbour that does) costs

@@ -1,4 +1,4 @@
-"""The allocation plan (ALGORITHMS.md 3.4, after PA-MDI), pure.
+"""The allocation plan (docs/algorithms.md 3.4, after PA-MDI), pure.
 
 Sources are placed one at a time in priority order (then by name). For a source m with rate
 lambda_m, a chain partition of the model's segments over the nodes is found by dynamic

@@ -1,4 +1,4 @@
-"""Queue discipline on a worker (ALGORITHMS.md 3.2): weighted priority with ageing.
+"""Queue discipline on a worker (docs/algorithms.md 3.2): weighted priority with ageing.
 
 The next task served is the one with the highest urgency ``gamma * (1 + age / tau)``: a task of
 higher priority overtakes, and a waiting task's urgency grows without bound, so a low-priority

@@ -19,7 +19,7 @@ class SegmentRef:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Plan(WireMessage):
-    """The allocation plan (ALGORITHMS.md 3.4): which segments each node hosts, each source's
+    """The allocation plan (docs/algorithms.md 3.4): which segments each node hosts, each source's
     route (segment -> node) and the latency the scheduler expects for it; ``reason`` says why it
     was made (``start``, ``node-joined``, ``node-lost``, ``load-shift``, ``sources``)."""
 

@@ -1,4 +1,4 @@
-"""The messages services exchange (ARCHITECTURE.md, Wire format). msgpack, version 1.
+"""The messages services exchange (docs/wire.md). msgpack, version 1.
 
 Each message is a frozen dataclass with ``encode() -> bytes`` and ``decode(data, max_bytes=...)``.
 Decoding is strict and raises :class:`~offramp.errors.WireError` only. The JSON result that

@@ -1,6 +1,6 @@
 """What nodes say about themselves: heartbeats with queue state, credits and wants.
 
-Credits are the no-herding handshake (ALGORITHMS.md 3.3) carried in heartbeats: a worker grants
+Credits are the no-herding handshake (docs/algorithms.md 3.3) carried in heartbeats: a worker grants
 each sender a cumulative limit of samples for a segment (``SegmentLoad.credits``), and a sender
 announces what it would like to send (``Heartbeat.wants``). See :mod:`offramp.policy.credits`.
 """

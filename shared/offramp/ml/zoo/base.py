@@ -1,6 +1,6 @@
 """The multi-exit network every zoo model is: an ordered list of blocks, exits after some.
 
-Vocabulary (ALGORITHMS.md): a *block* is the smallest cuttable unit; *exit k* is a small head
+Vocabulary (docs/algorithms.md): a *block* is the smallest cuttable unit; *exit k* is a small head
 after some block; *segment k* is the blocks between exit k-1 and exit k plus head k. Each block
 has a :class:`FeatureInfo` (channels and reduction), timm-style, which is what cut points and
 exit heads are chosen from.
