@@ -194,3 +194,16 @@ async def test_the_memory_broker_publishes_the_will_of_a_bus_that_crashed(topics
         await doomed.__aenter__()
         doomed.crash()
         assert await asyncio.wait_for(sub.get(), 1) == will
+
+
+async def test_a_detached_subscription_takes_nothing_more_at_once(make_bus: MakeBus,
+                                                                  topics: Topics) -> None:
+    """What a stopping worker does with its packet subscriptions: no round trip to the broker,
+    and what still arrives is counted as unrouted."""
+    async with make_bus("rx") as rx, make_bus("tx") as tx:
+        sub = await rx.subscribe(topics.ingest_all(), qos=1)
+        await asyncio.gather(rx.wait_connected(5), tx.wait_connected(5))
+        sub.detach()
+        await tx.publish(topics.ingest("a"), b"late", qos=1)
+        await _settle(rx, 1)
+    assert len(sub.inbox) == 0 and rx.stats.unrouted == 1

@@ -109,7 +109,7 @@ class Engine:
         self.hosted: dict[int, Hosted] = {}
         self.counters = Counters()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{cfg.node}")
-        self.outbox = Outbox(1024)
+        self.outbox = Outbox(1024, grace_s=2.0)  # done reports still going out at the end
         self.link = Link(self._send_packet, rate_bps=cfg.link_bits_per_s,
                          delay_s=cfg.link_delay_s)
         self.placer = Placer(cfg, model=self.model, boot=self.boot, peers=peers, stages=self,
@@ -275,9 +275,12 @@ class Engine:
             await self.placer.retry()
 
     def idle(self) -> bool:
-        return (self._inflight == 0 and len(self.outbox) == 0 and len(self.link) == 0
-                and all(len(h.queue) == 0 for h in self.hosted.values())
-                and not self.placer.parked())
+        return self.busy() == 0 and not self.placer.parked()
+
+    def busy(self) -> int:
+        """Samples queued or being computed here, plus publishes not yet done."""
+        return (self._inflight + len(self.outbox) + len(self.link)
+                + sum(len(h.queue) for h in self.hosted.values()))
 
     def _infer_on(self, runner: SegmentRunner, x: np.ndarray) -> tuple[SegmentOutput, float, float]:
         started = time.time()

@@ -60,6 +60,15 @@ class Placer:
         self.park_expired = 0
 
     # -- parking ----------------------------------------------------------------------------------
+    def stranded(self) -> bool:
+        """Whether some parked work has nowhere to go: no fresh host of its segment, here or
+        elsewhere (they are all gone or draining). Waiting for credit cannot help it then."""
+        for seg, items in self._parked.items():
+            if items and not any(c.local or c.age_s <= self.cfg.stale_after_s
+                                 for c in self._candidates(seg, 0.0, 1)):
+                return True
+        return False
+
     def parked(self, segment: int | None = None) -> int:
         if segment is not None:
             return len(self._parked.get(segment, ()))

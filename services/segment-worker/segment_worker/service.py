@@ -107,10 +107,15 @@ async def _drain(settings: WorkerSettings, cfg: EngineConfig, runtime: Runtime, 
                      intake_s=intake_s)
     deadline = time.monotonic() + settings.drain_s
     await asyncio.sleep(intake_s)
-    await hosting.stop_intake()
+    hosting.stop_intake()
     while not engine.idle() and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
         await engine.placer.retry()
+        if engine.placer.stranded() and engine.busy() == 0:
+            # the next segment's hosts are all gone or stopping too (the whole system stops):
+            # the owner of that work dispatches it again or answers it; waiting cannot help
+            runtime.log.warning("drain_stranded", parked=engine.placer.parked())
+            break
     hosting.finish()
 
 

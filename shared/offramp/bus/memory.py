@@ -61,23 +61,22 @@ class MemoryBroker:
                 self.retained[topic] = payload
             else:
                 self.retained.pop(topic, None)  # an empty retained message clears the topic
-        groups: dict[str, list[tuple[MemoryBus, Subscription[Any]]]] = {}
+        groups: dict[str, list[MemoryBus]] = {}
         for bus in list(self._clients.values()):
-            for sub in bus.router.subs:
-                if not topic_matches_sub(sub.filter, topic):
+            for topic_filter, mqtt_filter in bus.remote:
+                if not topic_matches_sub(topic_filter, topic):
                     continue
-                if sub.mqtt_filter != sub.filter:  # $share/<group>/...: one member of a group
-                    groups.setdefault(sub.mqtt_filter, []).append((bus, sub))
+                if mqtt_filter != topic_filter:  # $share/<group>/...: one member of a group
+                    groups.setdefault(mqtt_filter, []).append(bus)
                 else:
                     bus.router.deliver(topic, payload, False)
                 break
         for members in groups.values():
-            bus, _ = members[next(self._turns) % len(members)]
-            bus.router.deliver(topic, payload, False)
+            members[next(self._turns) % len(members)].router.deliver(topic, payload, False)
 
-    def replay_retained(self, bus: MemoryBus, sub: Subscription[Any]) -> None:
+    def replay_retained(self, bus: MemoryBus, topic_filter: str) -> None:
         for topic, payload in list(self.retained.items()):
-            if topic_matches_sub(sub.filter, topic):
+            if topic_matches_sub(topic_filter, topic):
                 bus.router.deliver(topic, payload, True)
 
 
@@ -92,13 +91,14 @@ class MemoryBus(MessageBus):
         self.will = will
         self.max_message_bytes = max_message_bytes
         self.connected = asyncio.Event()
+        self.remote: list[tuple[str, str]] = []  # (filter, MQTT filter) the broker knows of
 
     async def __aenter__(self) -> Self:
         self.broker.attach(self)
         self.stats.connects += 1
         self.connected.set()
         for sub in self.router.subs:
-            self.broker.replay_retained(self, sub)
+            await self._remote_subscribe(sub)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -134,7 +134,10 @@ class MemoryBus(MessageBus):
 
     async def _remote_subscribe(self, sub: Subscription[Any]) -> None:
         if self.connected.is_set():
-            self.broker.replay_retained(self, sub)
+            if (sub.filter, sub.mqtt_filter) not in self.remote:
+                self.remote.append((sub.filter, sub.mqtt_filter))
+            self.broker.replay_retained(self, sub.filter)
 
     async def _remote_unsubscribe(self, sub: Subscription[Any]) -> None:
-        return None
+        if (sub.filter, sub.mqtt_filter) in self.remote:
+            self.remote.remove((sub.filter, sub.mqtt_filter))

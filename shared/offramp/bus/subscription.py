@@ -75,7 +75,8 @@ class Subscription(Generic[T]):
     def __init__(self, topic_filter: str, qos: int, inbox: Inbox[Message],
                  decode: Callable[[Message], T], *, shared_group: str | None,
                  undecodable: Callable[[Subscription[Any], Message, Exception], None],
-                 close: Callable[[Subscription[Any]], Awaitable[None]]) -> None:
+                 close: Callable[[Subscription[Any]], Awaitable[None]],
+                 detach: Callable[[Subscription[Any]], bool]) -> None:
         self.filter = topic_filter
         self.qos = qos
         self.inbox = inbox
@@ -84,6 +85,7 @@ class Subscription(Generic[T]):
         self._decode = decode
         self._undecodable = undecodable
         self._close = close
+        self._detach = detach
 
     async def get(self) -> T:
         """The next message that decodes."""
@@ -111,7 +113,15 @@ class Subscription(Generic[T]):
             yield await self.get()
 
     async def close(self) -> None:
+        """Unsubscribe (the broker is told, and its answer awaited)."""
         await self._close(self)
+
+    def detach(self) -> None:
+        """Stop taking this subscription's messages here, at once, without telling the broker
+        (a stopping service: its disconnect ends the subscription anyway, and waiting for an
+        unsubscribe acknowledgement behind a deep backlog could outlast its grace). What
+        arrives afterwards is counted as unrouted."""
+        self._detach(self)
 
 
 class Router:
@@ -145,7 +155,7 @@ class Router:
         inbox: Inbox[Message] = Inbox(name, maxsize or self.default_maxsize, overflow,
                                       on_drop=dropped)
         sub = Subscription(topic_filter, qos, inbox, decode, shared_group=shared_group,
-                           undecodable=self._undecodable, close=close)
+                           undecodable=self._undecodable, close=close, detach=self.remove)
         self.subs.append(sub)
         self._routes.clear()
         return sub

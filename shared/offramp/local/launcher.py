@@ -120,9 +120,10 @@ class ProcessGroup:
         self.members.append(member)
         return member
 
-    def stop(self, grace_s: float = 15.0) -> dict[str, int | None]:
-        """Grace outlasts a worker's default drain (10 s): a parent that kills at the moment
-        the child gives up draining turns a clean exit into SIGKILL."""
+    def stop(self, grace_s: float = 25.0) -> dict[str, int | None]:
+        """Grace outlasts a worker's longest default stop (0.75 s of intake, 10 s of drain,
+        then its last reports, offline heartbeat and disconnect): a parent that kills at the
+        moment the child gives up draining turns a clean exit into SIGKILL."""
         codes: dict[str, int | None] = {}
         for member in reversed(self.members):
             member.signal(signal.SIGTERM)
