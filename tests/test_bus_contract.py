@@ -207,3 +207,49 @@ async def test_a_detached_subscription_takes_nothing_more_at_once(make_bus: Make
         await tx.publish(topics.ingest("a"), b"late", qos=1)
         await _settle(rx, 1)
     assert len(sub.inbox) == 0 and rx.stats.unrouted == 1
+
+
+@pytest.mark.parametrize("read_path", ["fast", "library"])
+async def test_a_manually_acknowledged_message_comes_again_until_it_is_acknowledged(
+        bus_settings: BusSettings, topics: Topics, read_path: str) -> None:
+    """What the admission-controller's ingest session rests on: a QoS 1 message not yet
+    acknowledged is handed to the next connection with the same client id; one acknowledged
+    is not. The receive maximum bounds how many the broker sends before acknowledgements."""
+    settings = replace(bus_settings, bus_read_path=read_path)  # type: ignore[arg-type]
+    topic = topics.ingest("cam")
+    session = f"session-{topics.prefix.rsplit('/', 1)[-1]}"  # a session of this test's own
+    async with Bus(settings, "tx") as tx:
+        await tx.wait_connected(5)
+        async with Bus(settings, session, manual_ack=True, receive_maximum=2) as rx:
+            sub = await rx.subscribe(topic, qos=1)
+            await rx.wait_connected(5)
+            for i in range(5):
+                await tx.publish(topic, str(i).encode(), qos=1)
+            first = [await asyncio.wait_for(sub.get(), 5) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            assert len(sub.inbox) == 0  # the broker waits: two unacknowledged already
+            rx.ack(first[0])
+            third = await asyncio.wait_for(sub.get(), 5)
+            assert [m.payload for m in (*first, third)] == [b"0", b"1", b"2"]
+            rx.ack(third)
+            await asyncio.sleep(0.2)
+        # gone without acknowledging 1 (and with 3 and 4 queued): the next one gets them
+        async with Bus(settings, session, manual_ack=True) as again:
+            sub = await again.subscribe(topic, qos=1)
+            await again.wait_connected(5)
+            last = [await asyncio.wait_for(sub.get(), 5) for _ in range(3)]
+            await asyncio.sleep(0.2)
+            last += sub.inbox.drain()
+            for m in last:
+                again.ack(m)
+    assert sorted(m.payload for m in last) == [b"1", b"3", b"4"]
+
+
+async def test_a_reply_carries_the_correlation_data(make_bus: MakeBus, topics: Topics) -> None:
+    async with make_bus("rx") as rx, make_bus("tx") as tx:
+        sub = await rx.subscribe(topics.results_all(), qos=1)
+        await asyncio.gather(rx.wait_connected(5), tx.wait_connected(5))
+        await tx.publish(topics.results("cam"), b"{}", qos=1, response_topic="replies/x",
+                         correlation_data=b"\x00id-7")
+        msg = await asyncio.wait_for(sub.get(), 5)
+    assert (msg.response_topic, msg.correlation_data) == ("replies/x", b"\x00id-7")

@@ -12,6 +12,7 @@ from offramp.errors import (
     BrokerError,
     BusError,
     OfframpError,
+    RefusedError,
     SettingsError,
     TopicError,
     WireError,
@@ -20,6 +21,6 @@ from offramp.errors import (
 __version__ = "0.2.0"
 
 __all__ = [
-    "BrokerError", "BusError", "OfframpError", "SettingsError", "TopicError", "WireError",
+    "BrokerError", "BusError", "OfframpError", "RefusedError", "SettingsError", "TopicError", "WireError",
     "__version__",
 ]

@@ -25,3 +25,8 @@ class BrokerError(OfframpError):
 
 class BusError(OfframpError):
     """The MQTT bus is unavailable (not connected within the time allowed, or closed)."""
+
+
+class RefusedError(BusError):
+    """The broker refused a message (MQTT v5 failure reason: the ACL said no): sending it
+    again will not help."""

@@ -30,19 +30,23 @@ from paho.mqtt.properties import Properties
 from offramp.bus import paho_internals
 from offramp.bus.paho_internals import PahoHandle, paho_of
 from offramp.bus.read_path import FastReadPath, Incoming
-from offramp.bus.subscription import MessageBus, Subscription, Will
-from offramp.errors import BusError
+from offramp.bus.subscription import Message, MessageBus, Subscription, Will
+from offramp.errors import BusError, RefusedError
 from offramp.settings import BrokerAddress, BusSettings
 
+Props = tuple[str | None, bytes | None]  # response topic, correlation data
 
-def _publish_qos0(paho: PahoHandle, topic: str, payload: bytes | bytearray,
-                  retain: bool) -> None:
-    """QoS 0 has no acknowledgement: queue the packet on paho's client and return. aiomqtt's
-    publish would wait a loop turn for paho's on-publish callback per message, which costs
-    latency and halves the rate for nothing; aiomqtt's socket writer sends it on the next turn."""
-    info = paho.publish(topic, payload, 0, retain)
+
+def _send(paho: PahoHandle, topic: str, payload: bytes | bytearray, qos: int, retain: bool,
+          props: Props) -> mqtt.MQTTMessageInfo:
+    if props == (None, None):
+        info = paho.publish(topic, payload, qos, retain)
+    else:
+        info = paho.publish_with(topic, payload, qos, retain, response_topic=props[0],
+                                 correlation_data=props[1])
     if info.rc != mqtt.MQTT_ERR_SUCCESS:
         raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+    return info
 
 
 class _Acks:
@@ -65,7 +69,8 @@ class _Acks:
                     inner(c, userdata, mid, reason, props)  # QoS 0, or a publish aiomqtt made
                 elif not fut.done():
                     if getattr(reason, "is_failure", False):
-                        fut.set_exception(BusError(f"the broker refused the message: {reason}"))
+                        fut.set_exception(RefusedError(f"the broker refused the message: "
+                                                       f"{reason}"))
                     else:
                         fut.set_result(None)
             return on_publish
@@ -73,10 +78,8 @@ class _Acks:
         paho.wrap_on_publish(wrap)
 
     def publish(self, paho: PahoHandle, topic: str, payload: bytes | bytearray, qos: int,
-                retain: bool) -> asyncio.Future[None]:
-        info = paho.publish(topic, payload, qos, retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+                retain: bool, props: Props) -> asyncio.Future[None]:
+        info = _send(paho, topic, payload, qos, retain, props)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if info.is_published():
             fut.set_result(None)
@@ -110,8 +113,16 @@ class Bus(MessageBus):
     address: BrokerAddress
 
     def __init__(self, settings: BusSettings, client_id: str, *, will: Will | None = None,
-                 address: BrokerAddress | None = None) -> None:
+                 address: BrokerAddress | None = None, manual_ack: bool = False,
+                 receive_maximum: int = 0) -> None:
+        """``manual_ack``: QoS 1 messages are acknowledged by :meth:`ack`, not on arrival, and
+        a crash hands the unacknowledged ones to the next client with this id (the session).
+        ``receive_maximum`` (MQTT v5, 0: the broker's default) bounds how many the broker
+        sends before some are acknowledged."""
         super().__init__(client_id, settings.inbound_queue)
+        self.manual_ack = manual_ack
+        self.receive_maximum = receive_maximum
+        self._generation = 0  # counts connections: a packet id is only valid on its own
         self.settings = settings
         self.address = address or settings.address()
         self.will = will
@@ -167,22 +178,26 @@ class Bus(MessageBus):
 
     # -- publish / subscribe ------------------------------------------------------------------
     async def publish(self, topic: str, payload: bytes | bytearray | memoryview, *, qos: int = 0,
-                      retain: bool = False) -> None:
-        """Publish; wait up to ``publish_timeout_s`` for a connection, then raise BusError."""
+                      retain: bool = False, response_topic: str | None = None,
+                      correlation_data: bytes | None = None) -> None:
+        """Publish; wait up to ``publish_timeout_s`` for a connection, then raise BusError.
+        QoS 0 returns once the packet is queued (no acknowledgement to wait for): aiomqtt's
+        publish would wait a loop turn per message for paho's callback, halving the rate."""
         if len(payload) > self.settings.max_message_bytes:
             raise BusError(
                 f"message of {len(payload)} bytes to {topic} is over OFFRAMP_MAX_MESSAGE_BYTES"
             )
         deadline = time.monotonic() + self.settings.publish_timeout_s
         data = bytes(payload) if isinstance(payload, memoryview) else payload
+        props = (response_topic, correlation_data)
         while True:
             paho = self._paho
             if paho is not None and self.connected.is_set():
                 try:
                     if qos == 0:
-                        _publish_qos0(paho, topic, data, retain)
+                        _send(paho, topic, data, 0, retain, props)
                     else:
-                        await self._acks.publish(paho, topic, data, qos, retain)
+                        await self._acks.publish(paho, topic, data, qos, retain, props)
                     self.stats.published += 1
                     return
                 except aiomqtt.MqttError as exc:
@@ -216,12 +231,22 @@ class Bus(MessageBus):
         payload = message.payload
         data = payload if isinstance(payload, bytes) else str(payload or "").encode()
         props = message.properties
+        manual = self.manual_ack and message.qos == 1
         self._deliver(Incoming(message.topic.value, data, bool(message.retain),
                                getattr(props, "ResponseTopic", None),
-                               getattr(props, "CorrelationData", None)))
+                               getattr(props, "CorrelationData", None),
+                               message.mid if manual else 0))
 
     def _deliver(self, m: Incoming) -> None:
-        self.router.deliver(m.topic, m.payload, m.retain, m.response_topic, m.correlation_data)
+        ack = (self._generation, m.packet_id) if m.packet_id else None
+        self.router.deliver(m.topic, m.payload, m.retain, m.response_topic, m.correlation_data,
+                            ack)
+
+    def ack(self, msg: Message) -> None:
+        paho = self._paho
+        if msg.ack is None or paho is None or msg.ack[0] != self._generation:
+            return  # nothing to acknowledge, or the broker sends it again on this connection
+        paho.send_puback(msg.ack[1])
 
     def _client_kwargs(self) -> dict[str, Any]:
         addr = self.address
@@ -234,8 +259,11 @@ class Bus(MessageBus):
         if self.will is not None:
             kwargs["will"] = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos,
                                           self.will.retain)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if self.receive_maximum:
+            props.ReceiveMaximum = self.receive_maximum
+            kwargs["properties"] = props
         if self.settings.session_expiry_s > 0:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self.settings.session_expiry_s
             kwargs["properties"] = props
             # Never start clean. Each reconnect makes a new aiomqtt client, whose own "clean
@@ -256,9 +284,12 @@ class Bus(MessageBus):
             try:
                 client = aiomqtt.Client(**self._client_kwargs())
                 paho = PahoHandle(paho_of(client))
+                self._generation += 1
                 if self.settings.bus_read_path == "fast":
-                    self.inbound = FastReadPath(paho, self._deliver)
+                    self.inbound = FastReadPath(paho, self._deliver, manual_ack=self.manual_ack)
                     self.inbound.install()  # before it connects: CONNACK comes this way too
+                elif self.manual_ack:
+                    paho.manual_ack()
                 async with client:
                     self._acks.install(paho)
                     self._connection, self._paho = client, paho

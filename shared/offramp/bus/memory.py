@@ -55,7 +55,8 @@ class MemoryBroker:
                 w = bus.will
                 self.publish(w.topic, w.payload, w.retain)
 
-    def publish(self, topic: str, payload: bytes, retain: bool) -> None:
+    def publish(self, topic: str, payload: bytes, retain: bool,
+                response_topic: str | None = None, correlation_data: bytes | None = None) -> None:
         if retain:
             if payload:
                 self.retained[topic] = payload
@@ -69,10 +70,11 @@ class MemoryBroker:
                 if mqtt_filter != topic_filter:  # $share/<group>/...: one member of a group
                     groups.setdefault(mqtt_filter, []).append(bus)
                 else:
-                    bus.router.deliver(topic, payload, False)
+                    bus.router.deliver(topic, payload, False, response_topic, correlation_data)
                 break
         for members in groups.values():
-            members[next(self._turns) % len(members)].router.deliver(topic, payload, False)
+            members[next(self._turns) % len(members)].router.deliver(
+                topic, payload, False, response_topic, correlation_data)
 
     def replay_retained(self, bus: MemoryBus, topic_filter: str) -> None:
         for topic, payload in list(self.retained.items()):
@@ -122,14 +124,15 @@ class MemoryBus(MessageBus):
             raise BusError(f"no connection to {self.address.url()} within {timeout} s") from None
 
     async def publish(self, topic: str, payload: bytes | bytearray | memoryview, *, qos: int = 0,
-                      retain: bool = False) -> None:
+                      retain: bool = False, response_topic: str | None = None,
+                      correlation_data: bytes | None = None) -> None:
         if len(payload) > self.max_message_bytes:
             raise BusError(f"message of {len(payload)} bytes to {topic} is over "
                            "OFFRAMP_MAX_MESSAGE_BYTES")
         if not self.connected.is_set():
             raise BusError(f"could not publish to {topic}: not connected to "
                            f"{self.address.url()}")
-        self.broker.publish(topic, bytes(payload), retain)
+        self.broker.publish(topic, bytes(payload), retain, response_topic, correlation_data)
         self.stats.published += 1
 
     async def _remote_subscribe(self, sub: Subscription[Any]) -> None:

@@ -5,6 +5,7 @@ a few things their public APIs do not offer:
 
 - aiomqtt's paho client (``aiomqtt.Client._client``): to publish QoS 0 without waiting a loop
   turn per message, to see a PUBACK's reason code (aiomqtt reports a refused message as sent),
+  to acknowledge a QoS 1 message only once the service is done with it (``_send_puback``),
   and to cut the socket when a disconnect hangs;
 - for the fast read path (:mod:`offramp.bus.read_path`): paho's socket read (``_sock_recv``),
   its packet handler (``_packet_read`` replaced, ``_packet_handle``, ``_in_packet``), its
@@ -39,7 +40,7 @@ from offramp.errors import BusError
 
 # What each part of the bus uses: checked by check() at start.
 AIOMQTT_NAMES = ("_client",)
-PAHO_NAMES = ("on_publish", "publish", "socket")
+PAHO_NAMES = ("on_publish", "publish", "socket", "manual_ack_set", "_send_puback")
 READ_PATH_NAMES = ("_sock_recv", "_packet_read", "_packet_handle", "_in_packet", "_send_puback",
                    "_out_messages", "_out_message_mutex", "_do_on_publish", "_msgtime_mutex",
                    "_last_bytes_received", "_protocol")
@@ -96,6 +97,22 @@ class PahoHandle:
         """paho's own publish: queues the packet for aiomqtt's socket writer and returns."""
         info: mqtt.MQTTMessageInfo = self.paho.publish(topic, payload, qos, retain)
         return info
+
+    def publish_with(self, topic: str, payload: bytes | bytearray, qos: int, retain: bool,
+                     *, response_topic: str | None,
+                     correlation_data: bytes | None) -> mqtt.MQTTMessageInfo:
+        """paho's publish with MQTT v5's request/response properties."""
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        if response_topic is not None:
+            props.ResponseTopic = response_topic
+        if correlation_data is not None:
+            props.CorrelationData = correlation_data
+        info: mqtt.MQTTMessageInfo = self.paho.publish(topic, payload, qos, retain, props)
+        return info
+
+    def manual_ack(self) -> None:
+        """paho's own read path leaves QoS 1 acknowledgements to :meth:`send_puback`."""
+        self.paho.manual_ack_set(True)
 
     def wrap_on_publish(self, wrap: Callable[[Any], Callable[..., None]]) -> None:
         """Replace paho's on-publish callback (aiomqtt's) with ``wrap(aiomqtt's)``."""

@@ -41,6 +41,7 @@ class Incoming:
     retain: bool
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    packet_id: int = 0  # a QoS 1 message this side acknowledges itself (manual ack); else 0
 
 
 Deliver = Callable[[Incoming], None]
@@ -65,9 +66,10 @@ def _frame(buf: bytearray, pos: int) -> tuple[int, int] | None:
 class FastReadPath:
     """Reads and dispatches the packets of one paho client; see the module docstring."""
 
-    def __init__(self, paho: PahoHandle, deliver: Deliver) -> None:
+    def __init__(self, paho: PahoHandle, deliver: Deliver, *, manual_ack: bool = False) -> None:
         self._paho = paho
         self._deliver = deliver
+        self._manual_ack = manual_ack  # QoS 1: the receiver acknowledges when it is done
         self._buf = bytearray()
         self.fast = 0  # packets handled here
         self.delegated = 0  # packets handed to paho
@@ -126,10 +128,13 @@ class FastReadPath:
         if isinstance(packet, mqtt5.PublishPacket) and packet.qos != mqtt5.QoS.EXACTLY_ONCE \
                 and packet.topic:  # a topic alias (never asked for) is paho's business
             self.fast += 1
+            qos1 = packet.qos == mqtt5.QoS.AT_LEAST_ONCE and packet.packet_id is not None
+            manual = self._manual_ack and qos1
             self._deliver(Incoming(packet.topic, packet.payload, packet.retain,
-                                   packet.response_topic, packet.correlation_data))
-            if packet.qos == mqtt5.QoS.AT_LEAST_ONCE and packet.packet_id is not None:
-                return self._paho.send_puback(packet.packet_id)
+                                   packet.response_topic, packet.correlation_data,
+                                   packet.packet_id or 0 if manual else 0))
+            if qos1 and not manual:
+                return self._paho.send_puback(packet.packet_id or 0)
             return MQTTErrorCode.MQTT_ERR_SUCCESS
         if isinstance(packet, mqtt5.PubAckPacket) \
                 and packet.reason_code == mqtt5.PubAckReasonCode.SUCCESS:

@@ -39,6 +39,7 @@ class Message:
     received: float = 0.0
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    ack: tuple[int, int] | None = None  # (connection, packet id) to acknowledge; None: done
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +175,9 @@ class Router:
                               error=str(exc), skipped_now=count, skipped_total=total)
 
     def deliver(self, topic: str, data: bytes, retain: bool = False,
-                response_topic: str | None = None, correlation_data: bytes | None = None) -> None:
-        msg = Message(topic, data, retain, time.time(), response_topic, correlation_data)
+                response_topic: str | None = None, correlation_data: bytes | None = None,
+                ack: tuple[int, int] | None = None) -> None:
+        msg = Message(topic, data, retain, time.time(), response_topic, correlation_data, ack)
         self.stats.received += 1
         sub = self._routes.get(topic, _UNSEEN)
         if sub is _UNSEEN:
@@ -225,9 +227,15 @@ class MessageBus:
         raise NotImplementedError
 
     async def publish(self, topic: str, payload: bytes | bytearray | memoryview, *, qos: int = 0,
-                      retain: bool = False) -> None:
-        """Publish, or raise BusError saying why not."""
+                      retain: bool = False, response_topic: str | None = None,
+                      correlation_data: bytes | None = None) -> None:
+        """Publish, or raise BusError saying why not. ``response_topic`` and
+        ``correlation_data`` are MQTT v5's request/response properties."""
         raise NotImplementedError
+
+    def ack(self, msg: Message) -> None:
+        """Acknowledge ``msg`` to the broker now (a bus made with ``manual_ack``; otherwise, and
+        for a message of an earlier connection, which the broker sends again, nothing)."""
 
     @overload
     async def subscribe(self, topic_filter: str, *, qos: int = ..., maxsize: int | None = ...,
