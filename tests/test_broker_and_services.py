@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from offramp.bus import Bus, Topics
+from offramp.bus import Bus, Topics, from_payload
 from offramp.errors import BrokerError
 from offramp.local.broker import LocalBroker, find_mosquitto
 from offramp.local.launcher import ServiceProcess
@@ -265,10 +265,12 @@ def _exited(pid: int) -> bool:
 async def test_frames_taken_but_not_yet_decoded_are_answered_when_admission_stops(
         broker: LocalBroker, bus_settings: BusSettings, topics: Topics, prefix: str,
         tmp_path: Path, bundle_env: dict[str, str]) -> None:
-    """The admission-controller acknowledges a frame to the broker when it reads it, so from
-    then on it owes the frame a result. Images of 16 megapixels (50 KB of PNG each, a few
-    tenths of a second to decode) keep its decode thread busy while the rest wait in its inbox
-    and in hand; a SIGTERM then still answers every one, and the process exits at once."""
+    """From the moment the admission-controller reads a frame it owes it a result (it
+    acknowledges the frame to the broker once answered). Images of 16 megapixels (50 KB of PNG
+    each, a few tenths of a second to decode) keep its decode thread busy while the rest wait
+    in its inbox and in hand; with no standby to leave them to, a SIGTERM answers every one,
+    and the process exits at once (none was sent to a worker, so there is nothing to wait
+    for)."""
     import numpy as np
 
     from offramp.local.client import envelope
@@ -285,10 +287,13 @@ async def test_frames_taken_but_not_yet_decoded_are_answered_when_admission_stop
     async with Bus(bus_settings, "camera") as bus:
         await bus.wait_connected(5)
         results = await bus.subscribe(topics.results_all(), qos=1, maxsize=1000)
-        admission = await bus.subscribe(topics.state_all("admission"))
+        admission = await bus.subscribe(topics.state_all("admission"),
+                                        decode=from_payload(Heartbeat.decode))
         proc.start()
         try:
-            await asyncio.wait_for(admission.get(), 20)  # up and subscribed
+            async with asyncio.timeout(20):  # up, and holding the ingest session
+                while not (await admission.get()).stats.get("active_since"):
+                    pass
             for p in payloads:
                 await bus.publish(topics.ingest("cam-1"), p, qos=1)
             await asyncio.sleep(1.5)  # all delivered; a few decoded at most

@@ -214,8 +214,8 @@ class _Stages:
     def hand_over(self, segment: int, items: list[Item]) -> None:
         self.handed.append((segment, len(items)))
 
-    def forwarded(self, segment: int, count: int) -> None:
-        self.left.append((segment, count))
+    async def passed_on(self, segment: int, node: str, items: list[Item]) -> None:
+        self.left.append((segment, len(items)))
 
 
 def _items(n: int, priority: float = 1.0) -> list[Item]:
@@ -247,7 +247,7 @@ async def test_the_placer_sends_within_credit_and_keeps_the_rest() -> None:
     await placer.forward(2, _items(8))
     assert sent == [("act/m/2/w2", 5)]
     assert placer.parked(2) == 3 and nudges  # asked for more at once
-    assert stages.left == [(1, 5)]
+    assert stages.left == [(2, 5)]
     peers.update(_worker_beat("w2", 2, grant_to="w1", limit=8))
     await placer.retry()
     assert sent[-1] == ("act/m/2/w2", 3) and placer.parked() == 0

@@ -38,6 +38,11 @@ class DispatchConfig:
     heartbeat_s: float = 0.25
 
 
+def _input(task: Task) -> np.ndarray:
+    assert task.x is not None, "a task is submitted for dispatch once its frame is decoded"
+    return task.x
+
+
 class Dispatcher:
     def __init__(self, cfg: DispatchConfig, *, tracker: Tracker, send: Send,
                  nudge: Callable[[], None], log: Any) -> None:
@@ -99,7 +104,7 @@ class Dispatcher:
             fallback = None
             if self.plan is not None:
                 fallback = self.plan.routes.get(group[0].source, {}).get(1)
-            placement = place(cands, len(group), group[0].x.nbytes,
+            placement = place(cands, len(group), _input(group[0]).nbytes,
                               stale_after_s=self.stale_after_s, fallback=fallback)
             start = 0
             for node, n in placement.parts:
@@ -118,9 +123,10 @@ class Dispatcher:
         hb = self.peers.heartbeat(node)
         for t in tasks:
             self.tracker.dispatched(t, now, node)
-        samples = tuple(Sample(task_id=t.task_id, source=t.source, frame_id=t.frame_id, priority=t.priority,
-                               created=t.created, deadline=t.deadline, attempt=t.attempt) for t in tasks)
-        x = np.stack([t.x for t in tasks])
+        samples = tuple(Sample(task_id=t.task_id, source=t.source, frame_id=t.frame_id,
+                               priority=t.priority, created=t.created, deadline=t.deadline,
+                               attempt=t.attempt) for t in tasks)
+        x = np.stack([_input(t) for t in tasks])
         packet = ActivationPacket(model=self.model, segment=1, samples=samples,
                                   tensor=Tensor.encode(x, self.cfg.codec), embedding=None, sent=now,
                                   sender=self.cfg.node, sender_boot=self.boot)

@@ -1,7 +1,16 @@
-"""From ``ingest/+`` to admitted tasks: frames decoded off the event loop, redeliveries
-recognised, each frame given a task id and either admitted (tracker, gate, dispatcher) or
-answered at once (``error``, ``dropped``). Frames the ingest inbox could not hold are answered
-``dropped``; frames taken but not answered when the service stops are answered ``error``.
+"""From ``ingest/+`` to admitted tasks, admission decided before any pixel is decoded.
+
+Each frame is first read cheaply on the event loop (:func:`~admission_controller.frames.
+read_frame`: its kind, and an envelope's frame id, deadline and label; a raw image's frame id
+may come as MQTT v5 correlation data). A redelivered frame is recognised; a frame over its
+source's in-flight bound or above its admitted rate is answered ``dropped`` at once, under its
+own frame id, without decoding it. Only admitted frames are decoded and preprocessed, off the
+event loop, a batch per hand-off; one that does not decode is answered ``error``.
+
+Frames come on a connection of their own with manual acknowledgement: a frame is
+acknowledged to the broker only once it is answered (:mod:`admission_controller.results`),
+and the broker sends at most ``OFFRAMP_ADMISSION_INGEST_WINDOW`` unacknowledged frames, so a
+burst waits at the broker (backpressure) instead of being dropped here.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from admission_controller.frames import Frame, decode_frames
+from admission_controller.frames import Arrival, read_frame, to_inputs
 from admission_controller.gate import Gate
 from admission_controller.results import Results
 from admission_controller.settings import AdmissionSettings
@@ -30,6 +39,19 @@ from offramp.wire import Status
 
 DECODE_BATCH = 32  # frames per hand-off to the decode thread
 DEDUP_MAX = 1_000_000  # (source, frame id) pairs remembered at most
+
+
+def correlated_id(msg: Message) -> str | None:
+    """A frame id from MQTT v5 correlation data: its text when it is printable UTF-8 of at
+    most 256 characters, else its hex."""
+    data = msg.correlation_data
+    if not data:
+        return None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return data.hex()
+    return text if text.isprintable() and len(text) <= 256 else data.hex()
 
 
 class Ingest:
@@ -52,6 +74,8 @@ class Ingest:
         self.stopping = threading.Event()  # tells the decode thread to leave the rest
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
         self.recent: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self.decoding: set[str] = set()  # admitted tasks whose frame is not decoded yet
+        self.released: set[str] = set()  # ... of which the gate has already let go
         self.overflowed: list[Message] = []
         self._overflow = asyncio.Event()
         self._bad_source = RateLimitedWarning()
@@ -60,44 +84,134 @@ class Ingest:
         self.m_drops = metrics.counter("offramp_drops_total", "Frames answered 'dropped' (or "
                                        "not answerable), by reason", ["reason"])
 
+    # -- the ingest loop ----------------------------------------------------------------------
     async def run(self, sub: Subscription[Message]) -> None:
-        """Frames are decoded off the event loop, up to DECODE_BATCH per hand-off to the decode
-        thread: a hand-off per frame cost more than decoding a small frame does."""
         loop = asyncio.get_running_loop()
-        decode = partial(decode_frames, spec=self.spec,
-                         max_bytes=self.s.common.bus.max_message_bytes,
-                         max_pixels=self.s.max_pixels, stop=self.stopping)
+        decode = partial(to_inputs, spec=self.spec, max_pixels=self.s.max_pixels,
+                         stop=self.stopping)
         while True:
             self.in_hand.append(await sub.get())
             while len(self.in_hand) < DECODE_BATCH and (more := sub.get_nowait()):
                 self.in_hand.append(more)
-            frames = await loop.run_in_executor(self.decoder, decode,
-                                                [m.payload for m in self.in_hand])
-            for frame in frames:
+            admitted: list[tuple[Task, Arrival]] = []
+            while self.in_hand:
                 msg = self.in_hand[0]
-                source = self._source(msg)
-                if source is not None:
-                    self.counts["frames"] += 1
-                    self.m_frames.labels(source=source).inc()
-                    task_id = self.new_id()
-                    if isinstance(frame, FrameError):
-                        await self.results.answer(task_id, source, f"{source}-{task_id}",
-                                                  "error", error=str(frame))
-                    else:
-                        await self.admit(source, task_id, frame)
-                self.in_hand.popleft()  # only now: a stop meanwhile answers it (unanswered)
+                pair = await self._admit(msg)
+                if pair is not None:
+                    admitted.append(pair)
+                self.in_hand.popleft()  # only now: a stop meanwhile answers it
+            if admitted:
+                inputs = await loop.run_in_executor(self.decoder, decode,
+                                                    [a for _, a in admitted])
+                for (task, _), x in zip(admitted, inputs, strict=False):
+                    await self._decoded(task, x)
 
+    async def _admit(self, msg: Message) -> tuple[Task, Arrival] | None:
+        """Decide one frame from its cheap reading: a task to decode, or None (answered)."""
+        source = self._source(msg)
+        task_id = self.new_id()
+        if source is None:
+            if msg.response_topic is not None:  # it can still be answered there
+                await self.results.answer(task_id, self._raw_source(msg), self._frame_id(
+                    msg, None, msg.topic, task_id), "error", error="invalid source name",
+                    origin=msg)
+            else:
+                self.results.acknowledge(msg)
+            return None
+        self.counts["frames"] += 1
+        self.m_frames.labels(source=source).inc()
+        now = time.time()
+        try:
+            arrival = read_frame(msg.payload, max_bytes=self.s.common.bus.max_message_bytes)
+        except FrameError as exc:
+            await self.results.answer(task_id, source, self._frame_id(msg, None, source,
+                                                                      task_id),
+                                      "error", error=str(exc), created=now, origin=msg)
+            return None
+        frame_id = self._frame_id(msg, arrival.frame_id, source, task_id)
+        if self.duplicate(source, frame_id if arrival.frame_id or msg.correlation_data
+                          else None, time.monotonic()):
+            self.counts["duplicate_frames"] += 1
+            self.m_drops.labels(reason="duplicate-frame").inc()
+            self.results.acknowledge(msg)  # its answer went out before
+            return None
+        info = self.registry.lookup(source)
+        if info is None:
+            await self.results.answer(task_id, source, frame_id, "error", created=now,
+                                      error=f"unknown source {source!r} "
+                                            "(OFFRAMP_SOURCES_UNKNOWN=reject)", origin=msg)
+            return None
+        if not self.tracker.can_admit(source):
+            self.m_drops.labels(reason="in-flight-bound").inc()
+            await self.results.answer(task_id, source, frame_id, "dropped", created=now,
+                                      error=f"{self.s.max_in_flight} frames of {source} in "
+                                            "flight", origin=msg)
+            return None
+        deadline = arrival.deadline or (now + info.deadline_s if info.deadline_s else None) or \
+            (now + self.s.deadline_s if self.s.deadline_s else None)
+        task = Task(task_id, source, frame_id, None, now, deadline, arrival.label,
+                    info.priority, origin=msg)
+        verdict = self.gate.offer(source, task, now)
+        if verdict == "drop":
+            self.m_drops.labels(reason="admitted-rate").inc()
+            await self.results.answer(task_id, source, frame_id, "dropped", created=now,
+                                      error="over the admitted rate", origin=msg)
+            return None
+        self.tracker.add(task)
+        self.decoding.add(task_id)
+        if verdict == "admit":
+            self.released.add(task_id)
+        return task, arrival
+
+    async def _decoded(self, task: Task, x: object) -> None:
+        self.decoding.discard(task.task_id)
+        released = task.task_id in self.released
+        self.released.discard(task.task_id)
+        if task.task_id not in self.tracker:
+            return  # answered meanwhile (its deadline passed)
+        if isinstance(x, FrameError):
+            self.tracker.complete(task.task_id)
+            await self.results.answer(task.task_id, task.source, task.frame_id, "error",
+                                      error=str(x), created=task.created, origin=task.origin)
+            return
+        task.x = x  # type: ignore[assignment]  # to_inputs gives arrays or FrameErrors
+        if released:
+            self.submit([task])
+
+    def release(self, tasks: list[Task]) -> None:
+        """The gate let these waiting tasks go: dispatch the decoded ones now, the others as
+        soon as they are decoded."""
+        ready = []
+        for task in tasks:
+            if task.task_id in self.decoding:
+                self.released.add(task.task_id)
+            elif task.task_id in self.tracker:
+                ready.append(task)
+        if ready:
+            self.submit(ready)
+
+    # -- names and ids ------------------------------------------------------------------------
     def _source(self, msg: Message) -> str | None:
         """The source of an ingest topic; None (logged, counted) for a name no results topic
-        can be made of, which no client could read an answer on."""
+        can be made of."""
         try:
             return self.topics.parse(msg.topic).source
         except TopicError as exc:
             self.counts["invalid_sources"] += 1
             self.m_drops.labels(reason="invalid-source").inc()
             if n := self._bad_source.should_log():
-                self.log.warning("invalid_source", topic=msg.topic[:300], error=str(exc), count=n)
+                self.log.warning("invalid_source", topic=msg.topic[:300], error=str(exc), count=n,
+                                 answered=msg.response_topic is not None)
             return None
+
+    def _raw_source(self, msg: Message) -> str:
+        """What follows ``ingest/`` in a topic that names no valid source (for its answer)."""
+        return msg.topic.rsplit("/ingest/", 1)[-1][:300]
+
+    @staticmethod
+    def _frame_id(msg: Message, given: str | None, source: str, task_id: str) -> str:
+        """The frame's own id (its envelope's, or its correlation data), else one made up."""
+        return given or correlated_id(msg) or f"{source}-{task_id}"
 
     def duplicate(self, source: str, frame_id: str | None, now: float) -> bool:
         """The same frame id from the same source within ``dedup_s``: a QoS 1 redelivery (a
@@ -115,41 +229,10 @@ class Ingest:
             self.recent.popitem(last=False)
         return False
 
-    async def admit(self, source: str, task_id: str, frame: Frame) -> None:
-        if self.duplicate(source, frame.frame_id, time.monotonic()):
-            self.counts["duplicate_frames"] += 1
-            self.m_drops.labels(reason="duplicate-frame").inc()
-            return
-        frame_id = frame.frame_id or f"{source}-{task_id}"
-        now = time.time()
-        info = self.registry.lookup(source)
-        if info is None:
-            await self.results.answer(task_id, source, frame_id, "error", created=now,
-                                      error=f"unknown source {source!r} "
-                                            "(OFFRAMP_SOURCES_UNKNOWN=reject)")
-            return
-        if not self.tracker.can_admit(source):
-            self.m_drops.labels(reason="in-flight-bound").inc()
-            await self.results.answer(task_id, source, frame_id, "dropped", created=now,
-                                      error=f"{self.s.max_in_flight} frames of {source} in "
-                                            "flight")
-            return
-        deadline = frame.deadline or (now + info.deadline_s if info.deadline_s else None) or \
-            (now + self.s.deadline_s if self.s.deadline_s else None)
-        task = Task(task_id, source, frame_id, frame.x, now, deadline, frame.label, info.priority)
-        verdict = self.gate.offer(source, task, now)
-        if verdict == "drop":
-            self.m_drops.labels(reason="admitted-rate").inc()
-            await self.results.answer(task_id, source, frame_id, "dropped", created=now,
-                                      error="over the admitted rate")
-            return
-        self.tracker.add(task)
-        if verdict == "admit":
-            self.submit([task])
-
     # -- overflow and stop --------------------------------------------------------------------
     def on_overflow(self, msg: Message) -> None:
-        """The ingest inbox was full and let ``msg`` go: it is answered ``dropped`` soon."""
+        """The ingest inbox was full and let ``msg`` go (QoS 0 frames are not bounded by the
+        ingest window): it is answered ``dropped`` soon, under its own frame id."""
         self.overflowed.append(msg)
         self._overflow.set()
 
@@ -162,17 +245,33 @@ class Ingest:
             await self.answer_unread(drops, "dropped", "ingest queue full")
 
     async def answer_unread(self, msgs: list[Message], status: Status, error: str) -> None:
-        """Answer frames that were received but never decoded (they have no frame id yet)."""
+        """Answer frames that were received but not admitted, under their own frame ids."""
         for msg in msgs:
             source = self._source(msg)
-            if source is not None:
-                task_id = self.new_id()
-                await self.results.answer(task_id, source, f"{source}-{task_id}", status,
-                                          error=error)
+            if source is None:
+                self.results.acknowledge(msg)
+                continue
+            try:
+                given = read_frame(msg.payload, max_bytes=self.s.common.bus.max_message_bytes
+                                   ).frame_id
+            except FrameError:
+                given = None
+            task_id = self.new_id()
+            await self.results.answer(task_id, source, self._frame_id(msg, given, source,
+                                                                      task_id),
+                                      status, error=error, origin=msg)
+
+    def forget(self) -> None:
+        """Drop what is in hand, unanswered: another member holds the session now, and the
+        broker hands these frames to it."""
+        self.in_hand.clear()
+        self.overflowed = []
+        self.decoding.clear()
+        self.released.clear()
 
     async def stop(self, sub: Subscription[Message]) -> None:
-        """Answer every frame received (and acknowledged to the broker) but not answered yet:
-        ``dropped`` the ones the inbox let go, ``error`` the ones in hand or still in it."""
+        """Answer every frame received but not answered yet: ``dropped`` the ones the inbox
+        let go, ``error`` the ones in hand or still in it."""
         unread, overflowed = [*self.in_hand, *sub.inbox.drain()], self.overflowed
         self.in_hand.clear()
         self.overflowed = []

@@ -1,5 +1,8 @@
-"""Every frame's one answer: its JSON result on ``results/{source}``, the metrics and counts
-it adds, published QoS 1 through a bounded outbox (many in flight, none lost from view)."""
+"""Every frame's one answer: its JSON result on ``results/{source}`` (and on the frame's MQTT v5
+response topic, with its correlation data, when it has one), the metrics and counts it adds,
+published QoS 1 through a bounded outbox (many in flight, none lost from view). Once the
+answer is at the broker, the frame itself is acknowledged to it: a crash before that hands the
+frame to the next admission-controller through the ingest session."""
 
 from __future__ import annotations
 
@@ -10,13 +13,14 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any, Self
 
-from offramp.bus import Topics
+from offramp.bus import Message, Topics
 from offramp.bus.outbox import Outbox
-from offramp.errors import OfframpError
+from offramp.errors import OfframpError, RefusedError, TopicError
 from offramp.node.metrics import LATENCY_BUCKETS, Metrics
 from offramp.wire import Completion, Result, Status
 
-Publish = Callable[[str, bytes], Awaitable[None]]  # topic, payload: QoS 1
+Publish = Callable[[str, bytes, bytes | None], Awaitable[None]]  # topic, payload, correlation
+Acknowledge = Callable[[Message], None]  # the ingest message, to the broker
 
 
 class Results:
@@ -24,10 +28,12 @@ class Results:
     flight get a few seconds to reach the broker."""
 
     def __init__(self, *, classes: Sequence[str], topics: Topics, publish: Publish,
-                 metrics: Metrics, log: Any, in_flight: int) -> None:
+                 metrics: Metrics, log: Any, in_flight: int,
+                 acknowledge: Acknowledge = lambda msg: None) -> None:
         self.classes = classes
         self.topics = topics
         self.publish = publish
+        self.acknowledge = acknowledge
         self.log = log
         self.outbox = Outbox(in_flight)
         self.counts: Counter[str] = Counter()
@@ -48,9 +54,10 @@ class Results:
 
     async def answer(self, task_id: str, source: str, frame_id: str, status: Status, *,
                      error: str | None = None, done: Completion | None = None,
-                     created: float | None = None) -> None:
+                     created: float | None = None, origin: Message | None = None) -> None:
         """Publish the result of one frame: from its completion (``ok``), or with ``error``
-        saying why it got none; ``created`` gives its latency."""
+        saying why it got none; ``created`` gives its latency, ``origin`` (the ingest
+        message) its response topic and what to acknowledge once it is answered."""
         now = time.time()
         result = Result(task_id=task_id, source=source, frame_id=frame_id, status=status,
                         error=error, ts=now)
@@ -62,7 +69,7 @@ class Results:
             result = replace(result, latency_ms={"total": round(1000 * (now - created), 3)})
         self.counts[status] += 1
         self.m_results.labels(source=source, status=status).inc()
-        await self.outbox.send(self._publish(task_id, source, result.to_json()))
+        await self.outbox.send(self._publish(task_id, source, result.to_json(), origin))
 
     def _completed(self, result: Result, done: Completion, now: float) -> Result:
         queue = sum(h.started - h.arrived for h in done.hops)
@@ -79,8 +86,30 @@ class Results:
                                    "compute": round(1000 * compute, 3),
                                    "transfer": round(1000 * max(0.0, total - queue - compute), 3)})
 
-    async def _publish(self, task_id: str, source: str, payload: bytes) -> None:
+    async def _publish(self, task_id: str, source: str, payload: bytes,
+                       origin: Message | None) -> None:
+        """Publish, then acknowledge the frame. A result that could not be published for now
+        (no connection) leaves the frame unacknowledged: the broker hands it out again, a
+        redelivery rather than a loss. One the broker refuses (its ACL) is logged, and the
+        frame acknowledged: sending it again would be refused again."""
+        reply = origin.response_topic if origin is not None else None
         try:
-            await self.publish(self.topics.results(source), payload)
+            await self.publish(self.topics.results(source), payload, None)
+        except TopicError as exc:  # a source no results topic can be made of
+            if reply is None:
+                self.log.error("result_not_published", task_id=task_id, error=str(exc))
+        except RefusedError as exc:
+            self.log.error("result_refused", task_id=task_id, error=str(exc))
         except OfframpError as exc:
             self.log.error("result_not_published", task_id=task_id, error=str(exc))
+            return
+        if reply is not None and origin is not None:
+            try:
+                await self.publish(reply, payload, origin.correlation_data)
+            except RefusedError as exc:
+                self.log.warning("reply_refused", task_id=task_id, topic=reply, error=str(exc))
+            except OfframpError as exc:
+                self.log.error("reply_not_published", task_id=task_id, error=str(exc))
+                return
+        if origin is not None:
+            self.acknowledge(origin)

@@ -15,20 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 
 from admission_controller.dispatch import DispatchConfig, Dispatcher
 from admission_controller.gate import Gate
 from admission_controller.ingest import Ingest
+from admission_controller.leadership import Leadership
 from admission_controller.results import Results
+from admission_controller.session import IngestSession
 from admission_controller.settings import PREFIX, AdmissionSettings
 from admission_controller.tracker import Task, Tracker
-from offramp.bus import Subscription, from_payload
+from offramp.bus import Bus, Message, MessageBus, Subscription, from_payload
 from offramp.model.bundle import Bundle, load_bundle
 from offramp.node.allocator import return_large_blocks
+from offramp.node.broker_figures import SYS_TOPICS, BrokerFigures
 from offramp.node.entry import ServiceSpec
 from offramp.node.metrics import Reading
 from offramp.node.runtime import BusFactory, Runtime
@@ -40,7 +45,8 @@ class Admission:
     """The admission-controller's state and the loops that keep it: completions, worker
     liveness, source registrations, plans, deadlines and the rate strategy."""
 
-    def __init__(self, settings: AdmissionSettings, bundle: Bundle, runtime: Runtime) -> None:
+    def __init__(self, settings: AdmissionSettings, bundle: Bundle, runtime: Runtime,
+                 make_ingest_bus: Callable[[], MessageBus]) -> None:
         self.s = settings
         self.bundle = bundle
         self.rt = runtime
@@ -59,8 +65,8 @@ class Admission:
         async def send(node: str, packet: bytes) -> None:
             await bus.publish(topics.act(model, 1, node), packet, qos=0)
 
-        async def publish_result(topic: str, payload: bytes) -> None:
-            await bus.publish(topic, payload, qos=1)
+        async def publish_result(topic: str, payload: bytes, correlation: bytes | None) -> None:
+            await bus.publish(topic, payload, qos=1, correlation_data=correlation)
 
         self.dispatcher = Dispatcher(
             DispatchConfig(model=model, segments=bundle.num_segments, node=runtime.node,
@@ -75,9 +81,23 @@ class Admission:
                              registry=self.registry, tracker=self.tracker, gate=self.gate,
                              submit=self.dispatcher.submit, results=self.results,
                              new_id=self.new_id, metrics=runtime.metrics, log=runtime.log)
+        hb = settings.common.heartbeat_s
+        # A primary waits one heartbeat period: the group's retained heartbeats, which say
+        # whether another member is active, arrive as soon as it subscribes.
+        self.leadership = Leadership(runtime.node, stale_s=3 * hb, started=time.monotonic(),
+                                     wait_s=settings.takeover_s if settings.standby else hb)
+        self.session = IngestSession(make_ingest_bus, ingest=self.ingest, results=self.results,
+                                     tracker=self.tracker, leadership=self.leadership,
+                                     topics=topics, queue=settings.ingest_queue, log=runtime.log)
+        self.results.acknowledge = self.session.ack
+        self.group_key = f"group:{settings.group}"
+        self.broker = BrokerFigures()
         runtime.metrics.on_collect(self._read)
+        runtime.metrics.on_collect(self.broker.read)
         runtime.require(lambda: None if self.dispatcher.peers.nodes("worker")
                         else "no segment-worker seen yet")
+        runtime.require(lambda: None if self.leadership.active or self.leadership.standby_alive(
+            time.monotonic()) else "no member of the group holds the ingest session yet")
 
     def new_id(self) -> str:
         return f"{self.id_prefix}{next(self.ids)}"
@@ -94,11 +114,13 @@ class Admission:
     # -- completions, liveness, deadlines, control ---------------------------------------------
     async def completions(self, reports: Subscription[DoneReport]) -> None:
         async for report in reports:
+            for moved in report.moved:
+                self.tracker.moved(moved.task_id, moved.attempt, moved.node)
             for done in report.completions:
                 task = self.tracker.complete(done.task_id)
                 if task is not None:
                     await self.results.answer(task.task_id, task.source, task.frame_id, "ok",
-                                              done=done)
+                                              done=done, origin=task.origin)
                 elif not done.task_id.startswith(self.id_prefix):
                     self.counts["stale_completions"] += 1  # an earlier incarnation's task
 
@@ -106,12 +128,27 @@ class Admission:
         async for hb in states:
             if self.dispatcher.peers.update(hb):
                 self.dispatcher.window.forget(hb.node)
-                lost = self.tracker.lost(hb.node)
-                if lost:
-                    self.rt.log.warning("worker_lost", worker=hb.node, redispatch=len(lost))
-                    self.counts["redispatched"] += len(lost)
-                    self.dispatcher.submit(lost)
+                self._redispatch(hb.node, "offline")
             self.dispatcher.wake()
+
+    def _redispatch(self, node: str, why: str) -> None:
+        """Send again, at once, every task ``node`` holds (its first hop, or a later one its
+        holder reported): it is gone, or has stopped answering."""
+        lost = self.tracker.lost(node)
+        if lost:
+            self.rt.log.warning("worker_lost", worker=node, why=why, redispatch=len(lost))
+            self.counts["redispatched"] += len(lost)
+            self.dispatcher.submit([t for t in lost if t.x is not None])
+
+    async def broker_figures(self, figures: Subscription[Message]) -> None:
+        async for msg in figures:
+            self.broker.observe(msg)
+
+    async def members(self, states: Subscription[Heartbeat]) -> None:
+        """The other admission-controllers of this group, for the leadership."""
+        async for hb in states:
+            if hb.online is False or self.group_key in hb.stats:
+                self.leadership.observe(hb, time.monotonic())
 
     async def registrations(self, registrations: Subscription[Registration]) -> None:
         async for reg in registrations:
@@ -137,6 +174,10 @@ class Admission:
             if sweep.redispatch:
                 self.counts["redispatched"] += len(sweep.redispatch)
                 self.dispatcher.submit(sweep.redispatch)
+            stale = self.dispatcher.stale_after_s
+            for node in self.tracker.holders():
+                if stale < self.dispatcher.peers.age(node) < math.inf:  # known, and silent
+                    self._redispatch(node, "silent")
 
     async def control(self) -> None:
         """The rate strategy's loop: adapt admitted rates, let waiting frames through."""
@@ -150,7 +191,7 @@ class Admission:
                                 for src in self.gate.sources()})
             released = [t for _, t in self.gate.release(time.time()) if t.task_id in self.tracker]
             if released:
-                self.dispatcher.submit(released)
+                self.ingest.release(released)
 
     def _priority(self, source: str) -> float:
         info = self.registry.lookup(source)
@@ -158,6 +199,9 @@ class Admission:
 
     def heartbeat(self, hb: Heartbeat) -> Heartbeat:
         stats = {k: float(v) for k, v in self.counts.items()}
+        stats[self.group_key] = 1.0
+        stats["active_since"] = self.leadership.active_since
+        stats["handed_over"] = float(self.session.handed_over)
         stats["in_flight"] = float(len(self.tracker))
         stats["duplicates"] = float(self.tracker.duplicates)
         stats["pending"] = float(self.dispatcher.waiting())
@@ -173,34 +217,41 @@ async def run(settings: AdmissionSettings, stop: asyncio.Event, *,
     bundle = load_bundle(settings.bundle)
     return_large_blocks()  # decoded frames' buffers go back to the OS when freed
     runtime = Runtime("admission", settings.common, bus=connect)
-    adm = Admission(settings, bundle, runtime)
+    ingest_id = f"offramp-ingest-{settings.group}"
+
+    def ingest_bus() -> MessageBus:
+        if connect is not None:
+            return connect(ingest_id, None)
+        return Bus(settings.common.bus, ingest_id, manual_ack=True,
+                   receive_maximum=settings.ingest_window)
+
+    adm = Admission(settings, bundle, runtime, ingest_bus)
     runtime.heartbeat_with(adm.heartbeat)
     max_bytes = settings.common.bus.max_message_bytes
     async with runtime, adm.results:
         bus, topics = runtime.bus, runtime.topics
         done = await bus.subscribe(topics.done_all(), qos=1, maxsize=65536, decode=from_payload(
             partial(DoneReport.decode, max_bytes=max_bytes)))
-        states = await bus.subscribe(topics.state_all("worker"), maxsize=1024,
-                                     decode=from_payload(Heartbeat.decode))
+        workers = await bus.subscribe(topics.state_all("worker"), maxsize=1024,
+                                      decode=from_payload(Heartbeat.decode))
+        members = await bus.subscribe(topics.state_all("admission"), maxsize=64,
+                                      decode=from_payload(Heartbeat.decode))
         sources = await bus.subscribe(topics.source_all(), qos=1, maxsize=1024,
                                       decode=registration(topics))
         plans = await bus.subscribe(topics.plan(), maxsize=8, overflow="drop-oldest",
                                     decode=from_payload(Plan.decode))
-        ingest = await bus.subscribe(topics.ingest_all(), qos=1, maxsize=settings.ingest_queue,
-                                     overflow="drop-newest", on_drop=adm.ingest.on_overflow)
+        figures = await bus.subscribe(SYS_TOPICS, maxsize=64)
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c) for c in (
-                adm.ingest.run(ingest), adm.ingest.answer_overflow(), adm.dispatcher.run(),
-                adm.completions(done), adm.states(states), adm.registrations(sources),
-                adm.plans(plans), adm.sweeper(), adm.control())]
+                adm.dispatcher.run(), adm.completions(done), adm.states(workers),
+                adm.members(members), adm.registrations(sources), adm.plans(plans),
+                adm.sweeper(), adm.control(), adm.broker_figures(figures))]
+            tasks.append(tg.create_task(adm.session.hold(tg)))
             await stop.wait()
-            adm.ingest.stopping.set()
+            adm.session.pause()
+            await adm.session.drain(settings.drain_s)
             for t in tasks:
                 t.cancel()
-        for task in adm.tracker.drain():
-            await adm.results.answer(task.task_id, task.source, task.frame_id, "error",
-                                     created=task.created, error="admission-controller stopped")
-        await adm.ingest.stop(ingest)
 
 
 SERVICE = ServiceSpec(name="admission-controller", module="admission_controller",

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from offramp.bus import check_name
+from offramp.errors import SettingsError
 from offramp.node.sources import SourceSettings
 from offramp.policy.admission import ControlSettings
 from offramp.settings import CommonSettings, nested, setting
@@ -21,8 +23,11 @@ class AdmissionSettings:
     bundle: str = setting("bundles/demo", "Model bundle directory")
     max_in_flight: int = setting(256, "Frames in flight per source; beyond it: 'dropped'",
                                  min=1, max=1_000_000)
-    ingest_queue: int = setting(2048, "Bound of the ingest inbox; overflow: 'dropped'", min=1,
-                                max=1_000_000)
+    ingest_queue: int = setting(2048, "Bound of the ingest inbox (at least the ingest window); "
+                                "QoS 0 frames beyond it: 'dropped'", min=1, max=1_000_000)
+    ingest_window: int = setting(1024, "QoS 1 frames the broker sends before some are "
+                                 "answered and acknowledged (MQTT v5 receive maximum); more "
+                                 "wait at the broker", min=1, max=65535)
     progress_timeout_s: float = setting(5.0, "Dispatch again when no result after this long "
                                         "(plus twice the backlog along the path)",
                                         min=0.05, max=3600)
@@ -41,3 +46,21 @@ class AdmissionSettings:
     dedup_s: float = setting(10.0, "A frame id seen again from the same source within this "
                              "long is a redelivery and gets no second result (0: off)", min=0,
                              max=3600)
+    group: str = setting("admission", "Admission-controllers sharing one ingest session (a "
+                         "primary and its standby): client id offramp-ingest-<group>")
+    standby: bool = setting(False, "Start as the group's standby: take the ingest session only "
+                            "when no member has been active for OFFRAMP_ADMISSION_TAKEOVER_S")
+    takeover_s: float = setting(1.0, "A standby takes the ingest session this long after the "
+                                "active member was last heard active (its will says it is not)",
+                                min=0.05, max=600)
+    drain_s: float = setting(5.0, "On SIGTERM, how long frames at the workers may still finish; "
+                             "the rest are left to the standby, or answered 'error' without "
+                             "one",
+                             min=0, max=3600)
+
+    def __post_init__(self) -> None:
+        if self.ingest_queue < self.ingest_window:
+            raise SettingsError(f"OFFRAMP_ADMISSION_INGEST_QUEUE={self.ingest_queue} is below "
+                                f"OFFRAMP_ADMISSION_INGEST_WINDOW={self.ingest_window}: the "
+                                "inbox must hold every frame the broker may send")
+        check_name(self.group, "OFFRAMP_ADMISSION_GROUP")

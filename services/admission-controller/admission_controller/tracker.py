@@ -1,15 +1,17 @@
 """Ownership of admitted frames until their one result (pure: no I/O, clock passed in).
 
 A task is answered exactly once: by its first completion, by ``expired`` when its deadline
-passes, or by ``error`` when ``max_attempts`` dispatches made no progress. A task whose worker
-died, or that made no progress within ``progress_timeout_s``, is dispatched again (the
-duplicate completion that may follow is dropped by task id).
+passes, or by ``error`` when ``max_attempts`` dispatches made no progress. A task is
+dispatched again at once when the node holding it goes offline or stops serving (its first
+hop, or any later one its holder reported moving it to), and after ``progress_timeout_s``
+without progress; the duplicate completion that may follow is dropped by task id.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -19,14 +21,15 @@ class Task:
     task_id: str
     source: str
     frame_id: str
-    x: np.ndarray
+    x: np.ndarray | None  # the model input; None while the frame is being decoded
     created: float
     deadline: float | None = None
     label: int | None = None
     priority: float = 1.0
     attempt: int = 0
     dispatched_at: float = 0.0
-    target: str | None = None
+    target: str | None = None  # the node holding it now, as far as this side knows
+    origin: Any = None  # the ingest message: where to answer besides results/, what to ack
 
 
 @dataclass
@@ -94,8 +97,22 @@ class Tracker:
             self._remove(task.task_id)
         return out
 
+    def moved(self, task_id: str, attempt: int, node: str) -> None:
+        """The holder of ``task_id`` passed it on to ``node`` (a report of that dispatch)."""
+        task = self._tasks.get(task_id)
+        if task is not None and task.attempt == attempt:
+            task.target = node
+
+    def at_workers(self) -> int:
+        """Tasks sent to a worker and not answered yet."""
+        return sum(1 for t in self._tasks.values() if t.attempt > 0)
+
+    def holders(self) -> set[str]:
+        """The nodes holding some task now."""
+        return {t.target for t in self._tasks.values() if t.target is not None}
+
     def lost(self, node: str) -> list[Task]:
-        """Tasks last dispatched to ``node`` (which just went offline): to dispatch again."""
+        """Tasks ``node`` holds (it went offline or stopped serving): to dispatch again."""
         return [t for t in self._tasks.values() if t.target == node and
                 t.attempt < self.max_attempts]
 

@@ -41,6 +41,7 @@ from offramp.wire import (
     ExitPolicy,
     ExitReason,
     Hop,
+    Moved,
     SegmentLoad,
 )
 from segment_worker.link import Link
@@ -246,9 +247,20 @@ class Engine:
     def hand_over(self, segment: int, items: list[Item]) -> None:
         self.hosted[segment].stats.handed_over += self.enqueue(segment, items)
 
-    def forwarded(self, segment: int, count: int) -> None:
-        if segment in self.hosted:
-            self.hosted[segment].stats.forwarded += count
+    async def passed_on(self, segment: int, node: str, items: list[Item]) -> None:
+        """Count them as forwarded by the segment before, and tell each frame's owner who
+        holds it now (QoS 0, best effort: without it the owner waits for its progress
+        timeout if ``node`` dies holding them)."""
+        if segment - 1 in self.hosted:
+            self.hosted[segment - 1].stats.forwarded += len(items)
+        moved: dict[str, list[Moved]] = {}
+        for it in items:
+            s = it.sample
+            moved.setdefault(s.source, []).append(Moved(task_id=s.task_id, attempt=s.attempt,
+                                                        node=node))
+        for source, entries in moved.items():
+            await self.outbox.send(self._publish(self.topics.done(source),
+                                                 DoneReport(moved=tuple(entries)).encode(), 0))
 
     def forget(self, node: str) -> None:
         """``node`` went offline: the credit it granted, and the credit granted to it, go."""

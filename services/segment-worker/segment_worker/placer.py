@@ -35,8 +35,8 @@ class Stages(Protocol):
     def hand_over(self, segment: int, items: list[Item]) -> None:
         """Queue ``items`` for ``segment`` here, in memory."""
 
-    def forwarded(self, segment: int, count: int) -> None:
-        """``count`` samples that finished ``segment`` left for another node."""
+    async def passed_on(self, segment: int, node: str, items: list[Item]) -> None:
+        """``items`` left for ``node`` to run ``segment`` there."""
 
 
 class Placer:
@@ -155,7 +155,7 @@ class Placer:
                                   sent=time.time(), sender=self.cfg.node, sender_boot=self.boot)
         self.window.spend(node, boot, self.model, segment, len(items))
         await self.transmit(self.act_topic(segment, node), packet.encode())
-        self.stages.forwarded(segment - 1, len(items))
+        await self.stages.passed_on(segment, node, items)
 
     # -- what this node tells the others ----------------------------------------------------------
     def wants(self) -> tuple[Want, ...]:

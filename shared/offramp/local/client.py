@@ -95,15 +95,18 @@ async def collect(sub: Subscription[Message], count: int, timeout: float) -> Col
 
 
 async def wait_for_workers(bus: MessageBus, topics: Topics, nodes: int, timeout: float) -> None:
-    """Wait until ``nodes`` workers heartbeat (the system is up)."""
-    sub = await bus.subscribe(topics.state_all("worker"), maxsize=256,
-                              decode=from_payload(Heartbeat.decode))
+    """Wait until ``nodes`` workers serve and an admission-controller holds the ingest session
+    (the system is up: a frame sent now is taken)."""
+    sub = await bus.subscribe(topics.state_all(), maxsize=1024, decode=from_payload(Heartbeat.decode))
     seen: set[str] = set()
+    admission = False
     deadline = time.monotonic() + timeout
     try:
-        while len(seen) < nodes:
+        while len(seen) < nodes or not admission:
             hb = await asyncio.wait_for(sub.get(), max(0.01, deadline - time.monotonic()))
-            if hb.online and hb.segments:
+            if hb.role == "worker" and hb.online and hb.segments:
                 seen.add(hb.node)
+            elif hb.role == "admission" and hb.online and hb.stats.get("active_since", 0) > 0:
+                admission = True
     finally:
         await sub.close()

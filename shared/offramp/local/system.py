@@ -53,8 +53,8 @@ def stage_nices(assignment: list[tuple[int, ...]], step: int) -> list[int]:
 
 @dataclass
 class LocalSystem:
-    """Broker (unless ``broker_url`` is given), admission-controller, exit-arbiter,
-    priority-scheduler and ``workers`` segment-workers splitting ``bundle``."""
+    """Broker (unless ``broker_url`` is given), admission-controller (and its standby),
+    exit-arbiter, priority-scheduler and ``workers`` segment-workers splitting ``bundle``."""
 
     bundle: Bundle
     workers: int = 2
@@ -64,6 +64,7 @@ class LocalSystem:
     worker_env: Mapping[str, str] = field(default_factory=dict)
     logdir: Path | None = None
     stage_nice: int = 2  # nice per stage a worker is from the last (see OFFRAMP_WORKER_NICE)
+    standby: bool = False  # a second admission-controller, admission-2, standing by
     broker: LocalBroker | None = None
     group: ProcessGroup | None = None
     assignment: list[tuple[int, ...]] = field(default_factory=list)
@@ -106,6 +107,9 @@ class LocalSystem:
                             {"OFFRAMP_WORKER_NICE": str(nices[i])}
                             if "OFFRAMP_WORKER_NICE" not in self.worker_env else None)
         self.group.add("admission-controller", "admission-1")
+        if self.standby:
+            self.group.add("admission-controller", "admission-2",
+                           {"OFFRAMP_ADMISSION_STANDBY": "true"})
 
     def add_worker(self, node: str, segments: tuple[int, ...],
                    env: Mapping[str, str] | None = None) -> ServiceProcess:

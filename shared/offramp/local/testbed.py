@@ -140,7 +140,8 @@ def mosquitto_conf(spec: TestbedSpec) -> str:
         "listener 1883 0.0.0.0"
     return (f"# offramp testbed {spec.name}: a rehearsal broker, reachable from this host only\n"
             f"{listener}\nallow_anonymous true\npersistence false\nmax_packet_size 67108864\n"
-            "max_queued_messages 10000\nlog_dest stdout\nlog_type error\nlog_type warning\n")
+            "max_queued_messages 10000\nmax_queued_bytes 268435456\nsys_interval 5\n"
+            "log_dest stdout\nlog_type error\nlog_type warning\n")
 
 
 def containers(spec: TestbedSpec, conf_dir: Path) -> list[ContainerSpec]:

@@ -26,7 +26,7 @@ S = TypeVar("S")
 HeartbeatBuilder = Callable[[Heartbeat], Heartbeat]
 
 
-BusFactory = Callable[[str, Will], MessageBus]  # client id, will -> a bus
+BusFactory = Callable[[str, Will | None], MessageBus]  # client id, will -> a bus
 
 
 class Runtime:

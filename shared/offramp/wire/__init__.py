@@ -11,6 +11,7 @@ from offramp.wire.messages import (
     ExitReason,
     FrameEnvelope,
     Hop,
+    Moved,
     Sample,
 )
 from offramp.wire.reader import DEFAULT_MAX_BYTES, VERSION
@@ -21,6 +22,6 @@ from offramp.wire.tensor import CODECS, Codec, Tensor
 __all__ = [
     "CODECS", "CRITERIA", "DEFAULT_MAX_BYTES", "EXIT_REASONS", "STATUSES", "VERSION",
     "ActivationPacket", "Codec", "Completion", "Criterion", "DoneReport", "ExitPolicy", "ExitReason",
-    "FrameEnvelope", "Grant", "Heartbeat", "Hop", "Plan", "Result", "Sample", "SegmentLoad",
+    "FrameEnvelope", "Grant", "Heartbeat", "Hop", "Moved", "Plan", "Result", "Sample", "SegmentLoad",
     "SegmentRef", "SentCount", "Status", "Tensor", "Want",
 ]

@@ -202,24 +202,40 @@ class Completion:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Moved:
+    """A sample its holder passed on to another node (``attempt``: which dispatch of it)."""
+
+    task_id: str
+    attempt: int
+    node: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DoneReport(WireMessage):
-    """A worker's report of the frames of one source that one micro-batch finished: one
+    """A worker's report on the frames of one source: the ones one micro-batch finished, or
+    the ones it passed on to another node (so that their owner knows who holds them). One
     message per batch and source, not per frame (the admission-controller and the arbiter read
     every one)."""
 
     KIND: ClassVar[str] = "done"
-    completions: tuple[Completion, ...]
+    completions: tuple[Completion, ...] = ()
+    moved: tuple[Moved, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.completions:
-            raise WireError("done: a report carries at least one completion")
+        if not self.completions and not self.moved:
+            raise WireError("done: a report carries at least one completion or move")
 
     def to_wire(self) -> dict[str, Any]:
-        return {"items": [c.to_wire() for c in self.completions]}
+        return {"items": [c.to_wire() for c in self.completions],
+                "moved": [[m.task_id, m.attempt, m.node] for m in self.moved]}
 
     @classmethod
     def from_wire(cls, r: Reader) -> DoneReport:
-        return cls(completions=tuple(Completion.from_wire(c) for c in r.maps("items")))
+        moved = tuple(Moved(task_id=row[0].text("_"), attempt=row[1].integer("_"),
+                            node=row[2].text("_"))
+                      for row in r.rows("moved", 3)) if r.has("moved") else ()
+        return cls(completions=tuple(Completion.from_wire(c) for c in r.maps("items")),
+                   moved=moved)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,128 @@
+"""The group's ingest session, held while this admission-controller is the active one.
+
+Frames come on a connection of their own (client id ``offramp-ingest-<group>``), with manual
+acknowledgement and a receive maximum (:mod:`admission_controller.ingest`). The session
+persists at the broker: whoever connects with its client id next gets every frame received
+here and not yet acknowledged (answered). :mod:`admission_controller.leadership` decides when
+this member takes it and gives it up; :meth:`IngestSession.hold` follows that decision.
+
+On SIGTERM the active member stops taking frames, lets those in flight finish for
+``OFFRAMP_ADMISSION_DRAIN_S``, and then leaves the rest unacknowledged to a standby that is
+there to take the session, or answers them ``error`` when none is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from admission_controller.ingest import Ingest
+from admission_controller.leadership import Leadership
+from admission_controller.results import Results
+from admission_controller.tracker import Tracker
+from offramp.bus import Message, MessageBus, Subscription, Topics
+
+TICK_S = 0.05
+
+
+class IngestSession:
+    def __init__(self, make_bus: Callable[[], MessageBus], *, ingest: Ingest, results: Results,
+                 tracker: Tracker, leadership: Leadership, topics: Topics, queue: int,
+                 log: Any) -> None:
+        self.make_bus = make_bus
+        self.ingest = ingest
+        self.results = results
+        self.tracker = tracker
+        self.leadership = leadership
+        self.topics = topics
+        self.queue = queue
+        self.log = log
+        self.bus: MessageBus | None = None
+        self.sub: Subscription[Message] | None = None
+        self.handed_over = 0  # frames left to the standby at the last stop
+        self._stack = contextlib.AsyncExitStack()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def ack(self, msg: Message) -> None:
+        if self.bus is not None:
+            self.bus.ack(msg)
+
+    async def hold(self, tg: asyncio.TaskGroup) -> None:
+        """Take and give the session as the leadership decides, until cancelled; then leave
+        (see :meth:`leave`). Runs as one task: it opens and closes the ingest connection."""
+        try:
+            while True:
+                action = self.leadership.step(time.monotonic(), time.time())
+                if action == "take":
+                    await self._take(tg)
+                elif action == "give":
+                    await self._give()
+                await asyncio.sleep(TICK_S)
+        finally:
+            await self.leave()
+
+    async def _take(self, tg: asyncio.TaskGroup) -> None:
+        self.bus = await self._stack.enter_async_context(self.make_bus())
+        self.sub = await self.bus.subscribe(self.topics.ingest_all(), qos=1, maxsize=self.queue,
+                                            overflow="drop-newest",
+                                            on_drop=self.ingest.on_overflow)
+        self._tasks = [tg.create_task(self.ingest.run(self.sub)),
+                       tg.create_task(self.ingest.answer_overflow())]
+        self.log.info("ingest_session_taken", client_id=self.bus.client_id)
+
+    async def _give(self) -> None:
+        """Another member holds the session now: its frames are that member's to answer. What
+        this one still tracks is forgotten unanswered (the broker redelivered it there)."""
+        if self.sub is not None:
+            self.sub.detach()
+        forgotten = len(self.tracker.drain())
+        self.ingest.forget()
+        await self._close()
+        self.log.warning("ingest_session_given_up", forgotten=forgotten)
+
+    def pause(self) -> None:
+        """Take no more frames (a stop begins): the broker keeps the rest, unacknowledged."""
+        self.ingest.stopping.set()
+        if self.sub is not None:
+            self.sub.detach()
+        for task in self._tasks[:1]:
+            task.cancel()
+
+    async def drain(self, seconds: float) -> None:
+        """Let the frames at the workers finish, for up to ``seconds`` (the ones not sent to a
+        worker yet are not waited for)."""
+        deadline = time.monotonic() + seconds
+        while self.tracker.at_workers() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(TICK_S)
+
+    async def leave(self) -> None:
+        """Stop holding the session: hand what is left to the standby that is there to take
+        it (unanswered, unacknowledged), or answer it ``error`` when there is none."""
+        if self.bus is None:
+            return
+        self.pause()
+        left = len(self.tracker) + len(self.ingest.in_hand) + (len(self.sub.inbox)
+                                                               if self.sub else 0)
+        if left and self.leadership.standby_alive(time.monotonic()):
+            self.handed_over = left
+            self.tracker.drain()
+            self.log.warning("frames_left_to_standby", frames=left)
+        else:
+            for task in self.tracker.drain():
+                await self.results.answer(task.task_id, task.source, task.frame_id, "error",
+                                          created=task.created, origin=task.origin,
+                                          error="admission-controller stopped")
+            if self.sub is not None:
+                await self.ingest.stop(self.sub)
+        await self.results.outbox.flush(5.0)  # answers out, then acknowledged: before closing
+        await self._close()
+
+    async def _close(self) -> None:
+        self.leadership.active_since = 0.0
+        for task in self._tasks:
+            task.cancel()
+        await self._stack.aclose()
+        self.bus, self.sub, self._tasks = None, None, []
