@@ -10,7 +10,7 @@ STAMP       := $(VENV)/.installed
 SERVICES    := admission-controller segment-worker exit-arbiter priority-scheduler
 MEMBERS     := shared/pyproject.toml $(SERVICES:%=services/%/pyproject.toml)
 
-.PHONY: help setup system-deps demo test test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control clean
+.PHONY: help setup system-deps demo test test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control bench-overload clean
 
 help:
 	@echo "make demo      run offramp locally (broker + services) and show it working"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench-segments  chained segments vs monolithic ONNX (bench/results/segments.json)"
 	@echo "make bench-pipeline  the distributed system vs one ONNX session (bench/results/pipeline.json)"
 	@echo "make bench-control   admission strategies and priorities (bench/results/control.json)"
+	@echo "make bench-overload  2x and 5x capacity, answered frame by frame (bench/results/overload.json)"
 
 system-deps:
 	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh
@@ -69,6 +70,9 @@ bench-pipeline: setup
 
 bench-control: setup
 	$(PY) -m bench.control
+
+bench-overload: setup
+	$(PY) -m bench.overload
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
