@@ -62,6 +62,7 @@ async def drive(url: str, prefix: str, workers: int, streams: Sequence[Stream],
     settings = BusSettings(broker_url=url, topic_prefix=prefix, session_expiry_s=60,
                            reconnect_max_s=0.5, publish_timeout_s=30)
     run = Run()
+    tag = f"{time.time_ns():x}"
     async with Bus(settings, f"loadgen-{os.getpid()}-{time.monotonic_ns()}") as bus:
         await bus.wait_connected(10)
         await wait_for_workers(bus, topics, workers, 60)
@@ -92,7 +93,7 @@ async def drive(url: str, prefix: str, workers: int, streams: Sequence[Stream],
                 if delay > 0:
                     await asyncio.sleep(delay)
                 j = i % len(images)
-                frame_id = f"{s.source}/{i}"
+                frame_id = f"{s.source}/{tag}/{i}"  # unique across runs: no redelivery dedup
                 run.labels[frame_id] = int(labels[j])
                 await bus.publish(topics.ingest(s.source), envelope(frame_id, image=images[j]),
                                   qos=qos)
