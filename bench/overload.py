@@ -58,8 +58,10 @@ def summary(run: Run, seconds: float) -> dict[str, Any]:
     status = Counter(r.status for r in run.results)
     first = min(run.sent_at.values(), default=0.0)
     span = max((r.ts for r in run.results), default=first) - first
-    return {"sent": sent, "sending_fps": round(sent / max(1e-9, max(run.sent_s.values())), 1),
-            "span_s": round(span, 2), "answered_own_id": len(own), "answered_share": round(len(own) / max(1, sent), 4),
+    sending_s = max(1e-9, *run.sent_s.values())
+    return {"sent": sent, "sending_fps": round(sent / sending_s, 1),
+            "span_s": round(span, 2), "answered_own_id": len(own),
+            "answered_share": round(len(own) / max(1, sent), 4),
             "answers": len(run.results), "status": dict(status),
             "served_fps": round(status["ok"] / max(seconds, span), 1),
             "dropped_fps": round(status["dropped"] / max(seconds, span), 1),
