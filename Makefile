@@ -29,12 +29,17 @@ system-deps:
 # Every workspace member editable (the library with all its extras, then each service), and the
 # dev group of the root pyproject.toml.
 $(STAMP): pyproject.toml $(MEMBERS) | system-deps
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q $(TORCH_INDEX) -e 'shared[serve,images,cli,train,testbed]' \
+	@echo "== setup 1/4: virtual environment $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "== setup 2/4: pip"
+	@$(PY) -m pip install -q --upgrade pip
+	@echo "== setup 3/4: $(TORCH_SPEC) (training and export only; the largest download)"
+	@$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	@echo "== setup 4/4: offramp, its services and the dev tools (editable)"
+	@$(PY) -m pip install -q $(TORCH_INDEX) -e 'shared[serve,images,cli,train,testbed]' \
 	    $(SERVICES:%=-e services/%) --group dev
-	touch $(STAMP)
+	@touch $(STAMP)
+	@echo "== setup done"
 
 setup: system-deps $(STAMP)
 

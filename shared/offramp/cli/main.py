@@ -1,13 +1,19 @@
-"""The ``offramp`` command. Each sub-command lives in its own module; this file only dispatches."""
+"""offramp runs a deep network split into segments across edge devices, with early exits.
+Cameras publish frames to MQTT; every frame gets one JSON result. Start with `offramp demo`
+(everything on this machine, on a small model), or `offramp up` and `offramp publish`;
+`offramp settings` lists every OFFRAMP_* variable the services read."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from offramp.cli.args import apply_formatter, positive
 from offramp.errors import OfframpError
+from offramp.node.log import configure_logging
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -67,6 +73,9 @@ def _register_ml(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offramp", description=__doc__)
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning",
+                                                                  "error"),
+                        help="what the command itself logs, on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", help="run a private Mosquitto on 127.0.0.1 in the foreground")
@@ -74,15 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_broker)
 
     p = sub.add_parser("settings", help="list every OFFRAMP_* setting with default and meaning")
-    p.add_argument("service", nargs="?", default=None)
+    p.add_argument("service", nargs="?", default=None, help="one service's settings only (None: "
+                   "every installed service's)")
     p.set_defaults(handler=_settings)
 
     _register_ml(sub)
 
     p = sub.add_parser("demo", help="build the demo model if needed, run the system on the "
                                      "digits test split, print a summary")
-    p.add_argument("--bundle", type=Path, default=Path("bundles/demo"))
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--bundle", type=Path, default=Path("bundles/demo"), help="model bundle (the "
+                   "demo preset is built there when missing)")
+    p.add_argument("--workers", type=positive, default=2, help="segment-workers")
     p.add_argument("--rate", type=float, default=150.0, help="frames per second")
     p.set_defaults(handler=_demo)
 
@@ -91,11 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_commands(sub)
     register_testbed(sub)
+    apply_formatter(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Log lines go to stderr, so that stdout carries only what a command is for (``offramp
+    watch > results.jsonl``); a reader that goes away (``| head``) ends the command quietly."""
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, "auto")
     handler: Handler = args.handler
     try:
         return handler(args)
@@ -104,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader is gone: no traceback, and no second error when Python flushes stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -13,11 +13,14 @@ from collections import Counter, deque
 from pathlib import Path
 
 import numpy as np
+from rich import box
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from offramp.bus import Bus, Topics, from_payload
+from offramp.cli.args import positive
 from offramp.errors import OfframpError, SettingsError
 from offramp.local.broker import free_port
 from offramp.local.client import envelope, publish_frames
@@ -41,25 +44,30 @@ def _bus_settings(args: argparse.Namespace) -> BusSettings:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("up", help="run the whole system locally with a live view")
-    p.add_argument("--bundle", type=Path, default=Path("bundles/demo"))
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--bundle", type=Path, default=Path("bundles/demo"), help="model bundle")
+    p.add_argument("--workers", type=positive, default=2, help="segment-workers, splitting the "
+                   "segments by FLOPs")
     p.add_argument("--port", type=int, default=1883, help="broker port (a free one if taken)")
-    p.add_argument("--prefix", default="offramp/v1")
+    p.add_argument("--prefix", default="offramp/v1", help="topic prefix")
     p.set_defaults(handler=cmd_up)
 
     for name, helptext in (("publish", "send frames to an ingest topic at a rate"),
                            ("watch", "print results as they arrive")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--broker", default="", help="mqtt://host:port (or OFFRAMP_BROKER_URL)")
-        p.add_argument("--prefix", default="offramp/v1")
-        p.add_argument("--source", default="cam-1" if name == "publish" else "+")
+        p.add_argument("--broker", default="", help="mqtt://host:port (empty: OFFRAMP_BROKER_URL)")
+        p.add_argument("--prefix", default="offramp/v1", help="topic prefix")
+        p.add_argument("--source", default="cam-1" if name == "publish" else "+",
+                       help="camera (source) id" + ("" if name == "publish" else "; + for all"))
         p.add_argument("--count", type=int, default=0, help="stop after this many (0: all)")
         if name == "publish":
             p.add_argument("--dir", type=Path, default=None, help="JPEG/PNG files, sent as-is")
-            p.add_argument("--dataset", default="digits")
-            p.add_argument("--split", default="test", choices=("train", "val", "test"))
+            p.add_argument("--dataset", default="digits", help="dataset whose images are sent, "
+                           "as envelopes with their labels (when --dir is not given)")
+            p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                           help="which split of the dataset")
             p.add_argument("--rate", type=float, default=50.0, help="frames per second")
-            p.add_argument("--deadline-ms", type=float, default=0.0)
+            p.add_argument("--deadline-ms", type=float, default=0.0, help="deadline of each "
+                           "frame after it is sent (0: none)")
             p.set_defaults(handler=cmd_publish)
         else:
             p.set_defaults(handler=cmd_watch)
@@ -118,48 +126,69 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 class LiveView:
-    """What `offramp up` shows: workers' queues, and results over the last seconds."""
+    """What `offramp up` shows: results over the last seconds, and each worker's segments.
+
+    Both tables fit 80 columns. ``done/s`` is what a segment finished (exited plus forwarded)
+    between its last two heartbeats; ``can/s`` is what it could do at its measured service time,
+    so an idle worker shows ``done/s`` 0 and a large ``can/s``."""
+
+    WINDOW_S = 5.0
 
     def __init__(self) -> None:
         self.workers: dict[str, Heartbeat] = {}
+        self.done_rate: dict[tuple[str, int], float] = {}
+        self._last: dict[tuple[str, int], tuple[float, int]] = {}
         self.results: deque[tuple[float, Result]] = deque(maxlen=5000)
         self.status: Counter[str] = Counter()
 
-    def add_state(self, hb: Heartbeat) -> None:
-        if hb.role == "worker":
-            if hb.online:
-                self.workers[hb.node] = hb
-            else:
-                self.workers.pop(hb.node, None)
+    def add_state(self, hb: Heartbeat, now: float | None = None) -> None:
+        if hb.role != "worker":
+            return
+        if not hb.online:
+            self.workers.pop(hb.node, None)
+            return
+        now = time.monotonic() if now is None else now
+        self.workers[hb.node] = hb
+        for s in hb.segments:
+            key, done = (hb.node, s.segment), s.exited + s.forwarded
+            last = self._last.get(key)
+            if last is not None and now > last[0] and done >= last[1]:
+                self.done_rate[key] = (done - last[1]) / (now - last[0])
+            self._last[key] = (now, done)
 
-    def add_result(self, r: Result) -> None:
-        self.results.append((time.monotonic(), r))
+    def add_result(self, r: Result, now: float | None = None) -> None:
+        self.results.append((time.monotonic() if now is None else now, r))
         self.status[r.status] += 1
 
-    def render(self) -> Group:
-        now = time.monotonic()
-        recent = [r for t, r in self.results if now - t <= 5.0]
+    def render(self, now: float | None = None) -> Group:
+        now = time.monotonic() if now is None else now
+        recent = [r for t, r in self.results if now - t <= self.WINDOW_S]
         ok = [r for r in recent if r.status == "ok"]
         lat = [r.latency_ms.get("total", 0.0) for r in ok]
         exits = Counter(r.exit_index or 0 for r in ok)
-        head = Table(title="results (last 5 s)")
-        for col in ("frames/s", "status (total)", "exit shares", "latency p50/p99 ms"):
+        head = Table(title=f"results, last {self.WINDOW_S:.0f} s", box=box.SIMPLE_HEAD,
+                     pad_edge=False)
+        for col in ("frames/s", "by status (all)", "exit shares", "p50/p99 ms"):
             head.add_column(col)
         shares = " ".join(f"{k}:{exits[k] / len(ok):.2f}" for k in sorted(exits)) if ok else "-"
-        p = (f"{np.percentile(lat, 50):.1f} / {np.percentile(lat, 99):.1f}" if lat else "-")
-        head.add_row(f"{len(recent) / 5:.1f}", " ".join(f"{k}:{v}" for k, v in
-                                                        sorted(self.status.items())), shares, p)
-        workers = Table(title="workers")
-        for col in ("node", "device", "segment", "queued", "backlog ms", "samples/s",
-                    "mean batch", "exited", "forwarded"):
-            workers.add_column(col)
+        p = (f"{np.percentile(lat, 50):.0f}/{np.percentile(lat, 99):.0f}" if lat else "-")
+        head.add_row(f"{len(recent) / self.WINDOW_S:.1f}",
+                     " ".join(f"{k}:{v}" for k, v in sorted(self.status.items())) or "-",
+                     shares, p)
+        workers = Table(title="workers", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+        workers.add_column("node (device)", no_wrap=True, overflow="ellipsis", max_width=22)
+        for col in ("seg", "queue", "wait ms", "done/s", "can/s", "batch", "exits", "fwd"):
+            workers.add_column(col, justify="right", no_wrap=True)
         for node, hb in sorted(self.workers.items()):
             for s in hb.segments:
-                workers.add_row(node, hb.device or "-", str(s.segment), str(s.queued),
-                                f"{s.backlog_s * 1000:.1f}",
-                                f"{s.service_rate:.0f}", f"{s.mean_batch:.1f}", str(s.exited),
-                                str(s.forwarded))
-        return Group(head, workers)
+                done = self.done_rate.get((node, s.segment))
+                workers.add_row(f"{node} ({hb.device or '?'})", str(s.segment), str(s.queued),
+                                f"{s.backlog_s * 1000:.0f}",
+                                "-" if done is None else f"{done:.0f}", f"{s.service_rate:.0f}",
+                                f"{s.mean_batch:.1f}", str(s.exited), str(s.forwarded))
+        note = Text("wait ms: the queue's backlog; done/s: finished per second; can/s: what the "
+                    "measured service time allows", style="dim")
+        return Group(head, workers, note)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -221,5 +250,5 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         codes = system.stop()
         broker.close()
-        print(json.dumps({"stopped": codes}))
+        print("\n" + json.dumps({"stopped": codes}))
     return 0

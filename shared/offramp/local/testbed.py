@@ -339,19 +339,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description=(__doc__ or "").split("\n\nThe planning part")[0]
                        + f"\n\nprofiles:\n{about}",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("up", "down", "status"))
-    p.add_argument("--name", default=None, help=f"default: {DEFAULT_NAME}")
+    p.add_argument("action", choices=("up", "down", "status"), help="start, remove or show")
+    p.add_argument("--name", default=DEFAULT_NAME, help="testbed name (containers' label)")
     p.add_argument("--nodes", default="nano,xavier-nx,orin-nano",
                    help=f"profile[:count],... of {', '.join(PROFILES)}")
-    p.add_argument("--bundle", type=Path, default=Path("bundles/demo"))
-    p.add_argument("--engine", default="", help="engine URL (default: DOCKER_HOST)")
+    p.add_argument("--bundle", type=Path, default=Path("bundles/demo"), help="model bundle")
+    p.add_argument("--engine", default="", help="engine URL (empty: DOCKER_HOST)")
     p.add_argument("--network", choices=("bridge", "host"), default="bridge",
                    help="host: every container on the host's network (hosts without "
                         "container networking)")
     p.add_argument("--port", type=int, default=1883, help="broker port on 127.0.0.1")
-    p.add_argument("--image-prefix", default="offramp/")
-    p.add_argument("--tag", default="latest")
-    p.add_argument("--broker-image", default="eclipse-mosquitto:2")
-    p.add_argument("--prefix", default="offramp/v1")
+    p.add_argument("--image-prefix", default="offramp/", help="images: <prefix><service>:<tag>")
+    p.add_argument("--tag", default="latest", help="image tag")
+    p.add_argument("--broker-image", default="eclipse-mosquitto:2", help="the broker's image")
+    p.add_argument("--prefix", default="offramp/v1", help="topic prefix")
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the workers")
     p.set_defaults(handler=_cmd)

@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from offramp.ml.build import PRESETS
 from offramp.model.bundle import Bundle, load_bundle
 from offramp.model.calibration import NEVER, Calibration
 from offramp.model.scores import CRITERIA
@@ -25,46 +26,57 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("build", help="train, export and calibrate a preset into a model bundle")
-    p.add_argument("--preset", default="demo")
-    p.add_argument("--out", type=Path, default=None, help="bundle directory (default bundles/<preset>)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--cuts", type=_ints, default=None, help="exits that end segments, e.g. 2,4")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model, dataset and training "
+                   "recipe")
+    p.add_argument("--out", type=Path, default=None, help="bundle directory (None: "
+                   "bundles/<preset>)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (None: the preset's)")
+    p.add_argument("--cuts", type=_ints, default=None, help="exits that end segments, e.g. 2,4 "
+                   "(None: every exit)")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching bundle exists")
     p.set_defaults(handler=cmd_build)
 
     p = sub.add_parser("train", help="train a preset's model jointly (optionally the ablation)")
-    p.add_argument("--preset", default="demo")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model, dataset and training "
+                   "recipe")
     p.add_argument("--out", type=Path, required=True, help="run directory (model.pt)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--gamma", type=float, default=None)
-    p.add_argument("--no-distill", action="store_true")
-    p.add_argument("--no-feature", action="store_true")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (None: the preset's)")
+    p.add_argument("--alpha", type=float, default=None, help="weight of cross-entropy against "
+                   "distillation in each exit's loss (None: 0.5)")
+    p.add_argument("--temperature", type=float, default=None, help="distillation temperature "
+                   "(None: 3)")
+    p.add_argument("--gamma", type=float, default=None, help="weight of the feature-transfer term "
+                   "(None: 0.1)")
+    p.add_argument("--no-distill", action="store_true", help="train without distillation")
+    p.add_argument("--no-feature", action="store_true", help="train without feature transfer")
     p.add_argument("--ablation", action="store_true",
                    help="also train without distillation / feature transfer and compare")
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("export", help="export a trained model.pt to a bundle of K segments")
-    p.add_argument("trained", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--cuts", type=_ints, default=None)
+    p.add_argument("trained", type=Path, help="a trained model.pt (offramp train)")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--cuts", type=_ints, default=None, help="exits that end segments, e.g. 2,4 "
+                   "(None: every exit)")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("calibrate", help="calibrate a bundle and choose thresholds")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--target-accuracy", type=float, default=None)
+    p.add_argument("bundle", type=Path, help="bundle directory")
+    p.add_argument("--target-accuracy", type=float, default=None, help="lowest thresholds that "
+                   "keep this accuracy (None: final-exit accuracy - 1 point)")
     p.add_argument("--flops-budget", type=float, default=None,
                    help="best accuracy with mean FLOPs <= this fraction of the full model")
-    p.add_argument("--criterion", choices=CRITERIA, default="confidence")
+    p.add_argument("--criterion", choices=CRITERIA, default="confidence",
+                   help="the exit score compared with the thresholds")
     p.add_argument("--recalibrate", action="store_true", help="recompute on the validation split")
     p.set_defaults(handler=cmd_calibrate)
 
     p = sub.add_parser("compress", help="train cut autoencoders and compare wire codecs")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--cut", type=int, default=None)
-    p.add_argument("--ratios", type=_ints, default=(2, 4, 8))
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("bundle", type=Path, help="bundle directory")
+    p.add_argument("--cut", type=int, default=None, help="segment boundary to compress (None: the "
+                   "one with the largest activation)")
+    p.add_argument("--ratios", type=_ints, default=(2, 4, 8), help="channel reductions to train")
+    p.add_argument("--epochs", type=int, default=8, help="autoencoder training epochs")
     p.set_defaults(handler=cmd_compress)
 
 

@@ -1,0 +1,121 @@
+"""The ``offramp`` command as a user meets it: help on every option, stdout for what a command
+is for and stderr for logs, a reader that goes away, and the live view of ``offramp up``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import subprocess
+import sys
+import time
+
+from rich.console import Console
+
+from offramp.cli.main import build_parser
+from offramp.cli.run import LiveView
+from offramp.local.broker import LocalBroker
+from offramp.wire import Heartbeat, Result, SegmentLoad
+
+OFFRAMP = [sys.executable, "-m", "offramp.cli.main"]
+
+
+def _parsers(parser: argparse.ArgumentParser, path: str = "offramp"):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, f"{path} {name}")
+
+
+def test_every_subcommand_and_option_has_help_with_its_default() -> None:
+    missing = []
+    for path, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            if not action.help:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        help_text = parser.format_help()
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert "(default:" in help_text, f"{path}: defaults are not shown"
+    assert missing == []
+    build_help = build_parser().parse_args(["build"]).__dict__
+    assert build_help["preset"] == "demo"
+
+
+def test_wrong_values_get_one_clear_line() -> None:
+    proc = subprocess.run([*OFFRAMP, "demo", "--workers", "0"], check=False,
+                          capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "expected at least 1, got 0" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([*OFFRAMP, "build", "--preset", "nope"], check=False,
+                          capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    # `offramp settings | head -1`: the pipe closes after one line
+    with subprocess.Popen([*OFFRAMP, "settings"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=60)
+    assert code == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_watch_prints_only_results_on_stdout_and_logs_on_stderr(broker: LocalBroker,
+                                                                prefix: str) -> None:
+    result = Result(frame_id="f-1", task_id="t-1", source="cam-9", status="ok", label=3, confidence=0.9,
+                    exit_index=1)
+    with subprocess.Popen([*OFFRAMP, "--log-level", "info", "watch", "--broker", broker.url,
+                           "--prefix", prefix, "--count", "1"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-t",
+                            f"{prefix}/results/cam-9", "-m", result.to_json()], check=True,
+                           timeout=10)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.5)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1 and Result.from_json(lines[0].encode()).frame_id == "f-1"
+    assert "bus_connected" in err
+
+
+def _heartbeat(node: str, done: int, rate: float = 5000.0) -> Heartbeat:
+    return Heartbeat(node=node, role="worker", online=True, device="cpu", segments=(
+        SegmentLoad(model="m", segment=2, queued=3, backlog_s=0.004, service_rate=rate,
+                    mean_batch=2.0, exited=done // 2, forwarded=done - done // 2),))
+
+
+def test_live_view_fits_80_columns_and_shows_what_was_done() -> None:
+    view = LiveView()
+    view.add_state(_heartbeat("orin-nano-0", 0), now=100.0)
+    view.add_state(_heartbeat("orin-nano-0", 0), now=101.0)
+    idle = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    idle.print(view.render(now=101.0))
+    text = idle.export_text()
+    # idle: nothing done per second, although the segment could do thousands
+    row = next(line for line in text.splitlines() if "orin-nano-0" in line)
+    assert row.split()[5] == "0" and row.split()[6] == "5000"
+    view.add_state(_heartbeat("orin-nano-0", 240), now=103.0)
+    for i in range(10):
+        view.add_result(Result(frame_id=f"f{i}", task_id=f"t{i}", source="cam-1", status="ok", label=1,
+                               confidence=0.9, exit_index=1 + i % 2,
+                               latency_ms={"total": 10.0 + i}), now=102.0)
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(view.render(now=103.0))
+    text = console.export_text()
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert console.measure(view.render(now=103.0)).maximum <= 80
+    row = next(line for line in text.splitlines() if "orin-nano-0" in line)
+    assert row.split()[5] == "120"  # 240 samples in 2 s
+    assert "exit shares" in text and "1:0.50 2:0.50" in text
