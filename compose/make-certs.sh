@@ -17,6 +17,7 @@ openssl x509 -req -in "$certs/server.csr" -CA "$certs/ca.crt" -CAkey "$certs/ca.
 chmod 0644 "$certs/server.key"  # read by user mosquitto in the container; keep the folder private
 cat > "$here/conf.d/tls.conf" <<CONF
 listener 8883 0.0.0.0
+use_username_as_clientid true
 cafile /mosquitto/config/certs/ca.crt
 certfile /mosquitto/config/certs/server.crt
 keyfile /mosquitto/config/certs/server.key

@@ -7,18 +7,78 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 command -v mosquitto_passwd >/dev/null || { echo "mosquitto_passwd not found: apt-get install mosquitto" >&2; exit 1; }
-cameras=("$@"); [ ${#cameras[@]} -gt 0 ] || cameras=(cam-1)
-passwd="$here/passwd"; env="$here/.env"
+
+ingest="ingest-$group"
+users=(operator healthcheck "$ingest" "${admissions[@]}" "${workers[@]}" "$arbiter" "$scheduler" "${cameras[@]}")
+declare -A seen=()
+for user in "${users[@]}"; do
+  case "$user" in
+    ""|*[!A-Za-z0-9._-]*|[._-]*) echo "bad name: '$user' (letters, digits, '.', '_', '-')" >&2; exit 2;;
+  esac
+  [ -z "${seen[$user]:-}" ] || { echo "name used twice: $user (each user is one client id)" >&2; exit 2; }
+  seen[$user]=1
+done
+
+p=$prefix
+section() { printf '\nuser %s\n' "$1"; shift; printf 'topic %s\n' "$@"; }
+{
+  echo "# offramp topic ACL for prefix $p, written by compose/make-passwords.sh: one section per"
+  echo "# user. Everything not granted here is denied. Client ids are the user names"
+  echo "# (use_username_as_clientid in mosquitto.conf)."
+  section operator "read $p/#" "read \$SYS/#" "readwrite $p/control/source/+"
+  section healthcheck "read \$SYS/broker/uptime"
+  # the ingest session of the admission group: frames in, and nothing else
+  section "$ingest" "read $p/ingest/+"
+  for a in "${admissions[@]}"; do
+    section "$a" "write $p/results/+" "write $p/replies/#" "read $p/done/+" "write $p/act/#" \
+      "write $p/state/admission/$a" "read $p/state/#" "read $p/control/#" "read \$SYS/broker/#"
+  done
+  for w in "${workers[@]}"; do
+    # reads activations addressed to it; sends to any next hop and reports to any owner
+    section "$w" "read $p/act/+/+/$w" "write $p/act/#" "write $p/done/+" \
+      "write $p/state/worker/$w" "read $p/state/#" "read $p/control/#"
+  done
+  section "$arbiter" "read $p/done/+" "write $p/state/arbiter/$arbiter" "read $p/state/#" \
+    "readwrite $p/control/exit-policy/+"
+  section "$scheduler" "write $p/state/scheduler/$scheduler" "read $p/state/#" \
+    "readwrite $p/control/plan" "read $p/control/#"
+  for c in "${cameras[@]}"; do
+    # its own frames in, its own results out (and replies to frames with a Response Topic)
+    section "$c" "write $p/ingest/$c" "read $p/results/$c" "read $p/replies/$c/#"
+  done
+} > "$out/acl.new"
+
 umask 077
-: > "$passwd"; : > "$env"
+mkdir -p "$out/credentials"
+: > "$out/passwd.new"; : > "$out/.env.new"
 secret() { head -c 18 /dev/urandom | base64 | tr -d '/+='; }
-for user in admission worker arbiter scheduler operator "${cameras[@]}"; do
-  case "$user" in *[!A-Za-z0-9._-]*) echo "bad user name: $user" >&2; exit 2;; esac
+for user in "${users[@]}"; do
   pw="$(secret)"
-  mosquitto_passwd -b "$passwd" "$user" "$pw"
-  echo "OFFRAMP_PASSWORD_$(echo "$user" | tr 'a-z.-' 'A-Z__')=$pw" >> "$env"
+  mosquitto_passwd -b "$out/passwd.new" "$user" "$pw"
+  echo "OFFRAMP_PASSWORD_$(echo "$user" | tr 'a-z.-' 'A-Z__')=$pw" >> "$out/.env.new"
+  printf '%s' "$pw" > "$out/credentials/$user"
 done
 chmod 0644 "$passwd"  # the broker runs as user mosquitto inside its container
 top="$(dirname "$here")"
 if [ ! -e "$top/.env" ] && [ ! -L "$top/.env" ]; then ln -s compose/.env "$top/.env"; fi
 echo "wrote $passwd and $env (users: admission worker arbiter scheduler operator ${cameras[*]})"
+out="$here"; prefix="offramp/v1"; group="admission"
+admissions=(); workers=(); arbiter="arbiter-1"; scheduler="scheduler-1"; cameras=()
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out="$2"; shift 2;;
+    --prefix) prefix="$2"; shift 2;;
+    --admission) admissions+=("$2"); shift 2;;
+    --group) group="$2"; shift 2;;
+    --worker) workers+=("$2"); shift 2;;
+    --arbiter) arbiter="$2"; shift 2;;
+    --scheduler) scheduler="$2"; shift 2;;
+    -h|--help) usage;;
+    -*) echo "unknown option $1 (--help lists them)" >&2; exit 2;;
+    *) cameras+=("$1"); shift;;
+  esac
+done
+[ ${#admissions[@]} -gt 0 ] || admissions=(admission-1 admission-2)
+[ ${#workers[@]} -gt 0 ] || workers=(worker-1 worker-gpu-1)
+[ ${#cameras[@]} -gt 0 ] || cameras=(cam-1)

@@ -70,6 +70,55 @@ def test_k3s_overlays_render_and_validate(overlay: str, tmp_path: Path) -> None:
         assert docs.count("offramp.io/role: gateway") == 4
 
 
+@pytest.mark.parametrize(("overlay", "workers"), [("single-node", 2), ("jetson", 3)])
+def test_every_k3s_pod_finds_its_own_broker_user(overlay: str, workers: int,
+                                                 tmp_path: Path) -> None:
+    """k3s/make-secrets.sh and the manifests agree: each pod of each StatefulSet has a password
+    file named after it in the Secret it mounts, and an ACL section of its own."""
+    import base64
+
+    import yaml
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: cannot render the Kustomize overlays")
+    rendered = subprocess.run([kubectl, "kustomize", str(ROOT / "k3s/overlays" / overlay)],
+                              capture_output=True, text=True, check=True).stdout
+    subprocess.run(["bash", str(ROOT / "k3s/make-secrets.sh"), "--workers", str(workers),
+                    "--out", str(tmp_path), "cam-1"], check=True, capture_output=True)
+    secrets = {d["metadata"]["name"]: {k: base64.b64decode(v).decode()
+                                        for k, v in d["data"].items()}
+               for d in yaml.safe_load_all((tmp_path / "secrets.yaml").read_text()) if d}
+    acl = secrets["offramp-broker-users"]["acl"]
+    pods = 0
+    for doc in yaml.safe_load_all(rendered):
+        if doc["kind"] == "Deployment":  # the broker
+            users = next(v for v in doc["spec"]["template"]["spec"]["volumes"]
+                         if v["name"] == "users")["secret"]
+            assert {i["key"] for i in users["items"]} <= set(secrets[users["secretName"]])
+        if doc["kind"] != "StatefulSet":
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value", e.get("valueFrom")) for e in spec["containers"][0]["env"]}
+        assert env["OFFRAMP_NODE"] == env["OFFRAMP_USERNAME"] == {
+            "fieldRef": {"fieldPath": "metadata.name"}}
+        assert env["OFFRAMP_PASSWORD_FILE"] == "/credentials/$(OFFRAMP_NODE)"
+        mounted = next(v for v in spec["volumes"] if v["name"] == "credentials")["secret"]
+        files = secrets[mounted["secretName"]]
+        if "OFFRAMP_ADMISSION_INGEST_PASSWORD_FILE" in env:
+            assert env["OFFRAMP_ADMISSION_INGEST_PASSWORD_FILE"] == "/credentials/" + env[
+                "OFFRAMP_ADMISSION_INGEST_USERNAME"]
+            assert env["OFFRAMP_ADMISSION_INGEST_USERNAME"] in files
+        for i in range(doc["spec"]["replicas"]):
+            pod = f"{doc['metadata']['name']}-{i}"
+            assert pod in files, (pod, mounted["secretName"], sorted(files))
+            assert f"\nuser {pod}\n" in acl
+            pods += 1
+    assert pods == workers + 2 + 1 + 1
+    assert set(secrets["offramp-worker-credentials"]) == {
+        f"offramp-segment-worker-{i}" for i in range(workers)}
+
+
 MEMBERS = {"shared": "offramp", "services/admission-controller": "admission_controller",
            "services/segment-worker": "segment_worker", "services/exit-arbiter": "exit_arbiter",
            "services/priority-scheduler": "priority_scheduler"}
@@ -140,7 +189,6 @@ def test_k3s_broker_config_matches_compose() -> None:
         return [ln.replace("/mosquitto/users/", "/mosquitto/config/") for ln in lines
                 if not ln.startswith("include_dir")]
 
-    assert meaningful(ROOT / "k3s/base/acl") == meaningful(ROOT / "compose/acl")
     assert meaningful(ROOT / "k3s/base/mosquitto.conf") == meaningful(ROOT / "compose/mosquitto.conf")
 
 
@@ -195,10 +243,15 @@ class SecureBroker:
         return self.passwords[f"OFFRAMP_PASSWORD_{user.upper().replace('-', '_')}"]
 
     def client(self, user: str, password: str | None = None, *, port: int | None = None,
-               transport: str = "tcp", tls: bool = False) -> tuple[mqtt.Client, queue.Queue[str]]:
+               transport: str = "tcp", tls: bool = False, client_id: str | None = None,
+               ) -> tuple[mqtt.Client, queue.Queue[str]]:
+        """A connected paho client; what it receives lands in the queue as "topic payload",
+        and a disconnect the client did not ask for as "DISCONNECTED <reason>"."""
         got: queue.Queue[str] = queue.Queue()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{user}-{time.monotonic_ns()}",
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                        client_id=client_id or f"t-{user}-{time.monotonic_ns()}",
                         protocol=mqtt.MQTTv5, transport=transport)  # type: ignore[arg-type]
+        c.on_disconnect = lambda cl, ud, fl, rc, pr: got.put(f"DISCONNECTED {rc}")
         c.username_pw_set(user, self.password(user) if password is None else password)
         if tls:
             c.tls_set(ca_certs=str(self.ca), cert_reqs=ssl.CERT_REQUIRED)
@@ -247,7 +300,7 @@ def test_acl_confines_each_role_to_its_topics(secure_broker: SecureBroker) -> No
     op.subscribe("offramp/v1/#", qos=1)
     cam, cam_got = secure_broker.client("cam-1")
     cam.subscribe("offramp/v1/results/+", qos=1)
-    adm, _ = secure_broker.client("admission")
+    adm, _ = secure_broker.client("admission-1")
     time.sleep(0.3)
     for topic in ("offramp/v1/ingest/cam-1", "offramp/v1/ingest/cam-2",
                   "offramp/v1/act/m/1/worker-1", "offramp/v1/control/plan"):
@@ -275,8 +328,8 @@ def test_the_compose_broker_healthcheck_passes(secure_broker: SecureBroker) -> N
     assert test[0] == "CMD-SHELL"
     command = test[1].replace("$$", "$").replace("mosquitto_sub ",
                                                  f"mosquitto_sub -p {secure_broker.mqtt} ", 1)
-    env = {"PATH": "/usr/bin:/bin", "OFFRAMP_PASSWORD_OPERATOR": secure_broker.passwords[
-        "OFFRAMP_PASSWORD_OPERATOR"]}
+    env = {"PATH": "/usr/bin:/bin", "OFFRAMP_PASSWORD_HEALTHCHECK": secure_broker.passwords[
+        "OFFRAMP_PASSWORD_HEALTHCHECK"]}
     done = subprocess.run(["sh", "-c", command], check=False, env=env, capture_output=True,
                           text=True, timeout=10)
     assert done.returncode == 0, done.stderr
@@ -285,7 +338,7 @@ def test_the_compose_broker_healthcheck_passes(secure_broker: SecureBroker) -> N
 def test_tls_and_websocket_listeners_work(secure_broker: SecureBroker) -> None:
     c, got = secure_broker.client("operator", port=secure_broker.tls, tls=True)
     c.subscribe("offramp/v1/results/+", qos=1)
-    ws, _ = secure_broker.client("admission", port=secure_broker.ws, transport="websockets")
+    ws, _ = secure_broker.client("admission-1", port=secure_broker.ws, transport="websockets")
     time.sleep(0.3)
     ws.publish("offramp/v1/results/cam-1", "over websockets", qos=1).wait_for_publish(5)
     assert _drain(got) == ["offramp/v1/results/cam-1 over websockets"]
@@ -316,3 +369,65 @@ def test_a_publish_the_broker_refuses_fails_with_its_reason(secure_broker: Secur
             await bus.publish("offramp/v1/ingest/cam-1", b"still connected", qos=1)
 
     asyncio.run(go())
+
+
+def test_each_node_publishes_only_its_own_state_and_reads_only_its_own_activations(
+        secure_broker: SecureBroker) -> None:
+    """Per-instance credentials: worker-1 cannot fake worker-gpu-1's heartbeat or its offline
+    message, nor read activations addressed to it; a camera named like a node gets nothing."""
+    op, seen = secure_broker.client("operator")
+    op.subscribe("offramp/v1/#", qos=1)
+    w1, w1_got = secure_broker.client("worker-1")
+    w1.subscribe("offramp/v1/act/+/+/worker-gpu-1", qos=1)
+    w1.subscribe("offramp/v1/act/+/+/worker-1", qos=1)
+    adm, _ = secure_broker.client("admission-1")
+    time.sleep(0.3)
+    w1.publish("offramp/v1/state/worker/worker-1", "mine", qos=1).wait_for_publish(5)
+    for forged in ("offramp/v1/state/worker/worker-gpu-1", "offramp/v1/state/admission/x",
+                   "offramp/v1/control/plan", "offramp/v1/results/cam-1"):
+        w1.publish(forged, "forged", qos=1).wait_for_publish(5)
+    adm.publish("offramp/v1/act/m/1/worker-gpu-1", "for gpu", qos=1).wait_for_publish(5)
+    adm.publish("offramp/v1/act/m/1/worker-1", "for w1", qos=1).wait_for_publish(5)
+    adm.publish("offramp/v1/state/admission/admission-2", "forged", qos=1).wait_for_publish(5)
+    operator_saw = _drain(seen)
+    assert "offramp/v1/state/worker/worker-1 mine" in operator_saw
+    assert not [m for m in operator_saw if m.endswith("forged")], operator_saw
+    assert _drain(w1_got, 0.1) == ["offramp/v1/act/m/1/worker-1 for w1"]
+    for c in (op, w1, adm):
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_no_client_takes_over_another_clients_session(secure_broker: SecureBroker) -> None:
+    """Client ids are user names: a camera asking for a service's client id gets its own,
+    and the service stays connected."""
+    w1, w1_got = secure_broker.client("worker-1", client_id="offramp-worker-worker-1")
+    ing, ing_got = secure_broker.client("ingest-admission", client_id="offramp-ingest-admission")
+    for stolen in ("offramp-worker-worker-1", "worker-1", "offramp-ingest-admission",
+                   "ingest-admission"):
+        cam, _ = secure_broker.client("cam-1", client_id=stolen)
+        cam.publish("offramp/v1/ingest/cam-1", "still a camera", qos=1).wait_for_publish(5)
+        cam.disconnect()
+        cam.loop_stop()
+    assert not [m for m in _drain(w1_got, 0.5) + _drain(ing_got, 0) if "DISCONNECTED" in m]
+    for c in (w1, ing):
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_make_passwords_refuses_bad_and_repeated_names(tmp_path: Path) -> None:
+    script = ROOT / "compose/make-passwords.sh"
+    for args, message in ((["cam 1"], "bad name"), (["--worker", "w;rm"], "bad name"),
+                          (["--worker", "cam-1", "cam-1"], "name used twice"),
+                          (["--wrkr", "x"], "unknown option --wrkr")):
+        done = subprocess.run(["bash", str(script), "--out", str(tmp_path), *args],
+                              capture_output=True, text=True, check=False)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "passwd").exists()
+    done = subprocess.run(["bash", str(script), "--out", str(tmp_path), "--worker", "w-0",
+                           "--worker", "w-1", "--prefix", "site/v2", "cam-9"],
+                          capture_output=True, text=True, check=True)
+    acl = (tmp_path / "acl").read_text()
+    assert "user w-1\ntopic read site/v2/act/+/+/w-1\n" in acl and "pattern" not in acl
+    assert "user cam-9\ntopic write site/v2/ingest/cam-9\n" in acl
+    assert (tmp_path / "credentials/w-0").read_text() in (tmp_path / ".env").read_text()

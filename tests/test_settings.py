@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from admission_controller.settings import AdmissionSettings
 from offramp.errors import SettingsError
 from offramp.settings import BrokerAddress, BusSettings, CommonSettings, describe, load
 from segment_worker.service import PREFIX, WorkerSettings
@@ -56,6 +59,38 @@ def test_bad_broker_url_is_one_clear_error(url: str) -> None:
 def test_username_and_password_settings_override_the_url() -> None:
     addr = BusSettings(broker_url="mqtt://a:b@h:1", username="u", password="p").address()
     assert (addr.username, addr.password) == ("u", "p")
+
+
+def test_a_password_file_is_read_at_connect_and_a_missing_one_fails_at_start(
+        tmp_path: Path) -> None:
+    secret = tmp_path / "worker-1"
+    secret.write_text("s3cret\n")
+    bus = load(BusSettings, env={"OFFRAMP_BROKER_URL": "mqtt://u:url-pw@h:1883",
+                             "OFFRAMP_PASSWORD_FILE": str(secret)})
+    assert bus.address().password == "s3cret"
+    secret.write_text("rotated")
+    assert bus.address().password == "rotated"
+    with pytest.raises(SettingsError, match=r"OFFRAMP_PASSWORD_FILE=.*nope.*cannot read"):
+        load(BusSettings, env={"OFFRAMP_PASSWORD_FILE": str(tmp_path / "nope")})
+
+
+ADM = "OFFRAMP_ADMISSION_"
+
+
+def test_the_ingest_session_logs_in_as_the_groups_user(tmp_path: Path) -> None:
+    (tmp_path / "ingest").write_text("group-pw")
+    env = {"OFFRAMP_BROKER_URL": "mqtt://h:1883", "OFFRAMP_USERNAME": "admission-1",
+           "OFFRAMP_PASSWORD": "own-pw", "OFFRAMP_ADMISSION_INGEST_USERNAME": "ingest-admission",
+           "OFFRAMP_ADMISSION_INGEST_PASSWORD_FILE": str(tmp_path / "ingest")}
+    adm = load(AdmissionSettings, ADM, env)
+    assert adm.common.bus.address().username == "admission-1"
+    ingest = adm.ingest_bus().address()
+    assert (ingest.username, ingest.password) == ("ingest-admission", "group-pw")
+    assert load(AdmissionSettings, ADM, {}).ingest_bus() == load(AdmissionSettings, ADM, {}).common.bus
+    with pytest.raises(SettingsError, match="INGEST_USERNAME is not"):
+        load(AdmissionSettings, ADM, {"OFFRAMP_ADMISSION_INGEST_PASSWORD": "x"})
+    with pytest.raises(SettingsError, match="cannot read"):
+        load(AdmissionSettings, ADM, {**env, "OFFRAMP_ADMISSION_INGEST_PASSWORD_FILE": "/nonexistent"})
 
 
 def test_describe_lists_every_variable_with_its_doc() -> None:

@@ -89,6 +89,8 @@ class BusSettings:
     )
     username: str = setting("", "Broker user name (overrides the one in the URL)")
     password: str = setting("", "Broker password (overrides the one in the URL)", secret=True)
+    password_file: str = setting("", "File holding the broker password, read at each connect "
+                                 "(overrides OFFRAMP_PASSWORD; for Secrets mounted as files)")
     tls_ca: str = setting("", "CA certificate file for mqtts:// (empty: system CAs)")
     topic_prefix: str = setting("offramp/v1", "Prefix of every topic offramp uses")
     keepalive_s: int = setting(15, "MQTT keepalive in seconds", min=2, max=3600)
@@ -112,14 +114,27 @@ class BusSettings:
         "(paho-mqtt's and aiomqtt's own read path, slower, for a paho or aiomqtt release whose "
         "internals the fast path does not know)")
 
+    def __post_init__(self) -> None:
+        if self.password_file:
+            self._read_password()
+
+    def _read_password(self) -> str:
+        try:
+            with open(self.password_file, encoding="utf-8") as f:
+                return f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SettingsError(f"OFFRAMP_PASSWORD_FILE={self.password_file!r}: cannot read "
+                                f"it ({e.__class__.__name__}: {e})") from None
+
     def address(self) -> BrokerAddress:
         if not self.broker_url:
             raise SettingsError("OFFRAMP_BROKER_URL is empty and no local broker was started")
         addr = BrokerAddress.parse(self.broker_url, variable="OFFRAMP_BROKER_URL")
         if self.username:
             addr = dataclasses.replace(addr, username=self.username)
-        if self.password:
-            addr = dataclasses.replace(addr, password=self.password)
+        password = self._read_password() if self.password_file else self.password
+        if password:
+            addr = dataclasses.replace(addr, password=password)
         return addr
 
 

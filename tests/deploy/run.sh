@@ -99,7 +99,8 @@ step "bundle, users and certificates in a scratch copy of the compose files"
 mkdir -p "$proj"
 cp docker-compose.yml "$proj/"
 cp -r compose "$proj/compose"
-rm -rf "$proj/compose/passwd" "$proj/compose/.env" "$proj/compose/certs" "$proj/compose/conf.d/tls.conf"
+rm -rf "$proj/compose/passwd" "$proj/compose/acl" "$proj/compose/credentials" "$proj/compose/.env" \
+  "$proj/compose/certs" "$proj/compose/conf.d/tls.conf"
 bash "$proj/compose/make-passwords.sh" cam-1 >/dev/null
 bash "$proj/compose/make-certs.sh" localhost >/dev/null
 set -a; . "$proj/compose/.env"; set +a
@@ -130,10 +131,11 @@ for c in $(podman ps --filter "label=io.podman.compose.project=$PROJECT" --forma
   podman healthcheck run "$c" >/dev/null 2>&1 || fail "the compose healthcheck of $c fails"
 done
 
-step "publishing frames as camera cam-1 with mosquitto_pub, reading results with mosquitto_sub"
+# each user is one client id (use_username_as_clientid): the camera publishes, the operator reads
+step "publishing frames as camera cam-1 with mosquitto_pub, reading results as operator"
 "$PY" tests/deploy/frames.py make "$work/frames" || fail "making the frames"
 total=$(( $(ls "$work/frames" | wc -l) - 1 ))
-mosquitto_sub -h 127.0.0.1 -p 1883 -u cam-1 -P "$OFFRAMP_PASSWORD_CAM_1" -q 1 \
+mosquitto_sub -h 127.0.0.1 -p 1883 -u operator -P "$OFFRAMP_PASSWORD_OPERATOR" -q 1 \
   -t offramp/v1/results/cam-1 -C "$total" -W 120 >"$work/results.jsonl" &
 sub=$!
 sleep 1
@@ -146,13 +148,14 @@ wait "$sub" || echo "test-deploy: mosquitto_sub ended before $total results" >&2
 "$PY" tests/deploy/frames.py check "$work/frames" "$work/results.jsonl" || fail "results"
 
 step "TLS listener on 8883 with the generated CA: a frame in, its result out"
-tls=(-h localhost -p 8883 --cafile "$proj/compose/certs/ca.crt" -u cam-1
-     -P "$OFFRAMP_PASSWORD_CAM_1" -q 1)
+tls=(-h localhost -p 8883 --cafile "$proj/compose/certs/ca.crt" -q 1)
 "$PY" tests/deploy/frames.py one "$work/tls.msgpack" tls-0
-mosquitto_sub "${tls[@]}" -t offramp/v1/results/cam-1 -C 1 -W 30 >"$work/tls.json" &
+mosquitto_sub "${tls[@]}" -u operator -P "$OFFRAMP_PASSWORD_OPERATOR" -t offramp/v1/results/cam-1 \
+  -C 1 -W 30 >"$work/tls.json" &
 sub=$!
 sleep 1
-mosquitto_pub "${tls[@]}" -t offramp/v1/ingest/cam-1 -f "$work/tls.msgpack" \
+mosquitto_pub "${tls[@]}" -u cam-1 -P "$OFFRAMP_PASSWORD_CAM_1" -t offramp/v1/ingest/cam-1 \
+  -f "$work/tls.msgpack" \
   || fail "publishing over TLS"
 wait "$sub" || fail "no result over TLS"
 grep -q '"frame_id":"tls-0","status":"ok"' "$work/tls.json" \

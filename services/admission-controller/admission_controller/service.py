@@ -222,7 +222,7 @@ async def run(settings: AdmissionSettings, stop: asyncio.Event, *,
     def ingest_bus() -> MessageBus:
         if connect is not None:
             return connect(ingest_id, None)
-        return Bus(settings.common.bus, ingest_id, manual_ack=True,
+        return Bus(settings.ingest_bus(), ingest_id, manual_ack=True,
                    receive_maximum=settings.ingest_window)
 
     adm = Admission(settings, bundle, runtime, ingest_bus)

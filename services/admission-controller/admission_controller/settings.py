@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from offramp.bus import check_name
 from offramp.errors import SettingsError
 from offramp.node.sources import SourceSettings
 from offramp.policy.admission import ControlSettings
-from offramp.settings import CommonSettings, nested, setting
+from offramp.settings import BusSettings, CommonSettings, nested, setting
 
 PREFIX = "OFFRAMP_ADMISSION_"
 
@@ -48,6 +48,13 @@ class AdmissionSettings:
                              max=3600)
     group: str = setting("admission", "Admission-controllers sharing one ingest session (a "
                          "primary and its standby): client id offramp-ingest-<group>")
+    ingest_username: str = setting("", "Broker user of the ingest session, shared by the "
+                                   "group (empty: OFFRAMP_USERNAME). Needed where the broker "
+                                   "makes each user one client id (compose, k3s)")
+    ingest_password: str = setting("", "Password of OFFRAMP_ADMISSION_INGEST_USERNAME",
+                                   secret=True)
+    ingest_password_file: str = setting("", "File holding that password (overrides "
+                                        "OFFRAMP_ADMISSION_INGEST_PASSWORD)")
     standby: bool = setting(False, "Start as the group's standby: take the ingest session only "
                             "when no member has been active for OFFRAMP_ADMISSION_TAKEOVER_S")
     takeover_s: float = setting(1.0, "A standby takes the ingest session this long after the "
@@ -64,3 +71,15 @@ class AdmissionSettings:
                                 f"OFFRAMP_ADMISSION_INGEST_WINDOW={self.ingest_window}: the "
                                 "inbox must hold every frame the broker may send")
         check_name(self.group, "OFFRAMP_ADMISSION_GROUP")
+        if (self.ingest_password or self.ingest_password_file) and not self.ingest_username:
+            raise SettingsError("OFFRAMP_ADMISSION_INGEST_PASSWORD(_FILE) is set but "
+                                "OFFRAMP_ADMISSION_INGEST_USERNAME is not")
+        self.ingest_bus()  # a missing password file is an error at start
+
+    def ingest_bus(self) -> BusSettings:
+        """How the ingest session connects: the service's bus, as the group's ingest user."""
+        bus = self.common.bus
+        if not self.ingest_username:
+            return bus
+        return replace(bus, username=self.ingest_username, password=self.ingest_password,
+                       password_file=self.ingest_password_file)
