@@ -123,3 +123,17 @@ def test_a_frame_sent_with_a_response_topic_is_answered_there_with_its_correlati
     assert by_tag[b"img-0042.png"]["frame_id"] == "img-0042.png"
     assert by_tag[b"img-0042.png"]["status"] == "ok"
     assert by_tag[b"\x00\xffbinary"]["frame_id"] == b"\x00\xffbinary".hex()
+
+
+def test_frames_whose_deadline_passes_are_answered_and_acknowledged(tiny_bundle: Bundle,
+                                                                    prefix: str) -> None:
+    """A frame answered 'expired' is acknowledged like any other: with an ingest window of 4,
+    expired frames left unacknowledged would stop the broker after the fourth."""
+    images, _ = _frames(40)
+    payloads = [envelope(f"late-{i}", image=im, deadline_s=0.001) for i, im in enumerate(images)]
+    env = {"OFFRAMP_ADMISSION_INGEST_WINDOW": "4", "OFFRAMP_ADMISSION_INGEST_QUEUE": "8"}
+    with LocalSystem(tiny_bundle, 1, prefix=prefix, env=env) as system:
+        results = asyncio.run(_run(system, payloads, rate=100, timeout=20))
+        system.stop()
+    assert Counter(r.frame_id for r in results) == {f"late-{i}": 1 for i in range(40)}
+    assert Counter(r.status for r in results)["expired"] >= 30, Counter(r.status for r in results)

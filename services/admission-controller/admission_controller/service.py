@@ -166,10 +166,11 @@ class Admission:
             sweep = self.tracker.sweep(time.time(), self.dispatcher.path_backlog(0.0))
             for t in sweep.expired:
                 await self.results.answer(t.task_id, t.source, t.frame_id, "expired",
-                                          created=t.created, error="deadline passed")
+                                          created=t.created, error="deadline passed",
+                                          origin=t.origin)
             for t in sweep.failed:
                 await self.results.answer(t.task_id, t.source, t.frame_id, "error",
-                                          created=t.created,
+                                          created=t.created, origin=t.origin,
                                           error=f"no result after {t.attempt} dispatches")
             if sweep.redispatch:
                 self.counts["redispatched"] += len(sweep.redispatch)
