@@ -1,11 +1,52 @@
 #!/usr/bin/env bash
-# Create compose/passwd (Mosquitto password file) with one user per service role, an operator
-# and one user per camera, and compose/.env with the passwords. docker compose reads .env beside
-# docker-compose.yml, so a link .env -> compose/.env is made there unless a .env exists.
-# Usage: compose/make-passwords.sh [camera ...]      (default camera: cam-1)
+# Broker credentials: one user per service instance, one per camera, an operator and a
+# healthcheck user, and the ACL that confines each to its own topics.
+#
+# Writes into the output folder (default: this folder, compose/):
+#   passwd          Mosquitto password file (hashed)
+#   acl             the topic ACL, one section per user (no patterns: a camera named like a
+#                   node gets nothing of the node's)
+#   .env            OFFRAMP_PASSWORD_<USER>=... for docker compose (cam-1 -> CAM_1)
+#   credentials/    one file per user holding its password (Kubernetes Secrets, k3s/README.md)
+# and, for compose/, a link .env -> compose/.env beside docker-compose.yml unless one exists.
+#
+# The broker configs set use_username_as_clientid, so a client's id is its user name: nobody
+# can connect as another client (and take over its session) without that client's password.
+# Each connection therefore needs its own user; the admission-controllers of one group share
+# the ingest session's user (ingest-<group>), which is how a standby takes that session over.
+#
+# Usage: compose/make-passwords.sh [options] [camera ...]        (default camera: cam-1)
+#   --out DIR          where to write (default: compose/)
+#   --prefix P         topic prefix the ACL grants (default: offramp/v1)
+#   --admission NAME   an admission-controller instance (repeat; default admission-1 admission-2)
+#   --group NAME       their ingest group (default: admission; user ingest-<group>)
+#   --worker NAME      a segment-worker instance (repeat; default worker-1 worker-gpu-1)
+#   --arbiter NAME     the exit-arbiter instance (default arbiter-1)
+#   --scheduler NAME   the priority-scheduler instance (default scheduler-1)
+# Instance names are the services' OFFRAMP_NODE: the ACL grants a node its own state/ topic.
 # Needs mosquitto_passwd (Debian: apt-get install mosquitto). Re-running makes new passwords.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+out="$here"; prefix="offramp/v1"; group="admission"
+admissions=(); workers=(); arbiter="arbiter-1"; scheduler="scheduler-1"; cameras=()
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out="$2"; shift 2;;
+    --prefix) prefix="$2"; shift 2;;
+    --admission) admissions+=("$2"); shift 2;;
+    --group) group="$2"; shift 2;;
+    --worker) workers+=("$2"); shift 2;;
+    --arbiter) arbiter="$2"; shift 2;;
+    --scheduler) scheduler="$2"; shift 2;;
+    -h|--help) usage;;
+    -*) echo "unknown option $1 (--help lists them)" >&2; exit 2;;
+    *) cameras+=("$1"); shift;;
+  esac
+done
+[ ${#admissions[@]} -gt 0 ] || admissions=(admission-1 admission-2)
+[ ${#workers[@]} -gt 0 ] || workers=(worker-1 worker-gpu-1)
+[ ${#cameras[@]} -gt 0 ] || cameras=(cam-1)
 command -v mosquitto_passwd >/dev/null || { echo "mosquitto_passwd not found: apt-get install mosquitto" >&2; exit 1; }
 
 ingest="ingest-$group"
@@ -58,27 +99,10 @@ for user in "${users[@]}"; do
   echo "OFFRAMP_PASSWORD_$(echo "$user" | tr 'a-z.-' 'A-Z__')=$pw" >> "$out/.env.new"
   printf '%s' "$pw" > "$out/credentials/$user"
 done
-chmod 0644 "$passwd"  # the broker runs as user mosquitto inside its container
-top="$(dirname "$here")"
-if [ ! -e "$top/.env" ] && [ ! -L "$top/.env" ]; then ln -s compose/.env "$top/.env"; fi
-echo "wrote $passwd and $env (users: admission worker arbiter scheduler operator ${cameras[*]})"
-out="$here"; prefix="offramp/v1"; group="admission"
-admissions=(); workers=(); arbiter="arbiter-1"; scheduler="scheduler-1"; cameras=()
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --out) out="$2"; shift 2;;
-    --prefix) prefix="$2"; shift 2;;
-    --admission) admissions+=("$2"); shift 2;;
-    --group) group="$2"; shift 2;;
-    --worker) workers+=("$2"); shift 2;;
-    --arbiter) arbiter="$2"; shift 2;;
-    --scheduler) scheduler="$2"; shift 2;;
-    -h|--help) usage;;
-    -*) echo "unknown option $1 (--help lists them)" >&2; exit 2;;
-    *) cameras+=("$1"); shift;;
-  esac
-done
-[ ${#admissions[@]} -gt 0 ] || admissions=(admission-1 admission-2)
-[ ${#workers[@]} -gt 0 ] || workers=(worker-1 worker-gpu-1)
-[ ${#cameras[@]} -gt 0 ] || cameras=(cam-1)
+chmod 0644 "$out/passwd.new" "$out/acl.new"  # the broker runs as user mosquitto in its container
+mv "$out/passwd.new" "$out/passwd"; mv "$out/acl.new" "$out/acl"; mv "$out/.env.new" "$out/.env"
+if [ "$out" = "$here" ]; then
+  top="$(dirname "$here")"
+  if [ ! -e "$top/.env" ] && [ ! -L "$top/.env" ]; then ln -s compose/.env "$top/.env"; fi
+fi
+echo "wrote $out/{passwd,acl,.env,credentials/} for: ${users[*]}"
