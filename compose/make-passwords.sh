@@ -6,7 +6,8 @@
 #   passwd          Mosquitto password file (hashed)
 #   acl             the topic ACL, one section per user (no patterns: a camera named like a
 #                   node gets nothing of the node's)
-#   .env            OFFRAMP_PASSWORD_<USER>=... for docker compose (cam-1 -> CAM_1)
+#   .env            OFFRAMP_PASSWORD_<USER>=... for docker compose (cam-1 -> CAM_1), and
+#                   OFFRAMP_GRAFANA_ADMIN_PASSWORD for its observability profile
 #   credentials/    one file per user holding its password (Kubernetes Secrets, k3s/README.md)
 # and, for compose/, a link .env -> compose/.env beside docker-compose.yml unless one exists.
 #
@@ -99,6 +100,7 @@ for user in "${users[@]}"; do
   echo "OFFRAMP_PASSWORD_$(echo "$user" | tr 'a-z.-' 'A-Z__')=$pw" >> "$out/.env.new"
   printf '%s' "$pw" > "$out/credentials/$user"
 done
+echo "OFFRAMP_GRAFANA_ADMIN_PASSWORD=$(secret)" >> "$out/.env.new"  # the observability profile
 chmod 0644 "$out/passwd.new" "$out/acl.new"  # the broker runs as user mosquitto in its container
 mv "$out/passwd.new" "$out/passwd"; mv "$out/acl.new" "$out/acl"; mv "$out/.env.new" "$out/.env"
 if [ "$out" = "$here" ]; then

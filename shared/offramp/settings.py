@@ -9,6 +9,7 @@ under its own prefix (for example ``OFFRAMP_WORKER_*``). ``offramp settings`` pr
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import socket
 import types
@@ -139,6 +140,32 @@ class BusSettings:
 
 
 @dataclass(frozen=True)
+class TraceSettings:
+    """OpenTelemetry traces (variables ``OFFRAMP_TRACE_*``)."""
+
+    sample: float = setting(0.0, "Share of frames traced, decided where a frame arrives (0: "
+                            "tracing off). Set it on every service: a worker records the "
+                            "spans of traced frames when it is above 0", min=0.0, max=1.0)
+    exporter: Literal["otlp", "file"] = setting(
+        "otlp", "otlp: OTLP over HTTP, to OTEL_EXPORTER_OTLP_ENDPOINT (default "
+        "http://localhost:4318); file: one JSON object per span, appended to OFFRAMP_TRACE_FILE")
+    file: str = setting("", "The file exporter's file; {node} in it becomes the node name "
+                        "(one file per service)")
+    queue: int = setting(8192, "Spans held for export; beyond it new spans are dropped (and "
+                         "counted by OpenTelemetry's processor)", min=64, max=1_000_000)
+
+    def __post_init__(self) -> None:
+        if self.sample <= 0:
+            return
+        if (importlib.util.find_spec("opentelemetry") is None
+                or importlib.util.find_spec("opentelemetry.sdk") is None):
+            raise SettingsError("OFFRAMP_TRACE_SAMPLE > 0 needs OpenTelemetry: pip install "
+                                "'offramp[tracing]' (the service images have it)")
+        if self.exporter == "file" and not self.file:
+            raise SettingsError("OFFRAMP_TRACE_EXPORTER=file needs OFFRAMP_TRACE_FILE")
+
+
+@dataclass(frozen=True)
 class CommonSettings:
     """Settings every service has (variables ``OFFRAMP_*``)."""
 
@@ -158,6 +185,7 @@ class CommonSettings:
                                "service; end of file stops it cleanly (set by offramp up; "
                                "-1: none)", min=-1)
     bus: BusSettings = nested(BusSettings, PREFIX)
+    trace: TraceSettings = nested(TraceSettings, "OFFRAMP_TRACE_")
 
     def node_name(self) -> str:
         return self.node or socket.gethostname()

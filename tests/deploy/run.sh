@@ -31,14 +31,17 @@ done
 [ -x "$COMPOSE" ] || fail "$COMPOSE is missing (make setup installs the dev extra)"
 [ "$(id -u)" -eq 0 ] || fail "run as root: podman here has no rootless setup"
 podman info >/dev/null 2>&1 || fail "podman cannot run here: $(podman info 2>&1 | tail -1)"
-if (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
-  fail "port 1883 is taken on this host; the stack's broker uses host networking"
-fi
+for port in 1883 9090; do
+  if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
+    fail "port $port is taken on this host; the stack uses host networking"
+  fi
+done
 
 work="$(mktemp -d /tmp/offramp-deploy.XXXXXX)"
 proj="$work/project"
+# the observability profile runs Prometheus; Grafana needs a registry (the override leaves it out)
 compose() { "$COMPOSE" -p "$PROJECT" -f "$proj/docker-compose.yml" \
-                       -f "$proj/compose/podman/override.yml" "$@"; }
+                       -f "$proj/compose/podman/override.yml" --profile observability "$@"; }
 cleanup() {
   local rc=$?
   if [ -f "$proj/docker-compose.yml" ]; then
@@ -75,6 +78,7 @@ build() {  # tag, file, extra args...
     || { tail -30 "$work/build.log" >&2; fail "podman build $file"; }
 }
 build "$BROKER_IMAGE" compose/podman/mosquitto.Containerfile
+build localhost/offramp/prometheus:2.42 compose/podman/prometheus.Containerfile
 
 step "wheelhouse: the runtime wheels, so the service images build offline (PIP_NO_INDEX=1)"
 mkdir -p wheelhouse
@@ -82,7 +86,7 @@ mkdir -p wheelhouse
 import tomllib
 lib = tomllib.load(open("shared/pyproject.toml", "rb"))
 extras = lib["project"]["optional-dependencies"]
-need = lib["project"]["dependencies"] + extras["serve"] + extras["images"]
+need = lib["project"]["dependencies"] + extras["serve"] + extras["images"] + extras["tracing"]
 print("\n".join(need + lib["build-system"]["requires"] + ["wheel"]))
 PYEOF
 # the host's Python is 3.11 on glibc like the Debian base, so its wheels fit the images
@@ -146,6 +150,10 @@ for f in "$work/frames"/*; do
 done
 wait "$sub" || echo "test-deploy: mosquitto_sub ended before $total results" >&2
 "$PY" tests/deploy/frames.py check "$work/frames" "$work/results.jsonl" || fail "results"
+
+step "Prometheus: every target up, the results counted, every dashboard query answered"
+"$PY" tests/deploy/prometheus_check.py http://127.0.0.1:9090 \
+  compose/observability/grafana/dashboards/offramp.json cam-1 "$total" || fail "prometheus"
 
 step "TLS listener on 8883 with the generated CA: a frame in, its result out"
 tls=(-h localhost -p 8883 --cafile "$proj/compose/certs/ca.crt" -q 1)

@@ -19,6 +19,7 @@ import numpy as np
 from admission_controller.tracker import Task, Tracker
 from offramp.errors import OfframpError
 from offramp.node.peers import PeerTable
+from offramp.node.tracing import AttributeValue, Tracing
 from offramp.policy.admission import path_backlog
 from offramp.policy.credits import Demand, SendWindow
 from offramp.policy.offload import place
@@ -45,8 +46,9 @@ def _input(task: Task) -> np.ndarray:
 
 class Dispatcher:
     def __init__(self, cfg: DispatchConfig, *, tracker: Tracker, send: Send,
-                 nudge: Callable[[], None], log: Any) -> None:
+                 nudge: Callable[[], None], log: Any, tracing: Tracing | None = None) -> None:
         self.cfg = cfg
+        self.tracing = tracing
         self.model = cfg.model
         self.tracker = tracker
         self.send = send
@@ -66,7 +68,9 @@ class Dispatcher:
         return sum(len(q) for p, q in self.pending.items() if priority is None or p >= priority)
 
     def submit(self, tasks: list[Task]) -> None:
+        now = time.time()
         for t in tasks:
+            t.queued_at = now
             queue = self.pending.setdefault(t.priority, OrderedDict())
             if t.task_id not in queue:
                 queue[t.task_id] = t
@@ -125,7 +129,7 @@ class Dispatcher:
             self.tracker.dispatched(t, now, node)
         samples = tuple(Sample(task_id=t.task_id, source=t.source, frame_id=t.frame_id,
                                priority=t.priority, created=t.created, deadline=t.deadline,
-                               attempt=t.attempt) for t in tasks)
+                               attempt=t.attempt, trace=t.traceparent) for t in tasks)
         x = np.stack([_input(t) for t in tasks])
         packet = ActivationPacket(model=self.model, segment=1, samples=samples,
                                   tensor=Tensor.encode(x, self.cfg.codec), embedding=None, sent=now,
@@ -135,6 +139,14 @@ class Dispatcher:
             await self.send(node, packet.encode())
         except OfframpError as exc:  # the sweeper dispatches them again
             self.log.warning("dispatch_failed", error=str(exc), tasks=len(tasks))
+        if self.tracing is not None and self.tracing.enabled:
+            sent = time.time()
+            for t in tasks:
+                attrs: dict[str, AttributeValue] = {"offramp.node": node,
+                                                    "offramp.attempt": t.attempt}
+                self.tracing.record(t.trace, "queue", t.queued_at or now, now, attrs)
+                self.tracing.record(t.trace, "dispatch", now, sent, {**attrs,
+                                                                    "offramp.batch": len(tasks)})
 
     def path_backlog(self, priority: float) -> float:
         """Q_path of a source of ``priority``: least backlog per segment along the model, plus

@@ -35,6 +35,7 @@ from offramp.errors import TopicError
 from offramp.model.inputs import FrameError, InputSpec
 from offramp.node.metrics import Metrics
 from offramp.node.sources import SourceRegistry
+from offramp.node.tracing import Tracing
 from offramp.wire import Status
 
 DECODE_BATCH = 32  # frames per hand-off to the decode thread
@@ -58,7 +59,8 @@ class Ingest:
     def __init__(self, settings: AdmissionSettings, spec: InputSpec, *, topics: Topics,
                  registry: SourceRegistry, tracker: Tracker, gate: Gate[Task],
                  submit: Callable[[list[Task]], None], results: Results,
-                 new_id: Callable[[], str], metrics: Metrics, log: Any) -> None:
+                 new_id: Callable[[], str], metrics: Metrics, log: Any,
+                 tracing: Tracing | None = None) -> None:
         self.s = settings
         self.spec = spec
         self.topics = topics
@@ -68,6 +70,7 @@ class Ingest:
         self.submit = submit
         self.results = results
         self.new_id = new_id
+        self.tracing = tracing
         self.log = log
         self.counts = results.counts
         self.in_hand: deque[Message] = deque()  # taken from the inbox, not yet answered
@@ -101,10 +104,19 @@ class Ingest:
                     admitted.append(pair)
                 self.in_hand.popleft()  # only now: a stop meanwhile answers it
             if admitted:
+                started = time.time()
                 inputs = await loop.run_in_executor(self.decoder, decode,
                                                     [a for _, a in admitted])
+                self._trace_decode([t for t, _ in admitted], started, time.time())
                 for (task, _), x in zip(admitted, inputs, strict=False):
                     await self._decoded(task, x)
+
+    def _trace_decode(self, tasks: list[Task], started: float, finished: float) -> None:
+        if self.tracing is None or not self.tracing.enabled:
+            return
+        for task in tasks:
+            self.tracing.record(task.trace, "decode", started, finished,
+                                {"offramp.batch": len(tasks)})
 
     async def _admit(self, msg: Message) -> tuple[Task, Arrival] | None:
         """Decide one frame from its cheap reading: a task to decode, or None (answered)."""
@@ -158,6 +170,10 @@ class Ingest:
                                       error="over the admitted rate", origin=msg)
             return None
         self.tracker.add(task)
+        if self.tracing is not None and (span := self.tracing.start_frame(now, {
+                "offramp.source": source, "offramp.frame_id": frame_id,
+                "offramp.task_id": task_id, "offramp.priority": info.priority})) is not None:
+            task.trace, task.traceparent = span, self.tracing.traceparent(span)
         self.decoding.add(task_id)
         if verdict == "admit":
             self.released.add(task_id)
@@ -172,7 +188,8 @@ class Ingest:
         if isinstance(x, FrameError):
             self.tracker.complete(task.task_id)
             await self.results.answer(task.task_id, task.source, task.frame_id, "error",
-                                      error=str(x), created=task.created, origin=task.origin)
+                                      error=str(x), created=task.created, origin=task.origin,
+                                      trace=task.trace)
             return
         task.x = x  # type: ignore[assignment]  # to_inputs gives arrays or FrameErrors
         if released:

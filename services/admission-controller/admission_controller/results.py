@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Any, Self
@@ -17,6 +17,7 @@ from offramp.bus import Message, Topics
 from offramp.bus.outbox import Outbox
 from offramp.errors import OfframpError, RefusedError, TopicError
 from offramp.node.metrics import LATENCY_BUCKETS, Metrics
+from offramp.node.tracing import Tracing
 from offramp.wire import Completion, Result, Status
 
 Publish = Callable[[str, bytes, bytes | None], Awaitable[None]]  # topic, payload, correlation
@@ -29,8 +30,10 @@ class Results:
 
     def __init__(self, *, classes: Sequence[str], topics: Topics, publish: Publish,
                  metrics: Metrics, log: Any, in_flight: int,
-                 acknowledge: Acknowledge = lambda msg: None) -> None:
+                 acknowledge: Acknowledge = lambda msg: None,
+                 tracing: Tracing | None = None) -> None:
         self.classes = classes
+        self.tracing = tracing
         self.topics = topics
         self.publish = publish
         self.acknowledge = acknowledge
@@ -54,10 +57,12 @@ class Results:
 
     async def answer(self, task_id: str, source: str, frame_id: str, status: Status, *,
                      error: str | None = None, done: Completion | None = None,
-                     created: float | None = None, origin: Message | None = None) -> None:
+                     created: float | None = None, origin: Message | None = None,
+                     trace: Any = None) -> None:
         """Publish the result of one frame: from its completion (``ok``), or with ``error``
         saying why it got none; ``created`` gives its latency, ``origin`` (the ingest
-        message) its response topic and what to acknowledge once it is answered."""
+        message) its response topic and what to acknowledge once it is answered, ``trace``
+        the frame's span, which ends once the answer is out."""
         now = time.time()
         result = Result(task_id=task_id, source=source, frame_id=frame_id, status=status,
                         error=error, ts=now)
@@ -69,7 +74,20 @@ class Results:
             result = replace(result, latency_ms={"total": round(1000 * (now - created), 3)})
         self.counts[status] += 1
         self.m_results.labels(source=source, status=status).inc()
-        await self.outbox.send(self._publish(task_id, source, result.to_json(), origin))
+        publish = self._publish(task_id, source, result.to_json(), origin)
+        if trace is not None and self.tracing is not None:
+            publish = self._traced(publish, trace, now, status)
+        await self.outbox.send(publish)
+
+    async def _traced(self, publish: Coroutine[Any, Any, None], trace: Any, start: float,
+                      status: Status) -> None:
+        """``publish``, then the answer's span (until the result is at the broker) and the end
+        of the frame's span."""
+        assert self.tracing is not None
+        await publish
+        end = time.time()
+        self.tracing.record(trace, "answer", start, end, {"offramp.status": status})
+        self.tracing.end(trace, end, {"offramp.status": status})
 
     def _completed(self, result: Result, done: Completion, now: float) -> Result:
         queue = sum(h.started - h.arrived for h in done.hops)

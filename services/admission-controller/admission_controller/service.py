@@ -72,15 +72,17 @@ class Admission:
             DispatchConfig(model=model, segments=bundle.num_segments, node=runtime.node,
                            batch=settings.dispatch_batch, wait_s=settings.dispatch_wait_ms / 1000,
                            codec=settings.codec, heartbeat_s=settings.common.heartbeat_s),
-            tracker=self.tracker, send=send, nudge=runtime.beat_soon, log=runtime.log)
+            tracker=self.tracker, send=send, nudge=runtime.beat_soon, log=runtime.log,
+            tracing=runtime.tracing)
         self.results = Results(classes=bundle.manifest.classes, topics=topics,
                                publish=publish_result, metrics=runtime.metrics, log=runtime.log,
-                               in_flight=settings.results_in_flight)
+                               in_flight=settings.results_in_flight, tracing=runtime.tracing)
         self.counts = self.results.counts
         self.ingest = Ingest(settings, bundle.manifest.input, topics=topics,
                              registry=self.registry, tracker=self.tracker, gate=self.gate,
                              submit=self.dispatcher.submit, results=self.results,
-                             new_id=self.new_id, metrics=runtime.metrics, log=runtime.log)
+                             new_id=self.new_id, metrics=runtime.metrics, log=runtime.log,
+                             tracing=runtime.tracing)
         hb = settings.common.heartbeat_s
         # A primary waits one heartbeat period: the group's retained heartbeats, which say
         # whether another member is active, arrive as soon as it subscribes.
@@ -106,6 +108,11 @@ class Admission:
         r.gauge("offramp_in_flight", "Frames owned and not yet answered", len(self.tracker))
         r.gauge("offramp_pending", "Frames waiting for a worker's credit",
                 self.dispatcher.waiting())
+        for source in sorted(set(self.registry.known()) | set(self.gate.sources())):
+            spec = self.registry.lookup(source)
+            if spec is not None:  # an info metric: dashboards join it on source for priority
+                r.gauge("offramp_source_info", "1 per source served, labelled with its priority",
+                        1, source=source, priority=f"{spec.priority:g}")
         for key, value in self.gate.stats().items():
             if key.startswith("admitted_rate:"):
                 r.gauge("offramp_admitted_rate", "Admitted frames/s per source (strategy rate)",
@@ -120,7 +127,7 @@ class Admission:
                 task = self.tracker.complete(done.task_id)
                 if task is not None:
                     await self.results.answer(task.task_id, task.source, task.frame_id, "ok",
-                                              done=done, origin=task.origin)
+                                              done=done, origin=task.origin, trace=task.trace)
                 elif not done.task_id.startswith(self.id_prefix):
                     self.counts["stale_completions"] += 1  # an earlier incarnation's task
 
@@ -167,10 +174,10 @@ class Admission:
             for t in sweep.expired:
                 await self.results.answer(t.task_id, t.source, t.frame_id, "expired",
                                           created=t.created, error="deadline passed",
-                                          origin=t.origin)
+                                          origin=t.origin, trace=t.trace)
             for t in sweep.failed:
                 await self.results.answer(t.task_id, t.source, t.frame_id, "error",
-                                          created=t.created, origin=t.origin,
+                                          created=t.created, origin=t.origin, trace=t.trace,
                                           error=f"no result after {t.attempt} dispatches")
             if sweep.redispatch:
                 self.counts["redispatched"] += len(sweep.redispatch)

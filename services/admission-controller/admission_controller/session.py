@@ -114,6 +114,7 @@ class IngestSession:
             for task in self.tracker.drain():
                 await self.results.answer(task.task_id, task.source, task.frame_id, "error",
                                           created=task.created, origin=task.origin,
+                                          trace=task.trace,
                                           error="admission-controller stopped")
             if self.sub is not None:
                 await self.ingest.stop(self.sub)

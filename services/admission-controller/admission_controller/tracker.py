@@ -30,6 +30,9 @@ class Task:
     dispatched_at: float = 0.0
     target: str | None = None  # the node holding it now, as far as this side knows
     origin: Any = None  # the ingest message: where to answer besides results/, what to ack
+    trace: Any = None  # the frame's span, when the frame is traced (offramp.node.tracing)
+    traceparent: str | None = None  # ... and its context, for the sample headers
+    queued_at: float = 0.0  # when it last waited for credit (wall clock)
 
 
 @dataclass

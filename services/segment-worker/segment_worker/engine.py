@@ -31,8 +31,9 @@ from offramp.model.bundle import Bundle
 from offramp.model.sessions import SegmentOutput, SegmentRunner
 from offramp.node.metrics import BATCH_BUCKETS, Metrics
 from offramp.node.peers import PeerTable
+from offramp.node.tracing import AttributeValue, Tracing
 from offramp.policy.credits import CreditLedger
-from offramp.policy.exits import decide
+from offramp.policy.exits import ExitDecision, decide
 from offramp.policy.offload import Candidate
 from offramp.wire import (
     ActivationPacket,
@@ -98,7 +99,8 @@ class Engine:
     def __init__(self, bundle: Bundle, cfg: EngineConfig, topics: Topics, peers: PeerTable,
                  publish: Publish, boot: float | None = None,
                  metrics: Metrics | None = None,
-                 nudge: Callable[[], None] = lambda: None) -> None:
+                 nudge: Callable[[], None] = lambda: None,
+                 tracing: Tracing | None = None) -> None:
         self.bundle = bundle
         self.model = bundle.name
         self.cfg = cfg
@@ -106,6 +108,7 @@ class Engine:
         self.publish = publish
         self.nudge = nudge  # sends this node's heartbeat early (credit or a request in it)
         self.boot = time.time() if boot is None else boot
+        self.tracing = tracing
         self.policy: ExitPolicy | None = None
         self.hosted: dict[int, Hosted] = {}
         self.counters = Counters()
@@ -221,7 +224,8 @@ class Engine:
             if sample.deadline is not None and sample.deadline < now:
                 self.counters.expired += 1  # the admission-controller answers it 'expired'
                 continue
-            items.append(Item(sample, x[i], None if prev is None else prev[i], now))
+            items.append(Item(sample, x[i], None if prev is None else prev[i], now,
+                              packet.sent))
         return self.enqueue(packet.segment, items)
 
     def enqueue(self, segment: int, items: list[Item]) -> int:
@@ -340,14 +344,46 @@ class Engine:
                     created=sample.created))
             else:
                 stay.append(i)
+        if self.tracing is not None and self.tracing.enabled:
+            self._trace(segment, items, d, started, finished, len(items))
         for source, completions in done.items():
             await self.outbox.send(self._report(source, completions))
         hosted.stats.exited += len(items) - len(stay)
         if stay and out.activation is not None:
             now = time.time()
             act, emb = out.activation, out.embedding
-            await self.placer.forward(segment + 1, [Item(samples[i], act[i], emb[i], now)
+            await self.placer.forward(segment + 1, [Item(samples[i], act[i], emb[i], now, now)
                                                     for i in stay])
+
+    def _trace(self, segment: int, items: list[Item], d: ExitDecision, started: float,
+               finished: float, batch: int) -> None:
+        """The spans of the traced samples of one micro-batch (docs/architecture.md, Traces):
+        how each got here (placement after the previous segment, by the clock of the node
+        that ran it, and the transfer when it came from another node), the segment with its
+        queue wait and compute, and the exit decision for those that exit."""
+        assert self.tracing is not None
+        record, node = self.tracing.record, self.cfg.node
+        for i, it in enumerate(items):
+            parent = it.sample.trace
+            if parent is None:
+                continue
+            attrs: dict[str, AttributeValue] = {
+                "offramp.node": node, "offramp.segment": segment,
+                "offramp.task_id": it.sample.task_id, "offramp.attempt": it.sample.attempt}
+            if it.sample.hops and it.sample.hops[-1].finished < it.sent:
+                prev = it.sample.hops[-1]
+                record(parent, f"placement for segment {segment}", prev.finished, it.sent,
+                       {**attrs, "offramp.node": prev.node})
+            if it.sent and it.sent < it.arrived:  # not for a hand-over on this node
+                record(parent, f"transfer to segment {segment}", it.sent, it.arrived, attrs)
+            span = record(parent, f"segment {segment}", it.arrived, finished,
+                          {**attrs, "offramp.batch": batch})
+            record(span, "queue", it.arrived, started)
+            record(span, "compute", started, finished)
+            if d.exits[i]:
+                record(parent, "exit", finished, time.time(), {
+                    **attrs, "offramp.exit": segment, "offramp.reason": str(d.reasons[i]),
+                    "offramp.confidence": float(d.confidence[i]), "offramp.label": int(d.labels[i])})
 
     async def _report(self, source: str, completions: list[Completion]) -> None:
         await self._publish(self.topics.done(source), DoneReport(completions=tuple(completions)).encode(), 1)

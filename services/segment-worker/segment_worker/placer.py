@@ -140,7 +140,7 @@ class Placer:
         if node == self.cfg.node:
             now = time.time()
             for it in items:
-                it.arrived = now
+                it.arrived = it.sent = now
             self.stages.hand_over(segment, items)
             return
         hb = self.peers.heartbeat(node)

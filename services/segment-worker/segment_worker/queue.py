@@ -17,12 +17,14 @@ from offramp.wire import Sample
 @dataclass
 class Item:
     """One sample waiting for a segment: its header, its activation row, the previous exit's
-    embedding (feature-difference criterion) and when it arrived here (wall clock)."""
+    embedding (feature-difference criterion), when it arrived here and when its packet was sent
+    (wall clock; the same for a hand-over between segments of this node)."""
 
     sample: Sample
     x: np.ndarray
     prev: np.ndarray | None
     arrived: float
+    sent: float = 0.0
 
 
 class SegmentQueue:

@@ -60,6 +60,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
         await bus.publish(topic, payload, qos=qos)
 
     engine = Engine(bundle, cfg, topics, PeerTable(cfg.node), publish, metrics=runtime.metrics,
+                    tracing=runtime.tracing,
                     nudge=runtime.beat_soon)
     runtime.heartbeat_with(partial(_beat, engine=engine, settings=settings, loadable=loadable))
     runtime.metrics.on_collect(lambda reading: _read(reading, engine))
@@ -147,6 +148,8 @@ def _read(r: Reading, engine: Engine) -> None:
                   segment=seg)
         r.counter("offramp_samples_exited_total", "Samples that exited, by segment",
                   h.stats.exited, segment=seg)
+        r.gauge("offramp_credit_outstanding", "Credit granted to senders and not yet used, by "
+                "segment", h.ledger.outstanding(), segment=seg)
     r.gauge("offramp_parked", "Samples waiting for a neighbour's credit", engine.placer.parked())
     c = engine.counters
     for reason, n in (("queue-overflow", c.queue_overflow), ("bad-packet", c.bad_packets),

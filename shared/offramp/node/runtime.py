@@ -19,6 +19,7 @@ from offramp.bus import Bus, MessageBus, Topics, Will, check_name
 from offramp.errors import OfframpError, SettingsError
 from offramp.node.health import HealthServer, Readiness
 from offramp.node.metrics import Metrics, Reading
+from offramp.node.tracing import Tracing
 from offramp.settings import CommonSettings
 from offramp.wire import Heartbeat
 
@@ -60,6 +61,7 @@ class Runtime:
         self._soon = asyncio.Event()
         self.early_beats = 0
         self.metrics = Metrics()
+        self.tracing = Tracing(common.trace, role, self.node)
         self._checks: list[Readiness] = []
         self.http: HealthServer | None = None
         self.metrics.on_collect(self._read_bus)
@@ -121,6 +123,7 @@ class Runtime:
         await self.bus.close()
         if self.http is not None:
             await self.http.close()
+        await asyncio.to_thread(self.tracing.close)  # exports the spans still held
         self.log.info("service_stopped", role=self.role)
 
     def base_heartbeat(self) -> Heartbeat:

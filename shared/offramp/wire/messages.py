@@ -79,30 +79,35 @@ class Sample:
     deadline: float | None = None
     attempt: int = 0
     hops: tuple[Hop, ...] = ()
+    trace: str | None = None  # W3C traceparent of the frame's span, when the frame is traced
 
     def to_wire(self) -> dict[str, Any]:
-        return {"task": self.task_id, "src": self.source, "frame": self.frame_id,
-                "prio": self.priority, "created": self.created, "deadline": self.deadline,
-                "attempt": self.attempt, "hops": [h.to_wire() for h in self.hops]}
+        out = {"task": self.task_id, "src": self.source, "frame": self.frame_id,
+               "prio": self.priority, "created": self.created, "deadline": self.deadline,
+               "attempt": self.attempt, "hops": [h.to_wire() for h in self.hops]}
+        if self.trace is not None:
+            out["trace"] = self.trace
+        return out
 
     @classmethod
     def from_wire(cls, r: Reader) -> Sample:
         m = r.fields  # one header per sample per hop: the well-formed case is checked at once
         values: list[Any] = [m.get(k) for k in ("task", "src", "frame", "prio", "created",
-                                                 "deadline", "attempt")]
-        task, src, frame, prio, created, deadline, attempt = values
+                                                 "deadline", "attempt", "trace")]
+        task, src, frame, prio, created, deadline, attempt, trace = values
         if (type(task) is str and type(src) is str and type(frame) is str and _finite(prio)
                 and prio > 0 and _finite(created) and (deadline is None or _finite(deadline))
-                and type(attempt) is int):
+                and type(attempt) is int and (trace is None or type(trace) is str)):
             return cls(task_id=task, source=src, frame_id=frame, priority=float(prio), created=float(created),
                        deadline=None if deadline is None else float(deadline), attempt=attempt,
-                       hops=_hops(r, "hops"))
+                       hops=_hops(r, "hops"), trace=trace)
         prio = r.number("prio")
         if prio <= 0:
             raise WireError(f"{r.path}.prio: priority must be > 0, got {prio}")
         return cls(task_id=r.text("task"), source=r.text("src"), frame_id=r.text("frame"), priority=prio,
                    created=r.number("created"), deadline=r.opt_number("deadline"),
-                   attempt=r.integer("attempt"), hops=_hops(r, "hops"))
+                   attempt=r.integer("attempt"), hops=_hops(r, "hops"),
+                   trace=r.opt_text("trace"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
