@@ -124,6 +124,25 @@ async def test_oversized_publish_is_refused(bus_settings: BusSettings) -> None:
             await bus.publish("offramp-test/x", b"x" * 2048)
 
 
+async def test_a_message_over_the_brokers_packet_limit_is_refused_naming_both_sizes(
+        bus_settings: BusSettings, tmp_path: Path) -> None:
+    """The broker says its maximum packet size in CONNACK; a bigger message is one BusError
+    at the sender, not a disconnect and a silent loss. One just under it arrives."""
+    with LocalBroker(max_packet_bytes=256 * 1024) as broker:
+        settings = replace(bus_settings, broker_url=broker.url)
+        async with Bus(settings, "sender") as bus, Bus(settings, "reader") as reader:
+            await bus.wait_connected(5)
+            await reader.wait_connected(5)
+            assert bus.broker_max_packet == 256 * 1024
+            sub = await reader.subscribe("offramp-test/big", qos=1)
+            with pytest.raises(BusError, match=r"300000 bytes .* packet size of 262144"):
+                await bus.publish("offramp-test/big", b"x" * 300_000, qos=1)
+            await bus.publish("offramp-test/big", b"y" * 200_000, qos=1)
+            msg = await _next(sub)
+            assert len(msg.payload) == 200_000  # type: ignore[attr-defined]
+            assert bus.connected.is_set()
+
+
 async def test_shared_subscription_gives_each_message_to_one_member(
         bus_settings: BusSettings, topics: Topics) -> None:
     topic = topics.act("m", 1)

@@ -34,6 +34,10 @@ from offramp.bus.subscription import Message, MessageBus, Subscription, Will
 from offramp.errors import BusError, RefusedError
 from offramp.settings import BrokerAddress, BusSettings
 
+# A PUBLISH packet beside its topic and payload: fixed header, lengths, packet id and the
+# response properties the bus sends (a bound, not an exact count)
+PUBLISH_OVERHEAD = 512
+
 Props = tuple[str | None, bytes | None]  # response topic, correlation data
 
 
@@ -130,6 +134,8 @@ class Bus(MessageBus):
         self._connection: aiomqtt.Client | None = None
         self._paho: PahoHandle | None = None  # the current connection's paho client
         self._acks = _Acks()
+        # MQTT v5 CONNACK's Maximum Packet Size: what this broker takes (0: it set no limit)
+        self.broker_max_packet = 0
         self.inbound: FastReadPath | None = None  # the fast read path of the current connection
         self._task: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
@@ -187,6 +193,12 @@ class Bus(MessageBus):
             raise BusError(
                 f"message of {len(payload)} bytes to {topic} is over OFFRAMP_MAX_MESSAGE_BYTES"
             )
+        limit = self.broker_max_packet
+        if limit and len(payload) + len(topic) + PUBLISH_OVERHEAD > limit:
+            raise BusError(
+                f"message of {len(payload)} bytes to {topic} does not fit the broker's maximum "
+                f"packet size of {limit} bytes (Mosquitto: max_packet_size)"
+            )
         deadline = time.monotonic() + self.settings.publish_timeout_s
         data = bytes(payload) if isinstance(payload, memoryview) else payload
         props = (response_topic, correlation_data)
@@ -236,6 +248,9 @@ class Bus(MessageBus):
                                getattr(props, "ResponseTopic", None),
                                getattr(props, "CorrelationData", None),
                                message.mid if manual else 0))
+
+    def _connack(self, props: Any) -> None:
+        self.broker_max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
 
     def _deliver(self, m: Incoming) -> None:
         ack = (self._generation, m.packet_id) if m.packet_id else None
@@ -290,6 +305,7 @@ class Bus(MessageBus):
                     self.inbound.install()  # before it connects: CONNACK comes this way too
                 elif self.manual_ack:
                     paho.manual_ack()
+                paho.wrap_on_connect(self._connack)
                 async with client:
                     self._acks.install(paho)
                     self._connection, self._paho = client, paho

@@ -118,6 +118,16 @@ class PahoHandle:
         """Replace paho's on-publish callback (aiomqtt's) with ``wrap(aiomqtt's)``."""
         self.paho.on_publish = wrap(self.paho.on_publish)
 
+    def wrap_on_connect(self, seen: Callable[[Any], None]) -> None:
+        """Call ``seen(CONNACK properties)`` before paho's on-connect callback (aiomqtt's)."""
+        inner = self.paho.on_connect
+
+        def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+            seen(props)
+            inner(c, userdata, flags, reason, props)
+
+        self.paho.on_connect = on_connect
+
     def shutdown_socket(self) -> None:
         sock = self.paho.socket()
         if sock is not None:
