@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install what offramp needs from the OS (Debian/Ubuntu): Mosquitto and its clients, and the
-# venv module for Python. With the argument `deploy`, also what `make test-deploy` needs: podman
+# Install what offramp needs from the OS (Debian/Ubuntu): Mosquitto and its clients, the venv
+# module for Python, and Fashion-MNIST (dataset-fashion-mnist, 30 MB, the benchmarks' data). With the argument `deploy`, also what `make test-deploy` needs: podman
 # with runc, debootstrap and openssl. Does nothing when they are present. Uses sudo when not root.
 set -euo pipefail
 
@@ -9,6 +9,7 @@ need=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then need+=(mosquitto); fi
 if ! command -v mosquitto_pub >/dev/null 2>&1; then need+=(mosquitto-clients); fi
 if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=("${PYTHON}-venv"); fi
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then need+=(dataset-fashion-mnist); fi
 if [ "${1:-}" = deploy ]; then
   for tool in podman runc debootstrap openssl; do
     if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$tool" ]; then need+=("$tool"); fi

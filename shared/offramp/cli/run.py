@@ -81,7 +81,7 @@ def _payloads(args: argparse.Namespace) -> list[bytes]:
         return [p.read_bytes() for p in files]
     from offramp.ml.data import load_dataset
 
-    split = load_dataset(args.dataset).split(args.split)
+    split = load_dataset(args.dataset, splits=(args.split,)).split(args.split)
     deadline = args.deadline_ms / 1000 or None
     run = f"{int(time.time()) % 100000:05d}"  # ids differ between runs (redelivery dedup)
     return [envelope(f"{args.split}-{run}-{i}", image=split.images[i], label=int(split.labels[i]),

@@ -1,9 +1,9 @@
-"""``offramp train | export | calibrate | compress | build`` (the ``train`` extra)."""
+"""``offramp build | train | export | calibrate | compress | models | datasets`` (the ``train``
+extra)."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,52 +11,44 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from offramp.ml.build import PRESETS
+from offramp.cli.args import positive
+from offramp.ml.recipe_args import add_recipe_options, default_out, ints, recipe_from_args
+from offramp.ml.zoo import REGISTRY
 from offramp.model.bundle import Bundle, load_bundle
 from offramp.model.calibration import NEVER, Calibration
 from offramp.model.scores import CRITERIA
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def register(sub: Any) -> None:
-    p = sub.add_parser("build", help="train, export and calibrate a preset into a model bundle")
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model, dataset and training "
-                   "recipe")
+    p = sub.add_parser("build", help="train, export and calibrate a recipe into a model bundle")
+    add_recipe_options(p)
     p.add_argument("--out", type=Path, default=None, help="bundle directory (None: "
-                   "bundles/<preset>)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (None: the preset's)")
-    p.add_argument("--cuts", type=_ints, default=None, help="exits that end segments, e.g. 2,4 "
-                   "(None: every exit)")
+                   "bundles/<preset>, or bundles/<name> for a changed recipe)")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching bundle exists")
     p.set_defaults(handler=cmd_build)
 
-    p = sub.add_parser("train", help="train a preset's model jointly (optionally the ablation)")
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model, dataset and training "
-                   "recipe")
+    p = sub.add_parser("train", help="train a recipe's model jointly (optionally the ablation)")
+    add_recipe_options(p)
     p.add_argument("--out", type=Path, required=True, help="run directory (model.pt)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (None: the preset's)")
-    p.add_argument("--alpha", type=float, default=None, help="weight of cross-entropy against "
-                   "distillation in each exit's loss (None: 0.5)")
-    p.add_argument("--temperature", type=float, default=None, help="distillation temperature "
-                   "(None: 3)")
-    p.add_argument("--gamma", type=float, default=None, help="weight of the feature-transfer term "
-                   "(None: 0.1)")
-    p.add_argument("--no-distill", action="store_true", help="train without distillation")
-    p.add_argument("--no-feature", action="store_true", help="train without feature transfer")
     p.add_argument("--ablation", action="store_true",
                    help="also train without distillation / feature transfer and compare")
     p.set_defaults(handler=cmd_train)
 
+    p = sub.add_parser("models", help="the model zoo: options, exit points, FLOPs and "
+                       "activation bytes per cut")
+    p.add_argument("model", nargs="?", default=None, choices=sorted(REGISTRY),
+                   help="one model only (None: all)")
+    p.add_argument("--input-size", type=positive, default=None, help="input size to measure at "
+                   "(None: each model's default)")
+    p.set_defaults(handler=cmd_models)
+
+    p = sub.add_parser("datasets", help="the datasets and where each is looked for")
+    p.set_defaults(handler=cmd_datasets)
+
     p = sub.add_parser("export", help="export a trained model.pt to a bundle of K segments")
     p.add_argument("trained", type=Path, help="a trained model.pt (offramp train)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    p.add_argument("--cuts", type=_ints, default=None, help="exits that end segments, e.g. 2,4 "
+    p.add_argument("--cuts", type=ints, default=None, help="exits that end segments, e.g. 2,4 "
                    "(None: every exit)")
     p.set_defaults(handler=cmd_export)
 
@@ -75,7 +67,7 @@ def register(sub: Any) -> None:
     p.add_argument("bundle", type=Path, help="bundle directory")
     p.add_argument("--cut", type=int, default=None, help="segment boundary to compress (None: the "
                    "one with the largest activation)")
-    p.add_argument("--ratios", type=_ints, default=(2, 4, 8), help="channel reductions to train")
+    p.add_argument("--ratios", type=ints, default=(2, 4, 8), help="channel reductions to train")
     p.add_argument("--epochs", type=int, default=8, help="autoencoder training epochs")
     p.set_defaults(handler=cmd_compress)
 
@@ -120,17 +112,14 @@ def thresholds_table(calib: Calibration, criterion: str, thresholds: tuple[float
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from offramp.ml.build import build, preset
+    from offramp.ml.build import build
 
-    console = Console()
-    overrides = {"epochs": args.epochs} if args.epochs else {}
-    recipe = preset(args.preset, **overrides)
-    if args.cuts:
-        recipe = replace(recipe, cuts=args.cuts)
-    out = args.out or Path("bundles") / args.preset
+    console = Console(stderr=True)
+    recipe = recipe_from_args(args)
+    out = args.out or default_out(args, recipe)
     bundle, metrics = build(recipe, out, force=args.force)
     state = "cached" if metrics["cached"] else f"trained in {metrics['train_seconds']} s"
-    console.print(f"[bold]{recipe.name}[/]: {state}")
+    console.print(f"[bold]{recipe.name}[/] -> {out}: {state}")
     console.print(_acc_table("per-exit accuracy", {"val": metrics["val_exit_accuracy"],
                                                    "test": metrics["test_exit_accuracy"]}))
     console.print(segments_table(bundle))
@@ -143,20 +132,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from offramp.ml.build import ablation_configs, load_data, make_model, preset
+    from offramp.ml.build import ablation_configs, check, load_data, make_model
     from offramp.ml.train import train
     from offramp.model.inputs import InputSpec
 
-    console = Console()
-    recipe = preset(args.preset, **({"epochs": args.epochs} if args.epochs else {}))
-    loss = recipe.train.loss
-    changes = {k: v for k, v in (("alpha", args.alpha), ("temperature", args.temperature),
-                                 ("gamma", args.gamma)) if v is not None}
-    loss = replace(loss, distill=not args.no_distill, feature=not args.no_feature, **changes)
-    cfg = replace(recipe.train, loss=loss)
+    console = Console(stderr=True)
+    recipe = recipe_from_args(args)
+    check(recipe)
     data = load_data(recipe)
     spec = InputSpec(height=recipe.input_size, width=recipe.input_size)
-    runs = ablation_configs(cfg) if args.ablation else {"joint": cfg}
+    runs = ablation_configs(recipe.train) if args.ablation else {"joint": recipe.train}
     rows: dict[str, list[float]] = {}
     for name, run_cfg in runs.items():
         model = make_model(recipe, len(data.classes))
@@ -167,9 +152,37 @@ def cmd_train(args: argparse.Namespace) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             torch.save({"model_config": model.config, "num_classes": model.num_classes,
                         "classes": data.classes, "input_size": recipe.input_size,
-                        "dataset": recipe.dataset, "state": model.state_dict()},
-                       args.out / "model.pt")
+                        "dataset": recipe.dataset, "data_dir": recipe.data_dir,
+                        "state": model.state_dict()}, args.out / "model.pt")
     console.print(_acc_table("test accuracy per exit", rows))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from offramp.ml.catalog import describe_model, models
+
+    console = Console()
+    for name in [args.model] if args.model else models():
+        info = describe_model(name, args.input_size)
+        opts = ", ".join(f"{k}={v}" for k, v in info.options.items())
+        table = Table(title=f"{name} at {info.input_size}x{info.input_size} "
+                            f"({info.total_flops / 1e6:.1f} MFLOPs; options: {opts})")
+        for col in ("block", "after", "default exit", "MFLOPs to here", "share",
+                    "activation KiB"):
+            table.add_column(col, justify="right")
+        for pt in info.points:
+            table.add_row(str(pt.block), pt.name, "yes" if pt.default else "",
+                          f"{pt.flops / 1e6:.1f}", f"{pt.flops / info.total_flops:.2f}",
+                          f"{pt.activation_bytes / 1024:.1f}")
+        console.print(table)
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from offramp.ml.catalog import datasets
+
+    for row in datasets():
+        print(f"{row.name}\n  {row.description}\n  folder: {row.folder}\n  present: {row.present}")
     return 0
 
 
@@ -184,7 +197,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     classes = state.get("classes") or [str(i) for i in range(model.num_classes)]
     bundle = export_bundle(model, args.out, name=args.out.name, classes=classes,
                            spec=InputSpec(height=size, width=size), cuts=args.cuts,
-                           metrics={"dataset": state.get("dataset", "digits")})
+                           metrics={"dataset": state.get("dataset", "digits"),
+                                    "data_dir": state.get("data_dir")})
     torch.save(state, args.out / "model.pt")
     Console().print(segments_table(bundle))
     return 0
@@ -192,13 +206,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from offramp.ml.calibrate import calibrate_bundle
-    from offramp.ml.data import load_dataset
 
     bundle = load_bundle(args.bundle)
     if args.recalibrate or not bundle.manifest.calibration:
-        dataset = bundle.manifest.metrics.get("dataset", "digits")
-        size = bundle.manifest.input.height
-        calibrate_bundle(bundle, load_dataset(dataset, None, size).val)
+        calibrate_bundle(bundle, _bundle_data(bundle).val)
     calib = bundle.calibration()
     console = Console()
     console.print(f"ECE per exit (confidence): {calib.ece()}")
@@ -222,12 +233,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         export_autoencoder,
         train_autoencoder,
     )
-    from offramp.ml.data import load_dataset
-
     bundle = load_bundle(args.bundle)
     model = load_trained(bundle.path("model.pt"))
-    data = load_dataset(bundle.manifest.metrics.get("dataset", "digits"), None,
-                        bundle.manifest.input.height)
+    data = _bundle_data(bundle)
     cut = args.cut or default_cut(bundle)
     aes = {}
     for ratio in args.ratios:
@@ -241,3 +249,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
         table.add_row(r.codec, str(r.bytes_per_sample), f"{r.final_accuracy:.4f}")
     Console().print(table)
     return 0
+
+
+def _bundle_data(bundle: Bundle) -> Any:
+    """The dataset a bundle was trained on, at its input size (from its manifest's metrics)."""
+    from offramp.ml.data import load_dataset
+
+    metrics = bundle.manifest.metrics
+    return load_dataset(str(metrics.get("dataset", "digits")), metrics.get("data_dir"),
+                        bundle.manifest.input.height)

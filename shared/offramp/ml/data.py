@@ -2,6 +2,9 @@
 
 - ``digits``: scikit-learn's bundled handwritten digits (real data, nothing downloaded), 8x8
   grey levels 0..16 scaled to 0..255 and resized to the input size.
+- ``fashion-mnist``: Zalando's Fashion-MNIST (28x28 grey, 10 classes) from MNIST-format idx
+  files, by default where Debian's package ``dataset-fashion-mnist`` puts them; the official
+  60,000/10,000 train/test split, validation carved from train with the seed.
 - ``cifar10``: a local directory in the standard python-pickle layout (``data_batch_1..5``,
   ``test_batch``, ``batches.meta``); the last 5,000 training images are the validation split.
 - ``imagefolder``: ``root/<class>/<image>``, or ``root/{train,val,test}/<class>/<image>``.
@@ -12,6 +15,7 @@ admission-controller applies, so a PNG published at ingest is seen exactly as in
 
 from __future__ import annotations
 
+import gzip
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,11 @@ from offramp.model.images import decode_image, resize_uint8
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 TRUSTED_PIXELS = 1 << 27  # a training folder is the user's own: photos up to ~134 MP
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_PACKAGE = "dataset-fashion-mnist"
+FASHION_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                   "sneaker", "bag", "ankle boot"]
+MEMORY_LIMIT = 8 << 30  # resized images held at once; above it a smaller --train-limit is asked for
 
 
 class DatasetError(OfframpError):
@@ -148,14 +157,121 @@ def load_imagefolder(root: str | Path, size: int = 32, seed: int = 0) -> Dataset
     return Dataset(root.name, classes, train, val, test)
 
 
+IDX_TYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
+                             0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An array from an MNIST-format idx file (gzip-compressed or not): two zero bytes, a type
+    code, the number of dimensions, one big-endian uint32 per dimension, then the data."""
+    try:
+        raw = (gzip.decompress if path.suffix == ".gz" else bytes)(path.read_bytes())
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DatasetError(f"{path}: cannot read ({exc})") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_TYPES:
+        raise DatasetError(f"{path} is not an idx file (bad magic number)")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DatasetError(f"{path}: truncated idx header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(IDX_TYPES[raw[2]])
+    body = raw[4 + 4 * ndim:]
+    if len(body) != int(np.prod(shape)) * dtype.itemsize:
+        raise DatasetError(f"{path}: header says {shape} of {dtype}, data has {len(body)} bytes")
+    return np.frombuffer(body, dtype).reshape(shape)
+
+
+def _idx_pair(root: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    def find(name: str) -> Path:
+        for candidate in (root / f"{name}.gz", root / name):
+            if candidate.is_file():
+                return candidate
+        hint = (f" (Debian: apt-get install {FASHION_PACKAGE})" if root == FASHION_DIR else "")
+        raise DatasetError(f"{root / name}.gz is missing{hint}")
+
+    images = read_idx(find(f"{stem}-images-idx3-ubyte"))
+    labels = read_idx(find(f"{stem}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DatasetError(f"{root}: {stem} images {images.shape} and labels {labels.shape} "
+                           "do not pair up")
+    return images, labels.astype(np.int64)
+
+
+def load_fashion_mnist(root: str | Path | None = None, size: int = 32, seed: int = 0,
+                       val_size: int = 5000, splits: tuple[str, ...] = SPLITS) -> Dataset:
+    """Fashion-MNIST (or any MNIST-format folder: ``train-images-idx3-ubyte[.gz]`` and its
+    three siblings) as RGB at ``size``; ``val_size`` training images, chosen with ``seed``,
+    become the validation split. Splits not in ``splits`` are left empty (a 224 px test split
+    without 9 GB of training images)."""
+    root = Path(root) if root is not None else FASHION_DIR
+    train_x, train_y = _idx_pair(root, "train")
+    test_x, test_y = _idx_pair(root, "t10k")
+    order = np.random.default_rng(seed).permutation(len(train_y))
+    val, train = order[:val_size], order[val_size:]
+
+    def rgb(grey: np.ndarray, labels: np.ndarray, split: str) -> Split:
+        if split not in splits:
+            return Split(np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64))
+        check_memory(len(labels) * size * size * 3, "fashion-mnist")
+        out = np.empty((len(labels), size, size, 3), np.uint8)
+        for s in range(0, len(labels), 4096):  # resize in slices: the RGB copy stays small
+            part = np.repeat(grey[s:s + 4096, :, :, None], 3, axis=-1)
+            out[s:s + 4096] = resize_uint8(part, size, size)
+        return Split(out, labels)
+
+    classes = FASHION_CLASSES if root == FASHION_DIR else [str(c) for c in range(10)]
+    return Dataset("fashion-mnist", classes, rgb(train_x[train], train_y[train], "train"),
+                   rgb(train_x[val], train_y[val], "val"), rgb(test_x, test_y, "test"))
+
+
+def check_memory(nbytes: int, name: str) -> None:
+    if nbytes > MEMORY_LIMIT:
+        raise DatasetError(f"{name} at this input size needs {nbytes / 2**30:.1f} GiB of images; "
+                           f"the limit is {MEMORY_LIMIT / 2**30:.0f} GiB: use a smaller input "
+                           "size or --train-limit")
+
+
+def limit(data: Dataset, train: int | None, seed: int = 0) -> Dataset:
+    """The first ``train`` training images of a seeded shuffle (validation and test unchanged)."""
+    if train is None or train >= len(data.train):
+        return data
+    pick = np.sort(np.random.default_rng(seed + 1).permutation(len(data.train))[:train])
+    return Dataset(data.name, data.classes,
+                   Split(data.train.images[pick], data.train.labels[pick]), data.val, data.test)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    description: str
+    folder: str  # where it is looked for; "" when it ships with a Python package
+
+
+DATASETS = {
+    "digits": DatasetInfo("digits", "scikit-learn's 8x8 handwritten digits, 1,797 images, "
+                          "10 classes; seeded 60/20/20 split", ""),
+    "fashion-mnist": DatasetInfo("fashion-mnist", "Fashion-MNIST, 28x28 grey, 60,000 train / "
+                                 "10,000 test, 10 classes; any MNIST-format idx folder with "
+                                 "--data-dir", f"{FASHION_DIR} ({FASHION_PACKAGE})"),
+    "cifar10": DatasetInfo("cifar10", "CIFAR-10 in the python-pickle layout, 32x32, 50,000 "
+                           "train / 10,000 test", "--data-dir (required)"),
+    "imagefolder": DatasetInfo("imagefolder", "any folder of class sub-folders of images (or "
+                               "train/ val/ test/ of them), any image size",
+                               "--data-dir (required)"),
+}
+
+
 def load_dataset(name: str, root: str | Path | None = None, size: int = 32,
-                 seed: int = 0) -> Dataset:
+                 seed: int = 0, splits: tuple[str, ...] = SPLITS) -> Dataset:
+    """``splits``: the splits needed; a large dataset may leave the others empty."""
     if name == "digits":
         return load_digits(size, seed)
+    if name == "fashion-mnist":
+        return load_fashion_mnist(root, size, seed, splits=splits)
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; one of {', '.join(DATASETS)}")
     if root is None:
         raise DatasetError(f"dataset {name!r} needs a directory (--data-dir)")
     if name == "cifar10":
         return load_cifar10(root, size)
-    if name == "imagefolder":
-        return load_imagefolder(root, size, seed)
-    raise DatasetError(f"unknown dataset {name!r}; one of digits, cifar10, imagefolder")
+    return load_imagefolder(root, size, seed)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 from offramp.ml.zoo.base import ExitHead, FeatureInfo, MultiExitNet
+from offramp.ml.zoo.efficientnet import efficientnet_lite0
 from offramp.ml.zoo.mobilenetv2 import mobilenetv2
 from offramp.ml.zoo.resnet import resnet_cifar, resnet_imagenet
 from offramp.ml.zoo.wideresnet import wideresnet
@@ -19,6 +21,7 @@ Factory = Callable[..., MultiExitNet]
 ZOO_VERSION = 2
 
 REGISTRY: dict[str, Factory] = {
+    "efficientnet_lite0": efficientnet_lite0,
     "mobilenetv2": mobilenetv2,
     "resnet20": partial(resnet_cifar, 20),
     "resnet56": partial(resnet_cifar, 56),
@@ -34,9 +37,25 @@ def create_model(name: str, num_classes: int, exits: Sequence[int] | None = None
     """Build a zoo model; ``exits`` are block indices (the last block always carries one)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; one of {', '.join(sorted(REGISTRY))}")
-    model = REGISTRY[name](num_classes, exits, **cfg)
+    factory = REGISTRY[name]
+    accepted = options(name)
+    unknown = sorted(set(cfg) - set(accepted))
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(unknown)}; its options: "
+                         f"{', '.join(f'{k}={v}' for k, v in accepted.items())}")
+    model = factory(num_classes, exits, **cfg)
     model.config["name"] = name
     return model
 
 
-__all__ = ["REGISTRY", "ZOO_VERSION", "ExitHead", "FeatureInfo", "MultiExitNet", "create_model"]
+def options(name: str) -> dict[str, object]:
+    """A zoo model's settings and their defaults (the keyword-only arguments of its factory)."""
+    factory = REGISTRY[name]
+    bound = dict(factory.keywords) if isinstance(factory, partial) else {}
+    target = factory.func if isinstance(factory, partial) else factory
+    params = inspect.signature(target).parameters.values()
+    return {p.name: p.default for p in params
+            if p.kind is p.KEYWORD_ONLY and p.name not in bound}
+
+
+__all__ = ["REGISTRY", "ZOO_VERSION", "ExitHead", "FeatureInfo", "MultiExitNet", "create_model", "options"]
