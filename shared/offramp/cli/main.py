@@ -98,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_demo)
 
     from offramp.cli.run import register as register_commands
+    from offramp.local.netbed_cmd import register as register_netbed
     from offramp.local.testbed import register as register_testbed
 
     register_commands(sub)
     register_testbed(sub)
+    register_netbed(sub)
     apply_formatter(parser)
     return parser
 

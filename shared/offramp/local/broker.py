@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -57,13 +58,14 @@ def free_port() -> int:
 
 
 def render_config(port: int, *, max_packet_bytes: int = 64 * 1024 * 1024,
-                  persistence_dir: Path | None = None, extra: str = "") -> str:
+                  persistence_dir: Path | None = None, extra: str = "",
+                  host: str = "127.0.0.1") -> str:
     """The generated mosquitto.conf of a private broker (persistence keeps retained messages
     and sessions across a restart)."""
     persistence = (["persistence true", f"persistence_location {persistence_dir}/"]
                    if persistence_dir is not None else ["persistence false"])
     return "\n".join([
-        f"listener {port} 127.0.0.1",
+        f"listener {port} {host}",
         # Started as root, mosquitto would switch to user 'mosquitto', who cannot write our
         # temporary directory; run as whoever started it (ignored when not root).
         f"user {getpass.getuser()}",
@@ -90,8 +92,13 @@ class LocalBroker:
 
     def __init__(self, port: int | None = None, *, max_packet_bytes: int = 64 * 1024 * 1024,
                  persistence: bool = False, extra_config: str = "",
-                 workdir: Path | None = None) -> None:
+                 workdir: Path | None = None, host: str = "127.0.0.1",
+                 wrap: Sequence[str] = ()) -> None:
+        """``host``: the address it listens on (and is reached at); ``wrap``: a command prefix
+        that runs it elsewhere, e.g. ``ip netns exec NS``."""
         self.binary = find_mosquitto()
+        self.host = host
+        self.wrap = list(wrap)
         self.port = port or free_port()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
@@ -102,12 +109,12 @@ class LocalBroker:
         self.log_path = workdir / "mosquitto.log"
         self.config_path.write_text(render_config(
             self.port, max_packet_bytes=max_packet_bytes,
-            persistence_dir=workdir if persistence else None, extra=extra_config))
+            persistence_dir=workdir if persistence else None, extra=extra_config, host=host))
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"mqtt://{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -117,7 +124,7 @@ class LocalBroker:
         if self.running:
             return
         log = self.log_path.open("ab")
-        command = [self.binary, "-c", str(self.config_path)]
+        command = [*self.wrap, self.binary, "-c", str(self.config_path)]
         # A broker left behind by a killed `offramp up` would keep taking frames on its port
         # that nobody answers. The kernel's parent-death signal follows the *thread* that
         # forked, so it is asked for only from the main thread, which ends with the process.
@@ -131,7 +138,7 @@ class LocalBroker:
                 raise BrokerError(f"mosquitto exited with code {self._proc.returncode} at start; "
                                   f"its log says: {self.log_tail()}")
             with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
+                (self.host, self.port), timeout=0.2
             ):
                 return
             time.sleep(0.02)

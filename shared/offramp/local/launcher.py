@@ -34,6 +34,7 @@ class ServiceProcess:
     node: str
     env: dict[str, str]
     log_path: Path
+    wrap: tuple[str, ...] = ()  # a command prefix, e.g. ("ip", "netns", "exec", "NS")
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
     _lifeline: int | None = field(default=None, repr=False)  # the write end this parent holds
@@ -55,7 +56,7 @@ class ServiceProcess:
         # stops each service once with SIGTERM (a second signal would land after the
         # service's handler is gone and kill it mid-drain).
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", modules[self.service]],
+            self.proc = subprocess.Popen([*self.wrap, sys.executable, "-m", modules[self.service]],
                                          env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          pass_fds=(child_end,))
@@ -113,9 +114,10 @@ class ProcessGroup:
         self.members: list[ServiceProcess] = []
         logdir.mkdir(parents=True, exist_ok=True)
 
-    def add(self, service: str, node: str, env: Mapping[str, str] | None = None) -> ServiceProcess:
+    def add(self, service: str, node: str, env: Mapping[str, str] | None = None,
+            wrap: tuple[str, ...] = ()) -> ServiceProcess:
         member = ServiceProcess(service, node, {**self.env, **(env or {})},
-                                self.logdir / f"{node}.log")
+                                self.logdir / f"{node}.log", wrap)
         member.start()
         self.members.append(member)
         return member
