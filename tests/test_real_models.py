@@ -72,6 +72,22 @@ def test_any_mnist_format_folder_loads_with_a_seeded_validation_split(tmp_path: 
     assert np.array_equal(again.val.labels, data.val.labels)
     other = data_mod.load_fashion_mnist(tmp_path, size=32, seed=4, val_size=12)
     assert not np.array_equal(other.val.images, data.val.images)
+    # a training limit picks before resizing, the same images limit() picks after
+    small = data_mod.load_fashion_mnist(tmp_path, size=32, seed=3, val_size=12, train_limit=10)
+    assert len(small.train) == 10
+    assert np.array_equal(small.train.images, data_mod.limit(data, 10, 3).train.images)
+    only_test = data_mod.load_fashion_mnist(tmp_path, size=32, splits=("test",))
+    assert (len(only_test.train), len(only_test.test)) == (0, 20)
+
+
+def test_a_dataset_too_large_for_memory_asks_for_a_limit(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    _mnist_folder(tmp_path)
+    monkeypatch.setattr(data_mod, "MEMORY_LIMIT", 40 * 64 * 64 * 3)
+    with pytest.raises(DatasetError, match="--train-limit"):
+        data_mod.load_fashion_mnist(tmp_path, size=64, val_size=12)
+    data = data_mod.load_fashion_mnist(tmp_path, size=64, val_size=12, train_limit=30)
+    assert len(data.train) == 30
 
 
 def test_a_missing_fashion_mnist_names_the_debian_package(tmp_path: Path,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from offramp.ml.calibrate import calibrate_bundle
-from offramp.ml.data import DATASETS, Dataset, DatasetError, limit, load_dataset
+from offramp.ml.data import DATASETS, Dataset, DatasetError, load_dataset
 from offramp.ml.export import export_bundle
 from offramp.ml.loss import LossConfig
 from offramp.ml.train import TrainConfig, TrainResult, train
@@ -128,8 +128,8 @@ def check(recipe: Recipe) -> MultiExitNet:
 
 
 def load_data(recipe: Recipe) -> Dataset:
-    data = load_dataset(recipe.dataset, recipe.data_dir, recipe.input_size, recipe.train.seed)
-    return limit(data, recipe.train_limit, recipe.train.seed)
+    return load_dataset(recipe.dataset, recipe.data_dir, recipe.input_size, recipe.train.seed,
+                        train_limit=recipe.train_limit)
 
 
 def cached(out: Path, recipe: Recipe) -> Bundle | None:

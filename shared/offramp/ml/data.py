@@ -198,16 +198,20 @@ def _idx_pair(root: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_fashion_mnist(root: str | Path | None = None, size: int = 32, seed: int = 0,
-                       val_size: int = 5000, splits: tuple[str, ...] = SPLITS) -> Dataset:
+                       val_size: int = 5000, splits: tuple[str, ...] = SPLITS,
+                       train_limit: int | None = None) -> Dataset:
     """Fashion-MNIST (or any MNIST-format folder: ``train-images-idx3-ubyte[.gz]`` and its
     three siblings) as RGB at ``size``; ``val_size`` training images, chosen with ``seed``,
     become the validation split. Splits not in ``splits`` are left empty (a 224 px test split
-    without 9 GB of training images)."""
+    without 9 GB of training images); ``train_limit`` picks training images as :func:`limit`
+    does, before they are resized."""
     root = Path(root) if root is not None else FASHION_DIR
     train_x, train_y = _idx_pair(root, "train")
     test_x, test_y = _idx_pair(root, "t10k")
     order = np.random.default_rng(seed).permutation(len(train_y))
     val, train = order[:val_size], order[val_size:]
+    if train_limit is not None and train_limit < len(train):
+        train = train[_pick(len(train), train_limit, seed)]
 
     def rgb(grey: np.ndarray, labels: np.ndarray, split: str) -> Split:
         if split not in splits:
@@ -235,9 +239,13 @@ def limit(data: Dataset, train: int | None, seed: int = 0) -> Dataset:
     """The first ``train`` training images of a seeded shuffle (validation and test unchanged)."""
     if train is None or train >= len(data.train):
         return data
-    pick = np.sort(np.random.default_rng(seed + 1).permutation(len(data.train))[:train])
+    pick = _pick(len(data.train), train, seed)
     return Dataset(data.name, data.classes,
                    Split(data.train.images[pick], data.train.labels[pick]), data.val, data.test)
+
+
+def _pick(total: int, count: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed + 1).permutation(total)[:count])
 
 
 @dataclass(frozen=True)
@@ -262,12 +270,18 @@ DATASETS = {
 
 
 def load_dataset(name: str, root: str | Path | None = None, size: int = 32,
-                 seed: int = 0, splits: tuple[str, ...] = SPLITS) -> Dataset:
-    """``splits``: the splits needed; a large dataset may leave the others empty."""
+                 seed: int = 0, splits: tuple[str, ...] = SPLITS,
+                 train_limit: int | None = None) -> Dataset:
+    """``splits``: the splits needed; a large dataset may leave the others empty.
+    ``train_limit``: train on this many images (a seeded choice, :func:`limit`)."""
+    if name == "fashion-mnist":
+        return load_fashion_mnist(root, size, seed, splits=splits, train_limit=train_limit)
+    return limit(_load(name, root, size, seed), train_limit, seed)
+
+
+def _load(name: str, root: str | Path | None, size: int, seed: int) -> Dataset:
     if name == "digits":
         return load_digits(size, seed)
-    if name == "fashion-mnist":
-        return load_fashion_mnist(root, size, seed, splits=splits)
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; one of {', '.join(DATASETS)}")
     if root is None:
