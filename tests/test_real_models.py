@@ -272,3 +272,20 @@ def test_the_demo_runs_a_given_bundle_as_it_is(tiny_bundle: Bundle) -> None:
     before = manifest.stat().st_mtime_ns
     assert run_demo(tiny_bundle.root, workers=2, rate=300.0) == 0
     assert manifest.stat().st_mtime_ns == before
+
+
+def test_fine_tuning_after_the_heads_trains_the_backbone_too() -> None:
+    from offramp.ml.build import load_data, make_model
+    from offramp.ml.train import train
+
+    recipe = Recipe("tune", "mobilenetv2", {"width": 0.25, "stem_stride": 2},
+                    train=TrainConfig(epochs=1, augment=False, freeze_backbone=True,
+                                      finetune_epochs=1))
+    model = make_model(recipe, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, load_data(recipe), InputSpec(), recipe.train, progress=False)
+    assert len(result.history) == 2  # one epoch of heads, one of everything
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before
+               if k.startswith("blocks.") and k.endswith("weight"))
+    assert all(p.requires_grad for p in model.parameters())
