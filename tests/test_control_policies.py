@@ -243,6 +243,20 @@ def test_thresholds_fall_with_backlog_within_floor_and_ceiling() -> None:
     assert path_backlog([[0.3, 0.1], [], [0.2]]) == pytest.approx(0.3)
 
 
+def test_closed_exits_open_from_the_top_of_the_score_range_and_close_at_once() -> None:
+    """A closed ceiling (2: never) is not a distance to walk: one tick of backlog opens the
+    exits just below 1, and rising past 1 closes them again in one step."""
+    s = ControlSettings(eps_t=1.0, q_ref_s=0.05)
+    floor, closed = (0.4, 0.3), (2.0, 2.0)
+    assert adapt_thresholds(closed, 0.0, s, floor, closed, dt_s=0.1) == closed
+    t = adapt_thresholds(closed, 1.05, s, floor, closed, dt_s=0.1)
+    assert t == pytest.approx((0.9, 0.9))
+    t = adapt_thresholds(t, 0.0, s, floor, closed, dt_s=0.1)
+    assert t == pytest.approx((0.905, 0.905))
+    t = adapt_thresholds((0.999, 0.999), 0.0, s, floor, closed, dt_s=0.1)
+    assert t == closed
+
+
 # -- the plan (3.4) ----------------------------------------------------------------------------
 MODEL = ModelInfo("m", [100, 100, 100], [1000, 1000, 0], [1.0, 0.6, 0.3])
 

@@ -19,6 +19,7 @@ from typing import Literal
 from offramp.settings import setting
 
 Strategy = Literal["none", "rate", "threshold"]
+SCORE_MAX = 1.0  # every exit criterion scores in [0, 1] (offramp.model.scores)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,15 @@ class TokenBucket:
 def adapt_thresholds(current: Sequence[float], q_path_s: float, s: ControlSettings,
                      floor: Sequence[float], ceiling: Sequence[float], dt_s: float
                      ) -> tuple[float, ...]:
-    """One step of exit-threshold adaptation over ``dt_s`` seconds."""
+    """One step of exit-threshold adaptation over ``dt_s`` seconds.
+
+    Exit scores lie in [0, 1], so every threshold above 1 closes its exit alike (a closed
+    ceiling is 2). Stepping down from such a threshold therefore starts at 1, and a threshold
+    that rises above 1 goes straight to its ceiling: otherwise the controller would spend
+    seconds of overload walking from 2 to 1 through thresholds that all mean "closed"."""
     step = s.eps_t * (q_path_s - s.q_ref_s) * dt_s
-    return tuple(min(max(t - step, lo), hi) for t, lo, hi in zip(current, floor, ceiling,
-                                                                  strict=True))
+    out = []
+    for t, lo, hi in zip(current, floor, ceiling, strict=True):
+        new = min(t, SCORE_MAX) - step
+        out.append(hi if new > SCORE_MAX else min(max(new, lo), hi))
+    return tuple(out)
