@@ -80,18 +80,18 @@ def run_demo(bundle_dir: Path = Path("bundles/demo"), workers: int = 2, rate: fl
             raise OfframpError(f"demo failed: {exc}") from None
         codes = system.stop()
     return _summary(console, results, labels, len(payloads), span, codes,
-                    time.monotonic() - t0)
+                    time.monotonic() - t0, f"{dataset} test split")
 
 
 def _summary(console: Console, results: list[Result], labels: dict[str, int], sent: int,
-             span: float, codes: dict[str, int | None], wall: float) -> int:
+             span: float, codes: dict[str, int | None], wall: float, what: str) -> int:
     status = Counter(r.status for r in results)
     ok = [r for r in results if r.status == "ok"]
     correct = sum(1 for r in ok if labels.get(r.frame_id) == r.label)
     exits = Counter(r.exit_index or 0 for r in ok)
     lat = np.array([r.latency_ms["total"] for r in ok]) if ok else np.zeros(1)
     per_frame = Counter(r.frame_id for r in results if r.frame_id in labels)
-    table = Table(title="offramp demo: digits test split through the distributed model")
+    table = Table(title=f"offramp demo: the {what} through the distributed model")
     table.add_column("measure")
     table.add_column("value", justify="right")
     rows = [
