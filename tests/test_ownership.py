@@ -13,7 +13,7 @@ from collections import Counter
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from test_system import _frames, _run
+from test_system import LATER_HOPS_ENV, _frames, _run, later_hop_workers
 
 from offramp.bus import Bus
 from offramp.local.client import envelope, png_bytes
@@ -56,13 +56,8 @@ def test_a_silent_worker_holding_later_hops_has_its_work_sent_again_at_once(
     holds, which it was not the first hop of, are dispatched again within a second instead of
     waiting out the 5 s progress timeout. Resumed, its late completions are duplicates."""
     _, payloads = _frames(300)
-    env = {"OFFRAMP_WORKER_FOLLOW_PLAN": "false", "OFFRAMP_ARBITER_REPUBLISH_S": "0.5"}
-    rest = tuple(range(2, tiny_bundle.num_segments + 1))
-    with LocalSystem(tiny_bundle, 0, prefix=prefix, env=env) as system:
-        system.add_worker("worker-1", rest)
-        system.add_worker("worker-2", (1,))
-        system.add_worker("worker-3", rest, {"OFFRAMP_WORKER_SLOWDOWN": "3"})
-        system.workers = 3
+    with LocalSystem(tiny_bundle, 0, prefix=prefix, env=LATER_HOPS_ENV) as system:
+        later_hop_workers(system)
         stalled = system.member("worker-1")
 
         async def stall(bus: Bus) -> None:

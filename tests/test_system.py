@@ -287,6 +287,19 @@ def test_task_ids_are_never_reused_by_a_restarted_admission_controller(
     assert all(code == 0 for code in codes.values()), str(codes)
 
 
+LATER_HOPS_ENV = {"OFFRAMP_WORKER_FOLLOW_PLAN": "false", "OFFRAMP_ARBITER_REPUBLISH_S": "0.5"}
+
+
+def later_hop_workers(system: LocalSystem) -> None:
+    """worker-2 runs segment 1 and passes the rest on to worker-1 or, 3x slower, worker-3
+    (with LATER_HOPS_ENV: no plan moves them): worker-1 is never a frame's first hop."""
+    rest = tuple(range(2, system.bundle.num_segments + 1))
+    system.add_worker("worker-1", rest)
+    system.add_worker("worker-2", (1,))
+    system.add_worker("worker-3", rest, {"OFFRAMP_WORKER_SLOWDOWN": "3"})
+    system.workers = 3
+
+
 def test_a_worker_stopped_mid_stream_says_so_first_and_no_frame_waits(
         tiny_bundle: Bundle, prefix: str) -> None:
     """The rolling-update case. worker-2 runs segment 1 and sends the rest on to worker-1 (or,
@@ -296,13 +309,8 @@ def test_a_worker_stopped_mid_stream_says_so_first_and_no_frame_waits(
     packet lost on that later hop would wait for the admission-controller's 5 s progress
     timeout, since worker-1 was not the frame's first hop."""
     _, payloads = _frames(360)
-    env = {"OFFRAMP_WORKER_FOLLOW_PLAN": "false", "OFFRAMP_ARBITER_REPUBLISH_S": "0.5"}
-    rest = tuple(range(2, tiny_bundle.num_segments + 1))
-    with LocalSystem(tiny_bundle, 0, prefix=prefix, env=env) as system:
-        system.add_worker("worker-1", rest)
-        system.add_worker("worker-2", (1,))
-        system.add_worker("worker-3", rest, {"OFFRAMP_WORKER_SLOWDOWN": "3"})
-        system.workers = 3
+    with LocalSystem(tiny_bundle, 0, prefix=prefix, env=LATER_HOPS_ENV) as system:
+        later_hop_workers(system)
         victim = system.member("worker-1")
 
         async def rolling_update(bus: Bus) -> None:
