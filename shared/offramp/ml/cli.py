@@ -114,7 +114,7 @@ def thresholds_table(calib: Calibration, criterion: str, thresholds: tuple[float
 def cmd_build(args: argparse.Namespace) -> int:
     from offramp.ml.build import build
 
-    console = Console(stderr=True)
+    console = Console()
     recipe = recipe_from_args(args)
     out = args.out or default_out(args, recipe)
     bundle, metrics = build(recipe, out, force=args.force)
@@ -136,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from offramp.ml.train import train
     from offramp.model.inputs import InputSpec
 
-    console = Console(stderr=True)
+    console = Console()
     recipe = recipe_from_args(args)
     check(recipe)
     data = load_data(recipe)
