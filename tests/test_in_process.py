@@ -269,6 +269,51 @@ async def test_the_placer_keeps_near_ties_local() -> None:
     assert stages.handed == [(2, 4)] and sent == []
 
 
+class _SlowUnsubscribe(MemoryBus):
+    """A bus whose unsubscribe round trip waits for ``gate`` (a broker slow to answer)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unsubscribing = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def _remote_unsubscribe(self, sub: Any) -> None:
+        self.unsubscribing.set()
+        await self.gate.wait()
+        await super()._remote_unsubscribe(sub)
+
+
+async def test_a_segment_taken_back_while_it_unsubscribes_is_subscribed_again(
+        engine: tuple[Engine, MemoryBus, Topics], tiny_bundle: Bundle) -> None:
+    """A plan that gives a segment back while its unload waits for the broker's unsubscribe
+    answer: the segment ends hosted *and* reading its topic (before, it stayed advertised
+    with no subscription, and every packet sent to it was lost)."""
+    eng, bus, topics = engine
+    async with _SlowUnsubscribe(bus.broker, "w1-listen") as slow:
+        async def listen(seg: int) -> Any:
+            return await slow.subscribe(topics.act(tiny_bundle.name, seg, "w1"))
+
+        hosting = Hosting(eng, listen, max_bytes=1 << 24, grace_s=0.0, log=LOG)
+        for seg in (1, 2, 3):
+            await hosting.load(seg)
+        ref = [SegmentRef(model=tiny_bundle.name, segment=s) for s in (1, 2, 3)]
+        async with asyncio.TaskGroup() as tg:
+            hosting.start(tg)
+            await hosting.follow(Plan(epoch=1, ts=0.0, nodes={"w1": tuple(ref[:2])}), {1, 2, 3})
+            await asyncio.wait_for(slow.unsubscribing.wait(), 5)  # segment 3's teardown
+            back = tg.create_task(hosting.follow(Plan(epoch=2, ts=0.0, nodes={"w1": tuple(ref)}),
+                                                 {1, 2, 3}))
+            await asyncio.sleep(0.05)
+            slow.gate.set()
+            await asyncio.wait_for(back, 5)
+            assert eng.serving() == [1, 2, 3]
+            await bus.publish(topics.act(tiny_bundle.name, 3, "w1"), b"not a packet", qos=1)
+            async with asyncio.timeout(5):
+                while eng.counters.bad_packets == 0:  # noqa: ASYNC110 - read by the intake
+                    await asyncio.sleep(0.01)
+            hosting.finish()
+
+
 # -- the dispatcher ---------------------------------------------------------------------------
 async def test_the_dispatcher_sends_within_credit_highest_priority_first() -> None:
     packets: list[tuple[str, ActivationPacket]] = []

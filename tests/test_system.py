@@ -195,7 +195,8 @@ def test_killed_worker_is_replaced_and_every_frame_still_answered_once(
         system.stop()
     per_frame = Counter(r.frame_id for r in results)
     assert len(results) == len(payloads) and set(per_frame.values()) == {1}
-    assert Counter(r.status for r in results) == {"ok": len(payloads)}
+    assert Counter(r.status for r in results) == {"ok": len(payloads)}, Counter(
+        r.error for r in results)
 
 
 def test_broker_restart_mid_stream_loses_no_frame(tiny_bundle: Bundle, prefix: str) -> None:

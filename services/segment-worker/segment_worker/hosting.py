@@ -31,6 +31,7 @@ class Hosting:
         self._subs: dict[int, Subscription[Message]] = {}
         self._tasks: dict[int, list[asyncio.Task[None]]] = {}
         self._unloading: dict[int, asyncio.Task[None]] = {}
+        self._tearing_down: set[int] = set()  # unloads past their drain: not to be cancelled
         self._tg: asyncio.TaskGroup | None = None
         self._finishing = asyncio.Event()
         self.plan_epoch = 0
@@ -68,11 +69,17 @@ class Hosting:
         wanted = {r.segment for r in plan.nodes[node] if r.model == model} & loadable
         current = set(self.engine.hosted)
         for segment in sorted(wanted):
-            if segment in self._unloading:
-                self._unloading.pop(segment).cancel()
+            unloading = self._unloading.get(segment)
+            if unloading is not None and segment not in self._tearing_down:
+                del self._unloading[segment]  # still draining: take it back as it is
+                unloading.cancel()
                 self.engine.reclaim(segment)
-            elif segment not in current:
+                continue
+            if unloading is not None:  # past the point of no return: let it go, load it again
+                await asyncio.wait({unloading})
+            if segment not in self.engine.hosted:
                 await self.load(segment)
+        current &= set(self.engine.hosted)
         for segment in sorted(current - wanted):
             if segment not in self._unloading:
                 self.engine.release(segment)
@@ -87,13 +94,19 @@ class Hosting:
             await asyncio.sleep(self.grace_s)  # packets already on their way
             if self.engine.drained(segment):
                 break
-        sub = self._subs.pop(segment, None)
-        if sub is not None:
-            await sub.close()
-        for task in self._tasks.pop(segment, []):
-            task.cancel()
-        self.engine.unload(segment)
-        self._unloading.pop(segment, None)
+        # The teardown: from here on a plan that wants the segment back waits for it to end
+        # and loads the segment afresh (a cancel now would leave it hosted but unsubscribed).
+        self._tearing_down.add(segment)
+        try:
+            sub = self._subs.pop(segment, None)
+            for task in self._tasks.pop(segment, []):
+                task.cancel()
+            self.engine.unload(segment)
+            if sub is not None:
+                await sub.close()
+        finally:
+            self._tearing_down.discard(segment)
+            self._unloading.pop(segment, None)
         self.log.info("segment_unloaded", segment=segment)
 
     def stop_intake(self) -> None:
