@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from offramp.bus import Bus, Topics
+from offramp.bus import Bus, Topics, from_payload
 from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
 from offramp.local.netbed import PROFILES, NetbedError, Plan, create, existing, parse_rate, remove
 from offramp.ml.data import load_digits
 from offramp.model.bundle import Bundle
 from offramp.settings import BusSettings
+from offramp.wire import Heartbeat
 
 HELPERS = Path(__file__).parent / "helpers"
 OFFRAMP = [sys.executable, "-m", "offramp.cli"]
@@ -76,19 +77,27 @@ def test_a_transfer_over_each_profile_lands_within_ten_percent_of_its_rate(profi
     assert existing(plan.name) == []
 
 
-def _frames(url: str, prefix: str, workers: int, n: int) -> dict[str, str]:
-    async def go() -> dict[str, str]:
+def _frames(url: str, prefix: str, workers: int, n: int) -> tuple[dict[str, str], float]:
+    """Answers by frame id, and the longest round trip the workers' heartbeats report for
+    their links (measured on their connections to the broker)."""
+    async def go() -> tuple[dict[str, str], float]:
         topics = Topics(prefix)
         settings = BusSettings(broker_url=url, topic_prefix=prefix, publish_timeout_s=30)
         async with Bus(settings, f"netbed-test-{os.getpid()}") as bus:
             await bus.wait_connected(20)
             await wait_for_workers(bus, topics, workers, 90)
+            states = await bus.subscribe(topics.state_all(), maxsize=10_000,
+                                         decode=from_payload(Heartbeat.decode))
             results = await bus.subscribe(topics.results("cam-1"), qos=1, maxsize=10_000)
             images = load_digits().test.images[:n]
             payloads = [envelope(f"n{i}", image=im) for i, im in enumerate(images)]
             await publish_frames(bus, topics.ingest("cam-1"), payloads, 50)
             got = await collect(results, n, 60)
-            return {r.frame_id: r.status for r in got.results}
+            rtt = 0.0
+            while (hb := states.get_nowait()) is not None:
+                if hb.segments:  # a worker's
+                    rtt = max(rtt, hb.link_rtt_s)
+            return {r.frame_id: r.status for r in got.results}, rtt
 
     return asyncio.run(go())
 
@@ -104,9 +113,10 @@ def test_the_system_answers_through_the_netbed_and_down_cleans_up_after_a_killed
         assert up.stdout is not None
         banner = up.stdout.readline() + up.stdout.readline()
         assert "publish from this host" in banner, banner + up.stdout.read()
-        answers = _frames(f"mqtt://{subnet}.1:1883", "offramp/v1", 2, 40)
+        answers, rtt = _frames(f"mqtt://{subnet}.1:1883", "offramp/v1", 2, 40)
         assert sorted(answers) == sorted(f"n{i}" for i in range(40))
         assert set(answers.values()) == {"ok"}
+        assert 0 < rtt < 1.0  # the workers' heartbeats carry their measured links
         pids = {int(p) for ns in existing(name) for p in subprocess.run(
             ["ip", "netns", "pids", ns], check=True, capture_output=True, text=True
         ).stdout.split()}

@@ -34,6 +34,7 @@ from offramp.node.peers import PeerTable
 from offramp.node.tracing import AttributeValue, Tracing
 from offramp.policy.credits import CreditLedger
 from offramp.policy.exits import ExitDecision, decide
+from offramp.policy.links import LinkMeter
 from offramp.policy.offload import Candidate
 from offramp.wire import (
     ActivationPacket,
@@ -114,12 +115,13 @@ class Engine:
         self.counters = Counters()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{cfg.node}")
         self.outbox = Outbox(1024, grace_s=2.0)  # done reports still going out at the end
+        self.meter = LinkMeter()  # fed with the connection's counters by the service
         self.link = Link(self._send_packet, rate_bps=cfg.link_bits_per_s,
                          delay_s=cfg.link_delay_s)
         self.placer = Placer(cfg, model=self.model, boot=self.boot, peers=peers, stages=self,
                              transmit=self.link.send,
                              act_topic=lambda seg, node: topics.act(self.model, seg, node),
-                             nudge=nudge)
+                             nudge=nudge, uplink=self.uplink)
         self.draining = False  # the worker is stopping: nothing advertised, no credit
         self.log = structlog.get_logger("offramp.worker").bind(node=cfg.node, model=self.model)
         self._warn = RateLimitedWarning()
@@ -151,6 +153,12 @@ class Engine:
     def device(self) -> str:
         """The device the hosted segments run on ('' while none is hosted)."""
         return next((h.runner.device for h in self.hosted.values()), "")
+
+    def uplink(self) -> tuple[float, float]:
+        """This node's outgoing link, bytes/s (0: unknown) and round trip: as emulated where
+        set (``OFFRAMP_WORKER_LINK_*``), else as measured on the connection to the broker."""
+        return (self.cfg.link_bits_per_s / 8 or self.meter.bytes_per_s,
+                self.cfg.link_delay_s or self.meter.rtt_s)
 
     def serving(self) -> list[int]:
         """Segments advertised to others (hosted and not draining; none once the worker

@@ -23,6 +23,7 @@ from segment_worker.queue import Item
 from segment_worker.settings import EngineConfig
 
 Transmit = Callable[[str, bytes], Awaitable[None]]  # topic, payload: onto this node's link
+Uplink = Callable[[], tuple[float, float]]  # this node's link: bytes/s (0: unknown), round trip
 ActTopic = Callable[[int, str], str]  # segment, node -> the topic of that node's packets
 
 
@@ -42,7 +43,7 @@ class Stages(Protocol):
 class Placer:
     def __init__(self, cfg: EngineConfig, *, model: str, boot: float, peers: PeerTable,
                  stages: Stages, transmit: Transmit, act_topic: ActTopic,
-                 nudge: Callable[[], None]) -> None:
+                 nudge: Callable[[], None], uplink: Uplink = lambda: (0.0, 0.0)) -> None:
         self.cfg = cfg
         self.model = model
         self.boot = boot
@@ -51,6 +52,7 @@ class Placer:
         self.transmit = transmit
         self.act_topic = act_topic
         self.nudge = nudge  # this node's heartbeat, early: it carries a new request
+        self.uplink = uplink
         self.window = SendWindow(cfg.node, boot)
         self.plan: Plan | None = None
         self._parked: dict[int, list[Item]] = {}
@@ -95,9 +97,9 @@ class Placer:
 
     # -- placing ----------------------------------------------------------------------------------
     def _candidates(self, segment: int, priority: float, count: int) -> list[Candidate]:
+        link_bps, rtt_s = self.uplink()
         cands = self.peers.candidates(self.model, segment, count, priority=priority,
-                                      window=self.window, link_bps=self.cfg.link_bits_per_s / 8,
-                                      rtt_s=self.cfg.link_delay_s)
+                                      window=self.window, link_bps=link_bps, rtt_s=rtt_s)
         local = self.stages.local_candidate(segment, priority)
         return [*cands, local] if local is not None else cands
 

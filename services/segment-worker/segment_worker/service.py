@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from functools import partial
 
-from offramp.bus import Subscription, from_payload
+from offramp.bus import MessageBus, Subscription, from_payload
 from offramp.errors import SettingsError
 from offramp.model.bundle import load_bundle
 from offramp.model.sessions import installed_providers
@@ -62,7 +62,8 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
     engine = Engine(bundle, cfg, topics, PeerTable(cfg.node), publish, metrics=runtime.metrics,
                     tracing=runtime.tracing,
                     nudge=runtime.beat_soon)
-    runtime.heartbeat_with(partial(_beat, engine=engine, settings=settings, loadable=loadable))
+    runtime.heartbeat_with(partial(_beat, engine=engine, settings=settings, loadable=loadable,
+                                   bus=bus))
     runtime.metrics.on_collect(lambda reading: _read(reading, engine))
     runtime.require(lambda: None if engine.serving() else "hosts no segment")
     runtime.require(lambda: None if engine.policy else "no exit policy yet")
@@ -121,20 +122,21 @@ async def _drain(settings: WorkerSettings, cfg: EngineConfig, runtime: Runtime, 
 
 
 def _beat(hb: Heartbeat, *, engine: Engine, settings: WorkerSettings,
-          loadable: tuple[int, ...]) -> Heartbeat:
+          loadable: tuple[int, ...], bus: MessageBus) -> Heartbeat:
     """The worker's heartbeat: what it can host, and (once loaded) what it serves, its queues,
-    credit grants and requests."""
+    credit grants and requests, and its link as measured."""
+    if (tcp := bus.tcp_info()) is not None:
+        engine.meter.observe(tcp.bytes_acked, tcp.busy_us, tcp.rtt_us)
+    link_bps, link_rtt_s = engine.uplink()
     c = engine.counters
     stats = {"bad_packets": c.bad_packets, "misrouted": c.misrouted, "expired": c.expired,
              "queue_overflow": c.queue_overflow, "completions": c.completions,
              "without_credit": c.without_credit, "publish_failed": c.publish_failed,
              "parked": engine.placer.parked(), "park_expired": engine.placer.park_expired}
-    cfg = engine.cfg
     return replace(hb, segments=engine.loads(time.monotonic()),
                    stats={k: float(v) for k, v in stats.items()}, boot=engine.boot,
                    flops_per_s=engine.flops_per_s(), wants=engine.placer.wants(),
-                   sent=engine.placer.sent(), link_bps=cfg.link_bits_per_s / 8,
-                   link_rtt_s=cfg.link_delay_s,
+                   sent=engine.placer.sent(), link_bps=link_bps, link_rtt_s=link_rtt_s,
                    loadable=tuple(SegmentRef(model=engine.model, segment=s) for s in loadable),
                    max_segments=settings.max_segments, device=engine.device)
 

@@ -27,10 +27,11 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from offramp.bus import paho_internals
+from offramp.bus import paho_internals, tcp_info
 from offramp.bus.paho_internals import PahoHandle, paho_of
 from offramp.bus.read_path import FastReadPath, Incoming
 from offramp.bus.subscription import Message, MessageBus, Subscription, Will
+from offramp.bus.tcp_info import TcpInfo
 from offramp.errors import BusError, RefusedError
 from offramp.settings import BrokerAddress, BusSettings
 
@@ -169,6 +170,10 @@ class Bus(MessageBus):
             self._task = None
             await self._stack.aclose()
         self.connected.clear()
+
+    def tcp_info(self) -> TcpInfo | None:
+        paho = self._paho
+        return tcp_info.read(paho.socket()) if paho is not None else None
 
     def _shutdown_socket(self) -> None:
         if self._paho is not None:

@@ -128,6 +128,10 @@ class PahoHandle:
 
         self.paho.on_connect = on_connect
 
+    def socket(self) -> socket.socket | None:
+        sock: socket.socket | None = self.paho.socket()
+        return sock
+
     def shutdown_socket(self) -> None:
         sock = self.paho.socket()
         if sock is not None:

@@ -20,6 +20,7 @@ import structlog
 from paho.mqtt.client import topic_matches_sub
 
 from offramp.bus.inbox import Inbox, Overflow, RateLimitedWarning
+from offramp.bus.tcp_info import TcpInfo
 from offramp.errors import TopicError, WireError
 
 T = TypeVar("T")
@@ -221,6 +222,11 @@ class MessageBus:
     async def close(self) -> None:
         """Disconnect cleanly (the broker does not send the will)."""
         raise NotImplementedError
+
+    def tcp_info(self) -> TcpInfo | None:
+        """The kernel's counters of the connection to the broker (None: no TCP connection now,
+        or a system that does not give them), for :class:`offramp.policy.links.LinkMeter`."""
+        return None
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Return once connected; BusError after ``timeout`` seconds."""

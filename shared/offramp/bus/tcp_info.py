@@ -1,0 +1,41 @@
+"""The kernel's accounting of a TCP connection (Linux ``TCP_INFO``), for link measurement.
+
+``struct tcp_info`` only ever grows at its end, so the fields read here sit at fixed offsets:
+``tcpi_rtt`` (microseconds, since 2.6), ``tcpi_bytes_acked`` (4.1) and ``tcpi_busy_time``
+(microseconds with data to send, 4.10). Where the system does not give them (another OS, an
+older kernel, a socket that is not TCP) :func:`read` returns None and the link stays unknown.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+_RTT = struct.Struct("=I")  # at 68
+_BYTES_ACKED = struct.Struct("=Q")  # at 120
+_BUSY_TIME = struct.Struct("=Q")  # at 168
+_NEEDED = 176
+
+
+@dataclass(frozen=True)
+class TcpInfo:
+    bytes_acked: int  # cumulative, of this connection
+    busy_us: int  # cumulative time with data to send
+    rtt_us: int  # smoothed round trip now
+
+
+def read(sock: socket.socket | None) -> TcpInfo | None:
+    """A sample of ``sock``'s counters, or None where the kernel does not give them."""
+    option = getattr(socket, "TCP_INFO", None)
+    if sock is None or option is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, option, 256)
+    except (OSError, ValueError):  # closed, not TCP, or not a real socket
+        return None
+    if len(raw) < _NEEDED:
+        return None
+    return TcpInfo(bytes_acked=_BYTES_ACKED.unpack_from(raw, 120)[0],
+                     busy_us=_BUSY_TIME.unpack_from(raw, 168)[0],
+                     rtt_us=_RTT.unpack_from(raw, 68)[0])

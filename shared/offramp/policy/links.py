@@ -1,0 +1,47 @@
+"""What a node's link really carries, for placement by bytes (MDI-Exit's cost of a hand-over:
+bytes over the link's rate plus its round trip).
+
+The measure is the kernel's own TCP accounting of the node's connection to the broker (every
+packet a node sends to any peer leaves on it): bytes the other end acknowledged over the time
+the connection was busy sending. Idle time is not counted, so a lightly used link is not taken
+for a slow one. A window closes once it holds ``min_bytes`` acknowledged, so that the round
+trips of small messages (heartbeats, reports) do not dominate it, and ``min_busy_s`` of busy
+time (the kernel counts busy time in clock ticks, 1-10 ms); the rate is an exponentially
+weighted mean of closed windows, and 0 until the first closes (unknown: callers then count a
+transfer as its round trip only).
+
+Pure: the counters come from :func:`offramp.bus.tcp_info.read` (or a test).
+"""
+
+from __future__ import annotations
+
+
+class LinkMeter:
+    def __init__(self, *, min_bytes: int = 256 * 1024, min_busy_s: float = 0.05,
+                 weight: float = 0.3) -> None:
+        if min_bytes <= 0 or min_busy_s <= 0 or not 0 < weight <= 1:
+            raise ValueError("min_bytes and min_busy_s must be positive and weight in (0, 1]")
+        self.min_bytes = min_bytes
+        self.min_busy_us = int(min_busy_s * 1e6)
+        self.weight = weight
+        self.bytes_per_s = 0.0
+        self.rtt_s = 0.0
+        self.windows = 0  # closed so far
+        self._start: tuple[int, int] | None = None  # (bytes acked, busy us) opening the window
+
+    def observe(self, bytes_acked: int, busy_us: int, rtt_us: int) -> None:
+        """One reading of the connection's cumulative counters (and its smoothed round trip)."""
+        if rtt_us > 0:
+            self.rtt_s = rtt_us / 1e6
+        start = self._start
+        if start is None or bytes_acked < start[0] or busy_us < start[1]:
+            self._start = (bytes_acked, busy_us)  # the first, or a new connection's counters
+            return
+        acked, busy = bytes_acked - start[0], busy_us - start[1]
+        if acked < self.min_bytes or busy < self.min_busy_us:
+            return
+        rate = acked / (busy / 1e6)
+        self.bytes_per_s = rate if self.windows == 0 else (
+            (1 - self.weight) * self.bytes_per_s + self.weight * rate)
+        self.windows += 1
+        self._start = (bytes_acked, busy_us)

@@ -1,0 +1,121 @@
+"""Links measured and codecs chosen by bytes: the pure policies, the kernel's TCP counters on a
+real socket, and the whole chain (the bus's connection, the meter) over a shaped link of the
+rehearsal network."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from offramp.bus import tcp_info
+from offramp.policy.codecs import CodecOption, choose_codec
+from offramp.policy.links import LinkMeter
+
+HELPERS = Path(__file__).parent / "helpers"
+
+
+# -- the meter --------------------------------------------------------------------------------
+def test_the_meter_counts_busy_time_only_and_waits_for_a_full_window() -> None:
+    m = LinkMeter(min_bytes=1000, min_busy_s=0.01)
+    m.observe(0, 0, 500)
+    assert m.bytes_per_s == 0.0 and m.rtt_s == 0.0005  # one reading: no window yet
+    m.observe(600, 5_000, 500)
+    assert m.bytes_per_s == 0.0  # too few bytes to close a window
+    m.observe(2_000, 20_000, 500)  # 2000 B in 20 ms busy (however long the wall clock took)
+    assert m.bytes_per_s == pytest.approx(100_000) and m.windows == 1
+    m.observe(4_000, 60_000, 0)  # 2000 B in 40 ms: the mean moves towards 50 kB/s
+    assert m.bytes_per_s == pytest.approx(0.7 * 100_000 + 0.3 * 50_000)
+    assert m.rtt_s == 0.0005  # a reading without a round trip keeps the last one
+
+
+def test_the_meter_starts_a_new_window_on_a_new_connection() -> None:
+    m = LinkMeter(min_bytes=1000, min_busy_s=0.001)
+    m.observe(10_000_000, 10_000_000, 100)
+    m.observe(1_000, 100, 100)  # counters went back: a reconnect, not a negative rate
+    assert m.bytes_per_s == 0.0
+    m.observe(3_000, 2_100, 100)
+    assert m.bytes_per_s == pytest.approx(1_000_000)
+    with pytest.raises(ValueError, match="positive"):
+        LinkMeter(min_bytes=0)
+
+
+# -- the codec choice -------------------------------------------------------------------------
+OPTIONS = [CodecOption("raw", 400_000), CodecOption("fp16", 200_000, 0.0004, 0.0002, 0.0),
+           CodecOption("int8", 100_000, 0.0008, 0.0004, 0.3),
+           CodecOption("ae", 25_000, 0.002, 0.003, 0.8)]
+
+
+@pytest.mark.parametrize(("rate", "max_loss", "want"), [
+    (1.25e9, 1.0, "raw"),  # 10 GbE: 0.3 ms raw; halving it costs more than it saves
+    (125e6, 1.0, "int8"),  # gbe: 3.2 ms raw, 2.2 fp16, 2.0 int8, 5.2 ae (its compute)
+    (125e6, 0.0, "fp16"),  # ... and with no loss allowed
+    (12.5e6, 1.0, "ae"),  # fe: 32 ms raw, 7 ms ae
+    (2.5e6, 1.0, "ae"),  # wifi
+    (2.5e6, 0.5, "int8"),  # the autoencoder loses too much for this budget
+    (2.5e6, 0.0, "fp16"),
+    (0.0, 1.0, "raw"),  # not measured yet: the cheapest to compute
+])
+def test_the_codec_with_least_expected_time_within_the_loss_budget(
+        rate: float, max_loss: float, want: str) -> None:
+    got = choose_codec(OPTIONS, rate, max_loss=max_loss)
+    costs = {o.codec: o.cost_s(rate) for o in OPTIONS}
+    assert got.codec == want, costs
+
+
+def test_a_codec_never_measured_is_not_chosen() -> None:
+    options = [CodecOption("raw", 400_000), CodecOption("int8", 100_000, loss=None)]
+    assert choose_codec(options, 1e6, max_loss=5.0).codec == "raw"
+    with pytest.raises(ValueError, match="raw"):
+        choose_codec(options[1:], 1e6, max_loss=5.0)
+
+
+# -- the kernel's counters --------------------------------------------------------------------
+def test_tcp_info_reads_what_a_real_connection_carried() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        reader = threading.Thread(target=lambda: [None for _ in iter(lambda: conn.recv(1 << 20),
+                                                                    b"")])
+        reader.start()
+        before = tcp_info.read(client)
+        client.sendall(bytes(8 << 20))
+        client.shutdown(socket.SHUT_WR)
+        reader.join(10)
+        after = tcp_info.read(client)
+        client.close()
+        conn.close()
+    assert before is not None and after is not None
+    assert after.bytes_acked - before.bytes_acked >= 8 << 20
+    assert after.rtt_us > 0
+    assert tcp_info.read(None) is None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        assert tcp_info.read(udp) is None  # not TCP: unknown, not an error
+
+
+# -- over a shaped link -----------------------------------------------------------------------
+def test_the_bus_measures_the_shaped_link_it_sends_over() -> None:
+    """A client in a worker's namespace publishes over a 20 Mbit/s link (wifi) to the broker
+    in the gateway's: its meter, fed by the bus's connection counters, lands within 10% of
+    what TCP can carry there (0.956 of the shaped rate: Ethernet and IP headers)."""
+    from offramp.local.broker import LocalBroker
+    from offramp.local.netbed import Plan, create, netns_exec, remove
+
+    plan = Plan("ofl", workers=1, mbps=20.0, subnet="10.76.0")
+    create(plan)
+    try:
+        with LocalBroker(1883, host=plan.broker_address,
+                         wrap=netns_exec(plan.gateway.namespace)) as broker:
+            out = subprocess.run(
+                [*netns_exec(plan.worker_nodes[0].namespace), sys.executable,
+                 str(HELPERS / "bus_link.py"), broker.url, "6000000"],
+                check=True, capture_output=True, text=True, timeout=60)
+    finally:
+        remove(plan.name)
+    measured = float(out.stdout.split()[-1])
+    expected = 0.956 * 20e6 / 8
+    assert 0.9 <= measured / expected <= 1.1, (measured, expected, out.stderr[-2000:])
