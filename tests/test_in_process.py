@@ -157,7 +157,7 @@ async def test_one_engine_hosting_every_segment_answers_like_the_chain(
     eng.policy = make_policy(ArbiterSettings(), tiny_bundle.calibration(), tiny_bundle.name, 1)
     done = await bus.subscribe(topics.done_all(), decode=from_payload(DoneReport.decode))
     images, packet = _packet(tiny_bundle, 24)
-    assert eng.accept(packet, 1 << 24) == 24
+    assert await eng.accept(packet, 1 << 24) == 24
 
     async def answers() -> list[Any]:
         out: list[Any] = []
@@ -178,11 +178,11 @@ async def test_one_engine_hosting_every_segment_answers_like_the_chain(
 async def test_bad_and_misrouted_packets_are_counted_not_raised(
         engine: tuple[Engine, MemoryBus, Topics], tiny_bundle: Bundle) -> None:
     eng, _, _ = engine
-    assert eng.accept(b"\x00garbage", 1 << 20) == 0
+    assert await eng.accept(b"\x00garbage", 1 << 20) == 0
     other = ActivationPacket(model="other", segment=1, samples=(
         Sample(task_id="t", source="s", frame_id="f"),),
         tensor=Tensor.encode(np.zeros((1, 3, 32, 32), np.float32))).encode()
-    assert eng.accept(other, 1 << 20) == 0
+    assert await eng.accept(other, 1 << 20) == 0
     assert (eng.counters.bad_packets, eng.counters.misrouted) == (1, 1)
 
 

@@ -4,6 +4,9 @@ rehearsal network."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from offramp.bus import tcp_info
+from offramp.local.system import LocalSystem, split_segments
+from offramp.model.bundle import Bundle, load_bundle
 from offramp.policy.codecs import CodecOption, choose_codec
 from offramp.policy.links import LinkMeter
 
@@ -119,3 +124,68 @@ def test_the_bus_measures_the_shaped_link_it_sends_over() -> None:
     measured = float(out.stdout.split()[-1])
     expected = 0.956 * 20e6 / 8
     assert 0.9 <= measured / expected <= 1.1, (measured, expected, out.stderr[-2000:])
+
+
+# -- the codecs in the system -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ae_bundle(tiny_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """The tiny bundle with an autoencoder (ratio 4) at the cut two workers split it at, and
+    the codecs' accuracy there recorded, as ``offramp compress`` leaves it."""
+    from offramp.ml.build import Recipe, load_data, load_trained
+    from offramp.ml.compress import (
+        compare_codecs,
+        export_autoencoder,
+        record_codecs,
+        train_autoencoder,
+    )
+
+    root = tmp_path_factory.mktemp("ae") / "tiny-ae"
+    shutil.copytree(tiny_bundle.root, root)
+    bundle = load_bundle(root)
+    cut = _cut(bundle)
+    model = load_trained(root / "model.pt")
+    data = load_data(Recipe("t", "mobilenetv2", {}))
+    enc, dec = train_autoencoder(model, bundle, data, cut, 4, epochs=2)
+    export_autoencoder(bundle, cut, 4, enc, dec)
+    record_codecs(bundle, cut, compare_codecs(model, bundle, data, cut, {4: (enc, dec)}))
+    return load_bundle(root)
+
+
+def _cut(bundle: Bundle) -> int:
+    """The cut between the two workers of a LocalSystem."""
+    return split_segments([s.flops for s in bundle.manifest.segments], 2)[0][-1]
+
+
+def _chosen(system: LocalSystem) -> set[str]:
+    return {json.loads(line)["codec"] for line in system.logs(1 << 22).splitlines()
+            if '"codec_chosen"' in line}
+
+
+@pytest.mark.parametrize(("env", "want"), [
+    ({"OFFRAMP_WORKER_CODEC": "ae"}, "ae-r4"),  # pinned
+    ({"OFFRAMP_WORKER_LINK_MBPS": "2", "OFFRAMP_WORKER_CODEC_MAX_LOSS": "100"}, "ae-r4"),
+    ({"OFFRAMP_WORKER_LINK_MBPS": "2", "OFFRAMP_WORKER_CODEC_MAX_LOSS": "0"}, "lossless"),
+])
+def test_activations_cross_the_cut_by_the_codec_chosen_and_every_frame_is_answered(
+        ae_bundle: Bundle, prefix: str, env: dict[str, str], want: str) -> None:
+    """Two workers split at the autoencoder's cut. Pinned, or automatic on a slow (emulated)
+    link with a loss budget the autoencoder fits, the latent crosses and is decoded on the
+    other side. With no loss allowed, the choice is among the codecs that lost nothing in the
+    bundle's calibration, never the autoencoder (which did)."""
+    from test_system import FAST, _frames, _run
+
+    accuracy = ae_bundle.codec_accuracy(_cut(ae_bundle))
+    lossless = {c for c, a in accuracy.items() if a >= accuracy["raw"]}
+    assert "ae-r4" not in lossless, accuracy  # else the last case would test nothing
+    _, payloads = _frames(60)
+    worker_env = {"OFFRAMP_WORKER_FOLLOW_PLAN": "false", **env}
+    with LocalSystem(ae_bundle, 2, prefix=prefix, env=FAST, worker_env=worker_env) as system:
+        results = asyncio.run(_run(system, payloads, rate=60))
+        chosen = _chosen(system)
+        system.stop()
+    assert sorted(r.frame_id for r in results) == sorted(f"f{i}" for i in range(60))
+    assert {r.status for r in results} == {"ok"}
+    if want == "lossless":
+        assert chosen and chosen <= lossless, (chosen, accuracy)
+    else:
+        assert chosen == {want}

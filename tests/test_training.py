@@ -13,7 +13,13 @@ import torch
 
 from offramp.errors import OfframpError
 from offramp.ml.build import Recipe, ablation_configs, load_data, load_trained, make_model
-from offramp.ml.compress import compare_codecs, default_cut, export_autoencoder, train_autoencoder
+from offramp.ml.compress import (
+    compare_codecs,
+    default_cut,
+    export_autoencoder,
+    record_codecs,
+    train_autoencoder,
+)
 from offramp.ml.train import TrainConfig, train
 from offramp.model.bundle import Bundle, load_bundle
 from offramp.model.inputs import InputSpec
@@ -82,10 +88,14 @@ def test_autoencoder_at_a_cut_exports_and_is_compared(tiny_bundle: Bundle, tmp_p
     reloaded = load_bundle(root)
     assert reloaded.autoencoder(cut) == spec
     assert make_session(reloaded.path(spec.encoder)).get_outputs()[0].name == "latent"
-    reports = {r.codec: r for r in compare_codecs(model, bundle, data, cut, {4: (enc, dec)})}
+    got = compare_codecs(model, bundle, data, cut, {4: (enc, dec)})
+    reports = {r.codec: r for r in got}
     raw = reports["raw"].bytes_per_sample
     assert reports["fp16"].bytes_per_sample * 2 == raw == reports["int8"].bytes_per_sample * 4
-    assert reports["ae r=4"].bytes_per_sample == raw // 8
+    assert reports["ae-r4"].bytes_per_sample == raw // 8
+    record_codecs(bundle, cut, got)
+    assert load_bundle(root).codec_accuracy(cut) == {r.codec: r.final_accuracy for r in got}
+    assert load_bundle(root).codec_accuracy(cut + 1) == {}
     assert abs(reports["fp16"].final_accuracy - reports["raw"].final_accuracy) <= 0.01
 
 

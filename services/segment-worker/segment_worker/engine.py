@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Self, cast
+from typing import Any, Self, cast
 
 import numpy as np
 import structlog
@@ -45,7 +45,9 @@ from offramp.wire import (
     Hop,
     Moved,
     SegmentLoad,
+    Tensor,
 )
+from segment_worker.codecs import Codecs
 from segment_worker.link import Link
 from segment_worker.placer import Placer
 from segment_worker.queue import Item, SegmentQueue
@@ -110,20 +112,22 @@ class Engine:
         self.nudge = nudge  # sends this node's heartbeat early (credit or a request in it)
         self.boot = time.time() if boot is None else boot
         self.tracing = tracing
+        self.log = structlog.get_logger("offramp.worker").bind(node=cfg.node, model=self.model)
         self.policy: ExitPolicy | None = None
         self.hosted: dict[int, Hosted] = {}
         self.counters = Counters()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{cfg.node}")
         self.outbox = Outbox(1024, grace_s=2.0)  # done reports still going out at the end
         self.meter = LinkMeter()  # fed with the connection's counters by the service
+        self.codecs = Codecs(bundle, mode=cfg.codec, max_loss=cfg.codec_max_loss,
+                             batch=cfg.batch_max, offload=self._offload, log=self.log)
         self.link = Link(self._send_packet, rate_bps=cfg.link_bits_per_s,
                          delay_s=cfg.link_delay_s)
         self.placer = Placer(cfg, model=self.model, boot=self.boot, peers=peers, stages=self,
                              transmit=self.link.send,
                              act_topic=lambda seg, node: topics.act(self.model, seg, node),
-                             nudge=nudge, uplink=self.uplink)
+                             nudge=nudge, uplink=self.uplink, encode=self._encode)
         self.draining = False  # the worker is stopping: nothing advertised, no credit
-        self.log = structlog.get_logger("offramp.worker").bind(node=cfg.node, model=self.model)
         self._warn = RateLimitedWarning()
         self._inflight = 0
         self.segment_flops = {s.index: s.flops for s in bundle.manifest.segments}
@@ -153,6 +157,15 @@ class Engine:
     def device(self) -> str:
         """The device the hosted segments run on ('' while none is hosted)."""
         return next((h.runner.device for h in self.hosted.values()), "")
+
+    async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` on the inference thread (sessions are used from that thread only)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _encode(self, segment: int, x: np.ndarray) -> Tensor:
+        """The activation entering ``segment``, encoded for this node's link."""
+        option = await self.codecs.choose(segment - 1, self.uplink()[0])
+        return await self.codecs.encode(option, x)
 
     def uplink(self) -> tuple[float, float]:
         """This node's outgoing link, bytes/s (0: unknown) and round trip: as emulated where
@@ -208,11 +221,11 @@ class Engine:
         self.hosted.pop(segment, None)
 
     # -- intake ---------------------------------------------------------------------------------
-    def accept(self, payload: bytes, max_bytes: int) -> int:
+    async def accept(self, payload: bytes, max_bytes: int) -> int:
         """Decode one packet and queue its samples; bad packets are counted, never raised."""
         try:
             packet = ActivationPacket.decode(payload, max_bytes=max_bytes)
-            x = packet.tensor.to_numpy()
+            x = await self.codecs.decode(packet.tensor, packet.segment - 1)
             prev = packet.embedding.to_numpy() if packet.embedding is not None else None
         except WireError as exc:
             self.counters.bad_packets += 1

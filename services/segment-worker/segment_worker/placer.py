@@ -24,6 +24,11 @@ from segment_worker.settings import EngineConfig
 
 Transmit = Callable[[str, bytes], Awaitable[None]]  # topic, payload: onto this node's link
 Uplink = Callable[[], tuple[float, float]]  # this node's link: bytes/s (0: unknown), round trip
+Encode = Callable[[int, np.ndarray], Awaitable[Tensor]]  # segment, activation -> on the wire
+
+
+async def _raw(segment: int, x: np.ndarray) -> Tensor:
+    return Tensor.encode(x)
 ActTopic = Callable[[int, str], str]  # segment, node -> the topic of that node's packets
 
 
@@ -43,7 +48,8 @@ class Stages(Protocol):
 class Placer:
     def __init__(self, cfg: EngineConfig, *, model: str, boot: float, peers: PeerTable,
                  stages: Stages, transmit: Transmit, act_topic: ActTopic,
-                 nudge: Callable[[], None], uplink: Uplink = lambda: (0.0, 0.0)) -> None:
+                 nudge: Callable[[], None], uplink: Uplink = lambda: (0.0, 0.0),
+                 encode: Encode = _raw) -> None:
         self.cfg = cfg
         self.model = model
         self.boot = boot
@@ -53,6 +59,7 @@ class Placer:
         self.act_topic = act_topic
         self.nudge = nudge  # this node's heartbeat, early: it carries a new request
         self.uplink = uplink
+        self.encode = encode
         self.window = SendWindow(cfg.node, boot)
         self.plan: Plan | None = None
         self._parked: dict[int, list[Item]] = {}
@@ -152,7 +159,7 @@ class Placer:
             if all(it.prev is not None for it in items) else None
         packet = ActivationPacket(model=self.model, segment=segment,
                                   samples=tuple(it.sample for it in items),
-                                  tensor=Tensor.encode(act, self.cfg.codec),
+                                  tensor=await self.encode(segment, act),
                                   embedding=None if emb is None else Tensor.encode(emb, "fp16"),
                                   sent=time.time(), sender=self.cfg.node, sender_boot=self.boot)
         self.window.spend(node, boot, self.model, segment, len(items))

@@ -153,6 +153,12 @@ def _read(r: Reading, engine: Engine) -> None:
         r.gauge("offramp_credit_outstanding", "Credit granted to senders and not yet used, by "
                 "segment", h.ledger.outstanding(), segment=seg)
     r.gauge("offramp_parked", "Samples waiting for a neighbour's credit", engine.placer.parked())
+    rate, rtt = engine.uplink()
+    r.gauge("offramp_link_bytes_per_second", "This node's link as measured (0: not yet)", rate)
+    r.gauge("offramp_link_rtt_seconds", "Round trip to the broker as measured", rtt)
+    for codec, n in sorted(engine.codecs.sent.items()):
+        r.counter("offramp_codec_samples_total", "Samples sent to other nodes, by codec", n,
+                  codec=codec)
     c = engine.counters
     for reason, n in (("queue-overflow", c.queue_overflow), ("bad-packet", c.bad_packets),
                       ("misrouted", c.misrouted), ("expired", c.expired),

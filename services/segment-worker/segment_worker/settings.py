@@ -33,7 +33,14 @@ class WorkerSettings:
                              "credit this node grants", min=1, max=1_000_000)
     ageing_s: float = setting(0.5, "Queue ageing tau: urgency = priority x (1 + age / tau)",
                               min=0.001, max=3600)
-    codec: Literal["raw", "fp16", "int8"] = setting("raw", "Codec of activations sent to others")
+    codec: Literal["auto", "raw", "fp16", "int8", "ae"] = setting(
+        "auto", "Codec of activations sent to others: auto chooses per cut the one with the "
+        "least expected time over the link as measured, within codec_max_loss; ae pins the "
+        "bundle's autoencoder at each cut (raw where it has none)")
+    codec_max_loss: float = setting(1.0, "Points of final-exit accuracy the automatic choice "
+                                     "may give up to a codec (as offramp compress measured "
+                                     "them; a codec never measured is not chosen)", min=0,
+                                     max=100)
     offload_margin_ms: float = setting(2.0, "A neighbour must be this much faster to get the task",
                                        min=0, max=10_000)
     credit_lease_s: float = setting(2.0, "Credit spent on packets that never arrived is written "
@@ -66,7 +73,8 @@ class EngineConfig:
     batch_max: int = 8
     batch_wait_s: float = 0.002
     queue_max: int = 512
-    codec: Literal["raw", "fp16", "int8"] = "raw"
+    codec: Literal["auto", "raw", "fp16", "int8", "ae"] = "auto"
+    codec_max_loss: float = 1.0
     device: str = "cpu"
     threads: int = 1
     offload_margin_s: float = 0.002
@@ -84,7 +92,8 @@ class EngineConfig:
         common = settings.common
         return cls(node=common.node_name(), batch_max=settings.batch_max,
                    batch_wait_s=settings.batch_wait_ms / 1000, queue_max=settings.queue_max,
-                   codec=settings.codec, device=settings.device, threads=settings.threads,
+                   codec=settings.codec, codec_max_loss=settings.codec_max_loss,
+                   device=settings.device, threads=settings.threads,
                    offload_margin_s=settings.offload_margin_ms / 1000,
                    stale_after_s=3 * common.heartbeat_s, slowdown=settings.slowdown,
                    ageing_s=settings.ageing_s, credit_lease_s=settings.credit_lease_s,

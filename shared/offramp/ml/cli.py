@@ -231,6 +231,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         compare_codecs,
         default_cut,
         export_autoencoder,
+        record_codecs,
         train_autoencoder,
     )
     bundle = load_bundle(args.bundle)
@@ -243,9 +244,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         export_autoencoder(bundle, cut, ratio, enc, dec)
         aes[ratio] = (enc, dec)
     table = Table(title=f"codecs at cut {cut} (after segment {cut})")
-    for col in ("codec", "bytes/sample", "final-exit accuracy"):
+    for col in ("codec", "bytes/sample", "final-exit accuracy (validation)"):
         table.add_column(col, justify="right")
-    for r in compare_codecs(model, bundle, data, cut, aes):
+    reports = compare_codecs(model, bundle, data, cut, aes)
+    record_codecs(bundle, cut, reports)
+    for r in reports:
         table.add_row(r.codec, str(r.bytes_per_sample), f"{r.final_accuracy:.4f}")
     Console().print(table)
     return 0

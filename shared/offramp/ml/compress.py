@@ -3,8 +3,10 @@
 An encoder (1x1 conv shrinking channels by ``ratio``) runs on the sender; its latent travels as
 fp16; the decoder (1x1 conv back, BN, ReLU, 1x1 conv) runs on the receiver. Trained with the
 backbone frozen: reconstruction loss plus the downstream exits' cross-entropy. Both halves are
-exported to ONNX and recorded in the bundle. :func:`compare_codecs` reports bytes per sample and
-final-exit accuracy for raw, fp16, int8 and the autoencoders.
+exported to ONNX and recorded in the bundle. :func:`compare_codecs` measures bytes per sample and
+final-exit accuracy on the validation split for raw, fp16, int8 and the autoencoders, and
+:func:`record_codecs` keeps them in the bundle: a worker's automatic codec choice reads the
+accuracy each codec costs there (``Bundle.codec_accuracy``).
 """
 
 from __future__ import annotations
@@ -129,9 +131,10 @@ def export_autoencoder(bundle: Bundle, cut: int, ratio: int, enc: CutEncoder, de
 @torch.no_grad()
 def compare_codecs(model: MultiExitNet, bundle: Bundle, data: Dataset, cut: int,
                    autoencoders: dict[int, tuple[CutEncoder, CutDecoder]]) -> list[CodecReport]:
-    """Final-exit test accuracy when the activation at ``cut`` crosses the wire per codec."""
+    """Final-exit validation accuracy when the activation at ``cut`` crosses the wire per
+    codec (the autoencoders named ``ae-r<ratio>``)."""
     block = _cut_block(bundle, cut)
-    x, y = to_tensors(data.test, bundle.manifest.input)
+    x, y = to_tensors(data.val, bundle.manifest.input)
     acts = torch.cat([model.forward_blocks(x[s:s + 256], 0, block) for s in range(0, len(x), 256)])
     per_sample = int(acts[0].numel())
 
@@ -151,9 +154,18 @@ def compare_codecs(model: MultiExitNet, bundle: Bundle, data: Dataset, cut: int,
                CodecReport("int8", per_sample, accuracy(through("int8")))]
     for ratio, (enc, dec) in sorted(autoencoders.items()):
         latent = int(enc(acts[:1]).numel())
-        reports.append(CodecReport(f"ae r={ratio}", latent * 2,
+        reports.append(CodecReport(f"ae-r{ratio}", latent * 2,
                                    accuracy(lambda a, e=enc, d=dec: d(e(a).half().float()))))
     return reports
+
+
+def record_codecs(bundle: Bundle, cut: int, reports: list[CodecReport]) -> None:
+    """Keep what each codec costs at ``cut`` in the bundle's manifest (its metrics)."""
+    codecs = dict(bundle.manifest.metrics.get("codecs") or {})
+    codecs[str(cut)] = {r.codec: {"bytes_per_sample": r.bytes_per_sample,
+                                  "accuracy": r.final_accuracy} for r in reports}
+    bundle.manifest.metrics["codecs"] = codecs
+    bundle.save()
 
 
 def default_cut(bundle: Bundle) -> int:
@@ -163,4 +175,4 @@ def default_cut(bundle: Bundle) -> int:
 
 
 __all__ = ["CodecReport", "compare_codecs", "default_cut", "export_autoencoder",
-           "train_autoencoder"]
+           "record_codecs", "train_autoencoder"]

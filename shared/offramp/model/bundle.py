@@ -160,6 +160,17 @@ class Bundle:
     def autoencoder(self, cut: int) -> AutoencoderSpec | None:
         return next((a for a in self.manifest.autoencoders if a.cut == cut), None)
 
+    def autoencoders_at(self, cut: int) -> list[AutoencoderSpec]:
+        return sorted((a for a in self.manifest.autoencoders if a.cut == cut),
+                      key=lambda a: a.ratio)
+
+    def codec_accuracy(self, cut: int) -> dict[str, float]:
+        """Final-exit validation accuracy with the activation leaving segment ``cut`` sent by
+        each codec (raw, fp16, int8, ae-r<ratio>), as ``offramp compress`` measured it; empty
+        where it was never measured."""
+        codecs = (self.manifest.metrics.get("codecs") or {}).get(str(cut)) or {}
+        return {str(name): float(v["accuracy"]) for name, v in codecs.items()}
+
     def save(self) -> None:
         tmp = self.root / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(self.manifest.to_dict(), indent=1))
