@@ -15,20 +15,16 @@ from offramp.local.netbed import (
     DEFAULT_SUBNET,
     PROFILES,
     Plan,
-    create,
     existing,
     netns_exec,
     parse_rate,
     remove,
 )
 
-PORT = 1883
-
 
 def _up(args: argparse.Namespace) -> int:
-    from offramp.local.broker import LocalBroker
-    from offramp.local.launcher import ProcessGroup, interrupt_on_stop_signals
-    from offramp.local.system import split_segments
+    from offramp.local.launcher import interrupt_on_stop_signals
+    from offramp.local.netbed_run import running
     from offramp.model.bundle import load_bundle
 
     interrupt_on_stop_signals()
@@ -36,43 +32,20 @@ def _up(args: argparse.Namespace) -> int:
     plan = Plan(args.name, args.workers, parse_rate(args.link), args.subnet)
     logdir = Path(args.logdir or tempfile.mkdtemp(prefix=f"offramp-netbed-{plan.name}-"))
     logdir.mkdir(parents=True, exist_ok=True)
-    create(plan)
-    gw = netns_exec(plan.gateway.namespace)
-    broker = LocalBroker(PORT, host=plan.broker_address, wrap=gw, persistence=True,
-                         workdir=logdir)
-    group: ProcessGroup | None = None
     try:
-        broker.start()
-        root = str(bundle.root.resolve())
-        group = ProcessGroup(logdir, {
-            "OFFRAMP_BROKER_URL": broker.url, "OFFRAMP_TOPIC_PREFIX": args.prefix,
-            "OFFRAMP_LOG_FORMAT": "json", "OFFRAMP_ADMISSION_BUNDLE": root,
-            "OFFRAMP_WORKER_BUNDLE": root, "OFFRAMP_ARBITER_BUNDLE": root,
-            "OFFRAMP_SCHEDULER_BUNDLE": root})
-        group.add("exit-arbiter", "arbiter-1", wrap=gw)
-        group.add("priority-scheduler", "scheduler-1", wrap=gw)
-        segments = split_segments([s.flops for s in bundle.manifest.segments], plan.workers)
-        for node, segs in zip(plan.worker_nodes, segments, strict=True):
-            group.add("segment-worker", node.name,
-                      {"OFFRAMP_WORKER_SEGMENTS": ",".join(map(str, segs))},
-                      wrap=netns_exec(node.namespace))
-        group.add("admission-controller", "admission-1", wrap=gw)
-        print(f"netbed {plan.name}: broker {broker.url}, {plan.workers} workers, every link "
-              f"{plan.mbps:g} Mbit/s each way; logs in {logdir}")
-        print(f"publish from this host: offramp publish --broker {broker.url} --prefix "
-              f"{args.prefix}; Ctrl-C stops it", flush=True)
-        while all(m.alive for m in group.members) and broker.running:
-            time.sleep(0.5)
-        dead = [m.node for m in group.members if not m.alive]
-        print(f"netbed {plan.name}: stopped because {', '.join(dead) or 'the broker'} exited")
-        return 1
+        with running(plan, bundle, logdir, prefix=args.prefix) as system:
+            print(f"netbed {plan.name}: broker {system.broker.url}, {plan.workers} workers, every "
+                  f"link {plan.mbps:g} Mbit/s each way; logs in {logdir}")
+            print(f"publish from this host: offramp publish --broker {system.broker.url} "
+                  f"--prefix {args.prefix}; Ctrl-C stops it", flush=True)
+            while all(m.alive for m in system.group.members) and system.broker.running:
+                time.sleep(0.5)
+            dead = [m.node for m in system.group.members if not m.alive]
+            print(f"netbed {plan.name}: stopped because {', '.join(dead) or 'the broker'} "
+                  "exited")
+            return 1
     except KeyboardInterrupt:
         return 0
-    finally:
-        if group is not None:
-            group.stop()
-        broker.close()
-        remove(plan.name)
 
 
 def _down(args: argparse.Namespace) -> int:

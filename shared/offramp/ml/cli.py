@@ -69,6 +69,10 @@ def register(sub: Any) -> None:
                    "one with the largest activation)")
     p.add_argument("--ratios", type=ints, default=(2, 4, 8), help="channel reductions to train")
     p.add_argument("--epochs", type=int, default=8, help="autoencoder training epochs")
+    p.add_argument("--train-limit", type=positive, default=None, help="train the autoencoders "
+                   "on this many training images, a seeded choice (None: all)")
+    p.add_argument("--val-limit", type=positive, default=None, help="compare the codecs on "
+                   "the first this many validation images (None: all)")
     p.set_defaults(handler=cmd_compress)
 
 
@@ -236,7 +240,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     )
     bundle = load_bundle(args.bundle)
     model = load_trained(bundle.path("model.pt"))
-    data = _bundle_data(bundle)
+    data = _bundle_data(bundle, args.train_limit)
     cut = args.cut or default_cut(bundle)
     aes = {}
     for ratio in args.ratios:
@@ -246,7 +250,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     table = Table(title=f"codecs at cut {cut} (after segment {cut})")
     for col in ("codec", "bytes/sample", "final-exit accuracy (validation)"):
         table.add_column(col, justify="right")
-    reports = compare_codecs(model, bundle, data, cut, aes)
+    reports = compare_codecs(model, bundle, data, cut, aes, args.val_limit)
     record_codecs(bundle, cut, reports)
     for r in reports:
         table.add_row(r.codec, str(r.bytes_per_sample), f"{r.final_accuracy:.4f}")
@@ -254,10 +258,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bundle_data(bundle: Bundle) -> Any:
+def _bundle_data(bundle: Bundle, train_limit: int | None = None) -> Any:
     """The dataset a bundle was trained on, at its input size (from its manifest's metrics)."""
     from offramp.ml.data import load_dataset
 
     metrics = bundle.manifest.metrics
     return load_dataset(str(metrics.get("dataset", "digits")), metrics.get("data_dir"),
-                        bundle.manifest.input.height)
+                        bundle.manifest.input.height, train_limit=train_limit)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from offramp.ml.data import Dataset
+from offramp.ml.data import Dataset, Split
 from offramp.ml.export import OPSET, ExportError
 from offramp.ml.train import to_tensors
 from offramp.ml.zoo import MultiExitNet
@@ -130,11 +130,15 @@ def export_autoencoder(bundle: Bundle, cut: int, ratio: int, enc: CutEncoder, de
 
 @torch.no_grad()
 def compare_codecs(model: MultiExitNet, bundle: Bundle, data: Dataset, cut: int,
-                   autoencoders: dict[int, tuple[CutEncoder, CutDecoder]]) -> list[CodecReport]:
+                   autoencoders: dict[int, tuple[CutEncoder, CutDecoder]],
+                   samples: int | None = None) -> list[CodecReport]:
     """Final-exit validation accuracy when the activation at ``cut`` crosses the wire per
-    codec (the autoencoders named ``ae-r<ratio>``)."""
+    codec (the autoencoders named ``ae-r<ratio>``), on the first ``samples`` validation images
+    (None: all of them)."""
     block = _cut_block(bundle, cut)
-    x, y = to_tensors(data.val, bundle.manifest.input)
+    val = data.val if samples is None else Split(data.val.images[:samples],
+                                                 data.val.labels[:samples])
+    x, y = to_tensors(val, bundle.manifest.input)
     acts = torch.cat([model.forward_blocks(x[s:s + 256], 0, block) for s in range(0, len(x), 256)])
     per_sample = int(acts[0].numel())
 

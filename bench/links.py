@@ -1,0 +1,284 @@
+"""``make bench-links``: a 224x224 model over shaped links, per codec, exits closed and open.
+
+The bundle: EfficientNet-Lite0 with its ImageNet weights, exits trained on Fashion-MNIST at
+224x224 (frozen backbone, 3,000 training images, 8 epochs: ``offramp build`` with
+``RECIPE_ARGS``; built once, about half an hour here, and cached under bundles/bench),
+with exits after blocks 1, 8, 11 and 17 and a segment ending at each, and autoencoders (ratios
+4 and 8) at the first cut, whose activation is 784 KiB per frame raw. Its codecs' accuracy is
+recorded as ``offramp compress`` does (1,000 validation images).
+
+The network: ``offramp netbed`` with two worker namespaces, every link (the gateway's, where
+the broker runs, and each worker's) shaped to ``gbe``, ``fe`` and ``wifi`` in both directions.
+As in MDI-Exit, the source's box computes the first segment itself: ``gw-1`` runs segment 1
+in the gateway's namespace, ``worker-1`` segment 2 and ``worker-2`` segments 3 and 4, each
+hosting only those (the plan is not followed). Every activation crosses two shaped links
+(to the broker, from it).
+
+Per link, exits closed and open (the arbiter's calibrated thresholds), and codec (raw, fp16,
+int8, ae, auto): a camera on the host keeps ``WINDOW`` frames in flight (closed loop: a new
+frame as each is answered) over Fashion-MNIST test images; after ``WARMUP`` answers, for
+``SECONDS`` it counts answers, their latency and accuracy, and the bytes each link carried
+(the qdiscs' own counters).
+
+- throughput (frames/s), latency p50/p99 (ms), accuracy over the frames answered;
+- the busiest link (most bytes per frame, either direction), the link-bound limit (its rate
+  in bytes/s over those bytes per frame), and ``link_efficiency`` = throughput / limit where
+  the link is the bottleneck: where the limit is below what the same configuration reaches
+  at ``gbe`` (its compute ceiling here);
+- ``ae_gain_wifi``: at ``wifi`` with exits closed, throughput with the autoencoder over raw,
+  with the autoencoder's recorded accuracy loss beside it (the claim holds within 1 point);
+- ``auto_vs_best``: the automatic choice over the best fixed codec whose recorded loss is
+  within the budget (1 point), the worst over links and exit settings.
+
+Needs root (network namespaces). The figures are this 2-core machine's: every process shares
+its cores, so compute bounds the fast links.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import percentile_ms, write_result
+from offramp.bus import Bus, Topics
+from offramp.local.client import envelope, wait_for_workers
+from offramp.local.netbed import PROFILES, Plan, netns_exec
+from offramp.local.netbed_run import Running, running
+from offramp.ml.build import Recipe, build, load_data, load_trained
+from offramp.ml.data import limit, load_fashion_mnist
+from offramp.ml.recipe_args import add_recipe_options, recipe_from_args
+from offramp.model.bundle import Bundle, load_bundle
+from offramp.settings import BusSettings
+from offramp.wire import Result
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLE = ROOT / "bundles" / "bench" / "links-224"
+LINKS = ("gbe", "fe", "wifi")
+CODECS = ("raw", "fp16", "int8", "ae", "auto")
+ASSIGNMENT = [(1,), (2,), (3, 4)]  # gw-1 (the source's box), worker-1, worker-2
+CUT = 1  # the cut with the autoencoders: the largest activation
+RATIOS = (4, 8)
+MAX_LOSS = 1.0  # accuracy points the automatic choice may give up (the worker's default)
+WINDOW = 16
+WARMUP = 8
+SECONDS = float(os.environ.get("OFFRAMP_BENCH_LINKS_SECONDS", "15"))
+PREFIX = "offramp/v1"
+
+
+RECIPE_ARGS = ["--preset", "effnet-fashion", "--input-size", "224", "--exits", "1,8,11,17",
+               "--train-limit", "3000", "--epochs", "8", "--name", "fashion-effnet-224"]
+
+
+def recipe() -> Recipe:
+    """The bundle's recipe, as ``offramp build`` takes it (the same command builds it)."""
+    p = argparse.ArgumentParser()
+    add_recipe_options(p)
+    return recipe_from_args(p.parse_args(RECIPE_ARGS))
+
+
+def ensure_bundle() -> Bundle:
+    """The bench's bundle, built (about half an hour on 2 cores) and compressed once."""
+    from offramp.ml.compress import (
+        compare_codecs,
+        export_autoencoder,
+        record_codecs,
+        train_autoencoder,
+    )
+
+    r = recipe()
+    bundle, _ = build(r, BUNDLE, progress=True)
+    if bundle.codec_accuracy(CUT):
+        return bundle
+    model = load_trained(bundle.path("model.pt"))
+    data = load_data(r)
+    aes = {}
+    for ratio in RATIOS:
+        print(f"autoencoder ratio {ratio} at cut {CUT}", flush=True)
+        enc, dec = train_autoencoder(model, bundle, limit(data, 1000), CUT, ratio, epochs=2)
+        export_autoencoder(bundle, CUT, ratio, enc, dec)
+        aes[ratio] = (enc, dec)
+    record_codecs(bundle, CUT, compare_codecs(model, bundle, data, CUT, aes, samples=1000))
+    return load_bundle(BUNDLE)
+
+
+# -- one configuration -----------------------------------------------------------------------
+@dataclass
+class Window:
+    sent: dict[str, float] = field(default_factory=dict)
+    latency_s: list[float] = field(default_factory=list)
+    correct: int = 0
+    answered: int = 0
+    other: int = 0  # answered, not ok
+
+
+async def closed_loop(url: str, images: np.ndarray, labels: np.ndarray,
+                      measure: Any) -> tuple[Window, float]:
+    """Keep WINDOW frames in flight; measure from the WARMUP-th answer for SECONDS. Returns
+    the window and its length; ``measure(start|stop)`` brackets it (link counters)."""
+    topics = Topics(PREFIX)
+    settings = BusSettings(broker_url=url, topic_prefix=PREFIX, publish_timeout_s=30)
+    async with Bus(settings, f"bench-links-{os.getpid()}") as bus:
+        await bus.wait_connected(30)
+        await wait_for_workers(bus, topics, len(ASSIGNMENT), 180)
+        results = await bus.subscribe(topics.results("cam-1"), qos=1, maxsize=10_000)
+        ingest = topics.ingest("cam-1")
+        w = Window()
+        next_frame = 0
+        started = stop_at = 0.0
+
+        async def send() -> None:
+            nonlocal next_frame
+            i = next_frame % len(images)
+            fid = f"f{next_frame}-{i}"
+            next_frame += 1
+            w.sent[fid] = time.monotonic()
+            await bus.publish(ingest, envelope(fid, image=images[i]), qos=1)
+
+        for _ in range(WINDOW):
+            await send()
+        seen = 0
+        while True:
+            msg = await asyncio.wait_for(results.get(), 120)
+            r = Result.from_json(msg.payload)
+            now = time.monotonic()
+            seen += 1
+            if seen == WARMUP:
+                measure("start")
+                started, stop_at = now, now + SECONDS
+            elif started and now <= stop_at:
+                sent = w.sent.get(r.frame_id)
+                if r.status == "ok" and sent is not None:
+                    w.answered += 1
+                    w.latency_s.append(now - sent)
+                    w.correct += int(r.label == labels[int(r.frame_id.split("-")[1])])
+                else:
+                    w.other += 1
+            if started and now > stop_at:
+                measure("stop")
+                return w, now - started
+            await send()
+
+
+def link_counters(plan: Plan) -> dict[str, int]:
+    """Bytes each shaped link direction carried so far (the tbf qdiscs' own counters)."""
+    out = {}
+    for node in plan.nodes:
+        for direction, cmd in (
+                ("up", [*netns_exec(node.namespace), "tc", "-s", "qdisc", "show", "dev", "eth0"]),
+                ("down", [*netns_exec(plan.hub), "tc", "-s", "qdisc", "show", "dev",
+                          node.hub_link])):
+            text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            out[f"{node.name}:{direction}"] = int(text.split(" Sent ")[1].split()[0])
+    return out
+
+
+def run_config(bundle: Bundle, link: str, exits: str, codec: str, images: np.ndarray,
+               labels: np.ndarray) -> dict[str, Any]:
+    plan = Plan("oflb", workers=2, mbps=PROFILES[link], subnet="10.75.0")
+    env = {"OFFRAMP_ARBITER_DISABLE_EXITS": "true" if exits == "closed" else "false",
+           "OFFRAMP_LOG_LEVEL": "info"}
+    worker_env = {"OFFRAMP_WORKER_FOLLOW_PLAN": "false", "OFFRAMP_WORKER_CODEC": codec,
+                  "OFFRAMP_WORKER_CODEC_MAX_LOSS": str(MAX_LOSS)}
+    counters: dict[str, dict[str, int]] = {}
+
+    def measure(when: str) -> None:
+        counters[when] = link_counters(plan)
+
+    with tempfile.TemporaryDirectory(prefix="bench-links-") as tmp, running(
+            plan, bundle, Path(tmp), prefix=PREFIX, assignment=ASSIGNMENT, on_gateway=1,
+            env=env, worker_env=worker_env) as system:
+        w, seconds = asyncio.run(closed_loop(system.broker.url, images, labels, measure))
+        chosen = _chosen(system, Path(tmp))
+    carried = {k: counters["stop"][k] - counters["start"][k] for k in counters["stop"]}
+    busiest = max(carried, key=lambda k: carried[k])
+    per_frame = carried[busiest] / max(1, w.answered)
+    limit_fps = PROFILES[link] * 1e6 / 8 / per_frame if per_frame else float("inf")
+    fps = w.answered / seconds
+    row = {"link": link, "exits": exits, "codec": codec, "throughput_fps": round(fps, 3),
+           "latency_p50_ms": percentile_ms(w.latency_s, 50) if w.latency_s else None,
+           "latency_p99_ms": percentile_ms(w.latency_s, 99) if w.latency_s else None,
+           "accuracy": round(w.correct / w.answered, 4) if w.answered else None,
+           "frames": w.answered, "not_ok": w.other, "busiest_link": busiest,
+           "bytes_per_frame": round(per_frame), "link_limit_fps": round(limit_fps, 3),
+           "chosen": chosen}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _chosen(system: Running, logdir: Path) -> dict[str, list[str]]:
+    """The codecs each worker logged choosing (``codec_chosen``), by worker."""
+    out: dict[str, list[str]] = {}
+    for name in system.assignment:
+        path = logdir / f"{name}.log"
+        for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+            if '"codec_chosen"' in line:
+                rec = json.loads(line)
+                out.setdefault(name, []).append(f"cut{rec['cut']}:{rec['codec']}")
+    return out
+
+
+# -- the figures -----------------------------------------------------------------------------
+def figures(rows: list[dict[str, Any]], accuracy: dict[str, float]) -> dict[str, Any]:
+    by = {(r["link"], r["exits"], r["codec"]): r for r in rows}
+    for r in rows:
+        ceiling = by[("gbe", r["exits"], r["codec"])]["throughput_fps"]
+        r["link_bound"] = r["link"] != "gbe" and r["link_limit_fps"] < ceiling
+        r["link_efficiency"] = (round(r["throughput_fps"] / r["link_limit_fps"], 3)
+                                if r["link_bound"] else None)
+    bound = [r["link_efficiency"] for r in rows if r["link_bound"]]
+    raw_acc = accuracy.get("raw", 0.0)
+    ae_name = min((c for c in accuracy if c.startswith("ae-")),
+                  key=lambda c: raw_acc - accuracy[c], default=None)
+    ae_loss = round(100 * (raw_acc - accuracy[ae_name]), 2) if ae_name else None
+    ae = by[("wifi", "closed", "ae")]["throughput_fps"] / by[("wifi", "closed", "raw")][
+        "throughput_fps"]
+    allowed = [c for c in ("raw", "fp16", "int8") if 100 * (raw_acc - accuracy.get(c, 0)) <=
+               MAX_LOSS] + (["ae"] if ae_loss is not None and ae_loss <= MAX_LOSS else [])
+    auto = {}
+    for link in LINKS:
+        for exits in ("closed", "open"):
+            best = max(by[(link, exits, c)]["throughput_fps"] for c in allowed)
+            auto[f"{link}_{exits}"] = round(by[(link, exits, "auto")]["throughput_fps"] / best, 3)
+    return {"link_efficiency": round(min(bound), 3) if bound else None,
+            "link_efficiency_mean": round(float(np.mean(bound)), 3) if bound else None,
+            "link_bound_configs": len(bound),
+            "ae_gain_wifi": round(ae, 3), "ae_loss_points": ae_loss,
+            "ae_pinned": "ae (the smallest ratio: ae-r4)",
+            "auto_vs_best": min(auto.values()), "auto_vs_best_each": auto,
+            "codecs_within_budget": allowed,
+            "goals": {"link_efficiency": ">= 0.8", "ae_gain_wifi": ">= 4 within 1 point",
+                      "auto_vs_best": ">= 0.9"}}
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("bench-links needs root (network namespaces and tc)")
+    bundle = ensure_bundle()
+    data = load_fashion_mnist(size=28, splits=("test",))
+    images, labels = data.test.images[:2000], data.test.labels[:2000]
+    rows = []
+    for link in LINKS:
+        for exits in ("closed", "open"):
+            for codec in CODECS:
+                rows.append(run_config(bundle, link, exits, codec, images, labels))
+    accuracy = bundle.codec_accuracy(CUT)
+    write_result("links", {
+        "bundle": bundle.name, "input": "224x224", "cut": CUT,
+        "activation_bytes_raw": bundle.segment(CUT).activation_bytes,
+        "codec_accuracy_val": accuracy, "window": WINDOW, "seconds": SECONDS,
+        "assignment": {"gw-1": [1], "worker-1": [2], "worker-2": [3, 4]},
+        **figures(rows, accuracy), "runs": rows})
+
+
+if __name__ == "__main__":
+    main()
