@@ -18,8 +18,10 @@ import pytest
 from offramp.bus import tcp_info
 from offramp.local.system import LocalSystem, split_segments
 from offramp.model.bundle import Bundle, load_bundle
+from offramp.node.peers import PeerTable
 from offramp.policy.codecs import CodecOption, choose_codec
-from offramp.policy.links import LinkMeter
+from offramp.policy.links import LinkMeter, PathMeter
+from offramp.wire import Heartbeat, SegmentLoad
 
 HELPERS = Path(__file__).parent / "helpers"
 
@@ -47,6 +49,36 @@ def test_the_meter_starts_a_new_window_on_a_new_connection() -> None:
     assert m.bytes_per_s == pytest.approx(1_000_000)
     with pytest.raises(ValueError, match="positive"):
         LinkMeter(min_bytes=0)
+
+
+def test_the_path_meter_counts_packets_that_arrived_back_to_back() -> None:
+    m = PathMeter(min_bytes=1000, min_busy_s=0.01)
+    m.observe("a", 500, sent=0.0, arrived=1.0)  # the first: into an idle path, says nothing
+    m.observe("a", 500, sent=0.5, arrived=1.5)  # sent before the one ahead arrived
+    assert m.rates() == {}  # 500 B: the window is not full yet
+    m.observe("a", 500, sent=0.6, arrived=2.0)
+    assert m.rates() == {"a": pytest.approx(1000)}  # 1000 B over 1 s of back-to-back arrivals
+    m.observe("a", 100_000, sent=5.0, arrived=6.0)  # sent into an idle path: skipped
+    m.observe("b", 9_999, sent=0.0, arrived=6.0)
+    assert m.rates() == {"a": pytest.approx(1000)}
+    few = PathMeter(max_senders=2)
+    for sender in ("a", "b", "c"):
+        few.observe(sender, 1, 0.0, 1.0)
+    assert len(few._paths) == 2 and "a" not in few._paths  # the oldest sender is forgotten
+
+
+def test_the_rate_to_a_worker_is_what_it_measured_from_this_node() -> None:
+    peers = PeerTable("w1")
+    load = SegmentLoad(model="m", segment=2, service_rate=100.0)
+    peers.update(Heartbeat(role="worker", node="w2", segments=(load,),
+                           paths={"w1": 2.5e6, "w9": 1.0}))
+    peers.update(Heartbeat(role="worker", node="w3", segments=(load,)))
+    assert peers.rate_to("w2", 1e9) == 2.5e6  # the path, not this node's fast link
+    assert peers.rate_to("w3", 1e9) == 1e9 and peers.rate_to("w4", 0.0) == 0.0
+    assert {c.node: c.link_bytes_per_s for c in peers.candidates("m", 2, link_bps=1e9)} == {
+        "w2": 2.5e6, "w3": 1e9}
+    back = Heartbeat.decode(Heartbeat(role="worker", node="w2", paths={"w1": 2.5e6}).encode())
+    assert back.paths == {"w1": 2.5e6}
 
 
 # -- the codec choice -------------------------------------------------------------------------
@@ -124,6 +156,39 @@ def test_the_bus_measures_the_shaped_link_it_sends_over() -> None:
     measured = float(out.stdout.split()[-1])
     expected = 0.956 * 20e6 / 8
     assert 0.9 <= measured / expected <= 1.1, (measured, expected, out.stderr[-2000:])
+
+
+def test_a_receiver_measures_the_path_from_its_sender() -> None:
+    """The sender in the gateway's namespace, next to the broker (its own link is fast), the
+    receiver behind a 20 Mbit/s link: only the receiver can see the path's rate, and its meter
+    lands within 10% of what TCP carries there."""
+    from offramp.local.broker import LocalBroker
+    from offramp.local.netbed import Plan, create, netns_exec, remove
+
+    plan = Plan("ofp", workers=1, mbps=20.0, subnet="10.74.0")
+    create(plan)
+    try:
+        with LocalBroker(1883, host=plan.broker_address,
+                         wrap=netns_exec(plan.gateway.namespace)) as broker:
+            receiver = subprocess.Popen(
+                [*netns_exec(plan.worker_nodes[0].namespace), sys.executable,
+                 str(HELPERS / "bus_path.py"), "receive", broker.url, "6000000"],
+                stdout=subprocess.PIPE, text=True)
+            assert receiver.stdout is not None
+            while (line := receiver.stdout.readline()) and line.strip() != "subscribed":
+                pass  # the bus's own log lines
+            sender = subprocess.Popen(
+                [*netns_exec(plan.gateway.namespace), sys.executable,
+                 str(HELPERS / "bus_path.py"), "send", broker.url, "6000000"])
+            try:
+                measured = float(receiver.communicate(timeout=60)[0].split()[-1])
+            finally:
+                sender.kill()
+                sender.wait()
+    finally:
+        remove(plan.name)
+    expected = 0.956 * 20e6 / 8
+    assert 0.9 <= measured / expected <= 1.1, (measured, expected)
 
 
 # -- the codecs in the system -----------------------------------------------------------------

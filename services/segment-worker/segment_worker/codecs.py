@@ -53,7 +53,7 @@ class Codecs:
         self.sent: Counter[str] = Counter()  # samples sent, by codec
         self._options: dict[int, list[Option]] = {}
         self._sessions: dict[str, ort.InferenceSession] = {}
-        self._chosen: dict[int, str] = {}
+        self._chosen: dict[tuple[int, str], str] = {}  # (cut, node) -> the codec last used
 
     # -- choosing --------------------------------------------------------------------------------
     async def options(self, cut: int) -> list[Option]:
@@ -61,7 +61,8 @@ class Codecs:
             self._options[cut] = await self.offload(self._measure, cut)
         return self._options[cut]
 
-    async def choose(self, cut: int, link_bytes_per_s: float) -> Option:
+    async def choose(self, cut: int, node: str, link_bytes_per_s: float) -> Option:
+        """The option for sending ``cut``'s activation to ``node`` over a path of this rate."""
         options = await self.options(cut)
         if self.mode == "auto":
             best = choose_codec([o.cost for o in options], link_bytes_per_s,
@@ -70,9 +71,10 @@ class Codecs:
         else:
             option = next((o for o in options if o.cost.codec.split("-")[0] == self.mode),
                           options[0])  # ae pinned where the bundle has none at this cut: raw
-        if self._chosen.get(cut) != option.cost.codec:
-            self._chosen[cut] = option.cost.codec
-            self.log.info("codec_chosen", cut=cut, codec=option.cost.codec, mode=self.mode,
+        if self._chosen.get((cut, node)) != option.cost.codec:
+            self._chosen[(cut, node)] = option.cost.codec
+            self.log.info("codec_chosen", cut=cut, to=node, codec=option.cost.codec,
+                          mode=self.mode,
                           link_bytes_per_s=round(link_bytes_per_s),
                           expected_ms=round(1e3 * option.cost.cost_s(link_bytes_per_s), 3))
         return option

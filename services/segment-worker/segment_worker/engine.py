@@ -34,7 +34,7 @@ from offramp.node.peers import PeerTable
 from offramp.node.tracing import AttributeValue, Tracing
 from offramp.policy.credits import CreditLedger
 from offramp.policy.exits import ExitDecision, decide
-from offramp.policy.links import LinkMeter
+from offramp.policy.links import LinkMeter, PathMeter
 from offramp.policy.offload import Candidate
 from offramp.wire import (
     ActivationPacket,
@@ -119,6 +119,7 @@ class Engine:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{cfg.node}")
         self.outbox = Outbox(1024, grace_s=2.0)  # done reports still going out at the end
         self.meter = LinkMeter()  # fed with the connection's counters by the service
+        self.paths = PathMeter()  # what arrives from each sender
         self.codecs = Codecs(bundle, mode=cfg.codec, max_loss=cfg.codec_max_loss,
                              batch=cfg.batch_max, offload=self._offload, log=self.log)
         self.link = Link(self._send_packet, rate_bps=cfg.link_bits_per_s,
@@ -162,9 +163,10 @@ class Engine:
         """Run ``fn`` on the inference thread (sessions are used from that thread only)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def _encode(self, segment: int, x: np.ndarray) -> Tensor:
-        """The activation entering ``segment``, encoded for this node's link."""
-        option = await self.codecs.choose(segment - 1, self.uplink()[0])
+    async def _encode(self, segment: int, node: str, x: np.ndarray) -> Tensor:
+        """The activation entering ``segment`` on ``node``, encoded for the path there."""
+        rate = self.placer.peers.rate_to(node, self.uplink()[0])
+        option = await self.codecs.choose(segment - 1, node, rate)
         return await self.codecs.encode(option, x)
 
     def uplink(self) -> tuple[float, float]:
@@ -221,10 +223,14 @@ class Engine:
         self.hosted.pop(segment, None)
 
     # -- intake ---------------------------------------------------------------------------------
-    async def accept(self, payload: bytes, max_bytes: int) -> int:
-        """Decode one packet and queue its samples; bad packets are counted, never raised."""
+    async def accept(self, payload: bytes, max_bytes: int, received: float = 0.0) -> int:
+        """Decode one packet and queue its samples; bad packets are counted, never raised.
+        ``received``: when the bus took it off the connection (wall clock), for the path's
+        rate from its sender."""
         try:
             packet = ActivationPacket.decode(payload, max_bytes=max_bytes)
+            if packet.sender and received:
+                self.paths.observe(packet.sender, len(payload), packet.sent, received)
             x = await self.codecs.decode(packet.tensor, packet.segment - 1)
             prev = packet.embedding.to_numpy() if packet.embedding is not None else None
         except WireError as exc:

@@ -56,7 +56,7 @@ class Hosting:
 
     async def _intake(self, sub: Subscription[Message]) -> None:
         async for msg in sub:
-            await self.engine.accept(msg.payload, self.max_bytes)
+            await self.engine.accept(msg.payload, self.max_bytes, msg.received)
 
     async def follow(self, plan: Plan, loadable: set[int]) -> None:
         """Make the hosted set what ``plan`` asks of this node (if it names this node and is

@@ -24,10 +24,10 @@ from segment_worker.settings import EngineConfig
 
 Transmit = Callable[[str, bytes], Awaitable[None]]  # topic, payload: onto this node's link
 Uplink = Callable[[], tuple[float, float]]  # this node's link: bytes/s (0: unknown), round trip
-Encode = Callable[[int, np.ndarray], Awaitable[Tensor]]  # segment, activation -> on the wire
+Encode = Callable[[int, str, np.ndarray], Awaitable[Tensor]]  # segment, to node, activation
 
 
-async def _raw(segment: int, x: np.ndarray) -> Tensor:
+async def _raw(segment: int, node: str, x: np.ndarray) -> Tensor:
     return Tensor.encode(x)
 ActTopic = Callable[[int, str], str]  # segment, node -> the topic of that node's packets
 
@@ -159,7 +159,7 @@ class Placer:
             if all(it.prev is not None for it in items) else None
         packet = ActivationPacket(model=self.model, segment=segment,
                                   samples=tuple(it.sample for it in items),
-                                  tensor=await self.encode(segment, act),
+                                  tensor=await self.encode(segment, node, act),
                                   embedding=None if emb is None else Tensor.encode(emb, "fp16"),
                                   sent=time.time(), sender=self.cfg.node, sender_boot=self.boot)
         self.window.spend(node, boot, self.model, segment, len(items))

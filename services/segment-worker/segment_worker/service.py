@@ -137,6 +137,7 @@ def _beat(hb: Heartbeat, *, engine: Engine, settings: WorkerSettings,
                    stats={k: float(v) for k, v in stats.items()}, boot=engine.boot,
                    flops_per_s=engine.flops_per_s(), wants=engine.placer.wants(),
                    sent=engine.placer.sent(), link_bps=link_bps, link_rtt_s=link_rtt_s,
+                   paths={k: round(v) for k, v in engine.paths.rates().items()},
                    loadable=tuple(SegmentRef(model=engine.model, segment=s) for s in loadable),
                    max_segments=settings.max_segments, device=engine.device)
 

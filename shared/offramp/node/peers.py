@@ -61,12 +61,20 @@ class PeerTable:
         return next((s for s in peer.heartbeat.segments
                      if s.model == model and s.segment == segment), None)
 
+    def rate_to(self, node: str, link_bps: float) -> float:
+        """Bytes/s from this node to ``node``: as ``node`` measured the path where it has,
+        else this node's own link (``link_bps``; 0: unknown)."""
+        peer = self._peers.get(node)
+        return (peer.heartbeat.paths.get(self.own_node, 0.0) if peer else 0.0) or link_bps
+
     def candidates(self, model: str, segment: int, batch: int = 1, *, priority: float = 0.0,
                    window: SendWindow | None = None, link_bps: float = 0.0, rtt_s: float = 0.0,
                    now: float | None = None) -> list[Candidate]:
         """Every known worker hosting ``segment`` of ``model``, as an offloading candidate: its
         backlog counts only work of priority >= ``priority``; with a ``window``, its credit for
-        this node; ``link_bps``/``rtt_s`` describe this node's outgoing link. A worker whose
+        this node; ``link_bps``/``rtt_s`` describe this node's outgoing link, and the rate to a
+        worker is the one it measured on the path from this node where it has (its heartbeat's
+        ``paths``), else ``link_bps``. A worker whose
         heartbeat says it is draining is no candidate, whatever it still lists."""
         now = time.monotonic() if now is None else now
         out = []
@@ -84,7 +92,8 @@ class PeerTable:
                     credit = window.available(peer.node, hb.boot, model, segment,
                                               s.credits.get(window.node))
                 out.append(Candidate(peer.node, backlog, batch * per, now - peer.seen,
-                                     link_bps, rtt_s, credit=credit, boot=hb.boot))
+                                     self.rate_to(peer.node, link_bps), rtt_s, credit=credit,
+                                     boot=hb.boot))
         return out
 
     def segment_backlogs(self, model: str, segments: int, stale_after_s: float, *,

@@ -45,3 +45,56 @@ class LinkMeter:
             (1 - self.weight) * self.bytes_per_s + self.weight * rate)
         self.windows += 1
         self._start = (bytes_acked, busy_us)
+
+
+class PathMeter:
+    """What each sender's packets get on their way to this node: bytes over the time they
+    arrived back to back. A packet sent before the one ahead of it from the same sender had
+    arrived travelled right behind it, so the gap between their arrivals is its transfer at
+    the path's bottleneck (the sender's link, the broker's, or this node's); a packet sent
+    into an idle path says nothing and is skipped. Windows and the mean are as
+    :class:`LinkMeter`'s. The send time is the sender's clock: clocks must agree to well
+    under a packet's transfer time (NTP does, for the packets whose rate matters).
+    """
+
+    def __init__(self, *, min_bytes: int = 256 * 1024, min_busy_s: float = 0.05,
+                 weight: float = 0.3, max_senders: int = 64) -> None:
+        if min_bytes <= 0 or min_busy_s <= 0 or not 0 < weight <= 1 or max_senders <= 0:
+            raise ValueError("min_bytes, min_busy_s and max_senders must be positive and "
+                             "weight in (0, 1]")
+        self.min_bytes = min_bytes
+        self.min_busy_s = min_busy_s
+        self.weight = weight
+        self.max_senders = max_senders
+        self._paths: dict[str, _Path] = {}
+
+    def observe(self, sender: str, nbytes: int, sent: float, arrived: float) -> None:
+        path = self._paths.pop(sender, None)  # re-inserted last: the dict is oldest first
+        if path is None:
+            path = _Path(arrived)
+            if len(self._paths) >= self.max_senders:
+                del self._paths[next(iter(self._paths))]
+        elif sent <= path.last_arrival and arrived > path.last_arrival:
+            path.bytes += nbytes
+            path.busy_s += arrived - path.last_arrival
+            if path.bytes >= self.min_bytes and path.busy_s >= self.min_busy_s:
+                rate = path.bytes / path.busy_s
+                path.rate = rate if path.rate == 0 else (
+                    (1 - self.weight) * path.rate + self.weight * rate)
+                path.bytes, path.busy_s = 0, 0.0
+        path.last_arrival = max(path.last_arrival, arrived)
+        self._paths[sender] = path
+
+    def rates(self) -> dict[str, float]:
+        """Bytes/s from each sender measured so far (senders not yet measured left out)."""
+        return {s: p.rate for s, p in self._paths.items() if p.rate > 0}
+
+
+class _Path:
+    __slots__ = ("busy_s", "bytes", "last_arrival", "rate")
+
+    def __init__(self, arrived: float) -> None:
+        self.last_arrival = arrived
+        self.bytes = 0
+        self.busy_s = 0.0
+        self.rate = 0.0

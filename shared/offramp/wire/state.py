@@ -105,7 +105,9 @@ class Heartbeat(WireMessage):
 
     ``boot`` identifies the run of the process (credits are per run). ``flops_per_s`` is the
     node's measured speed, ``link_bps``/``link_rtt_s`` its outgoing link as far as it knows it
-    (0: unknown), ``loadable``/``max_segments`` what the scheduler may ask it to host.
+    (0: unknown), ``paths`` the bytes/s it receives from each sender as measured (the path
+    from that sender, :class:`offramp.policy.links.PathMeter`), ``loadable``/``max_segments``
+    what the scheduler may ask it to host.
     ``device`` is what a worker's segments run on (``cpu``, ``cuda``, ``tensorrt``; empty when
     unknown), as ONNX Runtime gave it, which may differ from what it was asked for.
     ``draining``: the service is stopping; it advertises no segment and grants no credit, and
@@ -130,6 +132,7 @@ class Heartbeat(WireMessage):
     max_segments: int = 0
     device: str = ""
     draining: bool = False
+    paths: dict[str, float] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return {"role": self.role, "node": self.node, "online": self.online, "seq": self.seq,
@@ -140,7 +143,7 @@ class Heartbeat(WireMessage):
                 "link_rtt": self.link_rtt_s,
                 "loadable": [[s.model, s.segment] for s in self.loadable],
                 "max_segs": self.max_segments, "device": self.device,
-                "draining": self.draining}
+                "draining": self.draining, "paths": self.paths}
 
     @classmethod
     def from_wire(cls, r: Reader) -> Heartbeat:
@@ -154,6 +157,7 @@ class Heartbeat(WireMessage):
                      for row in r.rows("sent", 5))
         loadable = tuple(SegmentRef(model=row[0].text("_"), segment=row[1].integer("_"))
                          for row in r.rows("loadable", 2))
+        paths = r.opt_map("paths")
         return cls(role=r.text("role"), node=r.text("node"), online=r.flag("online"),
                    seq=r.integer("seq"), ts=r.number("ts"),
                    segments=tuple(SegmentLoad.from_wire(s) for s in r.maps("segments")),
@@ -162,4 +166,5 @@ class Heartbeat(WireMessage):
                    link_rtt_s=r.number("link_rtt"), loadable=loadable,
                    max_segments=r.integer("max_segs"),
                    device=r.opt_text("device") or "",
-                   draining=r.flag("draining") if r.has("draining") else False)
+                   draining=r.flag("draining") if r.has("draining") else False,
+                   paths={k: paths.number(k) for k in paths} if paths is not None else {})
