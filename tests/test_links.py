@@ -5,17 +5,21 @@ rehearsal network."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from offramp.bus import tcp_info
+from offramp.local.broker import LocalBroker
+from offramp.local.netbed import Plan, create, netns_exec, remove
 from offramp.local.system import LocalSystem, split_segments
 from offramp.model.bundle import Bundle, load_bundle
 from offramp.node.peers import PeerTable
@@ -135,60 +139,57 @@ def test_tcp_info_reads_what_a_real_connection_carried() -> None:
 
 
 # -- over a shaped link -----------------------------------------------------------------------
-def test_the_bus_measures_the_shaped_link_it_sends_over() -> None:
-    """A client in a worker's namespace publishes over a 20 Mbit/s link (wifi) to the broker
-    in the gateway's: its meter, fed by the bus's connection counters, lands within 10% of
-    what TCP can carry there (0.956 of the shaped rate: Ethernet and IP headers)."""
-    from offramp.local.broker import LocalBroker
-    from offramp.local.netbed import Plan, create, netns_exec, remove
+WIFI_TCP = 0.956 * 20e6 / 8  # what TCP carries over 20 Mbit/s: Ethernet and IP headers
 
-    plan = Plan("ofl", workers=1, mbps=20.0, subnet="10.76.0")
+
+@contextlib.contextmanager
+def _wifi(name: str, subnet: str) -> Iterator[tuple[Plan, LocalBroker]]:
+    """A netbed of one worker namespace, every link at 20 Mbit/s, the broker in the
+    gateway's namespace."""
+    plan = Plan(name, workers=1, mbps=20.0, subnet=subnet)
     create(plan)
     try:
         with LocalBroker(1883, host=plan.broker_address,
                          wrap=netns_exec(plan.gateway.namespace)) as broker:
-            out = subprocess.run(
-                [*netns_exec(plan.worker_nodes[0].namespace), sys.executable,
-                 str(HELPERS / "bus_link.py"), broker.url, "6000000"],
-                check=True, capture_output=True, text=True, timeout=60)
+            yield plan, broker
     finally:
         remove(plan.name)
+
+
+def _helper(namespace: str, *args: str) -> list[str]:
+    return [*netns_exec(namespace), sys.executable, str(HELPERS / args[0]), *args[1:]]
+
+
+def test_the_bus_measures_the_shaped_link_it_sends_over() -> None:
+    """A client in a worker's namespace publishes over the 20 Mbit/s link to the broker: its
+    meter, fed by the bus's connection counters, lands within 10% of what TCP carries."""
+    with _wifi("ofl", "10.76.0") as (plan, broker):
+        out = subprocess.run(_helper(plan.worker_nodes[0].namespace, "bus_link.py", broker.url,
+                                     "6000000"),
+                             check=True, capture_output=True, text=True, timeout=60)
     measured = float(out.stdout.split()[-1])
-    expected = 0.956 * 20e6 / 8
-    assert 0.9 <= measured / expected <= 1.1, (measured, expected, out.stderr[-2000:])
+    assert 0.9 <= measured / WIFI_TCP <= 1.1, (measured, out.stderr[-2000:])
 
 
 def test_a_receiver_measures_the_path_from_its_sender() -> None:
     """The sender in the gateway's namespace, next to the broker (its own link is fast), the
-    receiver behind a 20 Mbit/s link: only the receiver can see the path's rate, and its meter
-    lands within 10% of what TCP carries there."""
-    from offramp.local.broker import LocalBroker
-    from offramp.local.netbed import Plan, create, netns_exec, remove
-
-    plan = Plan("ofp", workers=1, mbps=20.0, subnet="10.74.0")
-    create(plan)
-    try:
-        with LocalBroker(1883, host=plan.broker_address,
-                         wrap=netns_exec(plan.gateway.namespace)) as broker:
-            receiver = subprocess.Popen(
-                [*netns_exec(plan.worker_nodes[0].namespace), sys.executable,
-                 str(HELPERS / "bus_path.py"), "receive", broker.url, "6000000"],
-                stdout=subprocess.PIPE, text=True)
-            assert receiver.stdout is not None
-            while (line := receiver.stdout.readline()) and line.strip() != "subscribed":
-                pass  # the bus's own log lines
-            sender = subprocess.Popen(
-                [*netns_exec(plan.gateway.namespace), sys.executable,
-                 str(HELPERS / "bus_path.py"), "send", broker.url, "6000000"])
-            try:
-                measured = float(receiver.communicate(timeout=60)[0].split()[-1])
-            finally:
-                sender.kill()
-                sender.wait()
-    finally:
-        remove(plan.name)
-    expected = 0.956 * 20e6 / 8
-    assert 0.9 <= measured / expected <= 1.1, (measured, expected)
+    receiver behind the 20 Mbit/s link: only the receiver can see the path's rate, and its
+    meter lands within 10% of what TCP carries there."""
+    with _wifi("ofp", "10.74.0") as (plan, broker):
+        receiver = subprocess.Popen(_helper(plan.worker_nodes[0].namespace, "bus_path.py",
+                                            "receive", broker.url, "6000000"),
+                                    stdout=subprocess.PIPE, text=True)
+        assert receiver.stdout is not None
+        while (line := receiver.stdout.readline()) and line.strip() != "subscribed":
+            pass  # the bus's own log lines
+        sender = subprocess.Popen(_helper(plan.gateway.namespace, "bus_path.py", "send",
+                                          broker.url, "6000000"))
+        try:
+            measured = float(receiver.communicate(timeout=60)[0].split()[-1])
+        finally:
+            sender.kill()
+            sender.wait()
+    assert 0.9 <= measured / WIFI_TCP <= 1.1, measured
 
 
 # -- the codecs in the system -----------------------------------------------------------------
