@@ -122,6 +122,21 @@ def test_export_cli_makes_two_segments_from_a_four_exit_model(tiny_bundle: Bundl
     assert load_bundle(tmp_path / "two").num_segments == 2
 
 
+def test_compress_cli_records_what_each_codec_costs(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, root)
+    out = _offramp("compress", str(root), "--ratios", "2", "--epochs", "1", "--train-limit",
+                   "200", "--val-limit", "100")
+    assert out.returncode == 0, out.stderr
+    bundle = load_bundle(root)
+    cut = default_cut(bundle)
+    assert set(bundle.codec_accuracy(cut)) == {"raw", "fp16", "int8", "ae-r2"}
+    assert [a.ratio for a in bundle.autoencoders_at(cut)] == [2]
+    assert "ae-r2" in out.stdout
+
+
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     out = _offramp("calibrate", str(tmp_path / "nothing"))
     assert out.returncode == 2
