@@ -253,6 +253,28 @@ async def test_the_placer_sends_within_credit_and_keeps_the_rest() -> None:
     assert sent[-1] == ("act/m/2/w2", 3) and placer.parked() == 0
 
 
+async def test_placements_at_once_never_spend_the_same_credit_twice() -> None:
+    """Encoding awaits (an autoencoder runs on the inference thread): two placements under
+    way at once must still send no more than the credit granted."""
+    sent: list[int] = []
+
+    async def transmit(topic: str, payload: bytes) -> None:
+        sent.append(len(ActivationPacket.decode(payload).samples))
+
+    async def slow_encode(segment: int, node: str, x: np.ndarray) -> Tensor:
+        await asyncio.sleep(0.01)
+        return Tensor.encode(x)
+
+    peers = PeerTable("w1")
+    peers.update(_worker_beat("w2", 2, grant_to="w1", limit=5))
+    placer = Placer(EngineConfig(node="w1"), model="m", boot=0.0, peers=peers,
+                    stages=_Stages(local=None), transmit=transmit,
+                    act_topic=lambda seg, node: f"act/m/{seg}/{node}", nudge=lambda: None,
+                    encode=slow_encode)
+    await asyncio.gather(placer.forward(2, _items(4)), placer.forward(2, _items(4)))
+    assert sum(sent) == 5 and placer.parked(2) == 3
+
+
 async def test_the_placer_keeps_near_ties_local() -> None:
     sent: list[str] = []
 

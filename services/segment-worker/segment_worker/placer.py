@@ -134,6 +134,11 @@ class Placer:
             placement = place(self._candidates(segment, prio, len(group)), len(group), per_sample,
                               margin_s=self.cfg.offload_margin_s,
                               stale_after_s=self.cfg.stale_after_s, fallback=fallback)
+            for node, n in placement.parts:  # before any await: a concurrent placement must
+                if node != self.cfg.node:      # not count on the same credit
+                    hb = self.peers.heartbeat(node)
+                    self.window.spend(node, hb.boot if hb is not None else 0.0, self.model,
+                                      segment, n)
             start = 0
             for node, n in placement.parts:
                 await self._send(segment, node, group[start:start + n])
@@ -152,8 +157,6 @@ class Placer:
                 it.arrived = it.sent = now
             self.stages.hand_over(segment, items)
             return
-        hb = self.peers.heartbeat(node)
-        boot = hb.boot if hb is not None else 0.0
         act = np.stack([it.x for it in items])
         emb = np.stack([it.prev for it in items if it.prev is not None]) \
             if all(it.prev is not None for it in items) else None
@@ -162,7 +165,6 @@ class Placer:
                                   tensor=await self.encode(segment, node, act),
                                   embedding=None if emb is None else Tensor.encode(emb, "fp16"),
                                   sent=time.time(), sender=self.cfg.node, sender_boot=self.boot)
-        self.window.spend(node, boot, self.model, segment, len(items))
         await self.transmit(self.act_topic(segment, node), packet.encode())
         await self.stages.passed_on(segment, node, items)
 
