@@ -25,11 +25,11 @@ from segment_worker.settings import EngineConfig
 Transmit = Callable[[str, bytes], Awaitable[None]]  # topic, payload: onto this node's link
 Uplink = Callable[[], tuple[float, float]]  # this node's link: bytes/s (0: unknown), round trip
 Encode = Callable[[int, str, np.ndarray], Awaitable[Tensor]]  # segment, to node, activation
+ActTopic = Callable[[int, str], str]  # segment, node -> the topic of that node's packets
 
 
 async def _raw(segment: int, node: str, x: np.ndarray) -> Tensor:
     return Tensor.encode(x)
-ActTopic = Callable[[int, str], str]  # segment, node -> the topic of that node's packets
 
 
 class Stages(Protocol):
