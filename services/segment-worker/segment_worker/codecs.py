@@ -63,14 +63,7 @@ class Codecs:
 
     async def choose(self, cut: int, node: str, link_bytes_per_s: float) -> Option:
         """The option for sending ``cut``'s activation to ``node`` over a path of this rate."""
-        options = await self.options(cut)
-        if self.mode == "auto":
-            best = choose_codec([o.cost for o in options], link_bytes_per_s,
-                                max_loss=self.max_loss)
-            option = next(o for o in options if o.cost is best)
-        else:
-            option = next((o for o in options if o.cost.codec.split("-")[0] == self.mode),
-                          options[0])  # ae pinned where the bundle has none at this cut: raw
+        option = self._pick(await self.options(cut), link_bytes_per_s)
         if self._chosen.get((cut, node)) != option.cost.codec:
             self._chosen[(cut, node)] = option.cost.codec
             self.log.info("codec_chosen", cut=cut, to=node, codec=option.cost.codec,
@@ -78,6 +71,26 @@ class Codecs:
                           link_bytes_per_s=round(link_bytes_per_s),
                           expected_ms=round(1e3 * option.cost.cost_s(link_bytes_per_s), 3))
         return option
+
+    def wire(self, cut: int, link_bytes_per_s: float) -> tuple[float, float]:
+        """What the codec for a link of this rate does to ``cut``'s transfer, per raw byte: the
+        bytes it sends and its encode plus decode seconds (raw until the cut's options have
+        been measured, at its first send). What placement counts for each candidate."""
+        options = self._options.get(cut)
+        if not options:
+            return 1.0, 0.0
+        raw = options[0].cost
+        cost = self._pick(options, link_bytes_per_s).cost
+        return (cost.bytes_per_sample / raw.bytes_per_sample,
+                (cost.encode_s + cost.decode_s) / raw.bytes_per_sample)
+
+    def _pick(self, options: list[Option], link_bytes_per_s: float) -> Option:
+        if self.mode == "auto":
+            best = choose_codec([o.cost for o in options], link_bytes_per_s,
+                                max_loss=self.max_loss)
+            return next(o for o in options if o.cost is best)
+        return next((o for o in options if o.cost.codec.split("-")[0] == self.mode),
+                    options[0])  # ae pinned where the bundle has none at this cut: raw
 
     def _measure(self, cut: int) -> list[Option]:
         """The options at ``cut`` and their costs here (blocking: runs off the event loop)."""

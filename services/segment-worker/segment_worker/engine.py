@@ -127,7 +127,8 @@ class Engine:
         self.placer = Placer(cfg, model=self.model, boot=self.boot, peers=peers, stages=self,
                              transmit=self.link.send,
                              act_topic=lambda seg, node: topics.act(self.model, seg, node),
-                             nudge=nudge, uplink=self.uplink, encode=self._encode)
+                             nudge=nudge, uplink=self.uplink, encode=self._encode,
+                             wire=self.codecs.wire)
         self.draining = False  # the worker is stopping: nothing advertised, no credit
         self._warn = RateLimitedWarning()
         self._inflight = 0

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -26,6 +27,8 @@ Transmit = Callable[[str, bytes], Awaitable[None]]  # topic, payload: onto this 
 Uplink = Callable[[], tuple[float, float]]  # this node's link: bytes/s (0: unknown), round trip
 Encode = Callable[[int, str, np.ndarray], Awaitable[Tensor]]  # segment, to node, activation
 ActTopic = Callable[[int, str], str]  # segment, node -> the topic of that node's packets
+# cut, link bytes/s -> (wire bytes per raw byte, codec seconds per raw byte) by its codec there
+Wire = Callable[[int, float], tuple[float, float]]
 
 
 async def _raw(segment: int, node: str, x: np.ndarray) -> Tensor:
@@ -49,7 +52,7 @@ class Placer:
     def __init__(self, cfg: EngineConfig, *, model: str, boot: float, peers: PeerTable,
                  stages: Stages, transmit: Transmit, act_topic: ActTopic,
                  nudge: Callable[[], None], uplink: Uplink = lambda: (0.0, 0.0),
-                 encode: Encode = _raw) -> None:
+                 encode: Encode = _raw, wire: Wire = lambda cut, rate: (1.0, 0.0)) -> None:
         self.cfg = cfg
         self.model = model
         self.boot = boot
@@ -60,6 +63,7 @@ class Placer:
         self.nudge = nudge  # this node's heartbeat, early: it carries a new request
         self.uplink = uplink
         self.encode = encode
+        self.wire = wire
         self.window = SendWindow(cfg.node, boot)
         self.plan: Plan | None = None
         self._parked: dict[int, list[Item]] = {}
@@ -105,10 +109,16 @@ class Placer:
     # -- placing ----------------------------------------------------------------------------------
     def _candidates(self, segment: int, priority: float, count: int) -> list[Candidate]:
         link_bps, rtt_s = self.uplink()
-        cands = self.peers.candidates(self.model, segment, count, priority=priority,
-                                      window=self.window, link_bps=link_bps, rtt_s=rtt_s)
+        cands = [self._by_codec(c, segment - 1) for c in self.peers.candidates(
+            self.model, segment, count, priority=priority, window=self.window,
+            link_bps=link_bps, rtt_s=rtt_s)]
         local = self.stages.local_candidate(segment, priority)
         return [*cands, local] if local is not None else cands
+
+    def _by_codec(self, c: Candidate, cut: int) -> Candidate:
+        """``c`` with what the codec chosen for its link does to the transfer."""
+        ratio, codec_s = self.wire(cut, c.link_bytes_per_s)
+        return replace(c, wire_ratio=ratio, codec_s_per_byte=codec_s)
 
     def estimate(self, segment: int, nbytes: int) -> float:
         """Expected time to the next exit for a batch of ``nbytes`` (the deadline rule)."""

@@ -2,12 +2,14 @@
 backlog, 3.1).
 
 Each candidate n (this node, if it hosts the segment, and every neighbour that does) costs
-``E_n = c_n + Q_n^(>=m) + s_n``: the transfer time of the activation (bytes / link rate + round
-trip; 0 for this node), the queued work of equal or higher priority than the task's (the queue
-the task really waits behind, since higher priority is served first) and the task's service
-time there (F_task / F_n, measured). The task's own age, the remaining term of 3.1, is the same
-for every candidate and does not change the choice. The cheapest wins; a neighbour must beat
-this node by more than ``margin_s`` (hysteresis, so near-ties stay local).
+``E_n = c_n + Q_n^(>=m) + s_n``: the transfer time of the activation (0 for this node; else the
+round trip plus, per raw byte, the codec's wire bytes over the link rate and its encode and
+decode time: :mod:`offramp.policy.codecs`, the codec chosen for that link), the queued work of
+equal or higher priority than the task's (the queue the task really waits behind, since higher
+priority is served first) and the task's service time there (F_task / F_n, measured). The
+task's own age, the remaining term of 3.1, is the same for every candidate and does not change
+the choice. The cheapest wins; a neighbour must beat this node by more than ``margin_s``
+(hysteresis, so near-ties stay local).
 
 A candidate takes at most its ``credit`` samples (no herding, :mod:`offramp.policy.credits`).
 Neighbours whose heartbeat is older than ``stale_after_s`` have no trustworthy cost: they are
@@ -34,11 +36,15 @@ class Candidate:
     local: bool = False
     credit: int = UNLIMITED
     boot: float = 0.0
+    wire_ratio: float = 1.0  # bytes on the wire per raw byte, by the codec for this link
+    codec_s_per_byte: float = 0.0  # its encode plus decode time, per raw byte
 
     def cost(self, nbytes: int) -> float:
+        """Seconds until a batch of ``nbytes`` (raw) would be done there."""
         if self.local:
             return self.backlog_s + self.service_s
-        transfer = self.rtt_s + (nbytes / self.link_bytes_per_s if self.link_bytes_per_s > 0 else 0)
+        wire = nbytes * self.wire_ratio / self.link_bytes_per_s if self.link_bytes_per_s > 0 else 0
+        transfer = self.rtt_s + wire + nbytes * self.codec_s_per_byte
         return self.backlog_s + transfer + self.service_s
 
 
