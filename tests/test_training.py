@@ -83,6 +83,9 @@ def test_autoencoder_at_a_cut_exports_and_is_compared(tiny_bundle: Bundle, tmp_p
     model = load_trained(root / "model.pt")
     data = load_data(Recipe("t", "mobilenetv2", {}))
     cut = default_cut(bundle)
+    cuts = range(1, bundle.num_segments)
+    assert all(set(bundle.codec_accuracy(c)) == {"raw", "fp16", "int8"} for c in cuts), \
+        "offramp build measures the wire codecs at every cut"
     enc, dec = train_autoencoder(model, bundle, data, cut, 4, epochs=1)
     spec = export_autoencoder(bundle, cut, 4, enc, dec)
     reloaded = load_bundle(root)
@@ -95,8 +98,32 @@ def test_autoencoder_at_a_cut_exports_and_is_compared(tiny_bundle: Bundle, tmp_p
     assert reports["ae-r4"].bytes_per_sample == raw // 8
     record_codecs(bundle, cut, got)
     assert load_bundle(root).codec_accuracy(cut) == {r.codec: r.final_accuracy for r in got}
-    assert load_bundle(root).codec_accuracy(cut + 1) == {}
+    assert all("ae-r4" not in load_bundle(root).codec_accuracy(c) for c in cuts if c != cut)
     assert abs(reports["fp16"].final_accuracy - reports["raw"].final_accuracy) <= 0.01
+
+
+def test_autoencoder_training_starts_from_the_principal_components(tiny_bundle: Bundle) -> None:
+    """Before any step, the pair is the best linear reconstruction: with as many latent
+    channels as the activation has, it gives the activation back (up to the fp16 it travels
+    as); with fewer, its error is the variance of the components it leaves out."""
+    from offramp.ml.compress import CutDecoder, CutEncoder, _activations, _principal_init
+
+    bundle = load_bundle(tiny_bundle.root)
+    model = load_trained(bundle.path("model.pt"))
+    data = load_data(Recipe("t", "mobilenetv2", {}))
+    cut = default_cut(bundle)
+    acts, _ = _activations(model, bundle, data.val, bundle.segment(cut).last_block)
+    channels = acts.shape[1]
+    with torch.no_grad():
+        enc, dec = CutEncoder(channels, 1).eval(), CutDecoder(channels, 1).eval()
+        _principal_init(enc, dec, acts)
+        assert torch.allclose(dec(enc(acts).half().float()), acts, atol=0.05 * float(acts.std()))
+        enc, dec = CutEncoder(channels, 4).eval(), CutDecoder(channels, 4).eval()
+        _principal_init(enc, dec, acts)
+        error = float(((dec(enc(acts)) - acts) ** 2).mean())
+        flat = acts.permute(0, 2, 3, 1).reshape(-1, channels).double()
+        left_out = torch.linalg.eigvalsh(torch.cov(flat.T))[:channels - channels // 4]
+    assert error == pytest.approx(float(left_out.sum()) / channels, rel=0.02)
 
 
 def _offramp(*args: str) -> subprocess.CompletedProcess[str]:
@@ -131,10 +158,14 @@ def test_compress_cli_records_what_each_codec_costs(tiny_bundle: Bundle, tmp_pat
                    "200", "--val-limit", "100")
     assert out.returncode == 0, out.stderr
     bundle = load_bundle(root)
-    cut = default_cut(bundle)
-    assert set(bundle.codec_accuracy(cut)) == {"raw", "fp16", "int8", "ae-r2"}
-    assert [a.ratio for a in bundle.autoencoders_at(cut)] == [2]
+    for cut in range(1, bundle.num_segments):  # every cut by default
+        assert set(bundle.codec_accuracy(cut)) == {"raw", "fp16", "int8", "ae-r2"}
+        assert [a.ratio for a in bundle.autoencoders_at(cut)] == [2]
+        assert f"codecs at cut {cut}" in out.stdout
     assert "ae-r2" in out.stdout
+    for bad, message in ((["--cuts", "9"], "--cuts [9]"), (["--ratios", "1"], "--ratios")):
+        out = _offramp("compress", str(root), *bad)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

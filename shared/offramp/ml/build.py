@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from offramp.ml.calibrate import calibrate_bundle
+from offramp.ml.compress import record_wire_codecs
 from offramp.ml.data import DATASETS, Dataset, DatasetError, load_dataset
 from offramp.ml.export import export_bundle
 from offramp.ml.loss import LossConfig
@@ -165,6 +166,9 @@ def build(recipe: Recipe, out: Path, *, force: bool = False, progress: bool = Tr
     torch.save({"model_config": model.config, "num_classes": model.num_classes,
                 "state": model.state_dict()}, out / "model.pt")
     calibrate_bundle(bundle, data.val)
+    if progress:
+        print("measuring the wire codecs at every cut (validation split)", flush=True)
+    record_wire_codecs(model, bundle, data)
     return load_bundle(out), {"cached": False, **metrics}
 
 

@@ -14,7 +14,7 @@ from rich.table import Table
 from offramp.cli.args import positive
 from offramp.ml.recipe_args import add_recipe_options, default_out, ints, recipe_from_args
 from offramp.ml.zoo import REGISTRY
-from offramp.model.bundle import Bundle, load_bundle
+from offramp.model.bundle import Bundle, BundleError, load_bundle
 from offramp.model.calibration import NEVER, Calibration
 from offramp.model.scores import CRITERIA
 
@@ -65,10 +65,10 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("compress", help="train cut autoencoders and compare wire codecs")
     p.add_argument("bundle", type=Path, help="bundle directory")
-    p.add_argument("--cut", type=int, default=None, help="segment boundary to compress (None: the "
-                   "one with the largest activation)")
+    p.add_argument("--cuts", type=ints, default=None, help="segment boundaries to compress, "
+                   "comma-separated (default: every cut of the bundle)")
     p.add_argument("--ratios", type=ints, default=(2, 4, 8), help="channel reductions to train")
-    p.add_argument("--epochs", type=int, default=8, help="autoencoder training epochs")
+    p.add_argument("--epochs", type=positive, default=8, help="autoencoder training epochs")
     p.add_argument("--train-limit", type=positive, default=None, help="train the autoencoders "
                    "on this many training images, a seeded choice (None: all)")
     p.add_argument("--val-limit", type=positive, default=None, help="compare the codecs on "
@@ -233,28 +233,37 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from offramp.ml.build import load_trained
     from offramp.ml.compress import (
         compare_codecs,
-        default_cut,
         export_autoencoder,
         record_codecs,
         train_autoencoder,
     )
     bundle = load_bundle(args.bundle)
+    cuts = args.cuts or tuple(range(1, bundle.num_segments))
+    bad = [c for c in cuts if not 1 <= c < bundle.num_segments]
+    if bad or not cuts:
+        raise BundleError(f"--cuts {list(bad or cuts)}: {bundle.name} has "
+                          f"{bundle.num_segments} segments, so its cuts are 1.."
+                          f"{bundle.num_segments - 1}")
+    if not args.ratios or min(args.ratios) < 2:
+        raise BundleError(f"--ratios must be integers >= 2, got {list(args.ratios)}")
     model = load_trained(bundle.path("model.pt"))
     data = _bundle_data(bundle, args.train_limit)
-    cut = args.cut or default_cut(bundle)
-    aes = {}
-    for ratio in args.ratios:
-        enc, dec = train_autoencoder(model, bundle, data, cut, ratio, epochs=args.epochs)
-        export_autoencoder(bundle, cut, ratio, enc, dec)
-        aes[ratio] = (enc, dec)
-    table = Table(title=f"codecs at cut {cut} (after segment {cut})")
-    for col in ("codec", "bytes/sample", "final-exit accuracy (validation)"):
-        table.add_column(col, justify="right")
-    reports = compare_codecs(model, bundle, data, cut, aes, args.val_limit)
-    record_codecs(bundle, cut, reports)
-    for r in reports:
-        table.add_row(r.codec, str(r.bytes_per_sample), f"{r.final_accuracy:.4f}")
-    Console().print(table)
+    console = Console()
+    for cut in cuts:
+        aes = {}
+        for ratio in args.ratios:
+            console.print(f"cut {cut}: training the ratio-{ratio} autoencoder")
+            enc, dec = train_autoencoder(model, bundle, data, cut, ratio, epochs=args.epochs)
+            export_autoencoder(bundle, cut, ratio, enc, dec)
+            aes[ratio] = (enc, dec)
+        table = Table(title=f"codecs at cut {cut} (after segment {cut})")
+        for col in ("codec", "bytes/sample", "final-exit accuracy (validation)"):
+            table.add_column(col, justify="right")
+        reports = compare_codecs(model, bundle, data, cut, aes, args.val_limit)
+        record_codecs(bundle, cut, reports)
+        for r in reports:
+            table.add_row(r.codec, str(r.bytes_per_sample), f"{r.final_accuracy:.4f}")
+        console.print(table)
     return 0
 
 

@@ -1,12 +1,21 @@
 """Compressing the activation at a cut (docs/algorithms.md 1.5, after MDI-Exit).
 
 An encoder (1x1 conv shrinking channels by ``ratio``) runs on the sender; its latent travels as
-fp16; the decoder (1x1 conv back, BN, ReLU, 1x1 conv) runs on the receiver. Trained with the
-backbone frozen: reconstruction loss plus the downstream exits' cross-entropy. Both halves are
-exported to ONNX and recorded in the bundle. :func:`compare_codecs` measures bytes per sample and
-final-exit accuracy on the validation split for raw, fp16, int8 and the autoencoders, and
-:func:`record_codecs` keeps them in the bundle: a worker's automatic codec choice reads the
-accuracy each codec costs there (``Bundle.codec_accuracy``).
+fp16; the decoder runs on the receiver: a 1x1 conv back to the channels plus a small 3x3
+refinement (conv, BN, ReLU, conv) that sees each position's neighbours.
+
+Training starts from the channels' principal components: the encoder projects onto the top
+``channels / ratio`` of them and the decoder's linear path projects back (the refinement starts
+at zero), so step 0 is already the best linear reconstruction. With the backbone frozen, the
+pair is then trained on reconstruction (scaled by the activation's variance), distillation from
+the uncompressed model's final exit and, lightly, every downstream exit's cross-entropy: the
+exits, not the activation, are what the compression has to keep.
+
+:func:`compare_codecs` measures bytes per sample and final-exit accuracy on the validation
+split for raw, fp16, int8 and the autoencoders; :func:`record_codecs` keeps them in the bundle,
+where a worker's automatic codec choice reads the accuracy each codec costs
+(``Bundle.codec_accuracy``). ``offramp build`` records raw, fp16 and int8 at every cut
+(:func:`record_wire_codecs`), so the choice has options at every cut of any bundle.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from offramp.model.bundle import AutoencoderSpec, Bundle, BundleError
 from offramp.model.sessions import make_session
 from offramp.wire import Tensor
 
+BATCH = 32
+
 
 class CutEncoder(nn.Module):
     def __init__(self, channels: int, ratio: int) -> None:
@@ -42,11 +53,13 @@ class CutDecoder(nn.Module):
     def __init__(self, channels: int, ratio: int) -> None:
         super().__init__()
         latent = max(1, channels // ratio)
-        self.body = nn.Sequential(nn.Conv2d(latent, channels, 1), nn.BatchNorm2d(channels),
-                                  nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1))
+        self.linear = nn.Conv2d(latent, channels, 1)
+        self.refine = nn.Sequential(nn.Conv2d(latent, channels, 3, padding=1),
+                                    nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+                                    nn.Conv2d(channels, channels, 3, padding=1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.body(z)
+        return self.linear(z) + self.refine(z)
 
 
 @dataclass
@@ -74,32 +87,67 @@ def _downstream(model: MultiExitNet, block: int, a: torch.Tensor) -> list[torch.
     return outs
 
 
+@torch.no_grad()
+def _activations(model: MultiExitNet, bundle: Bundle, split: Split, block: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = to_tensors(split, bundle.manifest.input)
+    acts = torch.cat([model.forward_blocks(x[s:s + 128], 0, block) for s in range(0, len(y), 128)])
+    return acts, y
+
+
+@torch.no_grad()
+def _principal_init(enc: CutEncoder, dec: CutDecoder, acts: torch.Tensor) -> None:
+    """Encoder onto the top principal components of the channels, decoder's linear path back."""
+    channels = acts.shape[1]
+    flat = acts.permute(0, 2, 3, 1).reshape(-1, channels).double()
+    mean = flat.mean(0)
+    _, vectors = torch.linalg.eigh(torch.cov((flat - mean).T))
+    top = vectors.flip(1)[:, :enc.conv.out_channels].float()  # channels x latent
+    mean = mean.float()
+    for conv, weight, bias in ((enc.conv, top.T, -(top.T @ mean)), (dec.linear, top, mean)):
+        assert conv.bias is not None
+        conv.weight.copy_(weight[:, :, None, None])
+        conv.bias.copy_(bias)
+    last = dec.refine[-1]  # the refinement starts as nothing
+    assert isinstance(last, nn.Conv2d) and last.bias is not None
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+
+
 def train_autoencoder(model: MultiExitNet, bundle: Bundle, data: Dataset, cut: int, ratio: int,
-                      *, epochs: int = 8, lr: float = 3e-3, seed: int = 0
+                      *, epochs: int = 8, lr: float = 1e-3, seed: int = 0
                       ) -> tuple[CutEncoder, CutDecoder]:
     torch.manual_seed(seed)
     block = _cut_block(bundle, cut)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    x, y = to_tensors(data.train, bundle.manifest.input)
-    with torch.no_grad():
-        acts = torch.cat([model.forward_blocks(x[s:s + 256], 0, block) for s in range(0, len(x), 256)])
+    acts, y = _activations(model, bundle, data.train, block)
     channels = acts.shape[1]
     enc, dec = CutEncoder(channels, ratio), CutDecoder(channels, ratio)
-    opt = torch.optim.AdamW([*enc.parameters(), *dec.parameters()], lr=lr)
+    _principal_init(enc, dec, acts)
+    variance = float(acts.var()) or 1.0
+    params = [*enc.parameters(), *dec.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr)
+    steps = max(1, epochs * -(-len(y) // BATCH))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         enc.train()
         dec.train()
-        for idx in torch.randperm(len(y), generator=gen).split(64):
+        for idx in torch.randperm(len(y), generator=gen).split(BATCH):
             a = acts[idx]
-            rec = dec(enc(a).half().float())
-            task = sum(F.cross_entropy(lg, y[idx]) for lg in _downstream(model, block, rec))
-            loss = F.mse_loss(rec, a) + task
+            with torch.no_grad():
+                teacher = F.softmax(_downstream(model, block, a)[-1], -1)
+            rec = dec(enc(a).half().float())  # trained through the fp16 the latent travels as
+            outs = _downstream(model, block, rec)
+            loss = (F.mse_loss(rec, a) / variance
+                    + F.kl_div(F.log_softmax(outs[-1], -1), teacher, reduction="batchmean")
+                    + 0.1 * sum(F.cross_entropy(o, y[idx]) for o in outs))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            schedule.step()
     return enc.eval(), dec.eval()
 
 
@@ -135,11 +183,11 @@ def compare_codecs(model: MultiExitNet, bundle: Bundle, data: Dataset, cut: int,
     """Final-exit validation accuracy when the activation at ``cut`` crosses the wire per
     codec (the autoencoders named ``ae-r<ratio>``), on the first ``samples`` validation images
     (None: all of them)."""
+    model.eval()
     block = _cut_block(bundle, cut)
     val = data.val if samples is None else Split(data.val.images[:samples],
                                                  data.val.labels[:samples])
-    x, y = to_tensors(val, bundle.manifest.input)
-    acts = torch.cat([model.forward_blocks(x[s:s + 256], 0, block) for s in range(0, len(x), 256)])
+    acts, y = _activations(model, bundle, val, block)
     per_sample = int(acts[0].numel())
 
     def accuracy(transform: object) -> float:
@@ -164,12 +212,23 @@ def compare_codecs(model: MultiExitNet, bundle: Bundle, data: Dataset, cut: int,
 
 
 def record_codecs(bundle: Bundle, cut: int, reports: list[CodecReport]) -> None:
-    """Keep what each codec costs at ``cut`` in the bundle's manifest (its metrics)."""
+    """Keep what each codec costs at ``cut`` in the bundle's manifest (its metrics), beside
+    what was recorded there before for codecs not measured again."""
     codecs = dict(bundle.manifest.metrics.get("codecs") or {})
-    codecs[str(cut)] = {r.codec: {"bytes_per_sample": r.bytes_per_sample,
-                                  "accuracy": r.final_accuracy} for r in reports}
+    codecs[str(cut)] = {**(codecs.get(str(cut)) or {}),
+                        **{r.codec: {"bytes_per_sample": r.bytes_per_sample,
+                                     "accuracy": r.final_accuracy} for r in reports}}
     bundle.manifest.metrics["codecs"] = codecs
     bundle.save()
+
+
+def record_wire_codecs(model: MultiExitNet, bundle: Bundle, data: Dataset,
+                       samples: int | None = 1000) -> None:
+    """What raw, fp16 and int8 cost at every cut of ``bundle`` (the first ``samples``
+    validation images): what ``offramp build`` leaves, so that a worker's automatic codec choice
+    has measured options wherever the plan cuts."""
+    for cut in range(1, bundle.num_segments):
+        record_codecs(bundle, cut, compare_codecs(model, bundle, data, cut, {}, samples))
 
 
 def default_cut(bundle: Bundle) -> int:
@@ -179,4 +238,4 @@ def default_cut(bundle: Bundle) -> int:
 
 
 __all__ = ["CodecReport", "compare_codecs", "default_cut", "export_autoencoder",
-           "record_codecs", "train_autoencoder"]
+           "record_codecs", "record_wire_codecs", "train_autoencoder"]
