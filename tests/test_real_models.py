@@ -134,6 +134,17 @@ def test_pretrained_lite0_recognises_real_photographs(lite0: torch.nn.Module, ph
     assert top5 & classes, (photo, sorted(top5))
 
 
+def test_an_exit_on_efficientnets_first_block_exports(tmp_path: Path) -> None:
+    """Its head pools the early, high-resolution map to a grid; torch's exporter loses that
+    map's size inside EfficientNet and cannot size an adaptive pool there, so the head
+    writes the pool out. The export checks ONNX Runtime against torch for every segment."""
+    model = create_model("efficientnet_lite0", 10, (1, 3), input_size=64).eval()
+    bundle = export_bundle(model, tmp_path / "b", name="first-block", classes=list("0123456789"),
+                           spec=InputSpec(height=64, width=64), cuts=None, metrics={})
+    assert bundle.num_segments == 3
+    assert bundle.segment(1).last_block == 1
+
+
 def test_weights_that_do_not_fit_are_one_error_naming_the_keys(tmp_path: Path) -> None:
     model = create_model("mobilenetv2", 10, width=0.25)
     state = model.state_dict()

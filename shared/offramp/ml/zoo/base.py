@@ -57,8 +57,19 @@ class ExitHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (logits, hidden); ``hidden`` is the pre-logit vector (not normalised)."""
-        h = F.relu(self.embed(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), self.grid), 1)))
+        h = F.relu(self.embed(torch.flatten(self._pool(self.conv(x)), 1)))
         return self.classifier(h), h
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Average to ``grid`` x ``grid``. Where the map divides evenly this is a plain average
+        pool with the kernel written out: ONNX export cannot size an adaptive pool whose input's
+        spatial size it lost track of (EfficientNet's early blocks), and the values are the
+        same."""
+        g = self.grid
+        h, w = int(x.shape[2]), int(x.shape[3])
+        if g > 1 and h % g == 0 and w % g == 0:
+            return F.avg_pool2d(x, (h // g, w // g))
+        return F.adaptive_avg_pool2d(x, g)
 
 
 class MultiExitNet(nn.Module):
