@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -261,9 +262,9 @@ async def test_placements_at_once_never_spend_the_same_credit_twice() -> None:
     async def transmit(topic: str, payload: bytes) -> None:
         sent.append(len(ActivationPacket.decode(payload).samples))
 
-    async def slow_encode(segment: int, node: str, x: np.ndarray) -> Tensor:
+    async def slow_encode(segment: int, node: str, x: np.ndarray) -> tuple[Tensor, str]:
         await asyncio.sleep(0.01)
-        return Tensor.encode(x)
+        return Tensor.encode(x), "raw"
 
     peers = PeerTable("w1")
     peers.update(_worker_beat("w2", 2, grant_to="w1", limit=5))
@@ -273,6 +274,34 @@ async def test_placements_at_once_never_spend_the_same_credit_twice() -> None:
                     encode=slow_encode)
     await asyncio.gather(placer.forward(2, _items(4)), placer.forward(2, _items(4)))
     assert sum(sent) == 5 and placer.parked(2) == 3
+
+
+async def test_a_batch_over_the_brokers_limit_goes_as_several_packets() -> None:
+    """Twenty samples of 4 KB do not fit a 30 KB message: they go as packets that each fit,
+    every sample exactly once, counted by codec and as one split. A single sample over the
+    limit cannot go: it is counted and named, not sent, and the rest still goes."""
+    sent: list[tuple[int, int]] = []  # (samples, bytes) per packet
+
+    async def transmit(topic: str, payload: bytes) -> None:
+        sent.append((len(ActivationPacket.decode(payload).samples), len(payload)))
+
+    def big(n: int, floats: int) -> list[Item]:
+        return [replace(it, x=np.ones(floats, np.float32)) for it in _items(n)]
+
+    peers = PeerTable("w1")
+    peers.update(_worker_beat("w2", 2, grant_to="w1", limit=100))
+    stages = _Stages(local=None)
+    placer = Placer(EngineConfig(node="w1"), model="m", boot=0.0, peers=peers, stages=stages,
+                    transmit=transmit, act_topic=lambda seg, node: f"act/m/{seg}/{node}",
+                    nudge=lambda: None, max_payload=lambda topic: 30_000)
+    await placer.forward(2, big(20, 1000))
+    assert sum(n for n, _ in sent) == 20 and len(sent) >= 3
+    assert all(size <= 30_000 for _, size in sent)
+    assert sum(n for _, n in stages.left) == 20
+    assert placer.split >= 1 and placer.by_codec == {"raw": 20} and placer.too_large == 0
+    sent.clear()
+    await placer.forward(2, big(1, 10_000))
+    assert sent == [] and placer.too_large == 1
 
 
 async def test_the_placer_keeps_near_ties_local() -> None:

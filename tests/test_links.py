@@ -299,3 +299,31 @@ def test_activations_cross_the_cut_by_the_codec_chosen_and_every_frame_is_answer
         assert chosen and chosen <= lossless, (chosen, accuracy)
     else:
         assert chosen == {ae}
+
+
+@pytest.mark.parametrize("frames_per_packet", [1.5, 0.5])
+def test_packets_over_a_small_brokers_limit_are_split_or_their_frames_answered_at_once(
+        tiny_bundle: Bundle, prefix: str, frames_per_packet: float) -> None:
+    """A broker that takes packets of about one and a half frames' input: every batch the
+    admission-controller dispatches crosses as several packets, and every frame is answered
+    once, ``ok``. One that takes half a frame: no frame can ever cross, and each is answered
+    ``error`` at once, naming both sizes (not after three dispatches)."""
+    from test_system import FAST, _frames, _run
+
+    spec = tiny_bundle.manifest.input
+    frame = 4 * spec.channels * spec.height * spec.width
+    _, payloads = _frames(60)
+    with LocalBroker(max_packet_bytes=int(frame * frames_per_packet) + 2048) as broker, \
+            LocalSystem(tiny_bundle, 2, broker_url=broker.url, prefix=prefix, env=FAST) as system:
+        results = asyncio.run(_run(system, payloads, rate=400))
+        logs = system.logs(1 << 22)
+        system.stop()
+    assert sorted(r.frame_id for r in results) == sorted(f"f{i}" for i in range(60))
+    if frames_per_packet > 1:
+        assert {r.status for r in results} == {"ok"}
+        assert '"batch_split"' in logs
+    else:
+        assert {r.status for r in results} == {"error"}
+        assert all("over the" in (r.error or "") and "bytes the broker takes" in (r.error or "")
+                   for r in results), results[0].error
+        assert '"frame_too_large"' in logs and "no result after" not in logs

@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
 
 from admission_controller.tracker import Task, Tracker
+from offramp.bus.inbox import RateLimitedWarning
 from offramp.errors import OfframpError
+from offramp.node.packing import send_within
 from offramp.node.peers import PeerTable
 from offramp.node.tracing import AttributeValue, Tracing
 from offramp.policy.admission import path_backlog
@@ -26,6 +29,7 @@ from offramp.policy.offload import place
 from offramp.wire import ActivationPacket, Heartbeat, Plan, Sample, Tensor, Want
 
 Send = Callable[[str, bytes], Awaitable[None]]  # node, packet: to that node's segment 1
+Refuse = Callable[[Task, str], Awaitable[None]]  # a task that can never be sent, and why
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,12 +50,18 @@ def _input(task: Task) -> np.ndarray:
 
 class Dispatcher:
     def __init__(self, cfg: DispatchConfig, *, tracker: Tracker, send: Send,
-                 nudge: Callable[[], None], log: Any, tracing: Tracing | None = None) -> None:
+                 nudge: Callable[[], None], log: Any, tracing: Tracing | None = None,
+                 max_payload: Callable[[str], int] = lambda node: 0,
+                 refuse: Refuse | None = None) -> None:
         self.cfg = cfg
         self.tracing = tracing
         self.model = cfg.model
         self.tracker = tracker
         self.send = send
+        self.max_payload = max_payload  # the largest packet to a node the bus takes (0: any)
+        self.refuse = refuse
+        self.split = 0  # batches sent as several packets: one would not fit the broker
+        self._split_said = RateLimitedWarning(10.0)
         self.nudge = nudge  # this node's heartbeat, early: it carries a new request
         self.log = log
         self.boot = time.time()
@@ -127,18 +137,26 @@ class Dispatcher:
         hb = self.peers.heartbeat(node)
         for t in tasks:
             self.tracker.dispatched(t, now, node)
-        samples = tuple(Sample(task_id=t.task_id, source=t.source, frame_id=t.frame_id,
-                               priority=t.priority, created=t.created, deadline=t.deadline,
-                               attempt=t.attempt, trace=t.traceparent) for t in tasks)
-        x = np.stack([_input(t) for t in tasks])
-        packet = ActivationPacket(model=self.model, segment=1, samples=samples,
-                                  tensor=Tensor.encode(x, self.cfg.codec), embedding=None, sent=now,
-                                  sender=self.cfg.node, sender_boot=self.boot)
         self.window.spend(node, hb.boot if hb else 0.0, self.model, 1, len(tasks))
+
+        async def send(part: Sequence[Task], payload: bytes) -> None:
+            await self.send(node, payload)
+
+        cap = self.max_payload(node)
         try:
-            await self.send(node, packet.encode())
+            packed = await send_within(tasks, cap, partial(self._packet, now), send)
         except OfframpError as exc:  # the sweeper dispatches them again
             self.log.warning("dispatch_failed", error=str(exc), tasks=len(tasks))
+        else:
+            self.split += packed.split
+            if packed.split and (n := self._split_said.should_log()):
+                self.log.info("batch_split", to=node, samples=len(tasks), limit=cap, count=n)
+            for task, size in packed.too_large:  # never fits: answered now, not retried
+                why = (f"the frame's input is {size} bytes as a packet, over the {cap} bytes "
+                       "the broker takes (max_packet_size, OFFRAMP_MAX_MESSAGE_BYTES)")
+                self.log.error("frame_too_large", task=task.task_id, bytes=size, limit=cap)
+                if self.refuse is not None:
+                    await self.refuse(task, why)
         if self.tracing is not None and self.tracing.enabled:
             sent = time.time()
             for t in tasks:
@@ -147,6 +165,15 @@ class Dispatcher:
                 self.tracing.record(t.trace, "queue", t.queued_at or now, now, attrs)
                 self.tracing.record(t.trace, "dispatch", now, sent, {**attrs,
                                                                     "offramp.batch": len(tasks)})
+
+    async def _packet(self, now: float, tasks: Sequence[Task]) -> bytes:
+        samples = tuple(Sample(task_id=t.task_id, source=t.source, frame_id=t.frame_id,
+                               priority=t.priority, created=t.created, deadline=t.deadline,
+                               attempt=t.attempt, trace=t.traceparent) for t in tasks)
+        x = np.stack([_input(t) for t in tasks])
+        return ActivationPacket(model=self.model, segment=1, samples=samples,
+                                tensor=Tensor.encode(x, self.cfg.codec), embedding=None, sent=now,
+                                sender=self.cfg.node, sender_boot=self.boot).encode()
 
     def path_backlog(self, priority: float) -> float:
         """Q_path of a source of ``priority``: least backlog per segment along the model, plus

@@ -73,7 +73,9 @@ class Admission:
                            batch=settings.dispatch_batch, wait_s=settings.dispatch_wait_ms / 1000,
                            codec=settings.codec, heartbeat_s=settings.common.heartbeat_s),
             tracker=self.tracker, send=send, nudge=runtime.beat_soon, log=runtime.log,
-            tracing=runtime.tracing)
+            tracing=runtime.tracing,
+            max_payload=lambda node: bus.max_payload(topics.act(model, 1, node)),
+            refuse=self._refuse)
         self.results = Results(classes=bundle.manifest.classes, topics=topics,
                                publish=publish_result, metrics=runtime.metrics, log=runtime.log,
                                in_flight=settings.results_in_flight, tracing=runtime.tracing)
@@ -101,6 +103,12 @@ class Admission:
         runtime.require(lambda: None if self.leadership.active or self.leadership.standby_alive(
             time.monotonic()) else "no member of the group holds the ingest session yet")
 
+    async def _refuse(self, task: Task, why: str) -> None:
+        if self.tracker.complete(task.task_id) is not None:
+            await self.results.answer(task.task_id, task.source, task.frame_id, "error",
+                                      error=why, created=task.created, origin=task.origin,
+                                      trace=task.trace)
+
     def new_id(self) -> str:
         return f"{self.id_prefix}{next(self.ids)}"
 
@@ -108,6 +116,8 @@ class Admission:
         r.gauge("offramp_in_flight", "Frames owned and not yet answered", len(self.tracker))
         r.gauge("offramp_pending", "Frames waiting for a worker's credit",
                 self.dispatcher.waiting())
+        r.counter("offramp_packets_split_total", "Batches sent as several packets because one "
+                  "would not fit the broker's packet limit", self.dispatcher.split)
         for source in sorted(set(self.registry.known()) | set(self.gate.sources())):
             spec = self.registry.lookup(source)
             if spec is not None:  # an info metric: dashboards join it on source for priority

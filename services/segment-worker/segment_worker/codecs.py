@@ -12,7 +12,6 @@ latent shape it matches, so sender and receiver need nothing but the same bundle
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -50,7 +49,6 @@ class Codecs:
         self.batch = batch
         self.offload = offload
         self.log = log
-        self.sent: Counter[str] = Counter()  # samples sent, by codec
         self._options: dict[int, list[Option]] = {}
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._chosen: dict[tuple[int, str], str] = {}  # (cut, node) -> the codec last used
@@ -125,7 +123,6 @@ class Codecs:
 
     # -- encoding and decoding -------------------------------------------------------------------
     async def encode(self, option: Option, x: np.ndarray) -> Tensor:
-        self.sent[option.cost.codec] += len(x)
         if option.ae is None:
             return Tensor.encode(x, option.cost.codec)  # type: ignore[arg-type]
         latent = await self.offload(self._run, option.ae.encoder, "act", x)

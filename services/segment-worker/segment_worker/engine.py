@@ -103,7 +103,8 @@ class Engine:
                  publish: Publish, boot: float | None = None,
                  metrics: Metrics | None = None,
                  nudge: Callable[[], None] = lambda: None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None,
+                 max_payload: Callable[[str], int] = lambda topic: 0) -> None:
         self.bundle = bundle
         self.model = bundle.name
         self.cfg = cfg
@@ -128,7 +129,7 @@ class Engine:
                              transmit=self.link.send,
                              act_topic=lambda seg, node: topics.act(self.model, seg, node),
                              nudge=nudge, uplink=self.uplink, encode=self._encode,
-                             wire=self.codecs.wire)
+                             wire=self.codecs.wire, max_payload=max_payload)
         self.draining = False  # the worker is stopping: nothing advertised, no credit
         self._warn = RateLimitedWarning()
         self._inflight = 0
@@ -164,11 +165,12 @@ class Engine:
         """Run ``fn`` on the inference thread (sessions are used from that thread only)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def _encode(self, segment: int, node: str, x: np.ndarray) -> Tensor:
-        """The activation entering ``segment`` on ``node``, encoded for the path there."""
+    async def _encode(self, segment: int, node: str, x: np.ndarray) -> tuple[Tensor, str]:
+        """The activation entering ``segment`` on ``node``, encoded for the path there, and the
+        codec's name."""
         rate = self.placer.peers.rate_to(node, self.uplink()[0])
         option = await self.codecs.choose(segment - 1, node, rate)
-        return await self.codecs.encode(option, x)
+        return await self.codecs.encode(option, x), option.cost.codec
 
     def uplink(self) -> tuple[float, float]:
         """This node's outgoing link, bytes/s (0: unknown) and round trip: as emulated where

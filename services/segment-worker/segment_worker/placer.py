@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
+import structlog
 
+from offramp.bus.inbox import RateLimitedWarning
+from offramp.node.packing import send_within
 from offramp.node.peers import PeerTable
 from offramp.policy.credits import Demand, SendWindow
 from offramp.policy.offload import Candidate, choose, place
@@ -25,14 +28,15 @@ from segment_worker.settings import EngineConfig
 
 Transmit = Callable[[str, bytes], Awaitable[None]]  # topic, payload: onto this node's link
 Uplink = Callable[[], tuple[float, float]]  # this node's link: bytes/s (0: unknown), round trip
-Encode = Callable[[int, str, np.ndarray], Awaitable[Tensor]]  # segment, to node, activation
+# segment, to node, activation -> the tensor and the name of the codec that made it
+Encode = Callable[[int, str, np.ndarray], Awaitable[tuple[Tensor, str]]]
 ActTopic = Callable[[int, str], str]  # segment, node -> the topic of that node's packets
 # cut, link bytes/s -> (wire bytes per raw byte, codec seconds per raw byte) by its codec there
 Wire = Callable[[int, float], tuple[float, float]]
 
 
-async def _raw(segment: int, node: str, x: np.ndarray) -> Tensor:
-    return Tensor.encode(x)
+async def _raw(segment: int, node: str, x: np.ndarray) -> tuple[Tensor, str]:
+    return Tensor.encode(x), "raw"
 
 
 class Stages(Protocol):
@@ -52,7 +56,8 @@ class Placer:
     def __init__(self, cfg: EngineConfig, *, model: str, boot: float, peers: PeerTable,
                  stages: Stages, transmit: Transmit, act_topic: ActTopic,
                  nudge: Callable[[], None], uplink: Uplink = lambda: (0.0, 0.0),
-                 encode: Encode = _raw, wire: Wire = lambda cut, rate: (1.0, 0.0)) -> None:
+                 encode: Encode = _raw, wire: Wire = lambda cut, rate: (1.0, 0.0),
+                 max_payload: Callable[[str], int] = lambda topic: 0) -> None:
         self.cfg = cfg
         self.model = model
         self.boot = boot
@@ -64,6 +69,7 @@ class Placer:
         self.uplink = uplink
         self.encode = encode
         self.wire = wire
+        self.max_payload = max_payload  # what the bus takes per message to a topic (0: any)
         self.window = SendWindow(cfg.node, boot)
         self.plan: Plan | None = None
         self._parked: dict[int, list[Item]] = {}
@@ -71,6 +77,12 @@ class Placer:
         self._room.set()
         self._demand: Demand[tuple[int, float]] = Demand(self.cfg.heartbeat_s, time.monotonic())
         self.park_expired = 0
+        self.by_codec: Counter[str] = Counter()  # samples sent to other nodes, by codec
+        self.split = 0  # batches sent as several packets: one would not fit the broker
+        self.too_large = 0  # samples whose activation alone does not fit
+        self.log = structlog.get_logger("offramp.worker").bind(node=cfg.node)
+        self._split_said = RateLimitedWarning(10.0)
+        self._too_large_said = RateLimitedWarning(1.0)
 
     # -- parking ----------------------------------------------------------------------------------
     def stranded(self) -> bool:
@@ -167,16 +179,42 @@ class Placer:
                 it.arrived = it.sent = now
             self.stages.hand_over(segment, items)
             return
+        topic = self.act_topic(segment, node)
+        codecs: list[str] = []
+
+        async def pack(part: Sequence[Item]) -> bytes:
+            payload, codec = await self._packet(segment, node, part)
+            codecs.append(codec)
+            return payload
+
+        async def send(part: Sequence[Item], payload: bytes) -> None:
+            await self.transmit(topic, payload)
+            self.by_codec[codecs[-1]] += len(part)  # a part is sent right after it is packed
+            await self.stages.passed_on(segment, node, list(part))
+
+        packed = await send_within(items, self.max_payload(topic), pack, send)
+        self.split += packed.split
+        if packed.split and (n := self._split_said.should_log()):
+            self.log.info("batch_split", segment=segment, to=node, samples=len(items),
+                          limit=self.max_payload(topic), count=n)
+        for it, size in packed.too_large:
+            self.too_large += 1
+            if n := self._too_large_said.should_log():
+                self.log.error("activation_too_large", segment=segment, to=node, bytes=size,
+                               limit=self.max_payload(topic), task=it.sample.task_id, count=n,
+                               hint="raise the broker's max_packet_size and "
+                                    "OFFRAMP_MAX_MESSAGE_BYTES, or a codec that sends less")
+
+    async def _packet(self, segment: int, node: str, items: Sequence[Item]) -> tuple[bytes, str]:
         act = np.stack([it.x for it in items])
         emb = np.stack([it.prev for it in items if it.prev is not None]) \
             if all(it.prev is not None for it in items) else None
+        tensor, codec = await self.encode(segment, node, act)
         packet = ActivationPacket(model=self.model, segment=segment,
-                                  samples=tuple(it.sample for it in items),
-                                  tensor=await self.encode(segment, node, act),
+                                  samples=tuple(it.sample for it in items), tensor=tensor,
                                   embedding=None if emb is None else Tensor.encode(emb, "fp16"),
                                   sent=time.time(), sender=self.cfg.node, sender_boot=self.boot)
-        await self.transmit(self.act_topic(segment, node), packet.encode())
-        await self.stages.passed_on(segment, node, items)
+        return packet.encode(), codec
 
     # -- what this node tells the others ----------------------------------------------------------
     def wants(self) -> tuple[Want, ...]:

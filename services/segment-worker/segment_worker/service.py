@@ -60,8 +60,8 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
         await bus.publish(topic, payload, qos=qos)
 
     engine = Engine(bundle, cfg, topics, PeerTable(cfg.node), publish, metrics=runtime.metrics,
-                    tracing=runtime.tracing,
-                    nudge=runtime.beat_soon)
+                    tracing=runtime.tracing, nudge=runtime.beat_soon,
+                    max_payload=bus.max_payload)
     runtime.heartbeat_with(partial(_beat, engine=engine, settings=settings, loadable=loadable,
                                    bus=bus))
     runtime.metrics.on_collect(lambda reading: _read(reading, engine))
@@ -157,13 +157,16 @@ def _read(r: Reading, engine: Engine) -> None:
     rate, rtt = engine.uplink()
     r.gauge("offramp_link_bytes_per_second", "This node's link as measured (0: not yet)", rate)
     r.gauge("offramp_link_rtt_seconds", "Round trip to the broker as measured", rtt)
-    for codec, n in sorted(engine.codecs.sent.items()):
+    for codec, n in sorted(engine.placer.by_codec.items()):
         r.counter("offramp_codec_samples_total", "Samples sent to other nodes, by codec", n,
                   codec=codec)
+    r.counter("offramp_packets_split_total", "Batches sent as several packets because one "
+              "would not fit the broker's packet limit", engine.placer.split)
     c = engine.counters
     for reason, n in (("queue-overflow", c.queue_overflow), ("bad-packet", c.bad_packets),
                       ("misrouted", c.misrouted), ("expired", c.expired),
-                      ("park-timeout", engine.placer.park_expired)):
+                      ("park-timeout", engine.placer.park_expired),
+                      ("too-large", engine.placer.too_large)):
         r.counter("offramp_drops_total", "Samples given up here, by reason (their frame is "
                   "dispatched again by the admission-controller)", n, reason=reason)
 

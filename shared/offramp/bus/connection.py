@@ -171,6 +171,14 @@ class Bus(MessageBus):
             await self._stack.aclose()
         self.connected.clear()
 
+    def max_payload(self, topic: str) -> int:
+        """``OFFRAMP_MAX_MESSAGE_BYTES``, or less where the broker's maximum packet size (its
+        CONNACK) leaves less room once the topic and the packet's other fields are counted."""
+        cap = self.settings.max_message_bytes
+        if self.broker_max_packet:
+            cap = min(cap, self.broker_max_packet - len(topic) - PUBLISH_OVERHEAD)
+        return max(1, cap)
+
     def tcp_info(self) -> TcpInfo | None:
         paho = self._paho
         return tcp_info.read(paho.socket()) if paho is not None else None

@@ -228,6 +228,10 @@ class MessageBus:
         or a system that does not give them), for :class:`offramp.policy.links.LinkMeter`."""
         return None
 
+    def max_payload(self, topic: str) -> int:
+        """The largest payload a publish to ``topic`` may carry now (0: no limit)."""
+        return 0
+
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Return once connected; BusError after ``timeout`` seconds."""
         raise NotImplementedError
