@@ -264,6 +264,26 @@ def test_a_worker_tells_placement_what_its_codec_sends(tiny_bundle: Bundle) -> N
     assert auto.wire(1, 1e12) == (1.0, 0.0)
 
 
+def test_the_plan_counts_the_smallest_codec_within_the_loss_budget(tiny_bundle: Bundle,
+                                                                    tmp_path: Path) -> None:
+    """What the scheduler's plan counts per cut: the fewest bytes among the codecs whose
+    recorded loss fits the budget, raw where nothing was recorded, nothing after the last."""
+    root = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, root)
+    bundle = load_bundle(root)
+    raw = bundle.segment(1).activation_bytes
+    bundle.manifest.metrics["codecs"] = {"1": {
+        "raw": {"bytes_per_sample": raw, "accuracy": 0.90},
+        "fp16": {"bytes_per_sample": raw // 2, "accuracy": 0.90},
+        "int8": {"bytes_per_sample": raw // 4, "accuracy": 0.895},
+        "ae-r4": {"bytes_per_sample": raw // 8, "accuracy": 0.85}}}
+    assert bundle.wire_bytes(1, 0.0) == raw // 2
+    assert bundle.wire_bytes(1, 1.0) == raw // 4
+    assert bundle.wire_bytes(1, 10.0) == raw // 8
+    assert bundle.wire_bytes(2, 10.0) == bundle.segment(2).activation_bytes
+    assert bundle.wire_bytes(bundle.num_segments, 10.0) == 0
+
+
 def _chosen(system: LocalSystem) -> set[str]:
     return {json.loads(line)["codec"] for line in system.logs(1 << 22).splitlines()
             if '"codec_chosen"' in line}

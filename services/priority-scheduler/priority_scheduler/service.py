@@ -42,6 +42,10 @@ class SchedulerSettings:
                                    "this, seconds", min=0.001, max=3600)
     republish_s: float = setting(10.0, "Republish the retained plan this often", min=0.1,
                                  max=86400)
+    codec_max_loss: float = setting(1.0, "Accuracy points the workers' codecs may give up "
+                                    "(set as OFFRAMP_WORKER_CODEC_MAX_LOSS): the plan counts the "
+                                    "bytes of the smallest codec within it at each cut",
+                                    min=0, max=100)
 
 
 
@@ -77,8 +81,8 @@ class Scheduler:
         if self.policy is not None and len(self.policy.thresholds) == k - 1:
             shares = self.calib.simulate(self.policy.criterion, self.policy.thresholds).shares
             reach = [max(0.0, 1.0 - sum(shares[:i])) for i in range(k)]
-        return ModelInfo(self.bundle.name, [s.flops for s in segs],
-                         [s.activation_bytes for s in segs], reach)
+        out = [self.bundle.wire_bytes(s.index, self.s.codec_max_loss) for s in segs]
+        return ModelInfo(self.bundle.name, [s.flops for s in segs], out, reach)
 
     def why(self, now: float) -> str | None:
         """Why a new plan is due now, or None."""

@@ -171,6 +171,19 @@ class Bundle:
         codecs = (self.manifest.metrics.get("codecs") or {}).get(str(cut)) or {}
         return {str(name): float(v["accuracy"]) for name, v in codecs.items()}
 
+    def wire_bytes(self, cut: int, max_loss: float) -> int:
+        """Bytes per sample of the activation leaving segment ``cut`` by the smallest codec
+        whose recorded accuracy loss is within ``max_loss`` points (raw where none is): what
+        a worker's automatic choice sends over a slow link."""
+        raw = self.segment(cut).activation_bytes
+        codecs = (self.manifest.metrics.get("codecs") or {}).get(str(cut)) or {}
+        base = codecs.get("raw", {}).get("accuracy")
+        if base is None:
+            return raw
+        fits = [int(v["bytes_per_sample"]) for v in codecs.values()
+                if 100 * (base - float(v["accuracy"])) <= max_loss]
+        return min([raw, *fits])
+
     def save(self) -> None:
         tmp = self.root / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(self.manifest.to_dict(), indent=1))
