@@ -3,11 +3,13 @@
 The bundle: EfficientNet-Lite0 with its ImageNet weights, exits trained on Fashion-MNIST at
 224x224 (frozen backbone, 3,000 training images, 8 epochs: ``offramp build`` with
 ``RECIPE_ARGS``; built once, about half an hour here, and cached under bundles/bench),
-with exits after blocks 3, 8, 11 and 17 and a segment ending at each, and autoencoders (ratios
-4 and 8) at the first cut, whose activation is 294 KiB per frame raw. (An exit after block 1,
-784 KiB, would make the link matter more, but its pooled-grid head does not export to ONNX
-yet: torch's exporter loses the size adaptive_avg_pool2d needs there.) Its codecs' accuracy is
-recorded as ``offramp compress`` does (1,000 validation images).
+with exits after blocks 3, 8, 11 and 17 and a segment ending at each. ``offramp build``
+measures raw, fp16 and int8 at every cut; autoencoders (ratios 4 and 8, 3,000 training
+images, 3 epochs) are trained at the two cuts that cross links: 294 KiB per frame raw after
+segment 1, 61 KiB after segment 2. (A cut after block 1, 784 KiB, would make the links matter
+even more; 294 KiB already makes ``fe`` and ``wifi`` the bottleneck here.) Each pinned codec's
+accuracy is measured with it at both cuts at once (1,000 validation images), since that is
+what a run sends.
 
 The network: ``offramp netbed`` with two worker namespaces, every link (the gateway's, where
 the broker runs, and each worker's) shaped to ``gbe``, ``fe`` and ``wifi`` in both directions.
@@ -17,8 +19,8 @@ hosting only those (the plan is not followed). Every activation crosses two shap
 (to the broker, from it).
 
 Per link, exits closed and open (the arbiter's calibrated thresholds), and codec (raw, fp16,
-int8, ae, auto): a camera on the host keeps ``WINDOW`` frames in flight (closed loop: a new
-frame as each is answered) over Fashion-MNIST test images; after ``WARMUP`` answers, for
+int8, ae, auto): a camera on the host keeps ``WINDOWS[link]`` frames in flight (closed loop:
+a new frame as each is answered) over Fashion-MNIST test images; after ``WARMUP`` answers, for
 ``SECONDS`` it counts answers, their latency and accuracy, and the bytes each link carried
 (the qdiscs' own counters).
 
@@ -27,10 +29,10 @@ frame as each is answered) over Fashion-MNIST test images; after ``WARMUP`` answ
   in bytes/s over those bytes per frame), and ``link_efficiency`` = throughput / limit where
   the link is the bottleneck: where the limit is below what the same configuration reaches
   at ``gbe`` (its compute ceiling here);
-- ``ae_gain_wifi``: at ``wifi`` with exits closed, throughput with the autoencoder over raw,
-  with the autoencoder's recorded accuracy loss beside it (the claim holds within 1 point);
-- ``auto_vs_best``: the automatic choice over the best fixed codec whose recorded loss is
-  within the budget (1 point), the worst over links and exit settings.
+- ``ae_gain_wifi``: at ``wifi`` with exits closed, throughput with the autoencoders (ratio 4
+  at both cuts) over raw, with their accuracy loss beside it (the claim holds within 1 point);
+- ``auto_vs_best``: the automatic choice over the best fixed codec whose loss is within the
+  budget (1 point), the worst over links and exit settings.
 
 Needs root (network namespaces). The figures are this 2-core machine's: every process shares
 its cores, so compute bounds the fast links.
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from bench.common import percentile_ms, write_result
 from offramp.bus import Bus, Topics
@@ -57,7 +60,7 @@ from offramp.local.client import envelope, wait_for_workers
 from offramp.local.netbed import PROFILES, Plan, netns_exec
 from offramp.local.netbed_run import Running, running
 from offramp.ml.build import Recipe, build, load_data, load_trained
-from offramp.ml.data import limit, load_fashion_mnist
+from offramp.ml.data import Split, limit, load_fashion_mnist
 from offramp.ml.recipe_args import add_recipe_options, recipe_from_args
 from offramp.model.bundle import Bundle, load_bundle
 from offramp.settings import BusSettings
@@ -68,10 +71,15 @@ BUNDLE = ROOT / "bundles" / "bench" / "links-224"
 LINKS = ("gbe", "fe", "wifi")
 CODECS = ("raw", "fp16", "int8", "ae", "auto")
 ASSIGNMENT = [(1,), (2,), (3, 4)]  # gw-1 (the source's box), worker-1, worker-2
-CUT = 1  # the cut with the autoencoders: the largest activation
-RATIOS = (4, 8)
+CUTS = (1, 2)  # the cuts that cross links in ASSIGNMENT (cut 3 stays inside worker-2)
+RATIOS = (4, 8)  # the autoencoders at each of them
+AE_TRAIN, AE_EPOCHS = 3000, 3  # training images and epochs per autoencoder
+VAL_SAMPLES = 1000  # validation images the codecs' accuracy is measured on
 MAX_LOSS = 1.0  # accuracy points the automatic choice may give up (the worker's default)
-WINDOW = 16
+# Frames in flight: enough to keep every stage busy at the link's rate (16 leaves fe at 0.73 of
+# its limit, 32 at 0.88), few enough that at wifi the queue before the link stays below the
+# admission-controller's 5 s progress timeout (16 frames of raw activation: about 2.5 s).
+WINDOWS = {"gbe": 32, "fe": 32, "wifi": 16}
 WARMUP = 8
 SECONDS = float(os.environ.get("OFFRAMP_BENCH_LINKS_SECONDS", "15"))
 PREFIX = "offramp/v1"
@@ -89,28 +97,74 @@ def recipe() -> Recipe:
 
 
 def ensure_bundle() -> Bundle:
-    """The bench's bundle, built (about half an hour on 2 cores) and compressed once."""
+    """The bench's bundle, built (about half an hour on 2 cores), with every cut's wire codecs
+    measured and autoencoders trained at the cuts that cross links (about 20 minutes), once."""
     from offramp.ml.compress import (
         compare_codecs,
         export_autoencoder,
         record_codecs,
+        record_wire_codecs,
         train_autoencoder,
     )
 
     r = recipe()
     bundle, _ = build(r, BUNDLE, progress=True)
-    if bundle.codec_accuracy(CUT):
-        return bundle
     model = load_trained(bundle.path("model.pt"))
     data = load_data(r)
-    aes = {}
-    for ratio in RATIOS:
-        print(f"autoencoder ratio {ratio} at cut {CUT}", flush=True)
-        enc, dec = train_autoencoder(model, bundle, limit(data, 1000), CUT, ratio, epochs=2)
-        export_autoencoder(bundle, CUT, ratio, enc, dec)
-        aes[ratio] = (enc, dec)
-    record_codecs(bundle, CUT, compare_codecs(model, bundle, data, CUT, aes, samples=1000))
+    if any(not bundle.codec_accuracy(c) for c in range(1, bundle.num_segments)):
+        record_wire_codecs(model, bundle, data, samples=VAL_SAMPLES)  # built before build did
+    for cut in CUTS:
+        missing = [q for q in RATIOS if f"ae-r{q}" not in bundle.codec_accuracy(cut)]
+        aes = {}
+        for ratio in missing:
+            print(f"autoencoder ratio {ratio} at cut {cut}", flush=True)
+            enc, dec = train_autoencoder(model, bundle, limit(data, AE_TRAIN), cut, ratio,
+                                         epochs=AE_EPOCHS)
+            export_autoencoder(bundle, cut, ratio, enc, dec)
+            aes[ratio] = (enc, dec)
+        if aes:
+            record_codecs(bundle, cut, compare_codecs(model, bundle, data, cut, aes,
+                                                      samples=VAL_SAMPLES))
     return load_bundle(BUNDLE)
+
+
+@torch.no_grad()
+def chain_accuracy(bundle: Bundle) -> dict[str, float]:
+    """Final-exit validation accuracy (VAL_SAMPLES images) with each pinned codec at every
+    cut in CUTS at once, as a run sends it: what the codecs lose together (the bundle records
+    each cut alone). ``ae`` is the smallest ratio, what ``OFFRAMP_WORKER_CODEC=ae`` sends."""
+    from offramp.ml.train import to_tensors
+    from offramp.model.sessions import make_session
+    from offramp.wire import Tensor
+
+    model = load_trained(bundle.path("model.pt")).eval()
+    data = load_data(recipe())
+    x, y = to_tensors(Split(data.val.images[:VAL_SAMPLES], data.val.labels[:VAL_SAMPLES]),
+                      bundle.manifest.input)
+    ends = [bundle.segment(c).last_block for c in CUTS]
+
+    def through(codec: str, cut: int, a: torch.Tensor) -> torch.Tensor:
+        if codec == "raw":
+            return a
+        if codec == "ae":
+            spec = bundle.autoencoders_at(cut)[0]
+            enc, dec = (make_session(bundle.path(f)) for f in (spec.encoder, spec.decoder))
+            latent = enc.run(None, {"act": a.numpy()})[0].astype(np.float16).astype(np.float32)
+            return torch.from_numpy(dec.run(None, {"latent": latent})[0])
+        return torch.from_numpy(Tensor.encode(a.numpy(), codec).to_numpy())  # type: ignore[arg-type]
+
+    out = {}
+    for codec in ("raw", "fp16", "int8", "ae"):
+        hits = 0
+        for s in range(0, len(y), 100):
+            a, first = x[s:s + 100], 0
+            for cut, end in zip(CUTS, ends, strict=True):
+                a = through(codec, cut, model.forward_blocks(a, first, end))
+                first = end + 1
+            logits = model.heads[-1](model.forward_blocks(a, first, model.exit_blocks[-1]))[0]
+            hits += int((logits.argmax(-1) == y[s:s + 100]).sum())
+        out[codec] = round(hits / len(y), 4)
+    return out
 
 
 # -- one configuration -----------------------------------------------------------------------
@@ -123,9 +177,9 @@ class Window:
     other: int = 0  # answered, not ok
 
 
-async def closed_loop(url: str, images: np.ndarray, labels: np.ndarray,
+async def closed_loop(url: str, window: int, images: np.ndarray, labels: np.ndarray,
                       measure: Any) -> tuple[Window, float]:
-    """Keep WINDOW frames in flight; measure from the WARMUP-th answer for SECONDS. Returns
+    """Keep ``window`` frames in flight; measure from the WARMUP-th answer for SECONDS. Returns
     the window and its length; ``measure(start|stop)`` brackets it (link counters)."""
     topics = Topics(PREFIX)
     settings = BusSettings(broker_url=url, topic_prefix=PREFIX, publish_timeout_s=30)
@@ -146,7 +200,7 @@ async def closed_loop(url: str, images: np.ndarray, labels: np.ndarray,
             w.sent[fid] = time.monotonic()
             await bus.publish(ingest, envelope(fid, image=images[i]), qos=1)
 
-        for _ in range(WINDOW):
+        for _ in range(window):
             await send()
         seen = 0
         while True:
@@ -199,7 +253,8 @@ def run_config(bundle: Bundle, link: str, exits: str, codec: str, images: np.nda
     with tempfile.TemporaryDirectory(prefix="bench-links-") as tmp, running(
             plan, bundle, Path(tmp), prefix=PREFIX, assignment=ASSIGNMENT, on_gateway=1,
             env=env, worker_env=worker_env) as system:
-        w, seconds = asyncio.run(closed_loop(system.broker.url, images, labels, measure))
+        w, seconds = asyncio.run(closed_loop(system.broker.url, WINDOWS[link], images, labels,
+                                             measure))
         chosen = _chosen(system, Path(tmp))
     carried = {k: counters["stop"][k] - counters["start"][k] for k in counters["stop"]}
     busiest = max(carried, key=lambda k: carried[k])
@@ -231,6 +286,8 @@ def _chosen(system: Running, logdir: Path) -> dict[str, list[str]]:
 
 # -- the figures -----------------------------------------------------------------------------
 def figures(rows: list[dict[str, Any]], accuracy: dict[str, float]) -> dict[str, Any]:
+    """The issue's figures from the runs; ``accuracy``: each pinned codec's validation accuracy
+    at every crossing cut at once (:func:`chain_accuracy`)."""
     by = {(r["link"], r["exits"], r["codec"]): r for r in rows}
     for r in rows:
         ceiling = by[("gbe", r["exits"], r["codec"])]["throughput_fps"]
@@ -238,14 +295,10 @@ def figures(rows: list[dict[str, Any]], accuracy: dict[str, float]) -> dict[str,
         r["link_efficiency"] = (round(r["throughput_fps"] / r["link_limit_fps"], 3)
                                 if r["link_bound"] else None)
     bound = [r["link_efficiency"] for r in rows if r["link_bound"]]
-    raw_acc = accuracy.get("raw", 0.0)
-    pinned = min((c for c in accuracy if c.startswith("ae-r")),  # what codec=ae sends
-                 key=lambda c: int(c.removeprefix("ae-r")), default=None)
-    ae_loss = round(100 * (raw_acc - accuracy[pinned]), 2) if pinned else None
+    loss = {c: round(100 * (accuracy["raw"] - a), 2) for c, a in accuracy.items()}
     ae = by[("wifi", "closed", "ae")]["throughput_fps"] / by[("wifi", "closed", "raw")][
         "throughput_fps"]
-    allowed = [c for c in ("raw", "fp16", "int8") if 100 * (raw_acc - accuracy.get(c, 0)) <=
-               MAX_LOSS] + (["ae"] if ae_loss is not None and ae_loss <= MAX_LOSS else [])
+    allowed = [c for c in ("raw", "fp16", "int8", "ae") if loss[c] <= MAX_LOSS]
     auto = {}
     for link in LINKS:
         for exits in ("closed", "open"):
@@ -254,7 +307,8 @@ def figures(rows: list[dict[str, Any]], accuracy: dict[str, float]) -> dict[str,
     return {"link_efficiency": round(min(bound), 3) if bound else None,
             "link_efficiency_mean": round(float(np.mean(bound)), 3) if bound else None,
             "link_bound_configs": len(bound),
-            "ae_gain_wifi": round(ae, 3), "ae_loss_points": ae_loss, "ae_pinned": pinned,
+            "ae_gain_wifi": round(ae, 3), "ae_loss_points": loss["ae"],
+            "codec_loss_points": loss,
             "auto_vs_best": min(auto.values()), "auto_vs_best_each": auto,
             "codecs_within_budget": allowed,
             "goals": {"link_efficiency": ">= 0.8", "ae_gain_wifi": ">= 4 within 1 point",
@@ -272,11 +326,12 @@ def main() -> None:
         for exits in ("closed", "open"):
             for codec in CODECS:
                 rows.append(run_config(bundle, link, exits, codec, images, labels))
-    accuracy = bundle.codec_accuracy(CUT)
+    accuracy = chain_accuracy(bundle)
     write_result("links", {
-        "bundle": bundle.name, "input": "224x224", "cut": CUT,
-        "activation_bytes_raw": bundle.segment(CUT).activation_bytes,
-        "codec_accuracy_val": accuracy, "window": WINDOW, "seconds": SECONDS,
+        "bundle": bundle.name, "input": "224x224", "cuts": list(CUTS),
+        "activation_bytes_raw": {c: bundle.segment(c).activation_bytes for c in CUTS},
+        "codec_accuracy_val": {c: bundle.codec_accuracy(c) for c in CUTS},
+        "codec_accuracy_chain_val": accuracy, "windows": WINDOWS, "seconds": SECONDS,
         "assignment": {"gw-1": [1], "worker-1": [2], "worker-2": [3, 4]},
         **figures(rows, accuracy), "runs": rows})
 

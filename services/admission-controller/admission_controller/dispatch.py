@@ -62,6 +62,7 @@ class Dispatcher:
         self.refuse = refuse
         self.split = 0  # batches sent as several packets: one would not fit the broker
         self._split_said = RateLimitedWarning(10.0)
+        self._too_large_said = RateLimitedWarning(1.0)
         self.nudge = nudge  # this node's heartbeat, early: it carries a new request
         self.log = log
         self.boot = time.time()
@@ -154,7 +155,9 @@ class Dispatcher:
             for task, size in packed.too_large:  # never fits: answered now, not retried
                 why = (f"the frame's input is {size} bytes as a packet, over the {cap} bytes "
                        "the broker takes (max_packet_size, OFFRAMP_MAX_MESSAGE_BYTES)")
-                self.log.error("frame_too_large", task=task.task_id, bytes=size, limit=cap)
+                if n := self._too_large_said.should_log():
+                    self.log.error("frame_too_large", task=task.task_id, bytes=size, limit=cap,
+                                   count=n)
                 if self.refuse is not None:
                     await self.refuse(task, why)
         if self.tracing is not None and self.tracing.enabled:
