@@ -19,9 +19,10 @@ hosting only those (the plan is not followed). Every activation crosses two shap
 (to the broker, from it).
 
 Per link, exits closed and open (the arbiter's calibrated thresholds), and codec (raw, fp16,
-int8, ae, auto): a camera on the host keeps ``WINDOWS[link]`` frames in flight (closed loop:
-a new frame as each is answered) over Fashion-MNIST test images; after ``WARMUP`` answers, for
-``SECONDS`` it counts answers, their latency and accuracy, and the bytes each link carried
+int8, ae, auto): a camera on the host keeps up to ``WINDOW`` frames in flight (closed loop: a
+new frame as each is answered; fewer where they would queue more than ``QUEUE_S`` before the
+link) over Fashion-MNIST test images; after twice that many answers, for ``SECONDS`` it counts
+answers, their latency and accuracy, and the bytes each link carried
 (the qdiscs' own counters).
 
 - throughput (frames/s), latency p50/p99 (ms), accuracy over the frames answered;
@@ -76,12 +77,19 @@ RATIOS = (4, 8)  # the autoencoders at each of them
 AE_TRAIN, AE_EPOCHS = 3000, 3  # training images and epochs per autoencoder
 VAL_SAMPLES = 1000  # validation images the codecs' accuracy is measured on
 MAX_LOSS = 1.0  # accuracy points the automatic choice may give up (the worker's default)
-# Frames in flight: enough to keep every stage busy at the link's rate (16 leaves fe at 0.73 of
-# its limit, 32 at 0.88), few enough that at wifi the queue before the link stays below the
-# admission-controller's 5 s progress timeout (16 frames of raw activation: about 2.5 s).
-WINDOWS = {"gbe": 32, "fe": 32, "wifi": 16}
-WARMUP = 8
+# Frames in flight: enough to keep every stage busy at the link's rate (16 left fe with fp16 at
+# 0.73 of its limit and wifi with the autoencoders at 0.79; 32 gave fe 0.88), but no more than
+# queue QUEUE_S before the link: with 32 raw frames (5 s) queued before wifi, the busiest link
+# carried 2.5 times the bytes per answered frame and throughput fell to 0.37 of the 16-frame run.
+WINDOW = 32
+QUEUE_S = 1.5
 SECONDS = float(os.environ.get("OFFRAMP_BENCH_LINKS_SECONDS", "15"))
+# Sweeps over every configuration, one after the other; a configuration's figures are the
+# mean of its runs (the compute-bound runs here vary by about 10% from one to the next).
+REPEATS = int(os.environ.get("OFFRAMP_BENCH_LINKS_REPEATS", "2"))
+# The admission-controller's progress timeout: 32 raw frames queue about 5 s before a wifi link,
+# and the bench measures throughput, so a frame is not dispatched again while it waits.
+PROGRESS_TIMEOUT_S = 30
 PREFIX = "offramp/v1"
 
 
@@ -179,8 +187,8 @@ class Window:
 
 async def closed_loop(url: str, window: int, images: np.ndarray, labels: np.ndarray,
                       measure: Any) -> tuple[Window, float]:
-    """Keep ``window`` frames in flight; measure from the WARMUP-th answer for SECONDS. Returns
-    the window and its length; ``measure(start|stop)`` brackets it (link counters)."""
+    """Keep ``window`` frames in flight; measure from the answer to twice as many for SECONDS.
+    Returns the window and its length; ``measure(start|stop)`` brackets it (link counters)."""
     topics = Topics(PREFIX)
     settings = BusSettings(broker_url=url, topic_prefix=PREFIX, publish_timeout_s=30)
     async with Bus(settings, f"bench-links-{os.getpid()}") as bus:
@@ -208,7 +216,7 @@ async def closed_loop(url: str, window: int, images: np.ndarray, labels: np.ndar
             r = Result.from_json(msg.payload)
             now = time.monotonic()
             seen += 1
-            if seen == WARMUP:
+            if seen == 2 * window:  # the frames sent before the codec was chosen are out
                 measure("start")
                 started, stop_at = now, now + SECONDS
             elif started and now <= stop_at:
@@ -238,14 +246,32 @@ def link_counters(plan: Plan) -> dict[str, int]:
     return out
 
 
+def frames_in_flight(bundle: Bundle, link: str, codec: str) -> int:
+    """WINDOW, or as many frames as the link carries in QUEUE_S at the codec's bytes per frame
+    over the crossing cuts (``auto``: the smallest codec within the budget, its choice on a
+    slow link), at least 8."""
+    def per_cut(cut: int) -> int:
+        recorded = (bundle.manifest.metrics.get("codecs") or {}).get(str(cut)) or {}
+        if codec == "auto":
+            return bundle.wire_bytes(cut, MAX_LOSS)
+        if codec == "ae":
+            return int(recorded[f"ae-r{min(RATIOS)}"]["bytes_per_sample"])
+        return int(recorded[codec]["bytes_per_sample"])
+
+    per_frame = sum(per_cut(c) for c in CUTS)
+    return max(8, min(WINDOW, int(QUEUE_S * PROFILES[link] * 1e6 / 8 / per_frame)))
+
+
 def run_config(bundle: Bundle, link: str, exits: str, codec: str, images: np.ndarray,
                labels: np.ndarray) -> dict[str, Any]:
     plan = Plan("oflb", workers=2, mbps=PROFILES[link], subnet="10.75.0")
     env = {"OFFRAMP_ARBITER_DISABLE_EXITS": "true" if exits == "closed" else "false",
-           "OFFRAMP_LOG_LEVEL": "info"}
+           "OFFRAMP_LOG_LEVEL": "info",
+           "OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": str(PROGRESS_TIMEOUT_S)}
     worker_env = {"OFFRAMP_WORKER_FOLLOW_PLAN": "false", "OFFRAMP_WORKER_CODEC": codec,
                   "OFFRAMP_WORKER_CODEC_MAX_LOSS": str(MAX_LOSS)}
     counters: dict[str, dict[str, int]] = {}
+    window = frames_in_flight(bundle, link, codec)
 
     def measure(when: str) -> None:
         counters[when] = link_counters(plan)
@@ -253,7 +279,7 @@ def run_config(bundle: Bundle, link: str, exits: str, codec: str, images: np.nda
     with tempfile.TemporaryDirectory(prefix="bench-links-") as tmp, running(
             plan, bundle, Path(tmp), prefix=PREFIX, assignment=ASSIGNMENT, on_gateway=1,
             env=env, worker_env=worker_env) as system:
-        w, seconds = asyncio.run(closed_loop(system.broker.url, WINDOWS[link], images, labels,
+        w, seconds = asyncio.run(closed_loop(system.broker.url, window, images, labels,
                                              measure))
         chosen = _chosen(system, Path(tmp))
     carried = {k: counters["stop"][k] - counters["start"][k] for k in counters["stop"]}
@@ -261,15 +287,48 @@ def run_config(bundle: Bundle, link: str, exits: str, codec: str, images: np.nda
     per_frame = carried[busiest] / max(1, w.answered)
     limit_fps = PROFILES[link] * 1e6 / 8 / per_frame if per_frame else float("inf")
     fps = w.answered / seconds
-    row = {"link": link, "exits": exits, "codec": codec, "throughput_fps": round(fps, 3),
+    row = {"link": link, "exits": exits, "codec": codec, "window": window,
+           "throughput_fps": round(fps, 3),
            "latency_p50_ms": percentile_ms(w.latency_s, 50) if w.latency_s else None,
            "latency_p99_ms": percentile_ms(w.latency_s, 99) if w.latency_s else None,
            "accuracy": round(w.correct / w.answered, 4) if w.answered else None,
-           "frames": w.answered, "not_ok": w.other, "busiest_link": busiest,
+           "frames": w.answered, "correct": w.correct, "not_ok": w.other,
+           "busiest_link": busiest, "busiest_bytes": carried[busiest],
            "bytes_per_frame": round(per_frame), "link_limit_fps": round(limit_fps, 3),
            "chosen": chosen}
     print(json.dumps(row), flush=True)
     return row
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's runs as one row: mean throughput (each run's beside it), median
+    latencies, accuracy over every frame answered, bytes per frame on the busiest link."""
+    frames = sum(r["frames"] for r in runs)
+    first = runs[0]
+    busiest = max({r["busiest_link"] for r in runs},
+                  key=lambda k: sum(r["busiest_link"] == k for r in runs))
+    per_frame = sum(r["busiest_bytes"] for r in runs) / max(1, frames)
+    chosen: dict[str, list[str]] = {}
+    for r in runs:
+        for node, picks in r["chosen"].items():
+            chosen.setdefault(node, [])
+            chosen[node] += [p for p in picks if p not in chosen[node]]
+    return {"link": first["link"], "exits": first["exits"], "codec": first["codec"],
+            "window": first["window"],
+            "throughput_fps": round(float(np.mean([r["throughput_fps"] for r in runs])), 3),
+            "throughput_fps_runs": [r["throughput_fps"] for r in runs],
+            "latency_p50_ms": _median([r["latency_p50_ms"] for r in runs]),
+            "latency_p99_ms": _median([r["latency_p99_ms"] for r in runs]),
+            "accuracy": round(sum(r["correct"] for r in runs) / frames, 4) if frames else None,
+            "frames": frames, "not_ok": sum(r["not_ok"] for r in runs),
+            "busiest_link": busiest, "bytes_per_frame": round(per_frame),
+            "link_limit_fps": round(PROFILES[first["link"]] * 1e6 / 8 / per_frame, 3)
+            if per_frame else float("inf"), "chosen": chosen}
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(float(np.median(known)), 1) if known else None
 
 
 def _chosen(system: Running, logdir: Path) -> dict[str, list[str]]:
@@ -321,19 +380,25 @@ def main() -> None:
     bundle = ensure_bundle()
     data = load_fashion_mnist(size=28, splits=("test",))
     images, labels = data.test.images[:2000], data.test.labels[:2000]
-    rows = []
-    for link in LINKS:
-        for exits in ("closed", "open"):
-            for codec in CODECS:
-                rows.append(run_config(bundle, link, exits, codec, images, labels))
+    runs = []
+    for repeat in range(REPEATS):
+        for link in LINKS:
+            for exits in ("closed", "open"):
+                for codec in CODECS:
+                    runs.append({"repeat": repeat, **run_config(bundle, link, exits, codec,
+                                                                 images, labels)})
+    rows = [combine([r for r in runs if (r["link"], r["exits"], r["codec"]) == key])
+            for key in dict.fromkeys((r["link"], r["exits"], r["codec"]) for r in runs)]
     accuracy = chain_accuracy(bundle)
     write_result("links", {
         "bundle": bundle.name, "input": "224x224", "cuts": list(CUTS),
         "activation_bytes_raw": {c: bundle.segment(c).activation_bytes for c in CUTS},
         "codec_accuracy_val": {c: bundle.codec_accuracy(c) for c in CUTS},
-        "codec_accuracy_chain_val": accuracy, "windows": WINDOWS, "seconds": SECONDS,
+        "codec_accuracy_chain_val": accuracy, "window_max": WINDOW, "queue_s": QUEUE_S,
+        "seconds": SECONDS,
+        "repeats": REPEATS,
         "assignment": {"gw-1": [1], "worker-1": [2], "worker-2": [3, 4]},
-        **figures(rows, accuracy), "runs": rows})
+        **figures(rows, accuracy), "configs": rows, "runs": runs})
 
 
 if __name__ == "__main__":
