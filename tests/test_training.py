@@ -21,7 +21,7 @@ from offramp.ml.compress import (
     train_autoencoder,
 )
 from offramp.ml.train import TrainConfig, train
-from offramp.model.bundle import Bundle, load_bundle
+from offramp.model.bundle import Bundle, BundleError, load_bundle
 from offramp.model.inputs import InputSpec
 from offramp.model.sessions import make_session
 
@@ -124,6 +124,19 @@ def test_autoencoder_training_starts_from_the_principal_components(tiny_bundle: 
         flat = acts.permute(0, 2, 3, 1).reshape(-1, channels).double()
         left_out = torch.linalg.eigvalsh(torch.cov(flat.T))[:channels - channels // 4]
     assert error == pytest.approx(float(left_out.sum()) / channels, rel=0.02)
+
+
+def test_an_autoencoder_whose_activations_would_not_fit_in_memory_asks_for_a_limit(
+        tiny_bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    from offramp.ml import compress
+
+    bundle = load_bundle(tiny_bundle.root)
+    data = load_data(Recipe("t", "mobilenetv2", {}))
+    cut = default_cut(bundle)
+    per = bundle.segment(cut).activation_bytes
+    monkeypatch.setattr(compress, "MAX_ACTIVATIONS", 100 * per)
+    with pytest.raises(BundleError, match=r"--train-limit 100 or less"):
+        train_autoencoder(load_trained(bundle.path("model.pt")), bundle, data, cut, 4)
 
 
 def _offramp(*args: str) -> subprocess.CompletedProcess[str]:

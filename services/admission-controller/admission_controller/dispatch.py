@@ -140,12 +140,12 @@ class Dispatcher:
             self.tracker.dispatched(t, now, node)
         self.window.spend(node, hb.boot if hb else 0.0, self.model, 1, len(tasks))
 
-        async def send(part: Sequence[Task], payload: bytes) -> None:
+        async def to_node(part: Sequence[Task], payload: bytes) -> None:
             await self.send(node, payload)
 
         cap = self.max_payload(node)
         try:
-            packed = await send_within(tasks, cap, partial(self._packet, now), send)
+            packed = await send_within(tasks, cap, partial(self._packet, now), to_node)
         except OfframpError as exc:  # the sweeper dispatches them again
             self.log.warning("dispatch_failed", error=str(exc), tasks=len(tasks))
         else:

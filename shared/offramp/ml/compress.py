@@ -38,6 +38,7 @@ from offramp.model.sessions import make_session
 from offramp.wire import Tensor
 
 BATCH = 32
+MAX_ACTIVATIONS = 4 << 30  # bytes of training activations held in memory at once
 
 
 class CutEncoder(nn.Module):
@@ -99,9 +100,15 @@ def _activations(model: MultiExitNet, bundle: Bundle, split: Split, block: int
 def _principal_init(enc: CutEncoder, dec: CutDecoder, acts: torch.Tensor) -> None:
     """Encoder onto the top principal components of the channels, decoder's linear path back."""
     channels = acts.shape[1]
-    flat = acts.permute(0, 2, 3, 1).reshape(-1, channels).double()
-    mean = flat.mean(0)
-    _, vectors = torch.linalg.eigh(torch.cov((flat - mean).T))
+    total = torch.zeros(channels, dtype=torch.float64)
+    outer = torch.zeros(channels, channels, dtype=torch.float64)
+    for s in range(0, len(acts), 64):  # in float64, a few samples at a time (no second copy)
+        rows = acts[s:s + 64].permute(0, 2, 3, 1).reshape(-1, channels).double()
+        total += rows.sum(0)
+        outer += rows.T @ rows
+    n = acts.numel() // channels
+    mean = total / n
+    _, vectors = torch.linalg.eigh((outer - n * torch.outer(mean, mean)) / max(1, n - 1))
     top = vectors.flip(1)[:, :enc.conv.out_channels].float()  # channels x latent
     mean = mean.float()
     for conv, weight, bias in ((enc.conv, top.T, -(top.T @ mean)), (dec.linear, top, mean)):
@@ -119,6 +126,12 @@ def train_autoencoder(model: MultiExitNet, bundle: Bundle, data: Dataset, cut: i
                       ) -> tuple[CutEncoder, CutDecoder]:
     torch.manual_seed(seed)
     block = _cut_block(bundle, cut)
+    need = len(data.train) * bundle.segment(cut).activation_bytes
+    if need > MAX_ACTIVATIONS:
+        fits = MAX_ACTIVATIONS // bundle.segment(cut).activation_bytes
+        raise BundleError(f"the activations at cut {cut} of {len(data.train)} training images "
+                          f"take {need / 2**30:.1f} GiB; train the autoencoder on fewer "
+                          f"(--train-limit {fits} or less)")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
