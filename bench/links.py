@@ -251,12 +251,9 @@ def frames_in_flight(bundle: Bundle, link: str, codec: str) -> int:
     over the crossing cuts (``auto``: the smallest codec within the budget, its choice on a
     slow link), at least 8."""
     def per_cut(cut: int) -> int:
-        recorded = (bundle.manifest.metrics.get("codecs") or {}).get(str(cut)) or {}
         if codec == "auto":
             return bundle.wire_bytes(cut, MAX_LOSS)
-        if codec == "ae":
-            return int(recorded[f"ae-r{min(RATIOS)}"]["bytes_per_sample"])
-        return int(recorded[codec]["bytes_per_sample"])
+        return bundle.codec_bytes(cut)[f"ae-r{min(RATIOS)}" if codec == "ae" else codec]
 
     per_frame = sum(per_cut(c) for c in CUTS)
     return max(8, min(WINDOW, int(QUEUE_S * PROFILES[link] * 1e6 / 8 / per_frame)))

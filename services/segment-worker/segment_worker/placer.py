@@ -192,16 +192,17 @@ class Placer:
             self.by_codec[codecs[-1]] += len(part)  # a part is sent right after it is packed
             await self.stages.passed_on(segment, node, list(part))
 
-        packed = await send_within(items, self.max_payload(topic), pack, send)
+        cap = self.max_payload(topic)
+        packed = await send_within(items, cap, pack, send)
         self.split += packed.split
         if packed.split and (n := self._split_said.should_log()):
             self.log.info("batch_split", segment=segment, to=node, samples=len(items),
-                          limit=self.max_payload(topic), count=n)
+                          limit=cap, count=n)
         for it, size in packed.too_large:
             self.too_large += 1
             if n := self._too_large_said.should_log():
                 self.log.error("activation_too_large", segment=segment, to=node, bytes=size,
-                               limit=self.max_payload(topic), task=it.sample.task_id, count=n,
+                               limit=cap, task=it.sample.task_id, count=n,
                                hint="raise the broker's max_packet_size and "
                                     "OFFRAMP_MAX_MESSAGE_BYTES, or a codec that sends less")
 

@@ -164,25 +164,31 @@ class Bundle:
         return sorted((a for a in self.manifest.autoencoders if a.cut == cut),
                       key=lambda a: a.ratio)
 
+    def _codecs(self, cut: int) -> dict[str, Any]:
+        """What ``offramp build`` and ``offramp compress`` recorded per codec at ``cut``."""
+        recorded: dict[str, Any] = (self.manifest.metrics.get("codecs") or {}).get(str(cut)) or {}
+        return recorded
+
     def codec_accuracy(self, cut: int) -> dict[str, float]:
         """Final-exit validation accuracy with the activation leaving segment ``cut`` sent by
         each codec (raw, fp16, int8, ae-r<ratio>), as ``offramp compress`` measured it; empty
         where it was never measured."""
-        codecs = (self.manifest.metrics.get("codecs") or {}).get(str(cut)) or {}
-        return {str(name): float(v["accuracy"]) for name, v in codecs.items()}
+        return {str(name): float(v["accuracy"]) for name, v in self._codecs(cut).items()}
+
+    def codec_bytes(self, cut: int) -> dict[str, int]:
+        """Bytes per sample each recorded codec sends at ``cut`` (empty: none recorded)."""
+        return {str(name): int(v["bytes_per_sample"]) for name, v in self._codecs(cut).items()}
 
     def wire_bytes(self, cut: int, max_loss: float) -> int:
         """Bytes per sample of the activation leaving segment ``cut`` by the smallest codec
         whose recorded accuracy loss is within ``max_loss`` points (raw where none is): what
         a worker's automatic choice sends over a slow link."""
         raw = self.segment(cut).activation_bytes
-        codecs = (self.manifest.metrics.get("codecs") or {}).get(str(cut)) or {}
-        base = codecs.get("raw", {}).get("accuracy")
-        if base is None:
+        accuracy, sizes = self.codec_accuracy(cut), self.codec_bytes(cut)
+        if "raw" not in accuracy:
             return raw
-        fits = [int(v["bytes_per_sample"]) for v in codecs.values()
-                if 100 * (base - float(v["accuracy"])) <= max_loss]
-        return min([raw, *fits])
+        return min([raw, *(sizes[c] for c, a in accuracy.items()
+                           if 100 * (accuracy["raw"] - a) <= max_loss)])
 
     def save(self) -> None:
         tmp = self.root / (MANIFEST + ".tmp")
