@@ -115,15 +115,18 @@ async def test_the_whole_system_in_one_process_answers_like_the_chain(
 
 
 # -- the worker's engine ----------------------------------------------------------------------
-@pytest.fixture
-async def engine(tiny_bundle: Bundle) -> AsyncIterator[tuple[Engine, MemoryBus, Topics]]:
+@pytest.fixture(params=[False, True], ids=["host", "resident"])
+async def engine(tiny_bundle: Bundle, request: pytest.FixtureRequest,
+                 ) -> AsyncIterator[tuple[Engine, MemoryBus, Topics]]:
+    """An engine on the memory bus hosting every segment, with activations handed over on
+    the host or kept in ONNX Runtime's buffers (resident: the GPU path, on the CPU here)."""
     broker = MemoryBroker()
     topics = Topics("eng")
     async with MemoryBus(broker, "w1") as bus:
         async def publish(topic: str, payload: bytes, qos: int) -> None:
             await bus.publish(topic, payload, qos=qos)
 
-        cfg = EngineConfig(node="w1", batch_max=8, batch_wait_s=0.0)
+        cfg = EngineConfig(node="w1", batch_max=8, batch_wait_s=0.0, resident=request.param)
         async with Engine(tiny_bundle, cfg, topics, PeerTable("w1"), publish) as eng:
             await _bundle_ready(eng, tiny_bundle)
             yield eng, bus, topics
@@ -174,6 +177,8 @@ async def test_one_engine_hosting_every_segment_answers_like_the_chain(
         assert (c.label, c.exit_index) == (expected.label, expected.exit_index)
         assert [h.segment for h in c.hops] == list(range(1, c.exit_index + 1))
     assert eng.idle()
+    if eng.cfg.resident:  # exited rows were dropped on the device, by the bundle's rows.onnx
+        assert eng.transfers["on_device"] > 0
 
 
 async def test_bad_and_misrouted_packets_are_counted_not_raised(

@@ -93,14 +93,17 @@ def _frames(n: int, offset: int = 0) -> tuple[np.ndarray, list[bytes]]:
     return images, [envelope(f"f{i}", image=im) for i, im in enumerate(images)]
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize(("workers", "resident"), [(1, "off"), (2, "off"), (3, "off"), (2, "on")])
 def test_distributed_answers_equal_the_in_process_chain(tiny_bundle: Bundle, workers: int,
-                                                        prefix: str) -> None:
+                                                        resident: str, prefix: str) -> None:
+    """resident=on: activations kept in ONNX Runtime's buffers between the segments a worker
+    hosts, and brought to the host for packets to the other (the GPU path, on the CPU)."""
     images, payloads = _frames(60)
     policy = make_policy(ArbiterSettings(), tiny_bundle.calibration(), tiny_bundle.name, 1)
     want = reference(tiny_bundle, images, policy)
     assert len({a.exit_index for a in want}) > 1, "thresholds should make some samples exit early"
-    with LocalSystem(tiny_bundle, workers, prefix=prefix, env=FAST) as system:
+    env = {**FAST, "OFFRAMP_WORKER_RESIDENT": resident}
+    with LocalSystem(tiny_bundle, workers, prefix=prefix, env=env) as system:
         results = asyncio.run(_run(system, payloads))
         codes = system.stop()
     assert len(results) == len(payloads)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,8 @@ from offramp.bus.inbox import RateLimitedWarning
 from offramp.bus.outbox import Outbox
 from offramp.errors import WireError
 from offramp.model.bundle import Bundle
-from offramp.model.sessions import SegmentOutput, SegmentRunner
+from offramp.model.resident import Activation, Outputs, Row, on_host
+from offramp.model.sessions import SegmentRunner
 from offramp.node.metrics import BATCH_BUCKETS, Metrics
 from offramp.node.peers import PeerTable
 from offramp.node.tracing import AttributeValue, Tracing
@@ -129,7 +131,10 @@ class Engine:
                              transmit=self.link.send,
                              act_topic=lambda seg, node: topics.act(self.model, seg, node),
                              nudge=nudge, uplink=self.uplink, encode=self._encode,
-                             wire=self.codecs.wire, max_payload=max_payload)
+                             wire=self.codecs.wire, max_payload=max_payload,
+                             on_host=self._on_host)
+        self.warming: str | None = None  # what a segment being loaded is doing (readiness)
+        self.transfers: Counter[str] = Counter()  # copies made by resident segments, all told
         self.draining = False  # the worker is stopping: nothing advertised, no credit
         self._warn = RateLimitedWarning()
         self._inflight = 0
@@ -172,6 +177,14 @@ class Engine:
         option = await self.codecs.choose(segment - 1, node, rate)
         return await self.codecs.encode(option, x), option.cost.codec
 
+    async def _on_host(self, xs: list[Activation]) -> np.ndarray:
+        """Queued activations as one host array; device rows are copied on the inference
+        thread (which the sessions and their buffers belong to)."""
+        if any(isinstance(x, Row) for x in xs):
+            host: np.ndarray = await self._offload(on_host, xs)
+            return host
+        return on_host(xs)
+
     def uplink(self) -> tuple[float, float]:
         """This node's outgoing link, bytes/s (0: unknown) and round trip: as emulated where
         set (``OFFRAMP_WORKER_LINK_*``), else as measured on the connection to the broker."""
@@ -190,18 +203,36 @@ class Engine:
         self.draining = True
 
     # -- hosting ----------------------------------------------------------------------------------
-    def load(self, segment: int) -> Hosted:
-        """Create the session and measure it (blocking: call it off the event loop)."""
-        runner = SegmentRunner(self.bundle, segment, device=self.cfg.device,
-                               threads=self.cfg.threads)
-        hosted = Hosted(runner, SegmentQueue(self.cfg.queue_max, self.cfg.ageing_s),
-                        CreditLedger(self.cfg.queue_max, self.cfg.credit_lease_s))
-        if runner.device != "cpu":
-            runner.static_batch = self.cfg.batch_max  # one input shape: see SegmentRunner
-        x = np.zeros((self.cfg.batch_max, *runner.spec.input.per_sample), np.float32)
-        self._infer_on(runner, x)  # warm-up
-        _, started, finished = self._infer_on(runner, x)
-        hosted.stats.service_s = (finished - started) / self.cfg.batch_max
+    def load(self, segment: int, position: tuple[int, int] = (1, 1)) -> Hosted:
+        """Create the session and run it at its batch size, twice: the first run builds what
+        the device needs (TensorRT engines, cuDNN plans, the CUDA graph), the second measures
+        it. Blocking: call it off the event loop. ``position``: this load's place among those
+        under way (i of n), for :attr:`warming`."""
+        cfg = self.cfg
+        i, n = position
+        building = cfg.device == "tensorrt"
+        self.warming = (f"building TensorRT engines, segment {i} of {n}" if building
+                        else f"loading segment {i} of {n}")
+        started = time.monotonic()
+        if building:
+            self.log.info("engine_build_started", segment=segment, batch=cfg.batch_max,
+                          precision=cfg.gpu.trt_precision, cache=cfg.gpu.trt_cache or None)
+        try:
+            runner = SegmentRunner(self.bundle, segment, device=cfg.device, threads=cfg.threads,
+                                   gpu=cfg.gpu, resident=cfg.resident, transfers=self.transfers,
+                                   static_batch=cfg.batch_max if cfg.device != "cpu" else 0)
+            hosted = Hosted(runner, SegmentQueue(cfg.queue_max, cfg.ageing_s),
+                            CreditLedger(cfg.queue_max, cfg.credit_lease_s))
+            x = list(np.zeros((cfg.batch_max, *runner.spec.input.per_sample), np.float32))
+            self._infer_on(runner, x)  # warm-up: engines, plans, graph capture
+            if building:
+                self.log.info("engine_build_finished", segment=segment,
+                              seconds=round(time.monotonic() - started, 1),
+                              providers=runner.providers)
+            _, t0, t1 = self._infer_on(runner, x)
+        finally:
+            self.warming = None
+        hosted.stats.service_s = (t1 - t0) / cfg.batch_max
         self._measured[segment] = hosted.stats.service_s
         return hosted
 
@@ -328,18 +359,18 @@ class Engine:
         return (self._inflight + len(self.outbox) + len(self.link)
                 + sum(len(h.queue) for h in self.hosted.values()))
 
-    def _infer_on(self, runner: SegmentRunner, x: np.ndarray) -> tuple[SegmentOutput, float, float]:
+    def _infer_on(self, runner: SegmentRunner,
+                  xs: list[Activation]) -> tuple[Outputs, float, float]:
         started = time.time()
-        out = runner.run(x)
+        out = runner.run_rows(xs)
         if self.cfg.slowdown > 1.0:  # emulated slower node: this thread sleeps, as if throttled
             time.sleep((time.time() - started) * (self.cfg.slowdown - 1.0))
         return out, started, time.time()
 
     async def _run_batch(self, segment: int, hosted: Hosted, items: list[Item]) -> None:
-        x = np.stack([it.x for it in items])
-        loop = asyncio.get_running_loop()
-        out, started, finished = await loop.run_in_executor(self.executor, self._infer_on,
-                                                            hosted.runner, x)
+        runner = hosted.runner
+        out, started, finished = await self._offload(self._infer_on, runner,
+                                                     [it.x for it in items])
         hosted.stats.record(len(items), finished - started)
         self.m_batch.labels(segment=segment).observe(len(items))
         samples = [replace(it.sample, hops=(*it.sample.hops,
@@ -350,7 +381,8 @@ class Engine:
         prev = np.stack(prevs) if len(prevs) == len(items) else None
         to_next = 0.0
         if out.activation is not None:
-            to_next = self.placer.estimate(segment + 1, out.activation[0].nbytes * len(items))
+            per_sample = self.bundle.segment(segment).activation_bytes
+            to_next = self.placer.estimate(segment + 1, per_sample * len(items))
         deadlines = np.array([s.deadline if s.deadline is not None else math.nan
                               for s in samples])
         policy = self.policy
@@ -380,10 +412,12 @@ class Engine:
             await self.outbox.send(self._report(source, completions))
         hosted.stats.exited += len(items) - len(stay)
         if stay and out.activation is not None:
-            now = time.time()
-            act, emb = out.activation, out.embedding
-            await self.placer.forward(segment + 1, [Item(samples[i], act[i], emb[i], now, now)
-                                                    for i in stay])
+            # resident: the rows that go on, out of the run's buffers and still on the device
+            # (before this segment runs again); otherwise host rows
+            kept = await self._offload(runner.keep, out.activation, stay)
+            now, emb = time.time(), out.embedding
+            await self.placer.forward(segment + 1, [Item(samples[i], x, emb[i], now, now)
+                                                    for i, x in zip(stay, kept, strict=True)])
 
     def _trace(self, segment: int, items: list[Item], d: ExitDecision, started: float,
                finished: float, batch: int) -> None:

@@ -36,9 +36,10 @@ class Hosting:
         self._finishing = asyncio.Event()
         self.plan_epoch = 0
 
-    async def load(self, segment: int) -> None:
+    async def load(self, segment: int, position: tuple[int, int] = (1, 1)) -> None:
+        """Load ``segment`` (``position``: i of n loads under way, for readiness)."""
         loop = asyncio.get_running_loop()
-        hosted = await loop.run_in_executor(None, self.engine.load, segment)
+        hosted = await loop.run_in_executor(None, self.engine.load, segment, position)
         self.engine.host(segment, hosted)
         self._subs[segment] = await self.listen(segment)
         if self._tg is not None:
@@ -68,6 +69,7 @@ class Hosting:
         self.plan_epoch = plan.epoch
         wanted = {r.segment for r in plan.nodes[node] if r.model == model} & loadable
         current = set(self.engine.hosted)
+        new = sorted(wanted - current)
         for segment in sorted(wanted):
             unloading = self._unloading.get(segment)
             if unloading is not None and segment not in self._tearing_down:
@@ -78,7 +80,8 @@ class Hosting:
             if unloading is not None:  # past the point of no return: let it go, load it again
                 await asyncio.wait({unloading})
             if segment not in self.engine.hosted:
-                await self.load(segment)
+                await self.load(segment, (new.index(segment) + 1 if segment in new else 1,
+                                          len(new) or 1))
         current &= set(self.engine.hosted)
         for segment in sorted(current - wanted):
             if segment not in self._unloading:

@@ -18,6 +18,7 @@ import numpy as np
 import structlog
 
 from offramp.bus.inbox import RateLimitedWarning
+from offramp.model.resident import Activation, on_host
 from offramp.node.packing import send_within
 from offramp.node.peers import PeerTable
 from offramp.policy.credits import Demand, SendWindow
@@ -33,6 +34,11 @@ Encode = Callable[[int, str, np.ndarray], Awaitable[tuple[Tensor, str]]]
 ActTopic = Callable[[int, str], str]  # segment, node -> the topic of that node's packets
 # cut, link bytes/s -> (wire bytes per raw byte, codec seconds per raw byte) by its codec there
 Wire = Callable[[int, float], tuple[float, float]]
+OnHost = Callable[[list[Activation]], Awaitable[np.ndarray]]  # queued activations -> one array
+
+
+async def _stack(xs: list[Activation]) -> np.ndarray:
+    return on_host(xs)
 
 
 async def _raw(segment: int, node: str, x: np.ndarray) -> tuple[Tensor, str]:
@@ -57,7 +63,8 @@ class Placer:
                  stages: Stages, transmit: Transmit, act_topic: ActTopic,
                  nudge: Callable[[], None], uplink: Uplink = lambda: (0.0, 0.0),
                  encode: Encode = _raw, wire: Wire = lambda cut, rate: (1.0, 0.0),
-                 max_payload: Callable[[str], int] = lambda topic: 0) -> None:
+                 max_payload: Callable[[str], int] = lambda topic: 0,
+                 on_host: OnHost = _stack) -> None:
         self.cfg = cfg
         self.model = model
         self.boot = boot
@@ -70,6 +77,7 @@ class Placer:
         self.encode = encode
         self.wire = wire
         self.max_payload = max_payload  # what the bus takes per message to a topic (0: any)
+        self.on_host = on_host  # device rows come to the host once, for a packet
         self.window = SendWindow(cfg.node, boot)
         self.plan: Plan | None = None
         self._parked: dict[int, list[Item]] = {}
@@ -207,7 +215,7 @@ class Placer:
                                     "OFFRAMP_MAX_MESSAGE_BYTES, or a codec that sends less")
 
     async def _packet(self, segment: int, node: str, items: Sequence[Item]) -> tuple[bytes, str]:
-        act = np.stack([it.x for it in items])
+        act = await self.on_host([it.x for it in items])
         emb = np.stack([it.prev for it in items if it.prev is not None]) \
             if all(it.prev is not None for it in items) else None
         tensor, codec = await self.encode(segment, node, act)

@@ -10,18 +10,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from offramp.model.resident import Activation
 from offramp.policy.priority import urgency
 from offramp.wire import Sample
 
 
 @dataclass
 class Item:
-    """One sample waiting for a segment: its header, its activation row, the previous exit's
-    embedding (feature-difference criterion), when it arrived here and when its packet was sent
-    (wall clock; the same for a hand-over between segments of this node)."""
+    """One sample waiting for a segment: its header, its activation row (on the host, or on
+    the device after a resident hand-over), the previous exit's embedding (feature-difference
+    criterion), when it arrived here and when its packet was sent (wall clock; the same for a
+    hand-over between segments of this node)."""
 
     sample: Sample
-    x: np.ndarray
+    x: Activation
     prev: np.ndarray | None
     arrived: float
     sent: float = 0.0

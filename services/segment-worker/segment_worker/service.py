@@ -65,16 +65,18 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
     runtime.heartbeat_with(partial(_beat, engine=engine, settings=settings, loadable=loadable,
                                    bus=bus))
     runtime.metrics.on_collect(lambda reading: _read(reading, engine))
+    runtime.require(lambda: engine.warming)  # "building TensorRT engines, segment 2 of 3"
     runtime.require(lambda: None if engine.serving() else "hosts no segment")
     runtime.require(lambda: None if engine.policy else "no exit policy yet")
     hosting = Hosting(engine, lambda seg: bus.subscribe(topics.act(bundle.name, seg, cfg.node)),
                       max_bytes=common.bus.max_message_bytes, grace_s=settings.unload_grace_s,
                       log=runtime.log)
     async with runtime, engine:
-        for seg in segments:
-            await hosting.load(seg)
+        for i, seg in enumerate(segments, start=1):
+            await hosting.load(seg, (i, len(segments)))
         runtime.log.info("worker_ready", model=bundle.name, segments=list(segments),
-                         providers=engine.providers, nice=settings.nice)
+                         providers=engine.providers, nice=settings.nice,
+                         resident=cfg.resident, static_batch=_static_batch(engine))
         if not_done:
             runtime.log.warning("nice_not_applied", nice=settings.nice, problems=not_done)
         if engine.device != settings.device:
@@ -121,6 +123,10 @@ async def _drain(settings: WorkerSettings, cfg: EngineConfig, runtime: Runtime, 
     hosting.finish()
 
 
+def _static_batch(engine: Engine) -> int:
+    return next((h.runner.static_batch for h in engine.hosted.values()), 0)
+
+
 def _beat(hb: Heartbeat, *, engine: Engine, settings: WorkerSettings,
           loadable: tuple[int, ...], bus: MessageBus) -> Heartbeat:
     """The worker's heartbeat: what it can host, and (once loaded) what it serves, its queues,
@@ -160,6 +166,11 @@ def _read(r: Reading, engine: Engine) -> None:
     for codec, n in sorted(engine.placer.by_codec.items()):
         r.counter("offramp_codec_samples_total", "Samples sent to other nodes, by codec", n,
                   codec=codec)
+    transfers = engine.transfers
+    for kind in ("to_device", "to_host", "on_device"):
+        r.counter("offramp_device_copies_total", "Batches copied by the resident path: "
+                  "to_device, to_host, or gathered on the device (exited rows dropped)",
+                  transfers[kind], kind=kind)
     r.counter("offramp_packets_split_total", "Batches sent as several packets because one "
               "would not fit the broker's packet limit", engine.placer.split)
     c = engine.counters

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from offramp.model.providers import GpuOptions
 from offramp.settings import CommonSettings, nested, setting
 
 PREFIX = "OFFRAMP_WORKER_"
@@ -27,6 +28,21 @@ class WorkerSettings:
         "cpu", "ONNX Runtime device; cuda/tensorrt fall back to CPU when not available (the "
         "worker warns 'device_unavailable' and its heartbeat says which device it runs on)")
     threads: int = setting(1, "ONNX Runtime intra-op threads", min=1, max=256)
+    resident: Literal["auto", "on", "off"] = setting(
+        "auto", "Keep activations on the device between the segments hosted here (ONNX "
+        "Runtime IO binding); only logits and embeddings come to the host for the exit "
+        "decision. auto: on for cuda and tensorrt, off on the CPU (where it saves nothing)")
+    cuda_graph: bool = setting(True, "Replay each segment as a CUDA graph at the static batch "
+                               "(cuda and tensorrt, with resident activations)")
+    trt_cache: str = setting("", "TensorRT engine cache folder; mount a volume there so a "
+                             "restart does not build the engines again ('': build at every "
+                             "start)")
+    trt_precision: Literal["fp32", "fp16", "int8"] = setting(
+        "fp16", "TensorRT precision; int8 reads the calibration tables `offramp calibrate "
+        "--int8` writes into the bundle (and needs trt_cache)")
+    trt_workspace_mb: int = setting(2048, "Most GPU memory TensorRT may use while building an "
+                                    "engine, MiB", min=64, max=1 << 20)
+    gpu_id: int = setting(0, "CUDA device number", min=0, max=63)
     batch_max: int = setting(8, "Largest micro-batch", min=1, max=1024)
     batch_wait_ms: float = setting(2.0, "Longest wait to fill a micro-batch", min=0, max=1000)
     queue_max: int = setting(512, "Bound of each segment queue, in samples; also the most "
@@ -77,6 +93,8 @@ class EngineConfig:
     codec_max_loss: float = 1.0
     device: str = "cpu"
     threads: int = 1
+    resident: bool = False
+    gpu: GpuOptions = GpuOptions()
     offload_margin_s: float = 0.002
     stale_after_s: float = 0.75
     slowdown: float = 1.0
@@ -94,6 +112,12 @@ class EngineConfig:
                    batch_wait_s=settings.batch_wait_ms / 1000, queue_max=settings.queue_max,
                    codec=settings.codec, codec_max_loss=settings.codec_max_loss,
                    device=settings.device, threads=settings.threads,
+                   resident=settings.resident == "on" or (settings.resident == "auto"
+                                                          and settings.device != "cpu"),
+                   gpu=GpuOptions(cuda_graph=settings.cuda_graph, trt_cache=settings.trt_cache,
+                                  trt_precision=settings.trt_precision,
+                                  trt_workspace_mb=settings.trt_workspace_mb,
+                                  device_id=settings.gpu_id),
                    offload_margin_s=settings.offload_margin_ms / 1000,
                    stale_after_s=3 * common.heartbeat_s, slowdown=settings.slowdown,
                    ageing_s=settings.ageing_s, credit_lease_s=settings.credit_lease_s,

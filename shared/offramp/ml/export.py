@@ -30,11 +30,12 @@ from offramp.ml.flops import count_flops
 from offramp.ml.zoo import MultiExitNet
 from offramp.model.bundle import Bundle, Manifest, SegmentSpec, TensorSpec, load_bundle
 from offramp.model.inputs import InputSpec
-from offramp.model.sessions import FullModelRunner, SegmentRunner
+from offramp.model.sessions import FullModelRunner, SegmentRunner, make_session
 
 ATOL = 1e-4
 RTOL = 1e-3
 OPSET = 17
+ROWS_MODEL = "rows.onnx"
 
 
 class ExportError(OfframpError):
@@ -131,12 +132,27 @@ def export_bundle(model: MultiExitNet, out: Path, *, name: str, classes: list[st
         full = FullModule(model).eval()
         _export(full, example, out / "full.onnx", ["logits"])
         full_flops = count_flops(full, lambda: full(example))
+    write_rows_model(out / ROWS_MODEL)
     manifest = Manifest(name, model.arch, model.config, classes, spec, blocks_info, exits,
-                        segments, "full.onnx", full_flops, metrics=dict(metrics or {}))
+                        segments, "full.onnx", full_flops, metrics=dict(metrics or {}),
+                        rows_model=ROWS_MODEL)
     (out / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=1))
     bundle = load_bundle(out)
     verify_bundle(bundle, model, example)
     return bundle
+
+
+def write_rows_model(path: Path) -> None:
+    """``y = x[rows]`` for a float tensor of any shape: how a worker drops the samples that
+    exited from a batch kept on the GPU, and gathers the rest for the next segment
+    (:mod:`offramp.model.resident`)."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["x", "rows"], ["y"], axis=0)], "rows",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None),
+         onnx.helper.make_tensor_value_info("rows", onnx.TensorProto.INT64, ["n"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
+    onnx.save(model, str(path))  # not onnx.checker's: it wants a rank, and x may have any
 
 
 def verify_bundle(bundle: Bundle, model: MultiExitNet, example: torch.Tensor) -> None:
@@ -153,5 +169,10 @@ def verify_bundle(bundle: Bundle, model: MultiExitNet, example: torch.Tensor) ->
         if got.activation is not None:
             x = got.activation
     final = outs[-1][0]
+    rows_model = bundle.rows_model()
+    if rows_model is not None:
+        rows = np.array([len(example) - 1, 0], np.int64)
+        got_rows = make_session(rows_model).run(None, {"x": example.numpy(), "rows": rows})[0]
+        _check("rows.onnx", [got_rows], [example[torch.from_numpy(rows)]])
     _check("chained segments vs whole model", [got.logits], [final])
     _check("full.onnx vs whole model", [FullModelRunner(bundle).run(example.numpy())], [final])

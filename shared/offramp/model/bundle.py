@@ -108,6 +108,7 @@ class Manifest:
     calibration: dict[str, Any] = field(default_factory=dict)
     autoencoders: list[AutoencoderSpec] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    rows_model: str = ""  # one Gather: drops rows of a batch on the device ('' : none)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "name": self.name, "arch": self.arch, "config": self.config,
@@ -116,7 +117,8 @@ class Manifest:
                 "full_model": {"file": self.full_model, "flops": self.full_flops},
                 "calibration": self.calibration,
                 "autoencoders": [a.to_dict() for a in self.autoencoders],
-                "metrics": self.metrics}
+                "metrics": self.metrics, **({"rows_model": self.rows_model}
+                                            if self.rows_model else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
@@ -128,7 +130,7 @@ class Manifest:
                    str(d["full_model"]["file"]), int(d["full_model"]["flops"]),
                    dict(d.get("calibration") or {}),
                    [AutoencoderSpec.from_dict(a) for a in d.get("autoencoders") or []],
-                   dict(d.get("metrics") or {}))
+                   dict(d.get("metrics") or {}), str(d.get("rows_model") or ""))
 
 
 @dataclass
@@ -156,6 +158,10 @@ class Bundle:
         if not self.manifest.calibration:
             raise BundleError(f"bundle {self.root} has no calibration; run `offramp calibrate`")
         return Calibration.from_dict(self.manifest.calibration)
+
+    def rows_model(self) -> Path | None:
+        """The bundle's row-gathering model (device-resident activations), if it has one."""
+        return self.path(self.manifest.rows_model) if self.manifest.rows_model else None
 
     def autoencoder(self, cut: int) -> AutoencoderSpec | None:
         return next((a for a in self.manifest.autoencoders if a.cut == cut), None)
@@ -215,6 +221,7 @@ def load_bundle(root: str | Path) -> Bundle:
         raise BundleError(f"{path} is incomplete or malformed ({type(exc).__name__}: {exc})") from None
     files = [s.file for s in manifest.segments] + [manifest.full_model]
     files += [f for a in manifest.autoencoders for f in (a.encoder, a.decoder)]
+    files += [manifest.rows_model] if manifest.rows_model else []
     for file in files:
         if not (root / file).is_file():
             raise BundleError(f"{root / file} named in {path} is missing")

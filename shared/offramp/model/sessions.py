@@ -9,17 +9,25 @@ own when the CUDA libraries it was built for cannot be loaded (PyPI's 1.27 and l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from offramp.model.bundle import Bundle, BundleError, SegmentSpec
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-             "tensorrt": "TensorrtExecutionProvider"}
-DEVICES = {provider: device for device, provider in PROVIDERS.items()}
+from offramp.model.providers import DEVICES, PROVIDERS, GpuOptions, SegmentShape, provider_list
+from offramp.model.resident import (
+    Activation,
+    Bound,
+    DeviceRows,
+    Outputs,
+    Row,
+    RowSelector,
+    on_host,
+)
 
 
 def installed_providers() -> list[str]:
@@ -34,25 +42,28 @@ def cuda_available() -> bool:
     return PROVIDERS["cuda"] in installed_providers()
 
 
-def make_session(path: Path, *, device: str = "cpu", threads: int = 1,
-                 spin: bool = False) -> ort.InferenceSession:
-    """An inference session on the best available of the requested providers.
+def make_session(path: Path, *, device: str = "cpu", threads: int = 1, spin: bool = False,
+                 gpu: GpuOptions | None = None,
+                 shape: SegmentShape | None = None) -> ort.InferenceSession:
+    """An inference session on the best available of the requested providers, with their
+    options (:mod:`offramp.model.providers`; ``shape`` is what TensorRT builds for).
 
     Intra-op threads do not spin-wait by default: a worker hosts several segment sessions, and
     on a small CPU each session's spinning threads steal the cores the next one needs.
     """
-    wanted = {"cpu": ["cpu"], "cuda": ["cuda", "cpu"], "tensorrt": ["tensorrt", "cuda", "cpu"]}
-    if device not in wanted:
-        raise BundleError(f"device {device!r} is not one of {', '.join(wanted)}")
-    available = set(installed_providers())
-    providers = [PROVIDERS[d] for d in wanted[device] if PROVIDERS[d] in available]
+    try:
+        providers = provider_list(device, installed_providers(), gpu or GpuOptions(), shape)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        return ort.InferenceSession(str(path), sess_options=opts,
+                                    providers=[name for name, _ in providers],
+                                    provider_options=[o for _, o in providers])
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
         raise BundleError(f"cannot load {path}: {exc}") from None
 
@@ -65,7 +76,8 @@ class SegmentOutput:
 
 
 class SegmentRunner:
-    """Runs one segment of a bundle on a batch. Thread-safe (ONNX Runtime sessions are).
+    """Runs one segment of a bundle on a batch. Thread-safe (ONNX Runtime sessions are), except
+    the resident path (:meth:`run_rows`, :meth:`keep`), which one thread uses.
 
     ``static_batch`` > 0 runs every batch at exactly that many samples: padded with zero rows,
     or split, and the real rows' answers given back. GPU workers set it to their largest
@@ -73,19 +85,72 @@ class SegmentRunner:
     session's batch size changed, even back to a size it had run before (cuDNN plans kernels
     per shape), against about 1 ms for the run itself: micro-batches of varying size would pay
     that on most batches. Samples do not interact in these models, so padding changes no answer.
+    A session that asked for a GPU and fell back to the CPU runs without one.
+
+    ``resident``: :meth:`run_rows` keeps the activation on the session's device
+    (:mod:`offramp.model.resident`), in buffers fixed at the static batch where there is one;
+    CUDA graphs (``gpu.cuda_graph``) are used only then, as they need those fixed buffers.
     """
 
-    def __init__(self, bundle: Bundle, index: int, *, device: str = "cpu", threads: int = 1):
+    def __init__(self, bundle: Bundle, index: int, *, device: str = "cpu", threads: int = 1,
+                 gpu: GpuOptions | None = None, static_batch: int = 0,
+                 resident: bool = False, transfers: Counter[str] | None = None) -> None:
         self.spec: SegmentSpec = bundle.segment(index)
         self.index = index
-        self.session = make_session(bundle.path(self.spec.file), device=device, threads=threads)
+        gpu = gpu or GpuOptions()
+        gpu = replace(gpu, cuda_graph=gpu.cuda_graph and resident and static_batch > 0)
+        self.gpu = gpu
+        shape = SegmentShape(bundle.name, bundle.path(self.spec.file), self.spec.input.name,
+                             self.spec.input.per_sample, static_batch)
+        self.session = make_session(bundle.path(self.spec.file), device=device, threads=threads,
+                                    gpu=gpu, shape=shape)
         self.providers = self.session.get_providers()
         self.device = DEVICES.get(self.providers[0], self.providers[0])  # what runs it, really
-        self.static_batch = 0
+        self.static_batch = 0 if self.device == "cpu" and device != "cpu" else static_batch
         names = [self.spec.logits.name, self.spec.embedding.name]
         if self.spec.activation is not None:
             names.insert(0, self.spec.activation.name)
         self._outputs = names
+        self.bound: Bound | None = None
+        if resident:
+            place = "cpu" if self.device == "cpu" else "cuda"
+            rows = RowSelector.load(bundle.rows_model(), place, gpu.device_id, self.providers,
+                                    Counter() if transfers is None else transfers)
+            act = self.spec.activation.name if self.spec.activation is not None else None
+            self.bound = Bound(self.session, input_name=self.spec.input.name,
+                               per_sample=self.spec.input.per_sample,
+                               outputs=(act, self.spec.logits.name, self.spec.embedding.name),
+                               device=place, device_id=gpu.device_id, rows=rows,
+                               fixed_batch=self.static_batch)
+
+    @property
+    def transfers(self) -> Counter[str]:
+        """Copies made by the resident path: to_device, to_host, on_device (rows gathered)."""
+        return self.bound.transfers if self.bound is not None else Counter()
+
+    def run_rows(self, xs: Sequence[Activation]) -> Outputs:
+        """Run on queued activations (host arrays or device rows). Resident: the activation
+        stays on the device (a :class:`DeviceRows` valid until :meth:`keep` is called, which
+        must be before the next run); otherwise as :meth:`run`."""
+        if self.bound is None:
+            out = self.run(on_host(xs))
+            return Outputs(out.activation, out.logits, out.embedding)
+        if self.static_batch and len(xs) > self.static_batch:
+            raise BundleError(f"segment {self.index}: a batch of {len(xs)} is over its static "
+                              f"batch {self.static_batch}")
+        for x in xs:
+            shape = x.batch.value.shape()[1:] if isinstance(x, Row) else x.shape
+            if tuple(shape) != self.spec.input.per_sample:
+                raise BundleError(f"segment {self.index} takes {list(self.spec.input.per_sample)} "
+                                  f"per sample, got {list(shape)}")
+        return self.bound.run(xs)
+
+    def keep(self, act: np.ndarray | DeviceRows, rows: Sequence[int]) -> list[Activation]:
+        """The activations of ``rows`` of a run's output, to go on to the next segment."""
+        if isinstance(act, DeviceRows):
+            assert self.bound is not None
+            return list(self.bound.keep(act, rows))
+        return [act[i] for i in rows]
 
     def run(self, x: np.ndarray) -> SegmentOutput:
         if x.shape[1:] != self.spec.input.per_sample:
