@@ -236,3 +236,41 @@ async def test_the_engine_says_what_it_builds_while_a_segment_loads(
         release.set()
         hosted = await loading
         assert eng.warming is None and hosted.stats.service_s > 0
+
+
+# -- INT8 calibration tables ---------------------------------------------------------------------
+def test_int8_tables_come_from_the_validation_split_and_go_where_tensorrt_reads_them(
+        tiny_bundle: Bundle, tmp_path: Path) -> None:
+    from offramp.cli.main import main as ml_main
+    from offramp.model.sessions import stage_int8_table
+
+    root = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.root, root)
+    assert ml_main(["calibrate", str(root), "--int8", "--int8-samples", "64"]) == 0
+    bundle = load_bundle(root)
+    assert bundle.manifest.metrics["int8_calibration"]["split"] == "validation"
+    shape = SegmentShape(bundle.name, bundle.path(bundle.segment(2).file), "x",
+                         bundle.segment(2).input.per_sample, 8)
+    gpu = GpuOptions(trt_precision="int8", trt_cache=str(tmp_path / "cache"))
+    staged = stage_int8_table(bundle, 2, gpu, shape)
+    assert staged.parent == engine_folder(gpu.trt_cache, shape, "int8")
+    table = staged.read_bytes()
+    assert table == bundle.int8_table(2).read_bytes()
+    assert b"/Conv_output_0" in table  # a range for the tensors inside the segment
+    with pytest.raises(Exception, match="needs an engine cache folder"):
+        stage_int8_table(bundle, 2, replace(gpu, trt_cache=""), shape)
+    bundle.int8_table(3).unlink()
+    with pytest.raises(Exception, match=r"segment 3 has no INT8 calibration table; run "
+                                        r"`offramp calibrate .* --int8`"):
+        stage_int8_table(bundle, 3, gpu, shape)
+
+
+def test_a_worker_asked_for_int8_without_an_engine_cache_says_so(tiny_bundle: Bundle) -> None:
+    from offramp.errors import SettingsError
+    from segment_worker.service import run
+
+    settings = load(WorkerSettings, "OFFRAMP_WORKER_", {
+        "OFFRAMP_WORKER_BUNDLE": str(tiny_bundle.root), "OFFRAMP_WORKER_DEVICE": "tensorrt",
+        "OFFRAMP_WORKER_TRT_PRECISION": "int8"})
+    with pytest.raises(SettingsError, match="int8 needs OFFRAMP_WORKER_TRT_CACHE"):
+        asyncio.run(run(settings, asyncio.Event()))

@@ -51,6 +51,11 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
     loadable = settings.loadable or tuple(range(1, k + 1))
     _check_segments("OFFRAMP_WORKER_SEGMENTS", segments, k, bundle.name)
     _check_segments("OFFRAMP_WORKER_LOADABLE", loadable, k, bundle.name)
+    if settings.device == "tensorrt" and settings.trt_precision == "int8" \
+            and not settings.trt_cache:
+        raise SettingsError("OFFRAMP_WORKER_TRT_PRECISION=int8 needs OFFRAMP_WORKER_TRT_CACHE: "
+                            "TensorRT reads each segment's calibration table from its engine "
+                            "folder there")
     common = settings.common
     cfg = EngineConfig.from_settings(settings)
     runtime = Runtime("worker", common, bus=connect)

@@ -61,6 +61,11 @@ def register(sub: Any) -> None:
     p.add_argument("--criterion", choices=CRITERIA, default="confidence",
                    help="the exit score compared with the thresholds")
     p.add_argument("--recalibrate", action="store_true", help="recompute on the validation split")
+    p.add_argument("--int8", action="store_true", help="also write TensorRT INT8 calibration "
+                   "tables (one per segment) from the validation split into the bundle, for "
+                   "workers with OFFRAMP_WORKER_TRT_PRECISION=int8")
+    p.add_argument("--int8-samples", type=positive, default=512,
+                   help="validation images the INT8 tables are measured on")
     p.set_defaults(handler=cmd_calibrate)
 
     p = sub.add_parser("compress", help="train cut autoencoders and compare wire codecs")
@@ -212,10 +217,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from offramp.ml.calibrate import calibrate_bundle
 
     bundle = load_bundle(args.bundle)
+    data = None
     if args.recalibrate or not bundle.manifest.calibration:
-        calibrate_bundle(bundle, _bundle_data(bundle).val)
+        data = _bundle_data(bundle)
+        calibrate_bundle(bundle, data.val)
     calib = bundle.calibration()
     console = Console()
+    if args.int8:
+        from offramp.ml.int8 import write_int8_tables
+
+        split = (data or _bundle_data(bundle)).val
+        for path in write_int8_tables(bundle, split, samples=args.int8_samples):
+            console.print(f"INT8 calibration table: {path}")
     console.print(f"ECE per exit (confidence): {calib.ece()}")
     if args.flops_budget is not None:
         thr = calib.thresholds_for_budget(args.criterion, args.flops_budget)

@@ -163,6 +163,11 @@ class Bundle:
         """The bundle's row-gathering model (device-resident activations), if it has one."""
         return self.path(self.manifest.rows_model) if self.manifest.rows_model else None
 
+    def int8_table(self, segment: int) -> Path:
+        """Where segment ``segment``'s TensorRT INT8 calibration table is kept (written by
+        ``offramp calibrate --int8``)."""
+        return self.path(f"int8/{Path(self.segment(segment).file).stem}.flatbuffers")
+
     def autoencoder(self, cut: int) -> AutoencoderSpec | None:
         return next((a for a in self.manifest.autoencoders if a.cut == cut), None)
 

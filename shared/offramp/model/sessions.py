@@ -9,6 +9,7 @@ own when the CUDA libraries it was built for cannot be loaded (PyPI's 1.27 and l
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -18,7 +19,15 @@ import numpy as np
 import onnxruntime as ort
 
 from offramp.model.bundle import Bundle, BundleError, SegmentSpec
-from offramp.model.providers import DEVICES, PROVIDERS, GpuOptions, SegmentShape, provider_list
+from offramp.model.providers import (
+    DEVICES,
+    INT8_TABLE,
+    PROVIDERS,
+    GpuOptions,
+    SegmentShape,
+    engine_folder,
+    provider_list,
+)
 from offramp.model.resident import (
     Activation,
     Bound,
@@ -68,6 +77,22 @@ def make_session(path: Path, *, device: str = "cpu", threads: int = 1, spin: boo
         raise BundleError(f"cannot load {path}: {exc}") from None
 
 
+def stage_int8_table(bundle: Bundle, index: int, gpu: GpuOptions, shape: SegmentShape) -> Path:
+    """Copy segment ``index``'s INT8 calibration table from the bundle to where the TensorRT
+    provider reads it: its engine's cache folder."""
+    if not gpu.trt_cache:
+        raise BundleError("TensorRT int8 needs an engine cache folder (OFFRAMP_WORKER_TRT_CACHE):"
+                          " the provider reads the calibration table from there")
+    table = bundle.int8_table(index)
+    if not table.is_file():
+        raise BundleError(f"{table} is missing: segment {index} has no INT8 calibration table; "
+                          f"run `offramp calibrate {bundle.root} --int8`")
+    folder = engine_folder(gpu.trt_cache, shape, "int8")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(table, folder / INT8_TABLE)
+    return folder / INT8_TABLE
+
+
 @dataclass(frozen=True)
 class SegmentOutput:
     activation: np.ndarray | None
@@ -102,6 +127,9 @@ class SegmentRunner:
         self.gpu = gpu
         shape = SegmentShape(bundle.name, bundle.path(self.spec.file), self.spec.input.name,
                              self.spec.input.per_sample, static_batch)
+        if (device == "tensorrt" and gpu.trt_precision == "int8"
+                and PROVIDERS["tensorrt"] in installed_providers()):
+            stage_int8_table(bundle, index, gpu, shape)
         self.session = make_session(bundle.path(self.spec.file), device=device, threads=threads,
                                     gpu=gpu, shape=shape)
         self.providers = self.session.get_providers()
