@@ -10,7 +10,7 @@ STAMP       := $(VENV)/.installed
 SERVICES    := admission-controller segment-worker exit-arbiter priority-scheduler
 MEMBERS     := shared/pyproject.toml $(SERVICES:%=services/%/pyproject.toml)
 
-.PHONY: help setup system-deps demo test test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control bench-overload bench-links clean
+.PHONY: help setup system-deps demo test test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control bench-overload bench-links bench-gpu clean
 
 help:
 	@echo "make demo      run offramp locally (broker + services) and show it working"
@@ -23,6 +23,7 @@ help:
 	@echo "make bench-control   admission strategies and priorities (bench/results/control.json)"
 	@echo "make bench-overload  2x and 5x capacity, answered frame by frame (bench/results/overload.json)"
 	@echo "make bench-links     a 224x224 model over shaped links, per codec (root; bench/results/links.json)"
+	@echo "make bench-gpu       the worker's GPU path vs the monolithic model (needs a GPU; bench/results/gpu.json)"
 
 system-deps:
 	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh
@@ -82,6 +83,9 @@ bench-overload: setup
 
 bench-links: setup
 	$(PY) -m bench.links
+
+bench-gpu: setup
+	$(PY) -m bench.gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

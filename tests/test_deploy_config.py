@@ -67,6 +67,7 @@ def test_k3s_overlays_render_and_validate(overlay: str, tmp_path: Path) -> None:
     assert docs.count("readinessProbe") >= 5 and "terminationGracePeriodSeconds: 30" in docs
     if overlay == "jetson":
         assert "runtimeClassName: nvidia" in docs and "offramp/segment-worker:jetson" in docs
+        assert "OFFRAMP_WORKER_TRT_CACHE" in docs and "volumeClaimTemplates" in docs
         assert docs.count("offramp.io/role: gateway") == 4
 
 
