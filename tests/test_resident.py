@@ -294,3 +294,23 @@ def test_the_gpu_benchmark_measures_every_variant_it_can_on_the_cpu(tmp_path: Pa
         assert row["chain_cuda_graph"] == "CUDA graphs need a GPU"
         assert isinstance(row["chain_tensorrt_fp16"], str)
     assert "worker" in gpu.table({"mnv2-32": {"8": row}})
+
+
+def test_a_session_that_refuses_a_cuda_graph_runs_without_one(
+        tiny_bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime refuses a CUDA graph when a node falls to the CPU provider: the segment
+    still loads, without the graph, and says why."""
+    from offramp.model import sessions
+
+    real = sessions.make_session
+
+    def picky(path: Path, **kw: object) -> object:
+        gpu = kw.get("gpu")
+        if isinstance(gpu, GpuOptions) and gpu.cuda_graph:
+            raise sessions.BundleError("cannot load: this session cannot use the CUDA Graph")
+        return real(path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sessions, "make_session", picky)
+    runner = SegmentRunner(tiny_bundle, 1, resident=True, static_batch=4)
+    assert "CUDA Graph" in runner.graph_refused and not runner.gpu.cuda_graph
+    assert runner.run_rows(list(_inputs(tiny_bundle, 3))).logits.shape == (3, 10)

@@ -221,6 +221,9 @@ class Engine:
             runner = SegmentRunner(self.bundle, segment, device=cfg.device, threads=cfg.threads,
                                    gpu=cfg.gpu, resident=cfg.resident, transfers=self.transfers,
                                    static_batch=cfg.batch_max if cfg.device != "cpu" else 0)
+            if runner.graph_refused:
+                self.log.warning("cuda_graph_unavailable", segment=segment,
+                                 error=runner.graph_refused)
             hosted = Hosted(runner, SegmentQueue(cfg.queue_max, cfg.ageing_s),
                             CreditLedger(cfg.queue_max, cfg.credit_lease_s))
             x = list(np.zeros((cfg.batch_max, *runner.spec.input.per_sample), np.float32))

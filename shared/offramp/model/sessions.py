@@ -124,14 +124,24 @@ class SegmentRunner:
         self.index = index
         gpu = gpu or GpuOptions()
         gpu = replace(gpu, cuda_graph=gpu.cuda_graph and resident and static_batch > 0)
-        self.gpu = gpu
         shape = SegmentShape(bundle.name, bundle.path(self.spec.file), self.spec.input.name,
                              self.spec.input.per_sample, static_batch)
         if (device == "tensorrt" and gpu.trt_precision == "int8"
                 and PROVIDERS["tensorrt"] in installed_providers()):
             stage_int8_table(bundle, index, gpu, shape)
-        self.session = make_session(bundle.path(self.spec.file), device=device, threads=threads,
-                                    gpu=gpu, shape=shape)
+        self.graph_refused = ""  # why ONNX Runtime would not capture a CUDA graph ('': it did)
+        try:
+            self.session = make_session(bundle.path(self.spec.file), device=device,
+                                        threads=threads, gpu=gpu, shape=shape)
+        except BundleError as exc:
+            if not gpu.cuda_graph:
+                raise
+            # e.g. a node the CUDA provider does not run: no graph, but the segment still runs
+            self.graph_refused = str(exc)
+            gpu = replace(gpu, cuda_graph=False)
+            self.session = make_session(bundle.path(self.spec.file), device=device,
+                                        threads=threads, gpu=gpu, shape=shape)
+        self.gpu = gpu
         self.providers = self.session.get_providers()
         self.device = DEVICES.get(self.providers[0], self.providers[0])  # what runs it, really
         self.static_batch = 0 if self.device == "cpu" and device != "cpu" else static_batch
