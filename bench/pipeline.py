@@ -21,6 +21,9 @@ run would dilute. (A rate taken in the middle of a run flatters the system: an u
 sends everything early, so the middle misses the camera's and the ingest's work, and a camera
 paced above capacity front-loads that work instead.)
 
+The 224x224 figures (``effnet_224``) come from :mod:`bench.pipeline_224`;
+``OFFRAMP_BENCH_PIPELINE=digits`` or ``=224`` runs one part only.
+
 This machine's speed drifts by up to 10% over minutes, so every ratio pairs runs made close
 together: session, system with exits closed, system with exits open, session, closed, open,
 session. A closed-exit run's efficiency is against the mean of the sessions just before and
@@ -91,13 +94,14 @@ def three_segments() -> Bundle:
     return load_bundle(out)
 
 
-def monolithic_rate(bundle: Bundle, x: np.ndarray, threads: int) -> float:
-    """Frames/s of the whole model in one session, at the better of batch 16 and 32 (each
-    timed over half of ``x``: about 20 s a call at 3 threads here)."""
+def monolithic_rate(bundle: Bundle, x: np.ndarray, threads: int,
+                    batches: tuple[int, ...] = (16, BATCH)) -> float:
+    """Frames/s of the whole model in one session, at the best of ``batches`` (each timed
+    over half of ``x``: about 20 s a call at 3 threads here)."""
     runner = FullModelRunner(bundle, threads=threads)
     half = x[:len(x) // 2]
     best = 0.0
-    for batch in (16, BATCH):
+    for batch in batches:
         for i in range(3):
             runner.run(half[i * batch:(i + 1) * batch])
         t0, n = time.perf_counter(), 0
@@ -158,6 +162,18 @@ def summarise(run: Run, labels: dict[str, int]) -> dict[str, Any]:
 
 
 def main() -> None:
+    parts = [p.strip() for p in os.environ.get("OFFRAMP_BENCH_PIPELINE", "digits,224").split(",")]
+    if unknown := set(parts) - {"digits", "224"}:
+        raise SystemExit(f"OFFRAMP_BENCH_PIPELINE: unknown {sorted(unknown)}; digits and/or 224")
+    out: dict[str, Any] = digits() if "digits" in parts else {}
+    if "224" in parts:
+        from bench import pipeline_224
+
+        out["effnet_224"] = pipeline_224.run()
+    write_result("pipeline", out)
+
+
+def digits() -> dict[str, Any]:
     bundle = three_segments()
     test: Split = load_data(preset("mnv2-digits")).test
     reps = -(-FRAMES // len(test))
@@ -194,7 +210,7 @@ def main() -> None:
         n = int(min(FRAMES, served * share * 8))
         loads[f"{int(share * 100)}%"] = summarise(
             run_system(bundle, payloads[:n], served * share, exits=True), labels)
-    write_result("pipeline", {
+    return {
         "model": "mobilenetv2 width 1.0, 32x32 digits, 3 segments on 3 worker processes, CPU",
         "segments": [[s.first_block, s.last_block] for s in bundle.manifest.segments],
         "monolithic_fps": {f"{t}_threads": round(v, 1) for t, v in mono.items()},
@@ -212,7 +228,7 @@ def main() -> None:
                                 "p50_ms": v["latency_p50_ms"], "p99_ms": v["latency_p99_ms"],
                                 "status": v["status"]} for k, v in loads.items()},
         "goals": {"pipeline_efficiency": ">= 0.85", "exit_speedup": ">= 2.0"},
-    })
+    }
 
 
 if __name__ == "__main__":

@@ -97,6 +97,28 @@ class Counters:
     publish_failed: int = 0
 
 
+@dataclass(frozen=True)
+class _Rule:
+    """The exit rule for one micro-batch, fixed when it is taken."""
+
+    criterion: str
+    threshold: float | None
+    last: bool
+    to_next: float  # expected seconds to the next exit (the deadline rule)
+    prev: np.ndarray | None  # the previous exit's embeddings (feature difference)
+    deadlines: np.ndarray  # wall clock, nan: none
+
+
+@dataclass(frozen=True)
+class _Computed:
+    out: Outputs
+    decision: ExitDecision
+    stay: list[int]  # rows that go on
+    kept: list[Activation]  # their activations (device rows when resident)
+    started: float
+    finished: float
+
+
 class Engine:
     """Use as ``async with Engine(...) as engine:`` (its publishes live in task groups of its
     own; the inference thread is shut down on the way out)."""
@@ -370,33 +392,42 @@ class Engine:
             time.sleep((time.time() - started) * (self.cfg.slowdown - 1.0))
         return out, started, time.time()
 
+    def _compute(self, runner: SegmentRunner, xs: list[Activation], rule: _Rule) -> _Computed:
+        """On the inference thread: run the segment, decide the exits (pure, on the policy
+        as it was when the batch was taken) and keep the rows that go on (on the device when
+        resident, before this segment runs again): one hand-off per micro-batch."""
+        out, started, finished = self._infer_on(runner, xs)
+        d = decide(rule.criterion, rule.threshold, out.logits, out.embedding, rule.prev,
+                   last=rule.last, deadlines=rule.deadlines, now=finished,
+                   time_to_next_s=rule.to_next)
+        stay = [i for i in range(len(xs)) if not d.exits[i]]
+        kept = runner.keep(out.activation, stay) if stay and out.activation is not None else []
+        return _Computed(out, d, stay, kept, started, finished)
+
     async def _run_batch(self, segment: int, hosted: Hosted, items: list[Item]) -> None:
-        runner = hosted.runner
-        out, started, finished = await self._offload(self._infer_on, runner,
-                                                     [it.x for it in items])
+        last = segment == self.bundle.num_segments
+        prevs = [it.prev for it in items if it.prev is not None]
+        to_next = 0.0
+        if not last:
+            per_sample = self.bundle.segment(segment).activation_bytes
+            to_next = self.placer.estimate(segment + 1, per_sample * len(items))
+        policy = self.policy
+        threshold = None
+        if policy is not None and not last and segment <= len(policy.thresholds):
+            threshold = policy.thresholds[segment - 1]
+        rule = _Rule(policy.criterion if policy else "confidence", threshold, last, to_next,
+                     np.stack(prevs) if len(prevs) == len(items) else None,
+                     np.array([it.sample.deadline if it.sample.deadline is not None
+                               else math.nan for it in items]))
+        c: _Computed = await self._offload(self._compute, hosted.runner,
+                                           [it.x for it in items], rule)
+        started, finished, d = c.started, c.finished, c.decision
         hosted.stats.record(len(items), finished - started)
         self.m_batch.labels(segment=segment).observe(len(items))
         samples = [replace(it.sample, hops=(*it.sample.hops,
                                             Hop(node=self.cfg.node, segment=segment, arrived=it.arrived,
                                                 started=started, finished=finished))) for it in items]
-        last = segment == self.bundle.num_segments
-        prevs = [it.prev for it in items if it.prev is not None]
-        prev = np.stack(prevs) if len(prevs) == len(items) else None
-        to_next = 0.0
-        if out.activation is not None:
-            per_sample = self.bundle.segment(segment).activation_bytes
-            to_next = self.placer.estimate(segment + 1, per_sample * len(items))
-        deadlines = np.array([s.deadline if s.deadline is not None else math.nan
-                              for s in samples])
-        policy = self.policy
-        threshold = None
-        if policy is not None and not last and segment <= len(policy.thresholds):
-            threshold = policy.thresholds[segment - 1]
-        d = decide(policy.criterion if policy else "confidence", threshold, out.logits,
-                   out.embedding, prev, last=last, deadlines=deadlines, now=finished,
-                   time_to_next_s=to_next)
         thresholds = tuple(policy.thresholds) if policy else ()
-        stay = []
         done: dict[str, list[Completion]] = {}
         for i, sample in enumerate(samples):
             if d.exits[i]:
@@ -407,20 +438,15 @@ class Engine:
                     reason=cast(ExitReason, d.reasons[i]),
                     node=self.cfg.node, ts=finished, hops=sample.hops, thresholds=thresholds,
                     created=sample.created))
-            else:
-                stay.append(i)
         if self.tracing is not None and self.tracing.enabled:
             self._trace(segment, items, d, started, finished, len(items))
         for source, completions in done.items():
             await self.outbox.send(self._report(source, completions))
-        hosted.stats.exited += len(items) - len(stay)
-        if stay and out.activation is not None:
-            # resident: the rows that go on, out of the run's buffers and still on the device
-            # (before this segment runs again); otherwise host rows
-            kept = await self._offload(runner.keep, out.activation, stay)
-            now, emb = time.time(), out.embedding
+        hosted.stats.exited += len(items) - len(c.stay)
+        if c.kept:
+            now, emb = time.time(), c.out.embedding
             await self.placer.forward(segment + 1, [Item(samples[i], x, emb[i], now, now)
-                                                    for i, x in zip(stay, kept, strict=True)])
+                                                    for i, x in zip(c.stay, c.kept, strict=True)])
 
     def _trace(self, segment: int, items: list[Item], d: ExitDecision, started: float,
                finished: float, batch: int) -> None:

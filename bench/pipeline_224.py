@@ -1,0 +1,136 @@
+"""The 224x224 part of ``make bench-pipeline``: EfficientNet-Lite0 with exits trained on
+Fashion-MNIST at 224x224 (the bundle ``make bench-links`` builds and caches under
+bundles/bench/links-224: 4 segments, activations of 294, 61 and 86 KiB per frame at its cuts)
+on 3 worker processes over the loopback broker, against one ONNX Runtime session with a thread
+per core, same run.
+
+- ``pipeline_efficiency``: frames/s with exits closed / the session's frames/s (the session
+  timed just before and just after each system run; mean over REPEATS pairs);
+- ``exit_speedup``: frames/s with the arbiter's thresholds (target: final accuracy - 1 point) /
+  with exits closed, with both accuracies beside it;
+- ``wire_bytes_per_frame``: with exits closed, for each worker codec (raw, fp16, int8, ae: the
+  autoencoders of ratio 4 where the bundle has them), the activation bytes published per frame
+  into each segment (``into_1`` is the admission-controller's first hop, the frame's input
+  tensor in its own codec), counted by a client subscribed to every activation topic, and the
+  accuracy over the frames answered. Those runs carry the observer's extra traffic, so their
+  rates are not reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from bench.pipeline import Run, monolithic_rate, summarise
+from offramp.bus import Bus, Topics
+from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
+from offramp.local.system import LocalSystem
+from offramp.ml.data import load_fashion_mnist
+from offramp.model.bundle import Bundle
+from offramp.model.images import image_to_input
+from offramp.settings import BusSettings
+from offramp.wire import ExitPolicy
+
+WORKERS = 3
+FRAMES = int(os.environ.get("OFFRAMP_BENCH_PIPELINE_224_FRAMES", "400"))
+REPEATS = 2
+BATCH = 8  # micro-batches of 8 x 294 KiB: 2.4 MB packets
+CODECS = ("raw", "fp16", "int8", "ae")
+ENV = {"OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "100000", "OFFRAMP_ADMISSION_INGEST_QUEUE": "100000",
+       "OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "120",
+       "OFFRAMP_ADMISSION_DISPATCH_BATCH": str(BATCH), "OFFRAMP_LOG_LEVEL": "warning"}
+WORKER_ENV = {"OFFRAMP_WORKER_THREADS": "1", "OFFRAMP_WORKER_BATCH_MAX": str(BATCH),
+              "OFFRAMP_WORKER_FOLLOW_PLAN": "false"}
+
+
+async def _drive(system: LocalSystem, payloads: list[bytes],
+                 observe: bool) -> tuple[Run, Counter[str]]:
+    topics = Topics(system.prefix)
+    wire: Counter[str] = Counter()
+    async with Bus(BusSettings(broker_url=system.url, publish_timeout_s=60),
+                   f"bench-224-{os.getpid()}") as bus:
+        await bus.wait_connected(10)
+        await wait_for_workers(bus, topics, system.workers, 120)
+        pol = await bus.subscribe(topics.exit_policy(system.bundle.name))
+        ExitPolicy.decode((await asyncio.wait_for(pol.get(), 30)).payload)
+        results = await bus.subscribe(topics.results_all(), qos=1, maxsize=100_000)
+        await publish_frames(bus, topics.ingest("warmup"), payloads[:16], 0)
+        await collect(results, 16, 120)
+
+        async def count() -> None:
+            async for msg in acts:
+                wire[f"into_{msg.topic.split('/act/')[1].split('/')[1]}"] += len(msg.payload)
+
+        counting = None
+        if observe:
+            acts = await bus.subscribe(f"{system.prefix}/act/#", maxsize=100_000)
+            counting = asyncio.create_task(count())
+        start = time.time()
+        sent = asyncio.create_task(publish_frames(bus, topics.ingest("cam-1"), payloads, 0))
+        got = await collect(results, len(payloads), 600)
+        await sent
+        end = time.time() - (time.perf_counter() - got.last)
+        if counting is not None:
+            await asyncio.sleep(0.5)  # the last packets' copies
+            counting.cancel()
+        return Run(got.results, start, end), wire
+
+
+def _system(bundle: Bundle, payloads: list[bytes], *, exits: bool, codec: str = "auto",
+            observe: bool = False) -> tuple[Run, Counter[str]]:
+    env = {**ENV, "OFFRAMP_ARBITER_DISABLE_EXITS": "false" if exits else "true"}
+    worker_env = {**WORKER_ENV, "OFFRAMP_WORKER_CODEC": codec}
+    with LocalSystem(bundle, WORKERS, env=env, worker_env=worker_env) as system:
+        return asyncio.run(_drive(system, payloads, observe))
+
+
+def run() -> dict[str, Any]:
+    from bench.links import ensure_bundle
+
+    bundle = ensure_bundle()
+    test = load_fashion_mnist(size=28, splits=("test",)).test  # the camera's own size
+    images, y = test.images[:FRAMES], test.labels[:FRAMES]
+    labels = {f"p{i}": int(v) for i, v in enumerate(y)}
+    payloads = [envelope(f"p{i}", image=im) for i, im in enumerate(images)]
+    x = np.stack([image_to_input(im, bundle.manifest.input) for im in images[:256]])
+    cores = os.cpu_count() or 1
+    mono: list[float] = []
+    closed, opened = [], []
+    for _ in range(REPEATS):
+        mono.append(monolithic_rate(bundle, x, cores, batches=(8, 16)))
+        closed.append(summarise(_system(bundle, payloads, exits=False)[0], labels))
+        opened.append(summarise(_system(bundle, payloads, exits=True)[0], labels))
+    mono.append(monolithic_rate(bundle, x, cores, batches=(8, 16)))
+    efficiency = [c["fps"] / ((mono[i] + mono[i + 1]) / 2) for i, c in enumerate(closed)]
+    speedup = [o["fps"] / c["fps"] for c, o in zip(closed, opened, strict=True)]
+    wire: dict[str, Any] = {}
+    for codec in CODECS:
+        if codec == "ae" and not bundle.manifest.autoencoders:
+            continue
+        result, counted = _system(bundle, payloads, exits=False, codec=codec, observe=True)
+        frames = len(result.results)
+        per = {k: round(v / frames) for k, v in sorted(counted.items())}
+        wire[codec] = {**per, "between_workers": sum(v for k, v in per.items()
+                                                     if k != "into_1"),
+                       "accuracy": summarise(result, labels)["accuracy"]}
+    return {
+        "model": f"{bundle.name}: EfficientNet-Lite0, 224x224 Fashion-MNIST, "
+                 f"{bundle.num_segments} segments on {WORKERS} worker processes, CPU",
+        "frames": FRAMES, "batch": BATCH,
+        "activation_bytes": [s.activation_bytes for s in bundle.manifest.segments[:-1]],
+        "monolithic_fps": round(max(mono), 2), "monolithic_fps_runs": [round(m, 2) for m in mono],
+        "exits_closed": {**max(closed, key=lambda r: float(r["fps"])),
+                         "fps_runs": [c["fps"] for c in closed]},
+        "exits_open": {**max(opened, key=lambda r: float(r["fps"])),
+                       "fps_runs": [o["fps"] for o in opened]},
+        "pipeline_efficiency": round(float(np.mean(efficiency)), 3),
+        "pipeline_efficiency_runs": [round(e, 3) for e in efficiency],
+        "exit_speedup": round(float(np.mean(speedup)), 3),
+        "exit_speedup_runs": [round(s, 3) for s in speedup],
+        "wire_bytes_per_frame": wire,
+    }
