@@ -29,7 +29,7 @@ from offramp.bus.inbox import RateLimitedWarning
 from offramp.bus.outbox import Outbox
 from offramp.errors import WireError
 from offramp.model.bundle import Bundle
-from offramp.model.resident import Activation, Outputs, Row, on_host
+from offramp.model.resident import Activation, Batch, Outputs, Row, on_host, stack_on_host
 from offramp.model.sessions import SegmentRunner
 from offramp.node.metrics import BATCH_BUCKETS, Metrics
 from offramp.node.peers import PeerTable
@@ -248,7 +248,7 @@ class Engine:
                                  error=runner.graph_refused)
             hosted = Hosted(runner, SegmentQueue(cfg.queue_max, cfg.ageing_s),
                             CreditLedger(cfg.queue_max, cfg.credit_lease_s))
-            x = list(np.zeros((cfg.batch_max, *runner.spec.input.per_sample), np.float32))
+            x = np.zeros((cfg.batch_max, *runner.spec.input.per_sample), np.float32)
             self._infer_on(runner, x)  # warm-up: engines, plans, graph capture
             if building:
                 self.log.info("engine_build_finished", segment=segment,
@@ -384,15 +384,14 @@ class Engine:
         return (self._inflight + len(self.outbox) + len(self.link)
                 + sum(len(h.queue) for h in self.hosted.values()))
 
-    def _infer_on(self, runner: SegmentRunner,
-                  xs: list[Activation]) -> tuple[Outputs, float, float]:
+    def _infer_on(self, runner: SegmentRunner, xs: Batch) -> tuple[Outputs, float, float]:
         started = time.time()
         out = runner.run_rows(xs)
         if self.cfg.slowdown > 1.0:  # emulated slower node: this thread sleeps, as if throttled
             time.sleep((time.time() - started) * (self.cfg.slowdown - 1.0))
         return out, started, time.time()
 
-    def _compute(self, runner: SegmentRunner, xs: list[Activation], rule: _Rule) -> _Computed:
+    def _compute(self, runner: SegmentRunner, xs: Batch, rule: _Rule) -> _Computed:
         """On the inference thread: run the segment, decide the exits (pure, on the policy
         as it was when the batch was taken) and keep the rows that go on (on the device when
         resident, before this segment runs again): one hand-off per micro-batch."""
@@ -420,7 +419,7 @@ class Engine:
                      np.array([it.sample.deadline if it.sample.deadline is not None
                                else math.nan for it in items]))
         c: _Computed = await self._offload(self._compute, hosted.runner,
-                                           [it.x for it in items], rule)
+                                           stack_on_host([it.x for it in items]), rule)
         started, finished, d = c.started, c.finished, c.decision
         hosted.stats.record(len(items), finished - started)
         self.m_batch.labels(segment=segment).observe(len(items))

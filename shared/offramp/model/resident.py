@@ -66,11 +66,22 @@ class Row:
 
 
 Activation = np.ndarray | Row  # a queued sample's input: on the host, or on the device
+# A micro-batch's input: the queued activations, or (all on the host) already stacked
+Batch = Sequence[Activation] | np.ndarray
 
 
-def on_host(xs: Sequence[Activation]) -> np.ndarray:
+def on_host(xs: Batch) -> np.ndarray:
     """The activations as one host array (each device batch copied to the host once)."""
+    if isinstance(xs, np.ndarray):
+        return xs
     return np.stack([x.batch.host()[x.index] if isinstance(x, Row) else x for x in xs])
+
+
+def stack_on_host(xs: list[Activation]) -> Batch:
+    """Host rows stacked now (where the caller is: the event loop, so that the inference
+    thread only runs the session), device rows as they are (the inference thread gathers
+    them)."""
+    return xs if any(isinstance(x, Row) for x in xs) else on_host(xs)
 
 
 @dataclass(frozen=True)
@@ -163,7 +174,7 @@ class Bound:
         return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device,
                                                          self.device_id)
 
-    def run(self, xs: Sequence[Activation]) -> Outputs:
+    def run(self, xs: Batch) -> Outputs:
         """Run the segment on ``xs`` (host arrays, device rows, or both)."""
         n = len(xs)
         if self.fixed:
@@ -199,21 +210,23 @@ class Bound:
         return [Row(kept, i) for i in range(len(idx))]
 
     @staticmethod
-    def _one_batch(xs: Sequence[Activation]) -> tuple[DeviceRows, np.ndarray] | None:
+    def _one_batch(xs: Batch) -> tuple[DeviceRows, np.ndarray] | None:
         """The device batch and row indices when every x is a row of the same batch."""
+        if isinstance(xs, np.ndarray):
+            return None
         first = xs[0] if xs else None
         if not isinstance(first, Row) or not all(isinstance(x, Row) and x.batch is first.batch
                                                  for x in xs):
             return None
         return first.batch, np.array([x.index for x in xs if isinstance(x, Row)], np.int64)
 
-    def _host_batch(self, xs: Sequence[Activation]) -> np.ndarray:
+    def _host_batch(self, xs: Batch) -> np.ndarray:
         """Host rows, or rows of several device batches: assembled on the host."""
         if self.device != "cpu":
             self.transfers["to_device"] += 1
         return np.ascontiguousarray(on_host(xs), np.float32)
 
-    def _bind_input(self, binding: ort.IOBinding, xs: Sequence[Activation]) -> None:
+    def _bind_input(self, binding: ort.IOBinding, xs: Batch) -> None:
         one = self._one_batch(xs)
         if one is None:
             binding.bind_cpu_input(self.input_name, self._host_batch(xs))
@@ -224,7 +237,7 @@ class Bound:
         else:
             binding.bind_ortvalue_input(self.input_name, self.rows.select(batch.value, idx))
 
-    def _fill(self, xs: Sequence[Activation]) -> None:
+    def _fill(self, xs: Batch) -> None:
         """Put ``xs`` into the fixed input buffer, padded to the static batch (the padding's
         answers are not read)."""
         pad = self.fixed - len(xs)

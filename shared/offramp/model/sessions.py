@@ -30,6 +30,7 @@ from offramp.model.providers import (
 )
 from offramp.model.resident import (
     Activation,
+    Batch,
     Bound,
     DeviceRows,
     Outputs,
@@ -166,8 +167,9 @@ class SegmentRunner:
         """Copies made by the resident path: to_device, to_host, on_device (rows gathered)."""
         return self.bound.transfers if self.bound is not None else Counter()
 
-    def run_rows(self, xs: Sequence[Activation]) -> Outputs:
-        """Run on queued activations (host arrays or device rows). Resident: the activation
+    def run_rows(self, xs: Batch) -> Outputs:
+        """Run on queued activations (host arrays or device rows, or host rows already
+        stacked: :func:`~offramp.model.resident.stack_on_host`). Resident: the activation
         stays on the device (a :class:`DeviceRows` valid until :meth:`keep` is called, which
         must be before the next run); otherwise as :meth:`run`."""
         if self.bound is None:
@@ -176,8 +178,9 @@ class SegmentRunner:
         if self.static_batch and len(xs) > self.static_batch:
             raise BundleError(f"segment {self.index}: a batch of {len(xs)} is over its static "
                               f"batch {self.static_batch}")
-        for x in xs:
-            shape = x.batch.value.shape()[1:] if isinstance(x, Row) else x.shape
+        shapes = [xs.shape[1:]] if isinstance(xs, np.ndarray) else \
+            [x.batch.value.shape()[1:] if isinstance(x, Row) else x.shape for x in xs]
+        for shape in shapes:
             if tuple(shape) != self.spec.input.per_sample:
                 raise BundleError(f"segment {self.index} takes {list(self.spec.input.per_sample)} "
                                   f"per sample, got {list(shape)}")
