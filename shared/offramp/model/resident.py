@@ -104,15 +104,18 @@ class RowSelector:
         self.transfers = transfers
 
     @classmethod
-    def load(cls, path: Path | None, device: str, device_id: int, providers: list[str],
+    def load(cls, path: Path | None, device: str, device_id: int,
              transfers: Counter[str]) -> RowSelector:
+        """``device``: 'cpu', or 'cuda' (the CUDA provider on ``device_id``, where the
+        segments' buffers are)."""
         session = None
         if path is not None and path.is_file():
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1
-            session = ort.InferenceSession(str(path), sess_options=opts,
-                                           providers=[p for p in providers
-                                                      if p != "TensorrtExecutionProvider"])
+            providers: list[str | tuple[str, dict[str, object]]] = ["CPUExecutionProvider"]
+            if device == "cuda":
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         return cls(session, device, device_id, transfers)
 
     def select(self, value: ort.OrtValue, rows: np.ndarray,
@@ -149,6 +152,7 @@ class Bound:
 
     def __init__(self, session: ort.InferenceSession, *, input_name: str,
                  per_sample: tuple[int, ...], outputs: tuple[str | None, str, str],
+                 output_shapes: dict[str, tuple[int, ...]],
                  device: str, device_id: int, rows: RowSelector, fixed_batch: int = 0) -> None:
         self.session = session
         self.input_name, self.per_sample = input_name, per_sample
@@ -160,17 +164,15 @@ class Bound:
         self._names = [name for name in outputs if name]
         self._binding: ort.IOBinding | None = None
         if fixed_batch:  # bound once: a CUDA graph replays at these addresses
-            shapes = {o.name: [fixed_batch, *o.shape[1:]] for o in session.get_outputs()}
             self._input = self._alloc([fixed_batch, *per_sample])
-            self._buffers = {name: self._alloc(shapes[name]) for name in self._names}
+            self._buffers = {name: self._alloc([fixed_batch, *output_shapes[name]])
+                             for name in self._names}
             self._binding = session.io_binding()
             self._binding.bind_ortvalue_input(input_name, self._input)
             for name in self._names:
                 self._binding.bind_ortvalue_output(name, self._buffers[name])
 
     def _alloc(self, shape: list[int]) -> ort.OrtValue:
-        if any(not isinstance(d, int) for d in shape):
-            raise ValueError(f"cannot allocate a fixed buffer of shape {shape}")
         return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device,
                                                          self.device_id)
 

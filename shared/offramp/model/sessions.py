@@ -153,12 +153,15 @@ class SegmentRunner:
         self.bound: Bound | None = None
         if resident:
             place = "cpu" if self.device == "cpu" else "cuda"
-            rows = RowSelector.load(bundle.rows_model(), place, gpu.device_id, self.providers,
+            rows = RowSelector.load(bundle.rows_model(), place, gpu.device_id,
                                     Counter() if transfers is None else transfers)
             act = self.spec.activation.name if self.spec.activation is not None else None
             self.bound = Bound(self.session, input_name=self.spec.input.name,
                                per_sample=self.spec.input.per_sample,
                                outputs=(act, self.spec.logits.name, self.spec.embedding.name),
+                               output_shapes={t.name: t.per_sample for t in (
+                                   self.spec.activation, self.spec.logits, self.spec.embedding)
+                                   if t is not None},
                                device=place, device_id=gpu.device_id, rows=rows,
                                fixed_batch=self.static_batch)
 
