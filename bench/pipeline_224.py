@@ -12,8 +12,9 @@ per core, same run.
   autoencoders of ratio 4 where the bundle has them), the activation bytes published per frame
   into each segment (``into_1`` is the admission-controller's first hop, the frame's input
   tensor in its own codec), counted by a client subscribed to every activation topic, and the
-  accuracy over the frames answered. Those runs carry the observer's extra traffic, so their
-  rates are not reported.
+  accuracy over the frames answered; ``first_hop_bytes_per_frame`` the same for the
+  admission-controller's codec (raw, fp16, int8). Those runs carry the observer's extra
+  traffic, so their rates are not reported.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ FRAMES = int(os.environ.get("OFFRAMP_BENCH_PIPELINE_224_FRAMES", "400"))
 REPEATS = 2
 BATCH = 8  # micro-batches of 8 x 294 KiB: 2.4 MB packets
 CODECS = ("raw", "fp16", "int8", "ae")
+FIRST_HOP = ("raw", "fp16", "int8")  # OFFRAMP_ADMISSION_CODEC
 ENV = {"OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "100000", "OFFRAMP_ADMISSION_INGEST_QUEUE": "100000",
        "OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "120",
        "OFFRAMP_ADMISSION_DISPATCH_BATCH": str(BATCH), "OFFRAMP_LOG_LEVEL": "warning"}
@@ -82,8 +84,9 @@ async def _drive(system: LocalSystem, payloads: list[bytes],
 
 
 def _system(bundle: Bundle, payloads: list[bytes], *, exits: bool, codec: str = "auto",
-            observe: bool = False) -> tuple[Run, Counter[str]]:
-    env = {**ENV, "OFFRAMP_ARBITER_DISABLE_EXITS": "false" if exits else "true"}
+            observe: bool = False, first_hop: str = "raw") -> tuple[Run, Counter[str]]:
+    env = {**ENV, "OFFRAMP_ARBITER_DISABLE_EXITS": "false" if exits else "true",
+           "OFFRAMP_ADMISSION_CODEC": first_hop}
     worker_env = {**WORKER_ENV, "OFFRAMP_WORKER_CODEC": codec}
     with LocalSystem(bundle, WORKERS, env=env, worker_env=worker_env) as system:
         return asyncio.run(_drive(system, payloads, observe))
@@ -118,6 +121,11 @@ def run() -> dict[str, Any]:
         wire[codec] = {**per, "between_workers": sum(v for k, v in per.items()
                                                      if k != "into_1"),
                        "accuracy": summarise(result, labels)["accuracy"]}
+    first_hop: dict[str, Any] = {}
+    for codec in FIRST_HOP:
+        result, counted = _system(bundle, payloads, exits=False, first_hop=codec, observe=True)
+        first_hop[codec] = {"into_1": round(counted["into_1"] / len(result.results)),
+                            "accuracy": summarise(result, labels)["accuracy"]}
     return {
         "model": f"{bundle.name}: EfficientNet-Lite0, 224x224 Fashion-MNIST, "
                  f"{bundle.num_segments} segments on {WORKERS} worker processes, CPU",
@@ -133,4 +141,5 @@ def run() -> dict[str, Any]:
         "exit_speedup": round(float(np.mean(speedup)), 3),
         "exit_speedup_runs": [round(s, 3) for s in speedup],
         "wire_bytes_per_frame": wire,
+        "first_hop_bytes_per_frame": first_hop,
     }

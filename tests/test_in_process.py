@@ -62,10 +62,13 @@ async def _bundle_ready(engine: Engine, bundle: Bundle) -> None:
 
 
 # -- the whole system in one process ---------------------------------------------------------
+@pytest.mark.parametrize("codec", ["raw", "int8"])
 async def test_the_whole_system_in_one_process_answers_like_the_chain(
-        tiny_bundle: Bundle) -> None:
+        tiny_bundle: Bundle, codec: str) -> None:
     """Admission, arbiter, scheduler and two workers as coroutines on one memory broker: every
-    frame answered, each answer equal to the chained segments run here one by one."""
+    frame answered, each answer equal to the chained segments run here one by one. With the
+    input sent as int8 (a quarter of the bytes), all but a few frames near a threshold (one
+    of the 40 here)."""
     from offramp.ml.data import load_digits
 
     broker = MemoryBroker()
@@ -73,7 +76,8 @@ async def test_the_whole_system_in_one_process_answers_like_the_chain(
     env = {"OFFRAMP_TOPIC_PREFIX": "inproc", "OFFRAMP_LOG_LEVEL": "warning",
            "OFFRAMP_ADMISSION_BUNDLE": root, "OFFRAMP_WORKER_BUNDLE": root,
            "OFFRAMP_ARBITER_BUNDLE": root, "OFFRAMP_SCHEDULER_BUNDLE": root,
-           "OFFRAMP_SCHEDULER_SETTLE_S": "0.2", "OFFRAMP_WORKER_FOLLOW_PLAN": "false"}
+           "OFFRAMP_SCHEDULER_SETTLE_S": "0.2", "OFFRAMP_WORKER_FOLLOW_PLAN": "false",
+           "OFFRAMP_ADMISSION_CODEC": codec}
     k = tiny_bundle.num_segments
     stop = asyncio.Event()
     images = load_digits().test.images[:40]
@@ -108,10 +112,11 @@ async def test_the_whole_system_in_one_process_answers_like_the_chain(
             stop.set()
     by_frame = {r.frame_id: r for r in got.results}
     assert len(got.results) == len(payloads) == len(by_frame)
-    for i, expected in enumerate(want):
-        r = by_frame[f"f{i}"]
-        assert r.status == "ok", r
-        assert (r.label, r.exit_index) == (expected.label, expected.exit_index), (i, r, expected)
+    assert all(r.status == "ok" for r in got.results)
+    differ = [(i, by_frame[f"f{i}"], expected) for i, expected in enumerate(want)
+              if (by_frame[f"f{i}"].label, by_frame[f"f{i}"].exit_index)
+              != (expected.label, expected.exit_index)]
+    assert len(differ) <= (0 if codec == "raw" else 3), differ
 
 
 # -- the worker's engine ----------------------------------------------------------------------

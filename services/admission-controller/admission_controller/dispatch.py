@@ -39,7 +39,7 @@ class DispatchConfig:
     node: str  # this admission-controller
     batch: int = 8  # frames per first-activation packet
     wait_s: float = 0.001  # longest wait to fill a packet
-    codec: Literal["raw", "fp16"] = "raw"
+    codec: Literal["raw", "fp16", "int8"] = "raw"
     heartbeat_s: float = 0.25
 
 

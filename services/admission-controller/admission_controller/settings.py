@@ -37,7 +37,10 @@ class AdmissionSettings:
                                 max=86400)
     dispatch_batch: int = setting(8, "Frames per first-activation packet", min=1, max=1024)
     dispatch_wait_ms: float = setting(1.0, "Longest wait to fill a packet", min=0, max=1000)
-    codec: Literal["raw", "fp16"] = setting("raw", "Codec of the input tensor")
+    codec: Literal["raw", "fp16", "int8"] = setting(
+        "raw", "Codec of the input tensor sent to the first segment: raw (exact), fp16 (half "
+        "the bytes), int8 (a quarter, one scale per packet: about the resolution an 8-bit "
+        "camera image had; 602 KB -> 151 KB per frame at 224x224)")
     results_in_flight: int = setting(256, "Results being published at once (QoS 1)", min=1,
                                      max=100_000)
     max_pixels: int = setting(0, "Largest image accepted, in pixels, read from its header "
