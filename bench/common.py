@@ -6,12 +6,25 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rate(step: Callable[[], object], batch: int, seconds: float, warmup: int = 3) -> float:
+    """Images per second of ``step`` (one batch of ``batch`` each), run for ``seconds`` after
+    ``warmup`` runs."""
+    for _ in range(warmup):
+        step()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    return n * batch / (time.perf_counter() - t0)
 
 
 def percentile_ms(samples_s: list[float], q: float) -> float:

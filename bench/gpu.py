@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import write_result
+from bench.common import rate, write_result
 from offramp.bus import Topics
 from offramp.ml.export import export_bundle
 from offramp.ml.zoo import create_model
@@ -63,17 +63,6 @@ def make_bundle(key: str, root: Path) -> Bundle:
     model = create_model(arch, 10, input_size=size, **cfg).eval()
     return export_bundle(model, root / key, name=f"bench-{key}", classes=list("0123456789"),
                          spec=InputSpec(height=size, width=size))
-
-
-def rate(step: Step, batch: int, seconds: float) -> float:
-    """Images per second of ``step`` (one batch each), after three warm-up runs."""
-    for _ in range(3):
-        step()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        step()
-        n += 1
-    return n * batch / (time.perf_counter() - t0)
 
 
 def _chain(runners: list[SegmentRunner], x: np.ndarray, resident: bool) -> Step:

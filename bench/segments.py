@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.common import rate as throughput
 from bench.common import write_result
 from offramp.ml.export import export_bundle
 from offramp.ml.zoo import create_model
@@ -31,13 +31,7 @@ THREADS = os.cpu_count() or 2
 
 
 def rate(fn: Callable[[], object]) -> float:
-    for _ in range(5):
-        fn()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < SECONDS:
-        fn()
-        n += 1
-    return n * BATCH / (time.perf_counter() - t0)
+    return throughput(fn, BATCH, SECONDS, warmup=5)
 
 
 def main() -> None:
