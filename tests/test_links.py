@@ -27,7 +27,7 @@ from offramp.local.system import LocalSystem, split_segments
 from offramp.model.bundle import Bundle, load_bundle
 from offramp.node.peers import PeerTable
 from offramp.policy.codecs import CodecOption, choose_codec
-from offramp.policy.links import LinkMeter, PathMeter
+from offramp.policy.links import LinkMeter, PathMeter, QueuePeak
 from offramp.policy.offload import Candidate, choose
 from offramp.wire import Heartbeat, SegmentLoad
 
@@ -153,6 +153,56 @@ def test_tcp_info_reads_what_a_real_connection_carried() -> None:
     assert tcp_info.read(None) is None
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         assert tcp_info.read(udp) is None  # not TCP: unknown, not an error
+
+
+def test_tcp_info_counts_what_waits_in_the_socket_unsent() -> None:
+    """A peer that does not read: what the application wrote and the kernel could not send
+    yet is ``notsent_bytes`` (what a heartbeat published now would wait behind)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        client.setblocking(False)
+        written = 0
+        with contextlib.suppress(BlockingIOError):
+            while written < 64 << 20:
+                written += client.send(bytes(1 << 16))
+        info = tcp_info.read(client)
+        client.close()
+        conn.close()
+    assert info is not None
+    assert 0 < info.notsent_bytes <= written
+
+
+def test_a_node_busy_sending_is_given_its_queue_before_it_is_called_silent() -> None:
+    """The admission-controller re-dispatches what a silent worker holds. A worker whose
+    heartbeat said 1.5 s of data wait to go out is silent after 0.75 + 2 x 1.5 s, not 0.75 s:
+    its next heartbeat is behind that data (over a 20 Mbit/s link, a window of 32 frames of
+    294 KiB made the admission-controller re-dispatch every ~8 s and the link carry 2.7 times
+    the bytes per answered frame)."""
+    peers = PeerTable("admission-1")
+    peers.update(Heartbeat(role="worker", node="idle"), now=100.0)
+    peers.update(Heartbeat(role="worker", node="busy", queue_s=1.5), now=100.0)
+    peers.update(Heartbeat(role="worker", node="liar", queue_s=1e9), now=100.0)
+    assert not peers.silent("idle", 0.75, now=100.7) and peers.silent("idle", 0.75, now=100.8)
+    assert not peers.silent("busy", 0.75, now=103.7) and peers.silent("busy", 0.75, now=103.8)
+    assert peers.silent("liar", 0.75, now=161.0)  # the allowance is capped at a minute
+    assert not peers.silent("unknown", 0.75, now=1000.0)
+    wire = Heartbeat(role="worker", node="busy", queue_s=1.5)
+    assert Heartbeat.decode(wire.encode()).queue_s == 1.5
+
+
+def test_the_queue_a_heartbeat_reports_is_the_longest_of_the_last_two_seconds() -> None:
+    """A burst queued between two heartbeats delays the next one: it must be in the figure
+    the heartbeat after it carries, not only the queue at the instant it is built."""
+    peak = QueuePeak(window_s=2.0)
+    assert peak.value(0.0) == 0.0
+    peak.add(0.0, 0.2)
+    peak.add(0.1, 1.3)  # a burst of activation packets
+    peak.add(0.3, 0.0)  # drained by the time the heartbeat samples
+    assert peak.value(0.3) == 1.3
+    peak.add(1.5, 0.4)
+    assert peak.value(2.05) == 1.3 and peak.value(2.2) == 0.4
+    assert peak.value(3.6) == 0.0  # nothing left in the window
 
 
 # -- over a shaped link -----------------------------------------------------------------------

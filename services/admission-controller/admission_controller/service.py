@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -194,7 +193,7 @@ class Admission:
                 self.dispatcher.submit(sweep.redispatch)
             stale = self.dispatcher.stale_after_s
             for node in self.tracker.holders():
-                if stale < self.dispatcher.peers.age(node) < math.inf:  # known, and silent
+                if self.dispatcher.peers.silent(node, stale):
                     self._redispatch(node, "silent")
 
     async def control(self) -> None:

@@ -36,7 +36,7 @@ from offramp.node.peers import PeerTable
 from offramp.node.tracing import AttributeValue, Tracing
 from offramp.policy.credits import CreditLedger
 from offramp.policy.exits import ExitDecision, decide
-from offramp.policy.links import LinkMeter, PathMeter
+from offramp.policy.links import LinkMeter, PathMeter, QueuePeak
 from offramp.policy.offload import Candidate
 from offramp.wire import (
     ActivationPacket,
@@ -128,7 +128,8 @@ class Engine:
                  metrics: Metrics | None = None,
                  nudge: Callable[[], None] = lambda: None,
                  tracing: Tracing | None = None,
-                 max_payload: Callable[[str], int] = lambda topic: 0) -> None:
+                 max_payload: Callable[[str], int] = lambda topic: 0,
+                 unsent: Callable[[], int] = lambda: 0) -> None:
         self.bundle = bundle
         self.model = bundle.name
         self.cfg = cfg
@@ -145,6 +146,8 @@ class Engine:
         self.outbox = Outbox(1024, grace_s=2.0)  # done reports still going out at the end
         self.meter = LinkMeter()  # fed with the connection's counters by the service
         self.paths = PathMeter()  # what arrives from each sender
+        self.unsent = unsent  # bytes published and not yet taken by the network
+        self.queue_peak = QueuePeak()  # how long that took to drain, lately (heartbeat)
         self.codecs = Codecs(bundle, mode=cfg.codec, max_loss=cfg.codec_max_loss,
                              batch=cfg.batch_max, offload=self._offload, log=self.log)
         self.link = Link(self._send_packet, rate_bps=cfg.link_bits_per_s,
@@ -483,6 +486,16 @@ class Engine:
 
     async def _send_packet(self, topic: str, payload: bytes) -> None:
         await self._publish(topic, payload, 0)
+        self.sample_queue()
+
+    def sample_queue(self) -> float:
+        """How long what waits to go out takes at the link's rate now; recorded for the
+        heartbeat's ``queue_s`` (:class:`~offramp.policy.links.QueuePeak`), which it returns."""
+        rate = self.uplink()[0]
+        now = time.monotonic()
+        if rate > 0:
+            self.queue_peak.add(now, self.unsent() / rate)
+        return self.queue_peak.value(now)
 
     async def _publish(self, topic: str, payload: bytes, qos: int) -> None:
         try:

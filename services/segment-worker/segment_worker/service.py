@@ -66,7 +66,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
 
     engine = Engine(bundle, cfg, topics, PeerTable(cfg.node), publish, metrics=runtime.metrics,
                     tracing=runtime.tracing, nudge=runtime.beat_soon,
-                    max_payload=bus.max_payload)
+                    max_payload=bus.max_payload, unsent=bus.unsent_bytes)
     runtime.heartbeat_with(partial(_beat, engine=engine, settings=settings, loadable=loadable,
                                    bus=bus))
     runtime.metrics.on_collect(lambda reading: _read(reading, engine))
@@ -139,6 +139,7 @@ def _beat(hb: Heartbeat, *, engine: Engine, settings: WorkerSettings,
     if (tcp := bus.tcp_info()) is not None:
         engine.meter.observe(tcp.bytes_acked, tcp.busy_us, tcp.rtt_us)
     link_bps, link_rtt_s = engine.uplink()
+    queue_s = engine.sample_queue()
     c = engine.counters
     stats = {"bad_packets": c.bad_packets, "misrouted": c.misrouted, "expired": c.expired,
              "queue_overflow": c.queue_overflow, "completions": c.completions,
@@ -150,7 +151,8 @@ def _beat(hb: Heartbeat, *, engine: Engine, settings: WorkerSettings,
                    sent=engine.placer.sent(), link_bps=link_bps, link_rtt_s=link_rtt_s,
                    paths={k: round(v) for k, v in engine.paths.rates().items()},
                    loadable=tuple(SegmentRef(model=engine.model, segment=s) for s in loadable),
-                   max_segments=settings.max_segments, device=engine.device)
+                   max_segments=settings.max_segments, device=engine.device,
+                   queue_s=round(queue_s, 3))
 
 
 def _read(r: Reading, engine: Engine) -> None:

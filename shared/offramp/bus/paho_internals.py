@@ -40,7 +40,7 @@ from offramp.errors import BusError
 
 # What each part of the bus uses: checked by check() at start.
 AIOMQTT_NAMES = ("_client",)
-PAHO_NAMES = ("on_publish", "publish", "socket", "manual_ack_set", "_send_puback")
+PAHO_NAMES = ("on_publish", "publish", "socket", "manual_ack_set", "_send_puback", "_out_packet")
 READ_PATH_NAMES = ("_sock_recv", "_packet_read", "_packet_handle", "_in_packet", "_send_puback",
                    "_out_messages", "_out_message_mutex", "_do_on_publish", "_msgtime_mutex",
                    "_last_bytes_received", "_protocol")
@@ -127,6 +127,10 @@ class PahoHandle:
             inner(c, userdata, flags, reason, props)
 
         self.paho.on_connect = on_connect
+
+    def queued_bytes(self) -> int:
+        """Bytes of packets paho holds for the socket and has not written yet."""
+        return sum(len(p["packet"]) - p["pos"] for p in list(self.paho._out_packet))
 
     def socket(self) -> socket.socket | None:
         sock: socket.socket | None = self.paho.socket()

@@ -228,6 +228,10 @@ class MessageBus:
         or a system that does not give them), for :class:`offramp.policy.links.LinkMeter`."""
         return None
 
+    def unsent_bytes(self) -> int:
+        """Bytes published and not yet taken by the network (0: none, or not known)."""
+        return 0
+
     def max_payload(self, topic: str) -> int:
         """The largest payload a publish to ``topic`` may carry now (0: no limit)."""
         return 0

@@ -1,8 +1,9 @@
 """The kernel's accounting of a TCP connection (Linux ``TCP_INFO``), for link measurement.
 
 ``struct tcp_info`` only ever grows at its end, so the fields read here sit at fixed offsets:
-``tcpi_rtt`` (microseconds, since 2.6), ``tcpi_bytes_acked`` (4.1) and ``tcpi_busy_time``
-(microseconds with data to send, 4.10). Where the system does not give them (another OS, an
+``tcpi_rtt`` (microseconds, since 2.6), ``tcpi_bytes_acked`` (4.1), ``tcpi_notsent_bytes``
+(written by the application, not yet sent, 4.6) and ``tcpi_busy_time`` (microseconds with data
+to send, 4.10). Where the system does not give them (another OS, an
 older kernel, a socket that is not TCP) :func:`read` returns None and the link stays unknown.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 _RTT = struct.Struct("=I")  # at 68
 _BYTES_ACKED = struct.Struct("=Q")  # at 120
+_NOTSENT = struct.Struct("=I")  # at 144
 _BUSY_TIME = struct.Struct("=Q")  # at 168
 _NEEDED = 176
 
@@ -23,6 +25,7 @@ class TcpInfo:
     bytes_acked: int  # cumulative, of this connection
     busy_us: int  # cumulative time with data to send
     rtt_us: int  # smoothed round trip now
+    notsent_bytes: int = 0  # in the socket's send buffer, not yet sent
 
 
 def read(sock: socket.socket | None) -> TcpInfo | None:
@@ -38,4 +41,5 @@ def read(sock: socket.socket | None) -> TcpInfo | None:
         return None
     return TcpInfo(bytes_acked=_BYTES_ACKED.unpack_from(raw, 120)[0],
                      busy_us=_BUSY_TIME.unpack_from(raw, 168)[0],
-                     rtt_us=_RTT.unpack_from(raw, 68)[0])
+                     rtt_us=_RTT.unpack_from(raw, 68)[0],
+                     notsent_bytes=_NOTSENT.unpack_from(raw, 144)[0])

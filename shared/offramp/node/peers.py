@@ -23,6 +23,9 @@ class Peer:
     heartbeat: Heartbeat
 
 
+MAX_QUEUE_S = 30.0  # the most a heartbeat's queue_s extends the wait for the next
+
+
 class PeerTable:
     def __init__(self, own_node: str = "") -> None:
         self.own_node = own_node
@@ -53,6 +56,17 @@ class PeerTable:
         now = time.monotonic() if now is None else now
         peer = self._peers.get(node)
         return now - peer.seen if peer else float("inf")
+
+    def silent(self, node: str, stale_after_s: float, now: float | None = None) -> bool:
+        """Whether ``node`` is known and has not been heard from for longer than
+        ``stale_after_s`` plus twice the queue it said its next heartbeat would wait behind
+        (a node sending megabytes over a slow link is busy, not gone; the allowance is capped
+        at a minute)."""
+        peer = self._peers.get(node)
+        if peer is None:
+            return False
+        allowance = 2 * min(max(peer.heartbeat.queue_s, 0.0), MAX_QUEUE_S)
+        return self.age(node, now) > stale_after_s + allowance
 
     def load(self, node: str, model: str, segment: int) -> SegmentLoad | None:
         peer = self._peers.get(node)

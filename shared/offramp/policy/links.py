@@ -15,6 +15,8 @@ Pure: the counters come from :func:`offramp.bus.tcp_info.read` (or a test).
 
 from __future__ import annotations
 
+from collections import deque
+
 
 class LinkMeter:
     def __init__(self, *, min_bytes: int = 256 * 1024, min_busy_s: float = 0.05,
@@ -98,3 +100,24 @@ class _Path:
         self.bytes = 0
         self.busy_s = 0.0
         self.rate = 0.0
+
+
+class QueuePeak:
+    """The longest this node's outgoing queue took to drain, over the last ``window_s``: what
+    it says in its heartbeat (``queue_s``). Sampled after every activation packet it publishes
+    and at every heartbeat, so a burst queued between two heartbeats is in the next one; the
+    others give the node twice that before they call it silent. Clock-free: times are given."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque()  # (time, seconds), decreasing s
+
+    def add(self, now: float, seconds: float) -> None:
+        while self._samples and self._samples[-1][1] <= seconds:
+            self._samples.pop()  # a later, longer queue supersedes shorter earlier ones
+        self._samples.append((now, seconds))
+
+    def value(self, now: float) -> float:
+        while self._samples and self._samples[0][0] < now - self.window_s:
+            self._samples.popleft()
+        return self._samples[0][1] if self._samples else 0.0

@@ -112,6 +112,9 @@ class Heartbeat(WireMessage):
     unknown), as ONNX Runtime gave it, which may differ from what it was asked for.
     ``draining``: the service is stopping; it advertises no segment and grants no credit, and
     senders stop sending to it at once (it still finishes what it holds).
+    ``queue_s``: how long what the node had published and the network had not yet taken needs
+    to go out at its link's rate, when it sent this: the next heartbeat waits behind it, so
+    the others wait that much longer before they call the node silent.
     """
 
     KIND: ClassVar[str] = "hb"
@@ -133,6 +136,7 @@ class Heartbeat(WireMessage):
     device: str = ""
     draining: bool = False
     paths: dict[str, float] = field(default_factory=dict)
+    queue_s: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
         return {"role": self.role, "node": self.node, "online": self.online, "seq": self.seq,
@@ -143,7 +147,7 @@ class Heartbeat(WireMessage):
                 "link_rtt": self.link_rtt_s,
                 "loadable": [[s.model, s.segment] for s in self.loadable],
                 "max_segs": self.max_segments, "device": self.device,
-                "draining": self.draining, "paths": self.paths}
+                "draining": self.draining, "paths": self.paths, "queue_s": self.queue_s}
 
     @classmethod
     def from_wire(cls, r: Reader) -> Heartbeat:
@@ -167,4 +171,5 @@ class Heartbeat(WireMessage):
                    max_segments=r.integer("max_segs"),
                    device=r.opt_text("device") or "",
                    draining=r.flag("draining") if r.has("draining") else False,
-                   paths={k: paths.number(k) for k in paths} if paths is not None else {})
+                   paths={k: paths.number(k) for k in paths} if paths is not None else {},
+                   queue_s=r.number("queue_s") if r.has("queue_s") else 0.0)
