@@ -1,5 +1,6 @@
-"""The worker's data path: queue -> micro-batch -> segment (off the event loop) -> per-sample
-exit -> completion, or on to the next segment (in memory when local, over the bus otherwise).
+"""The worker's data path: queue -> micro-batch -> segment and exit decision (together, on the
+inference thread) -> completion, or on to the next segment (in memory when local, on the GPU
+when activations are resident, over the bus otherwise).
 
 Segments come and go while running (the plan): :meth:`Engine.host` loads one, :meth:`Engine.
 release` stops advertising it and lets it drain; the service unloads it once it is empty.
