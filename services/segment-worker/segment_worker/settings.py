@@ -39,7 +39,7 @@ class WorkerSettings:
                              "start)")
     trt_precision: Literal["fp32", "fp16", "int8"] = setting(
         "fp16", "TensorRT precision; int8 reads the calibration tables `offramp calibrate "
-        "--int8` writes into the bundle (and needs trt_cache)")
+        "--int8` writes into the bundle, and needs OFFRAMP_WORKER_TRT_CACHE")
     trt_workspace_mb: int = setting(2048, "Most GPU memory TensorRT may use while building an "
                                     "engine, MiB", min=64, max=1 << 20)
     gpu_id: int = setting(0, "CUDA device number", min=0, max=63)
