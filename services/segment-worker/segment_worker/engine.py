@@ -34,7 +34,7 @@ from offramp.model.resident import Activation, Batch, Outputs, Row, on_host, sta
 from offramp.model.sessions import SegmentRunner
 from offramp.node.metrics import BATCH_BUCKETS, Metrics
 from offramp.node.peers import PeerTable
-from offramp.node.tracing import AttributeValue, Tracing
+from offramp.node.tracing import Tracing
 from offramp.policy.credits import CreditLedger
 from offramp.policy.exits import ExitDecision, decide
 from offramp.policy.links import LinkMeter, PathMeter, QueuePeak
@@ -55,6 +55,7 @@ from segment_worker.link import Link
 from segment_worker.placer import Placer
 from segment_worker.queue import Item, SegmentQueue
 from segment_worker.settings import EngineConfig
+from segment_worker.spans import record_batch
 
 Publish = Callable[[str, bytes, int], Awaitable[None]]  # topic, payload, qos
 
@@ -442,7 +443,7 @@ class Engine:
                     node=self.cfg.node, ts=finished, hops=sample.hops, thresholds=thresholds,
                     created=sample.created))
         if self.tracing is not None and self.tracing.enabled:
-            self._trace(segment, items, d, started, finished, len(items))
+            record_batch(self.tracing, self.cfg.node, segment, items, d, started, finished)
         for source, completions in done.items():
             await self.outbox.send(self._report(source, completions))
         hosted.stats.exited += len(items) - len(c.stay)
@@ -450,36 +451,6 @@ class Engine:
             now, emb = time.time(), c.out.embedding
             await self.placer.forward(segment + 1, [Item(samples[i], x, emb[i], now, now)
                                                     for i, x in zip(c.stay, c.kept, strict=True)])
-
-    def _trace(self, segment: int, items: list[Item], d: ExitDecision, started: float,
-               finished: float, batch: int) -> None:
-        """The spans of the traced samples of one micro-batch (docs/architecture.md, Traces):
-        how each got here (placement after the previous segment, by the clock of the node
-        that ran it, and the transfer when it came from another node), the segment with its
-        queue wait and compute, and the exit decision for those that exit."""
-        assert self.tracing is not None
-        record, node = self.tracing.record, self.cfg.node
-        for i, it in enumerate(items):
-            parent = it.sample.trace
-            if parent is None:
-                continue
-            attrs: dict[str, AttributeValue] = {
-                "offramp.node": node, "offramp.segment": segment,
-                "offramp.task_id": it.sample.task_id, "offramp.attempt": it.sample.attempt}
-            if it.sample.hops and it.sample.hops[-1].finished < it.sent:
-                prev = it.sample.hops[-1]
-                record(parent, f"placement for segment {segment}", prev.finished, it.sent,
-                       {**attrs, "offramp.node": prev.node})
-            if it.sent and it.sent < it.arrived:  # not for a hand-over on this node
-                record(parent, f"transfer to segment {segment}", it.sent, it.arrived, attrs)
-            span = record(parent, f"segment {segment}", it.arrived, finished,
-                          {**attrs, "offramp.batch": batch})
-            record(span, "queue", it.arrived, started)
-            record(span, "compute", started, finished)
-            if d.exits[i]:
-                record(parent, "exit", finished, time.time(), {
-                    **attrs, "offramp.exit": segment, "offramp.reason": str(d.reasons[i]),
-                    "offramp.confidence": float(d.confidence[i]), "offramp.label": int(d.labels[i])})
 
     async def _report(self, source: str, completions: list[Completion]) -> None:
         await self._publish(self.topics.done(source), DoneReport(completions=tuple(completions)).encode(), 1)
