@@ -171,6 +171,7 @@ def test_tcp_info_counts_what_waits_in_the_socket_unsent() -> None:
         conn.close()
     assert info is not None
     assert 0 < info.notsent_bytes <= written
+    assert 0 <= info.unacked_bytes <= written
 
 
 def test_a_node_busy_sending_is_given_its_queue_before_it_is_called_silent() -> None:

@@ -184,14 +184,16 @@ class Bus(MessageBus):
         return tcp_info.read(paho.socket()) if paho is not None else None
 
     def unsent_bytes(self) -> int:
-        """What this client has published and the network has not taken yet: paho's queue and
-        the socket's unsent bytes (0 where the kernel does not say). Whatever is published
-        next, a heartbeat too, waits behind it."""
+        """What this client has published and the broker has not received yet: paho's queue,
+        the socket's unsent bytes and those sent but not acknowledged (queued on the way, or
+        lost and to be sent again; 0 where the kernel does not say). Whatever is published
+        next, a heartbeat too, arrives behind it."""
         paho = self._paho
         if paho is None:
             return 0
         info = tcp_info.read(paho.socket())
-        return paho.queued_bytes() + (info.notsent_bytes if info is not None else 0)
+        kernel = info.notsent_bytes + info.unacked_bytes if info is not None else 0
+        return paho.queued_bytes() + kernel
 
     def _shutdown_socket(self) -> None:
         if self._paho is not None:

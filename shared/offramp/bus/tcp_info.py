@@ -1,7 +1,8 @@
 """The kernel's accounting of a TCP connection (Linux ``TCP_INFO``), for link measurement.
 
 ``struct tcp_info`` only ever grows at its end, so the fields read here sit at fixed offsets:
-``tcpi_rtt`` (microseconds, since 2.6), ``tcpi_bytes_acked`` (4.1), ``tcpi_notsent_bytes``
+``tcpi_snd_mss`` and ``tcpi_unacked`` (segments sent and not yet acknowledged), ``tcpi_rtt``
+(microseconds, since 2.6), ``tcpi_bytes_acked`` (4.1), ``tcpi_notsent_bytes``
 (written by the application, not yet sent, 4.6) and ``tcpi_busy_time`` (microseconds with data
 to send, 4.10). Where the system does not give them (another OS, an
 older kernel, a socket that is not TCP) :func:`read` returns None and the link stays unknown.
@@ -13,6 +14,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+_U32 = struct.Struct("=I")
+_SND_MSS, _UNACKED = 16, 24
 _RTT = struct.Struct("=I")  # at 68
 _BYTES_ACKED = struct.Struct("=Q")  # at 120
 _NOTSENT = struct.Struct("=I")  # at 144
@@ -26,6 +29,7 @@ class TcpInfo:
     busy_us: int  # cumulative time with data to send
     rtt_us: int  # smoothed round trip now
     notsent_bytes: int = 0  # in the socket's send buffer, not yet sent
+    unacked_bytes: int = 0  # sent and not acknowledged yet: in queues on the way, or lost
 
 
 def read(sock: socket.socket | None) -> TcpInfo | None:
@@ -42,4 +46,6 @@ def read(sock: socket.socket | None) -> TcpInfo | None:
     return TcpInfo(bytes_acked=_BYTES_ACKED.unpack_from(raw, 120)[0],
                      busy_us=_BUSY_TIME.unpack_from(raw, 168)[0],
                      rtt_us=_RTT.unpack_from(raw, 68)[0],
-                     notsent_bytes=_NOTSENT.unpack_from(raw, 144)[0])
+                     notsent_bytes=_NOTSENT.unpack_from(raw, 144)[0],
+                     unacked_bytes=_U32.unpack_from(raw, _UNACKED)[0]
+                     * _U32.unpack_from(raw, _SND_MSS)[0])
