@@ -27,7 +27,7 @@ from offramp.local.system import LocalSystem, split_segments
 from offramp.model.bundle import Bundle, load_bundle
 from offramp.node.peers import PeerTable
 from offramp.policy.codecs import CodecOption, choose_codec
-from offramp.policy.links import LinkMeter, PathMeter, QueuePeak
+from offramp.policy.links import LinkMeter, PathMeter, QueuePeak, paced
 from offramp.policy.offload import Candidate, choose
 from offramp.wire import Heartbeat, SegmentLoad
 
@@ -402,3 +402,14 @@ def test_packets_over_a_small_brokers_limit_are_split_or_their_frames_answered_a
         assert all("over the" in (r.error or "") and "bytes the broker takes" in (r.error or "")
                    for r in results), results[0].error
         assert '"frame_too_large"' in logs and "no result after" not in logs
+
+
+def test_a_sender_puts_only_so_much_into_its_connection_at_once() -> None:
+    """Pacing by link time: the samples for other nodes are cut, in order, to what the send
+    queue's budget holds; the local part goes whole; one sample goes when any budget is left
+    (however large it is), none when the queue is already full."""
+    parts = [("here", 5), ("a", 4), ("b", 4)]
+    assert paced(parts, "here", 100.0, 650.0) == [("here", 5), ("a", 4), ("b", 2)]
+    assert paced(parts, "here", 100.0, 10_000.0) == parts
+    assert paced(parts, "here", 1000.0, 10.0) == [("here", 5), ("a", 1), ("b", 0)]
+    assert paced(parts, "here", 100.0, -5.0) == [("here", 5), ("a", 0), ("b", 0)]

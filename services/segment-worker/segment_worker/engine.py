@@ -159,7 +159,7 @@ class Engine:
                              act_topic=lambda seg, node: topics.act(self.model, seg, node),
                              nudge=nudge, uplink=self.uplink, encode=self._encode,
                              wire=self.codecs.wire, max_payload=max_payload,
-                             on_host=self._on_host)
+                             on_host=self._on_host, unsent=unsent)
         self.warming: str | None = None  # what a segment being loaded is doing (readiness)
         self.transfers: Counter[str] = Counter()  # copies made by resident segments, all told
         self.draining = False  # the worker is stopping: nothing advertised, no credit

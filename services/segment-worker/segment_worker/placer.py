@@ -22,6 +22,7 @@ from offramp.model.resident import Activation, on_host
 from offramp.node.packing import send_within
 from offramp.node.peers import PeerTable
 from offramp.policy.credits import Demand, SendWindow
+from offramp.policy.links import paced
 from offramp.policy.offload import Candidate, choose, place
 from offramp.wire import ActivationPacket, Plan, SentCount, Tensor, Want
 from segment_worker.queue import Item
@@ -64,7 +65,7 @@ class Placer:
                  nudge: Callable[[], None], uplink: Uplink = lambda: (0.0, 0.0),
                  encode: Encode = _raw, wire: Wire = lambda cut, rate: (1.0, 0.0),
                  max_payload: Callable[[str], int] = lambda topic: 0,
-                 on_host: OnHost = _stack) -> None:
+                 on_host: OnHost = _stack, unsent: Callable[[], int] = lambda: 0) -> None:
         self.cfg = cfg
         self.model = model
         self.boot = boot
@@ -78,6 +79,7 @@ class Placer:
         self.wire = wire
         self.max_payload = max_payload  # what the bus takes per message to a topic (0: any)
         self.on_host = on_host  # device rows come to the host once, for a packet
+        self.unsent = unsent  # bytes published and not yet delivered (the send queue)
         self.window = SendWindow(cfg.node, boot)
         self.plan: Plan | None = None
         self._parked: dict[int, list[Item]] = {}
@@ -108,9 +110,26 @@ class Placer:
         return sum(len(v) for v in self._parked.values())
 
     async def room(self, segment: int) -> None:
-        while self.parked(segment) >= self.cfg.queue_max:
+        while self.parked(segment) >= self.cfg.queue_max or self._parked_for_link(segment):
             self._room.clear()
             await self._room.wait()
+
+    def _send_budget(self) -> float:
+        """Bytes the send queue may take now (``send_queue_s`` of the measured link, less
+        what waits in it); infinite where pacing is off or the link is not known yet."""
+        rate = self.uplink()[0]
+        if not self.cfg.send_queue_s or rate <= 0:
+            return float("inf")
+        return self.cfg.send_queue_s * rate - self.unsent()
+
+    def _parked_for_link(self, segment: int) -> bool:
+        """Whether the work parked for ``segment`` needs more than half the park timeout of
+        the link (paced sends): the segment before it waits, so none of it times out."""
+        rate = self.uplink()[0]
+        if not self.cfg.send_queue_s or rate <= 0:
+            return False
+        waiting = sum(it.x.nbytes for it in self._parked.get(segment, ()))
+        return waiting / rate > self.cfg.park_timeout_s / 2
 
     async def retry(self) -> None:
         """Place parked work again (credit may have arrived); drop what waited too long."""
@@ -164,18 +183,26 @@ class Placer:
             placement = place(self._candidates(segment, prio, len(group)), len(group), per_sample,
                               margin_s=self.cfg.offload_margin_s,
                               stale_after_s=self.cfg.stale_after_s, fallback=fallback)
-            for node, n in placement.parts:  # before any await: a concurrent placement must
-                if node != self.cfg.node:      # not count on the same credit
-                    hb = self.peers.heartbeat(node)
+            parts = list(placement.parts)
+            budget = self._send_budget()
+            if budget != float("inf"):  # what the link takes soon; the rest waits parked
+                ratio = self.wire(segment - 1, self.uplink()[0])[0]
+                parts = paced(parts, self.cfg.node, per_sample * ratio, budget)
+            for node, n in parts:
+                if node != self.cfg.node and n:  # before any await: a concurrent placement
+                    hb = self.peers.heartbeat(node)  # must not count on the same credit
                     self.window.spend(node, hb.boot if hb is not None else 0.0, self.model,
                                       segment, n)
-            start = 0
-            for node, n in placement.parts:
-                await self._send(segment, node, group[start:start + n])
-                start += n
-            if placement.kept:
+            start, held = 0, []
+            for (node, n), (_, full) in zip(parts, placement.parts, strict=True):
+                if n:
+                    await self._send(segment, node, group[start:start + n])
+                held += group[start + n:start + full]
+                start += full
+            held += group[start:]
+            if held:
                 parked = self._parked.setdefault(segment, [])
-                parked.extend(group[start:])
+                parked.extend(held)
                 waiting = sum(1 for it in parked if it.sample.priority == prio)
                 if self._demand.untold((segment, prio), waiting):
                     self.nudge()  # the hosts of ``segment`` do not know of this yet

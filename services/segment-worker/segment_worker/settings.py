@@ -61,6 +61,11 @@ class WorkerSettings:
                                        min=0, max=10_000)
     credit_lease_s: float = setting(2.0, "Credit spent on packets that never arrived is written "
                                     "off after this long", min=0.1, max=600)
+    send_queue_s: float = setting(0.5, "Most seconds of data (at its measured link rate) this "
+                                  "worker puts into its connection at once; what else it "
+                                  "places on other nodes waits parked, so its heartbeats and "
+                                  "reports do not queue behind seconds of activations (0: no "
+                                  "limit)", min=0, max=60)
     park_timeout_s: float = setting(5.0, "Work nobody can take is given up after this long (its "
                                     "owner dispatches it again)", min=0.1, max=3600)
     drain_s: float = setting(10.0, "On SIGTERM, how long to finish queued work", min=0, max=3600)
@@ -101,6 +106,7 @@ class EngineConfig:
     ageing_s: float = 0.5
     credit_lease_s: float = 2.0
     park_timeout_s: float = 5.0
+    send_queue_s: float = 0.5
     link_bits_per_s: float = 0.0  # emulated outgoing link (0: as is)
     link_delay_s: float = 0.0
     heartbeat_s: float = 0.25
@@ -121,7 +127,8 @@ class EngineConfig:
                    offload_margin_s=settings.offload_margin_ms / 1000,
                    stale_after_s=3 * common.heartbeat_s, slowdown=settings.slowdown,
                    ageing_s=settings.ageing_s, credit_lease_s=settings.credit_lease_s,
-                   park_timeout_s=settings.park_timeout_s, link_bits_per_s=settings.link_mbps * 1e6,
+                   park_timeout_s=settings.park_timeout_s, send_queue_s=settings.send_queue_s,
+                   link_bits_per_s=settings.link_mbps * 1e6,
                    link_delay_s=settings.link_delay_ms / 1000, heartbeat_s=common.heartbeat_s)
 
     def drain_intake_s(self, configured: float) -> float:

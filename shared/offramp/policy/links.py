@@ -16,6 +16,7 @@ Pure: the counters come from :func:`offramp.bus.tcp_info.read` (or a test).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 
 class LinkMeter:
@@ -121,3 +122,26 @@ class QueuePeak:
         while self._samples and self._samples[0][0] < now - self.window_s:
             self._samples.popleft()
         return self._samples[0][1] if self._samples else 0.0
+
+
+def paced(parts: Sequence[tuple[str, int]], local: str, sample_bytes: float,
+          budget_bytes: float) -> list[tuple[str, int]]:
+    """``parts`` (node, samples) with the samples for other nodes than ``local`` cut to what
+    ``budget_bytes`` of the outgoing queue holds, in order; the local part is kept whole.
+    With any budget left, at least one sample goes (a sample larger than the budget must
+    still go some time); with none, nothing does."""
+    out = []
+    room = budget_bytes
+    sent_any = False
+    for node, n in parts:
+        if node == local:
+            out.append((node, n))
+            continue
+        fits = int(room // sample_bytes) if sample_bytes > 0 else n
+        if not sent_any and room > 0:
+            fits = max(fits, 1)
+        take = max(0, min(n, fits))
+        room -= take * sample_bytes
+        sent_any = sent_any or take > 0
+        out.append((node, take))
+    return out
