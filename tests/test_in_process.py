@@ -264,6 +264,34 @@ async def test_the_placer_sends_within_credit_and_keeps_the_rest() -> None:
     assert sent[-1] == ("act/m/2/w2", 3) and placer.parked() == 0
 
 
+async def test_the_placer_hands_a_slow_link_only_half_a_second_at_once() -> None:
+    """Credit for 8 samples, a link of 10 samples' bytes a second: 5 go now (0.5 s), the rest
+    wait parked while the connection still holds them, and go once it has drained."""
+    sent: list[int] = []
+    unsent = [0]
+
+    async def transmit(topic: str, payload: bytes) -> None:
+        packet = ActivationPacket.decode(payload)
+        sent.append(len(packet.samples))
+        unsent[0] += len(payload)
+
+    items = _items(8)
+    per_sample = items[0].x.nbytes
+    peers = PeerTable("w1")
+    peers.update(_worker_beat("w2", 2, grant_to="w1", limit=8))
+    placer = Placer(EngineConfig(node="w1"), model="m", boot=0.0, peers=peers,
+                    stages=_Stages(local=None), transmit=transmit,
+                    act_topic=lambda seg, node: f"act/m/{seg}/{node}", nudge=lambda: None,
+                    uplink=lambda: (10.0 * per_sample, 0.001), unsent=lambda: unsent[0])
+    await placer.forward(2, items)
+    assert sent == [5] and placer.parked(2) == 3
+    await placer.retry()  # the connection still holds the first packet: nothing more
+    assert sent == [5] and placer.parked(2) == 3
+    unsent[0] = 0  # delivered
+    await placer.retry()
+    assert sent == [5, 3] and placer.parked() == 0
+
+
 async def test_placements_at_once_never_spend_the_same_credit_twice() -> None:
     """Encoding awaits (an autoencoder runs on the inference thread): two placements under
     way at once must still send no more than the credit granted."""
