@@ -114,19 +114,22 @@ class Placer:
             self._room.clear()
             await self._room.wait()
 
+    def _paced_rate(self) -> float:
+        """The link rate sends are paced by, bytes/s (0: pacing is off or the link is not
+        known yet)."""
+        return self.uplink()[0] if self.cfg.send_queue_s else 0.0
+
     def _send_budget(self) -> float:
         """Bytes the send queue may take now (``send_queue_s`` of the measured link, less
-        what waits in it); infinite where pacing is off or the link is not known yet."""
-        rate = self.uplink()[0]
-        if not self.cfg.send_queue_s or rate <= 0:
-            return float("inf")
-        return self.cfg.send_queue_s * rate - self.unsent()
+        what waits in it); infinite where sends are not paced."""
+        rate = self._paced_rate()
+        return self.cfg.send_queue_s * rate - self.unsent() if rate > 0 else float("inf")
 
     def _parked_for_link(self, segment: int) -> bool:
         """Whether the work parked for ``segment`` needs more than half the park timeout of
         the link (paced sends): the segment before it waits, so none of it times out."""
-        rate = self.uplink()[0]
-        if not self.cfg.send_queue_s or rate <= 0:
+        rate = self._paced_rate()
+        if rate <= 0:
             return False
         waiting = sum(it.x.nbytes for it in self._parked.get(segment, ()))
         return waiting / rate > self.cfg.park_timeout_s / 2

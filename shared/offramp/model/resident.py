@@ -155,7 +155,7 @@ class Bound:
                  output_shapes: dict[str, tuple[int, ...]],
                  device: str, device_id: int, rows: RowSelector, fixed_batch: int = 0) -> None:
         self.session = session
-        self.input_name, self.per_sample = input_name, per_sample
+        self.input_name = input_name
         self.act_name, self.logits_name, self.emb_name = outputs
         self.device, self.device_id = device, device_id
         self.rows = rows
