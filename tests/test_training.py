@@ -20,7 +20,7 @@ from offramp.ml.compress import (
     record_codecs,
     train_autoencoder,
 )
-from offramp.ml.train import TrainConfig, train
+from offramp.ml.train import TrainConfig, memory_layout, train
 from offramp.model.bundle import Bundle, BundleError, load_bundle
 from offramp.model.inputs import InputSpec
 from offramp.model.sessions import make_session
@@ -66,6 +66,16 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path,
     assert _same(_train(QUICK.train, ckpt), straight)
     with pytest.raises(OfframpError, match="other settings"):
         _train(replace(QUICK.train, lr=1e-4), ckpt)
+
+
+def test_a_cpu_trains_channels_last_and_hands_back_the_default_layout() -> None:
+    cpu = torch.device("cpu")
+    assert memory_layout(cpu, QUICK.train) == torch.channels_last
+    assert memory_layout(cpu, replace(QUICK.train, freeze_backbone=True)) == torch.contiguous_format
+    assert memory_layout(torch.device("cuda"), QUICK.train) == torch.contiguous_format
+    weights = _train(replace(QUICK.train, epochs=1))
+    convs = [w for w in weights.values() if w.dim() == 4]
+    assert convs and all(w.is_contiguous() for w in convs)  # what export expects
 
 
 def test_ablation_switches_off_one_term_at_a_time() -> None:

@@ -134,7 +134,8 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(os.cpu_count() or 1)
     device = resolve_device(cfg.device)
-    model.to(device)
+    layout = memory_layout(device, cfg)
+    model.to(device, memory_format=layout)
     if cfg.freeze_backbone and teacher is not None:
         raise OfframpError("a frozen backbone trains on cached features; it takes no teacher")
     teacher_dim = teacher.embed_dim if teacher is not None else None
@@ -151,7 +152,7 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
     if checkpoint is not None and resume and checkpoint.is_file():
         start, history = _restore(checkpoint, parts_of, model.config, cfg, device)
     if teacher is not None:
-        teacher.to(device).eval()
+        teacher.to(device, memory_format=layout).eval()
     with _progress(progress) as bar:
         if features is None and checkpoint is not None:
             features = checkpoint.with_suffix(".features.pt")
@@ -163,7 +164,7 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
             totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "ft": 0.0}
             n = 0
             for (outs, t_out), yb in _steps(model, cache, x_train, y_train, cfg, epoch, device,
-                                            teacher):
+                                            layout, teacher):
                 loss, parts = criterion(outs, yb, t_out)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -180,6 +181,7 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
                 torch.save({**{k: v.state_dict() for k, v in parts_of.items()},
                             "epoch": epoch, "history": history, "model_config": model.config,
                             "train_config": cfg.to_dict()}, checkpoint)
+    model.to(memory_format=torch.contiguous_format)  # what export and the callers expect
     if cfg.finetune_epochs > 0:
         model.blocks.requires_grad_(True)
         tune = replace(cfg, epochs=cfg.finetune_epochs, lr=cfg.lr / 10, freeze_backbone=False,
@@ -209,8 +211,17 @@ Step = tuple[tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, 
              torch.Tensor]
 
 
+def memory_layout(device: torch.device, cfg: TrainConfig) -> torch.memory_format:
+    """Channels-last when the whole network trains on a CPU: oneDNN's convolutions (the
+    depthwise ones above all) run faster on it; MobileNetV2 at 32x32, batch 128 on 2 cores
+    took 0.77 s a step against 1.12 s. Heads on cached features keep the default."""
+    if device.type == "cpu" and not cfg.freeze_backbone:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _steps(model: MultiExitNet, cache: FeatureCache | None, x: Inputs, y: torch.Tensor,
-           cfg: TrainConfig, epoch: int, device: torch.device,
+           cfg: TrainConfig, epoch: int, device: torch.device, layout: torch.memory_format,
            teacher: MultiExitNet | None) -> Iterator[Step]:
     """Each batch's exit outputs (and the teacher's final output) with its labels."""
     if cache is not None:
@@ -220,7 +231,7 @@ def _steps(model: MultiExitNet, cache: FeatureCache | None, x: Inputs, y: torch.
             yield (head_outputs(model, feats), None), y[idx].to(device)
         return
     for xb_cpu, yb_cpu in _batches(x, y, cfg, epoch):
-        xb = xb_cpu.to(device)
+        xb = xb_cpu.to(device, memory_format=layout)
         t_out = None
         if teacher is not None:
             with torch.no_grad():
