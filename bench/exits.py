@@ -44,7 +44,11 @@ def evaluate(preset_name: str, joint: bool) -> dict[str, Any]:
         "per_exit_test_accuracy": [round(a, 4) for a in test.exit_accuracy()],
         "final_test_accuracy": round(test.exit_accuracy()[-1], 4),
         "target_accuracy_val": round(target, 4),
+        # a run resumed from a checkpoint counts only its own seconds; the last epoch's
+        # seconds say what a whole run costs
         "train_seconds": metrics.get("train_seconds"),
+        "resumed_at_epoch": metrics.get("resumed_at_epoch"),
+        "last_epoch_seconds": (metrics.get("history") or [{}])[-1].get("seconds"),
     }
     for criterion in CRITERIA if joint else CRITERIA[:1]:
         thr = val.thresholds_for_accuracy(criterion, target)

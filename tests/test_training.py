@@ -20,7 +20,7 @@ from offramp.ml.compress import (
     record_codecs,
     train_autoencoder,
 )
-from offramp.ml.train import TrainConfig, memory_layout, train
+from offramp.ml.train import TrainConfig, TrainResult, memory_layout, train
 from offramp.model.bundle import Bundle, BundleError, load_bundle
 from offramp.model.inputs import InputSpec
 from offramp.model.sessions import make_session
@@ -29,11 +29,15 @@ QUICK = Recipe("quick", "mobilenetv2", {"width": 0.25, "stem_stride": 2},
                train=TrainConfig(epochs=2, batch_size=128))
 
 
-def _train(cfg: TrainConfig, ckpt: Path | None = None) -> dict[str, torch.Tensor]:
+def _run(cfg: TrainConfig, ckpt: Path | None = None) -> tuple[dict[str, torch.Tensor], TrainResult]:
     recipe = replace(QUICK, train=cfg)
     model = make_model(recipe, 10)
-    train(model, load_data(recipe), InputSpec(), cfg, checkpoint=ckpt, progress=False)
-    return model.state_dict()
+    result = train(model, load_data(recipe), InputSpec(), cfg, checkpoint=ckpt, progress=False)
+    return model.state_dict(), result
+
+
+def _train(cfg: TrainConfig, ckpt: Path | None = None) -> dict[str, torch.Tensor]:
+    return _run(cfg, ckpt)[0]
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -63,7 +67,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path,
     with pytest.raises(KeyboardInterrupt):
         _train(QUICK.train, ckpt)
     monkeypatch.setattr(torch, "save", real_save)
-    assert _same(_train(QUICK.train, ckpt), straight)
+    resumed, result = _run(QUICK.train, ckpt)
+    assert _same(resumed, straight)
+    assert result.resumed_at_epoch == 1 and len(result.history) == QUICK.train.epochs
+    assert all(epoch["seconds"] > 0 for epoch in result.history)
     with pytest.raises(OfframpError, match="other settings"):
         _train(replace(QUICK.train, lr=1e-4), ckpt)
 

@@ -159,7 +159,8 @@ def build(recipe: Recipe, out: Path, *, force: bool = False, progress: bool = Tr
     seconds = round(time.monotonic() - t0, 1)
     metrics = {"recipe": recipe.digest(), "preset_name": recipe.name, "dataset": recipe.dataset,
                "data_dir": recipe.data_dir,
-               "train_seconds": seconds, "val_exit_accuracy": result.val_accuracy,
+               "train_seconds": seconds, "resumed_at_epoch": result.resumed_at_epoch,
+               "val_exit_accuracy": result.val_accuracy,
                "test_exit_accuracy": result.test_accuracy, "history": result.history[-1:]}
     bundle = export_bundle(model, out, name=recipe.name, classes=data.classes, spec=spec,
                            cuts=recipe.cuts or None, metrics=metrics)

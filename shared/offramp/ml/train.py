@@ -6,10 +6,11 @@ whole model at a tenth of the learning rate."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -63,7 +64,8 @@ class TrainConfig:
 class TrainResult:
     val_accuracy: list[float]
     test_accuracy: list[float]
-    history: list[dict[str, float]]
+    history: list[dict[str, float]]  # per epoch: the mean loss terms, and its seconds
+    resumed_at_epoch: int = 0  # epochs a checkpoint already held when this run started
 
 
 def resolve_device(name: str) -> torch.device:
@@ -135,7 +137,7 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
     torch.set_num_threads(os.cpu_count() or 1)
     device = resolve_device(cfg.device)
     layout = memory_layout(device, cfg)
-    model.to(device, memory_format=layout)
+    _place(model, device, layout)
     if cfg.freeze_backbone and teacher is not None:
         raise OfframpError("a frozen backbone trains on cached features; it takes no teacher")
     teacher_dim = teacher.embed_dim if teacher is not None else None
@@ -152,7 +154,8 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
     if checkpoint is not None and resume and checkpoint.is_file():
         start, history = _restore(checkpoint, parts_of, model.config, cfg, device)
     if teacher is not None:
-        teacher.to(device, memory_format=layout).eval()
+        _place(teacher, device, layout)
+        teacher.eval()
     with _progress(progress) as bar:
         if features is None and checkpoint is not None:
             features = checkpoint.with_suffix(".features.pt")
@@ -161,38 +164,51 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
         task = bar.add_task("train", total=cfg.epochs, completed=start)
         for epoch in range(start, cfg.epochs):
             (model.heads if cache is not None else model).train()
-            totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "ft": 0.0}
-            n = 0
-            for (outs, t_out), yb in _steps(model, cache, x_train, y_train, cfg, epoch, device,
-                                            layout, teacher):
-                loss, parts = criterion(outs, yb, t_out)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                totals["loss"] += float(loss.detach()) * len(yb)
-                for k, v in parts.items():
-                    totals[k] += v * len(yb)
-                n += len(yb)
-            history.append({k: round(v / max(1, n), 5) for k, v in totals.items()})
+            history.append(_epoch(criterion, opt, sched, _steps(
+                model, cache, x_train, y_train, cfg, epoch, device, layout, teacher)))
             bar.update(task, advance=1, description=f"train loss {history[-1]['loss']:.3f}")
             if checkpoint is not None:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 torch.save({**{k: v.state_dict() for k, v in parts_of.items()},
                             "epoch": epoch, "history": history, "model_config": model.config,
                             "train_config": cfg.to_dict()}, checkpoint)
-    model.to(memory_format=torch.contiguous_format)  # what export and the callers expect
+    _place(model, device, torch.contiguous_format)  # what export and the callers expect
     if cfg.finetune_epochs > 0:
         model.blocks.requires_grad_(True)
         tune = replace(cfg, epochs=cfg.finetune_epochs, lr=cfg.lr / 10, freeze_backbone=False,
                        finetune_epochs=0)
         tuned = train(model, data, spec, tune, resume=resume, progress=progress,
                       checkpoint=checkpoint.with_suffix(".finetune.pt") if checkpoint else None)
-        return TrainResult(tuned.val_accuracy, tuned.test_accuracy, history + tuned.history)
+        return TrainResult(tuned.val_accuracy, tuned.test_accuracy, history + tuned.history,
+                           start)
     x_val, y_val = to_tensors(data.val, spec)
     x_test, y_test = to_tensors(data.test, spec)
     return TrainResult(exit_accuracy(model, x_val, y_val, device),
-                       exit_accuracy(model, x_test, y_test, device), history)
+                       exit_accuracy(model, x_test, y_test, device), history, start)
+
+
+def _epoch(criterion: JointLoss, opt: torch.optim.Optimizer, sched: Any,
+           batches: Iterator[Step]) -> dict[str, float]:
+    """One pass over the training batches: the mean of each loss term, and its seconds."""
+    totals = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "ft": 0.0}
+    n, began = 0, time.monotonic()
+    for (outs, t_out), yb in batches:
+        loss, parts = criterion(outs, yb, t_out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        totals["loss"] += float(loss.detach()) * len(yb)
+        for k, v in parts.items():
+            totals[k] += v * len(yb)
+        n += len(yb)
+    return ({k: round(v / max(1, n), 5) for k, v in totals.items()}
+            | {"seconds": round(time.monotonic() - began, 1)})
+
+
+def _place(module: nn.Module, device: torch.device, layout: torch.memory_format) -> None:
+    module.to(device)
+    cast(Any, module).to(memory_format=layout)  # an overload torch's type stubs leave out
 
 
 def _restore(checkpoint: Path, parts: dict[str, Any], model_config: dict[str, object],
