@@ -14,6 +14,7 @@ others are listed under ``not_run``. Bundles are cached under bundles/bench/.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -38,11 +39,13 @@ def evaluate(preset_name: str, joint: bool) -> dict[str, Any]:
     out = ROOT / f"{preset_name}-{'joint' if joint else 'ce'}"
     bundle, metrics = build(recipe, out, progress=False)
     val = bundle.calibration()
-    test = measure(bundle, load_data(recipe).test)
+    test_split = load_data(recipe).test
+    test = measure(bundle, test_split)
     target = val.exit_accuracy()[-1] - 0.01
     row: dict[str, Any] = {
         "per_exit_test_accuracy": [round(a, 4) for a in test.exit_accuracy()],
         "final_test_accuracy": round(test.exit_accuracy()[-1], 4),
+        "test_samples": len(test_split.labels),
         "target_accuracy_val": round(target, 4),
         # a run resumed from a checkpoint counts only its own seconds; the last epoch's
         # seconds say what a whole run costs
@@ -73,8 +76,14 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         out[f"{key}_final_accuracy"] = joint["final_test_accuracy"] if joint else None
         out[f"{key}_flops_fraction"] = joint["flops_fraction"] if joint else None
         if joint and ce:
-            gain = 100 * (joint["per_exit_test_accuracy"][0] - ce["per_exit_test_accuracy"][0])
+            a, b = joint["per_exit_test_accuracy"][0], ce["per_exit_test_accuracy"][0]
+            gain = 100 * (a - b)
             out[f"{key}_joint_exit1_gain_points"] = round(gain, 2)
+            # the standard error of a difference of two independent accuracies: a gain
+            # within about two of them is not one
+            n = joint["test_samples"]
+            out[f"{key}_joint_exit1_gain_se_points"] = round(
+                100 * math.sqrt((a * (1 - a) + b * (1 - b)) / n), 2)
             gains.append(gain)
     out["fashion_joint_exit1_gain_points"] = round(min(gains), 2) if gains else None
     return out
