@@ -220,7 +220,8 @@ def test_the_command_line_changes_a_preset_and_checks_before_training() -> None:
                           (("--model-opt", "depth=3"), "has no option depth"),
                           (("--cuts", "7"), "not exits of this model"),
                           (("--model", "resnet50", "--input-size", "16"), "too small for resnet50"),
-                          (("--weights", "imagenet"), "no packaged ImageNet weights")):
+                          (("--weights", "imagenet"), "no packaged ImageNet weights"),
+                          (("--teacher", "/no/such/model.pt"), "model.pt is missing")):
         with pytest.raises(OfframpError, match=message):
             check(recipe_from_args(_args(*argv)))
     with pytest.raises(BundleError, match="--input-size"):

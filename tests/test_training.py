@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from offramp.errors import OfframpError
-from offramp.ml.build import Recipe, ablation_configs, load_data, load_trained, make_model
+from offramp.ml.build import (
+    Recipe,
+    ablation_configs,
+    check,
+    load_data,
+    load_teacher,
+    load_trained,
+    make_model,
+)
 from offramp.ml.compress import (
     compare_codecs,
     default_cut,
@@ -83,6 +91,35 @@ def test_a_cpu_trains_channels_last_and_hands_back_the_default_layout() -> None:
     weights = _train(replace(QUICK.train, epochs=1))
     convs = [w for w in weights.values() if w.dim() == 4]
     assert convs and all(w.is_contiguous() for w in convs)  # what export expects
+
+
+def test_a_separately_trained_teacher_is_distilled_from_and_checked(tmp_path: Path) -> None:
+    one = replace(QUICK.train, epochs=1)
+    data = load_data(QUICK)
+    teacher = make_model(QUICK, 10)
+    train(teacher, data, InputSpec(), one, progress=False)
+    path = tmp_path / "model.pt"
+    torch.save({"model_config": teacher.config, "num_classes": 10, "state": teacher.state_dict()},
+               path)
+    student = replace(QUICK, teacher=str(path), train=one)
+    assert student.digest() != replace(QUICK, train=one).digest()
+    check(student)
+    taught = make_model(student, 10)
+    result = train(taught, data, InputSpec(), one, progress=False,
+                   teacher=load_teacher(student, len(data.classes)))
+    assert result.history[0]["kd"] > 0
+    assert not _same(taught.state_dict(), _train(one))  # the teacher changed what was learnt
+    for recipe, message in ((replace(student, teacher=str(tmp_path / "none.pt")), "missing"),
+                            (replace(student, input_size=48), "trained at 32 px"),
+                            (replace(student, train=replace(one, freeze_backbone=True)),
+                             "--freeze-backbone")):
+        with pytest.raises(BundleError, match=message):
+            check(recipe)
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(BundleError, match="not a model saved by offramp"):
+        check(replace(student, teacher=str(tmp_path / "junk.pt")))
+    with pytest.raises(BundleError, match="has 10 classes and digits has 5"):
+        load_teacher(student, 5)
 
 
 def test_ablation_switches_off_one_term_at_a_time() -> None:

@@ -39,6 +39,7 @@ class Recipe:
     exits: tuple[int, ...] | None = None  # block indices; None: the model's default exits
     weights: str | None = None  # a state-dict file, or "imagenet" (transfer.load_weights)
     train_limit: int | None = None  # train on this many training images (seeded choice)
+    teacher: str | None = None  # a trained model.pt to distil from; None: the final exit
 
     def digest(self) -> str:
         doc: dict[str, Any] = {
@@ -47,7 +48,11 @@ class Recipe:
             "train": self.train.to_dict(), "cuts": list(self.cuts), "zoo": ZOO_VERSION}
         # set only when given, so that recipes written before these fields keep their digest
         doc |= {k: v for k, v in (("exits", self.exits), ("weights", self.weights),
-                                  ("train_limit", self.train_limit)) if v is not None}
+                                  ("train_limit", self.train_limit), ("teacher", self.teacher))
+                if v is not None}
+        if self.teacher and Path(self.teacher).is_file():  # a teacher trained again in place
+            stat = Path(self.teacher).stat()
+            doc["teacher_file"] = [stat.st_size, stat.st_mtime_ns]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def backbone_digest(self) -> str:
@@ -125,7 +130,28 @@ def check(recipe: Recipe) -> MultiExitNet:
     if bad:
         raise BundleError(f"cuts {bad} are not exits of this model (exit numbers 1.."
                           f"{model.num_exits}; --exits chooses where the exits are)")
+    load_teacher(recipe)
     return model
+
+
+def load_teacher(recipe: Recipe, num_classes: int | None = None) -> MultiExitNet | None:
+    """The separately trained model the exits learn from (None: the final exit teaches the
+    others), checked against the recipe: same input size, same classes when known."""
+    if recipe.teacher is None:
+        return None
+    if recipe.train.freeze_backbone:
+        raise BundleError("--teacher trains with the whole network; heads on a frozen backbone "
+                          "learn from its own final exit (drop --teacher or --freeze-backbone)")
+    teacher = load_trained(Path(recipe.teacher))
+    size = teacher.config.get("input_size")
+    if size is not None and size != recipe.input_size:
+        raise BundleError(f"teacher {recipe.teacher} was trained at {size} px and this recipe's "
+                          f"input is {recipe.input_size} px (--input-size {size}, or another "
+                          "teacher)")
+    if num_classes is not None and teacher.num_classes != num_classes:
+        raise BundleError(f"teacher {recipe.teacher} has {teacher.num_classes} classes and "
+                          f"{recipe.dataset} has {num_classes}")
+    return teacher
 
 
 def load_data(recipe: Recipe) -> Dataset:
@@ -151,10 +177,11 @@ def build(recipe: Recipe, out: Path, *, force: bool = False, progress: bool = Tr
     data = load_data(recipe)
     spec = InputSpec(height=recipe.input_size, width=recipe.input_size)
     model = make_model(recipe, len(data.classes))
+    teacher = load_teacher(recipe, len(data.classes))
     t0 = time.monotonic()
     result: TrainResult = train(model, data, spec, recipe.train,
                                 checkpoint=out / ".train" / f"{recipe.digest()}.pt",
-                                progress=progress,
+                                progress=progress, teacher=teacher,
                                 features=out.parent / ".features" / f"{recipe.backbone_digest()}.pt")
     seconds = round(time.monotonic() - t0, 1)
     metrics = {"recipe": recipe.digest(), "preset_name": recipe.name, "dataset": recipe.dataset,
@@ -177,8 +204,12 @@ def load_trained(path: Path) -> MultiExitNet:
     """Rebuild a model saved by ``build`` or ``offramp train`` (``model.pt``)."""
     if not path.is_file():
         raise BundleError(f"trained model {path} is missing (run offramp train or build first)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = dict(state["model_config"])
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = dict(state["model_config"])
+    except Exception as exc:  # pickle, zip and key errors alike: not what build saves
+        raise BundleError(f"{path} is not a model saved by offramp build or train "
+                          f"({type(exc).__name__}: {exc})") from None
     name = cfg.pop("name")
     exits = cfg.pop("exits")
     cfg.pop("stage_ends", None)

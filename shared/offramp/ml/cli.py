@@ -141,7 +141,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from offramp.ml.build import ablation_configs, check, load_data, make_model
+    from offramp.ml.build import ablation_configs, check, load_data, load_teacher, make_model
     from offramp.ml.train import train
     from offramp.model.inputs import InputSpec
 
@@ -150,12 +150,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     check(recipe)
     data = load_data(recipe)
     spec = InputSpec(height=recipe.input_size, width=recipe.input_size)
+    teacher = load_teacher(recipe, len(data.classes))
     runs = ablation_configs(recipe.train) if args.ablation else {"joint": recipe.train}
     rows: dict[str, list[float]] = {}
     for name, run_cfg in runs.items():
         model = make_model(recipe, len(data.classes))
         console.print(f"[bold]{name}[/]")
-        result = train(model, data, spec, run_cfg, checkpoint=args.out / f"{name}.ckpt")
+        result = train(model, data, spec, run_cfg, checkpoint=args.out / f"{name}.ckpt",
+                       teacher=teacher)
         rows[name] = result.test_accuracy
         if name == next(iter(runs)):
             args.out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,11 @@ class LossConfig:
         if self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma}")
 
+    @property
+    def taught(self) -> bool:
+        """Whether any term learns from a teacher (with neither, none is run)."""
+        return self.distill or (self.feature and self.gamma > 0)
+
     def weights(self, num_exits: int) -> list[float]:
         if self.exit_weights:
             if len(self.exit_weights) != num_exits:

@@ -83,6 +83,10 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
                    "(None: 3)")
     t.add_argument("--gamma", type=float, default=None, help="weight of the feature-transfer "
                    "term (None: 0.1)")
+    t.add_argument("--teacher", default=None, metavar="MODEL_PT", help="distil from this "
+                   "trained model (the model.pt of offramp build or train, same dataset and "
+                   "input size) instead of the final exit, which then distils too (None: "
+                   "self-distillation from the final exit)")
     t.add_argument("--no-distill", action="store_true", help="train without distillation")
     t.add_argument("--no-feature", action="store_true", help="train without feature transfer")
 
@@ -105,7 +109,8 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     pick = {k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir),
                               ("input_size", args.input_size), ("exits", args.exits),
                               ("cuts", args.cuts), ("weights", args.weights),
-                              ("train_limit", args.train_limit)) if v is not None}
+                              ("train_limit", args.train_limit), ("teacher", args.teacher))
+            if v is not None}
     train = base.train
     train = replace(train, **{k: v for k, v in (
         ("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),

@@ -137,7 +137,8 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
     torch.set_num_threads(os.cpu_count() or 1)
     device = resolve_device(cfg.device)
     layout = memory_layout(device, cfg)
-    _place(model, device, layout)
+    _place(device, layout, model)
+    teacher = teacher if cfg.loss.taught else None  # nothing would learn from it
     if cfg.freeze_backbone and teacher is not None:
         raise OfframpError("a frozen backbone trains on cached features; it takes no teacher")
     teacher_dim = teacher.embed_dim if teacher is not None else None
@@ -154,7 +155,7 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
     if checkpoint is not None and resume and checkpoint.is_file():
         start, history = _restore(checkpoint, parts_of, model.config, cfg, device)
     if teacher is not None:
-        _place(teacher, device, layout)
+        _place(device, layout, teacher)
         teacher.eval()
     with _progress(progress) as bar:
         if features is None and checkpoint is not None:
@@ -172,7 +173,7 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
                 torch.save({**{k: v.state_dict() for k, v in parts_of.items()},
                             "epoch": epoch, "history": history, "model_config": model.config,
                             "train_config": cfg.to_dict()}, checkpoint)
-    _place(model, device, torch.contiguous_format)  # what export and the callers expect
+    _place(device, torch.contiguous_format, model, teacher)  # what export and callers expect
     if cfg.finetune_epochs > 0:
         model.blocks.requires_grad_(True)
         tune = replace(cfg, epochs=cfg.finetune_epochs, lr=cfg.lr / 10, freeze_backbone=False,
@@ -206,9 +207,11 @@ def _epoch(criterion: JointLoss, opt: torch.optim.Optimizer, sched: Any,
             | {"seconds": round(time.monotonic() - began, 1)})
 
 
-def _place(module: nn.Module, device: torch.device, layout: torch.memory_format) -> None:
-    module.to(device)
-    cast(Any, module).to(memory_format=layout)  # an overload torch's type stubs leave out
+def _place(device: torch.device, layout: torch.memory_format, *modules: nn.Module | None) -> None:
+    for module in modules:
+        if module is not None:
+            module.to(device)
+            cast(Any, module).to(memory_format=layout)  # an overload torch's stubs leave out
 
 
 def _restore(checkpoint: Path, parts: dict[str, Any], model_config: dict[str, object],
