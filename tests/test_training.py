@@ -239,3 +239,20 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     out = _offramp("calibrate", str(tmp_path / "nothing"))
     assert out.returncode == 2
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_train_cli_saves_a_model_that_teaches_the_ablation(tmp_path: Path) -> None:
+    quick = ("--preset", "demo", "--model-opt", "width=0.25", "--epochs", "1")
+    out = _offramp("train", *quick, "--out", str(tmp_path / "teacher"))
+    assert out.returncode == 0, out.stderr
+    teacher = tmp_path / "teacher" / "model.pt"
+    assert load_trained(teacher).num_exits == 4
+    out = _offramp("train", *quick, "--out", str(tmp_path / "student"), "--teacher", str(teacher),
+                   "--ablation")
+    assert out.returncode == 0, out.stderr
+    for run in ("joint (CE+KD+FT)", "no distillation", "no feature transfer", "CE only"):
+        assert run in out.stdout
+    out = _offramp("train", *quick, "--input-size", "48", "--out", str(tmp_path / "bad"),
+                   "--teacher", str(teacher))
+    assert out.returncode == 2 and "trained at 32 px" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "bad").exists()
