@@ -50,9 +50,8 @@ class Recipe:
         doc |= {k: v for k, v in (("exits", self.exits), ("weights", self.weights),
                                   ("train_limit", self.train_limit), ("teacher", self.teacher))
                 if v is not None}
-        if self.teacher and Path(self.teacher).is_file():  # a teacher trained again in place
-            stat = Path(self.teacher).stat()
-            doc["teacher_file"] = [stat.st_size, stat.st_mtime_ns]
+        if (stamp := _stamp(self.teacher)) is not None:  # a teacher trained again in place
+            doc["teacher_file"] = stamp
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def backbone_digest(self) -> str:
@@ -61,10 +60,17 @@ class Recipe:
                "weights": self.weights, "dataset": self.dataset, "data_dir": self.data_dir,
                "size": self.input_size, "limit": self.train_limit, "seed": self.train.seed,
                "zoo": ZOO_VERSION}
-        if self.weights and Path(self.weights).is_file():  # a file rewritten in place
-            stat = Path(self.weights).stat()
-            doc["weights_file"] = [stat.st_size, stat.st_mtime_ns]
+        if (stamp := _stamp(self.weights)) is not None:  # a file rewritten in place
+            doc["weights_file"] = stamp
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stamp(path: str | None) -> list[int] | None:
+    """Size and modification time of a file a recipe names (None: not a file)."""
+    if not path or not Path(path).is_file():
+        return None
+    stat = Path(path).stat()
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 PRESETS: dict[str, Recipe] = {
@@ -207,15 +213,14 @@ def load_trained(path: Path) -> MultiExitNet:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         cfg = dict(state["model_config"])
-    except Exception as exc:  # pickle, zip and key errors alike: not what build saves
+        name, exits = cfg.pop("name"), cfg.pop("exits")
+        cfg.pop("stage_ends", None)
+        cfg.setdefault("head_grid", 1)  # saved before exit heads pooled to a grid
+        model = create_model(name, state["num_classes"], exits, **cfg)
+        model.load_state_dict(state["state"])
+    except Exception as exc:  # pickle, zip, key and shape errors alike: not what build saves
         raise BundleError(f"{path} is not a model saved by offramp build or train "
                           f"({type(exc).__name__}: {exc})") from None
-    name = cfg.pop("name")
-    exits = cfg.pop("exits")
-    cfg.pop("stage_ends", None)
-    cfg.setdefault("head_grid", 1)  # saved before exit heads pooled to a grid
-    model = create_model(name, state["num_classes"], exits, **cfg)
-    model.load_state_dict(state["state"])
     return model.eval()
 
 
