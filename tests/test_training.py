@@ -116,8 +116,12 @@ def test_a_separately_trained_teacher_is_distilled_from_and_checked(tmp_path: Pa
         with pytest.raises(BundleError, match=message):
             check(recipe)
     (tmp_path / "junk.pt").write_bytes(b"not a model")
-    with pytest.raises(BundleError, match="not a model saved by offramp"):
-        check(replace(student, teacher=str(tmp_path / "junk.pt")))
+    wider = make_model(replace(QUICK, model_cfg={**QUICK.model_cfg, "width": 0.5}), 10)
+    torch.save({"model_config": wider.config, "num_classes": 10, "state": teacher.state_dict()},
+               tmp_path / "misfit.pt")
+    for bad in ("junk.pt", "misfit.pt"):
+        with pytest.raises(BundleError, match="not a model saved by offramp"):
+            check(replace(student, teacher=str(tmp_path / bad)))
     with pytest.raises(BundleError, match="has 10 classes and digits has 5"):
         load_teacher(student, 5)
 
