@@ -118,9 +118,14 @@ def test_high_priority_source_is_served_first_and_low_still_served(
         tiny_bundle: Bundle, prefix: str, capacity: float, tmp_path: Path) -> None:
     sources = tmp_path / "sources.toml"
     sources.write_text("[sources.urgent]\npriority = 8\n[sources.bulk]\npriority = 1\n")
-    env = {**BASE, "OFFRAMP_SOURCES_FILE": str(sources)}
+    env = {**BASE, "OFFRAMP_SOURCES_FILE": str(sources),
+           "OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "256"}
     with LocalSystem(tiny_bundle, 2, prefix=prefix, env=env, worker_env=SLOW) as system:
-        run = drive(system, [("urgent", 0.8 * capacity, 12.0), ("bulk", 0.8 * capacity, 12.0)])
+        # Bulk alone overloads the system: batching lets throughput stretch well past what the
+        # fixture measured (up to 1.7x here), and a source that does not overload it is served
+        # at once and shows no priority. Bulk then waits for credit behind urgent with up to
+        # its whole in-flight bound (the default, 256) outstanding; urgent waits for little.
+        run = drive(system, [("urgent", 0.6 * capacity, 12.0), ("bulk", 1.5 * capacity, 12.0)])
         system.stop()
     exactly_once(run)
     latency: dict[str, list[float]] = defaultdict(list)
