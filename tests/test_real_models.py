@@ -78,6 +78,12 @@ def test_any_mnist_format_folder_loads_with_a_seeded_validation_split(tmp_path: 
     assert np.array_equal(small.train.images, data_mod.limit(data, 10, 3).train.images)
     only_test = data_mod.load_fashion_mnist(tmp_path, size=32, splits=("test",))
     assert (len(only_test.train), len(only_test.test)) == (0, 20)
+    for f in tmp_path.glob("train-*"):  # a test split alone reads only the t10k files
+        f.unlink()
+    again_test = data_mod.load_fashion_mnist(tmp_path, size=32, splits=("test",))
+    assert np.array_equal(again_test.test.images, only_test.test.images)
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz is missing"):
+        data_mod.load_fashion_mnist(tmp_path, size=32)
 
 
 def test_a_dataset_too_large_for_memory_asks_for_a_limit(tmp_path: Path,

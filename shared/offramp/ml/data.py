@@ -204,10 +204,13 @@ def load_fashion_mnist(root: str | Path | None = None, size: int = 32, seed: int
     three siblings) as RGB at ``size``; ``val_size`` training images, chosen with ``seed``,
     become the validation split. Splits not in ``splits`` are left empty (a 224 px test split
     without 9 GB of training images); ``train_limit`` picks training images as :func:`limit`
-    does, before they are resized."""
+    does, before they are resized. A test split alone needs only the two ``t10k`` files."""
     root = Path(root) if root is not None else FASHION_DIR
-    train_x, train_y = _idx_pair(root, "train")
     test_x, test_y = _idx_pair(root, "t10k")
+    if {"train", "val"} & set(splits):
+        train_x, train_y = _idx_pair(root, "train")
+    else:
+        train_x, train_y = test_x[:0], test_y[:0]
     order = np.random.default_rng(seed).permutation(len(train_y))
     val, train = order[:val_size], order[val_size:]
     if train_limit is not None and train_limit < len(train):
