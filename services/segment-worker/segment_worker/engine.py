@@ -189,6 +189,11 @@ class Engine:
         return providers
 
     @property
+    def gpu_libraries(self) -> str:
+        """What ONNX Runtime said of CUDA libraries it could not load ('': none missing)."""
+        return next((h.runner.gpu_libraries for h in self.hosted.values()), "")
+
+    @property
     def device(self) -> str:
         """The device the hosted segments run on ('' while none is hosted)."""
         return next((h.runner.device for h in self.hosted.values()), "")

@@ -86,7 +86,8 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
             runtime.log.warning("nice_not_applied", nice=settings.nice, problems=not_done)
         if engine.device != settings.device:
             runtime.log.warning("device_unavailable", asked=settings.device, using=engine.device,
-                                available=installed_providers(), hint=DEVICE_HINT)
+                                available=installed_providers(), hint=DEVICE_HINT,
+                                libraries=engine.gpu_libraries or None)
         states = await bus.subscribe(topics.state_all(), maxsize=1024,
                                      decode=from_payload(Heartbeat.decode))
         policies = await bus.subscribe(topics.exit_policy(bundle.name), maxsize=8,

@@ -9,6 +9,8 @@ own when the CUDA libraries it was built for cannot be loaded (PyPI's 1.27 and l
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from collections import Counter
 from collections.abc import Sequence
@@ -50,6 +52,24 @@ def installed_providers() -> list[str]:
 def cuda_available() -> bool:
     """Whether the installed onnxruntime build has the CUDA execution provider."""
     return PROVIDERS["cuda"] in installed_providers()
+
+
+def preload_gpu_libraries() -> str:
+    """Load the CUDA and cuDNN libraries that pip's ``nvidia-*`` packages put in site-packages
+    (``pip install onnxruntime-gpu[cuda,cudnn]``), so that the CUDA provider finds them without
+    LD_LIBRARY_PATH. Returns what ONNX Runtime said about libraries it could not load ('': none
+    missing, or a build without ``preload_dlls``, which relies on the loader's path alone).
+    Loading a library twice is harmless: the second load finds the first."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or not cuda_available():
+        return ""
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):  # it prints its failures
+        try:
+            preload(msvc=False)
+        except Exception as exc:  # e.g. a directory it expects is missing
+            print(exc)
+    return " ".join(said.getvalue().split())
 
 
 def make_session(path: Path, *, device: str = "cpu", threads: int = 1, spin: bool = False,
@@ -131,6 +151,8 @@ class SegmentRunner:
                 and PROVIDERS["tensorrt"] in installed_providers()):
             stage_int8_table(bundle, index, gpu, shape)
         self.graph_refused = ""  # why ONNX Runtime would not capture a CUDA graph ('': it did)
+        # what ONNX Runtime said of CUDA libraries it could not load ('': none missing)
+        self.gpu_libraries = preload_gpu_libraries() if device != "cpu" else ""
         try:
             self.session = make_session(bundle.path(self.spec.file), device=device,
                                         threads=threads, gpu=gpu, shape=shape)
