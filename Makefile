@@ -10,11 +10,12 @@ STAMP       := $(VENV)/.installed
 SERVICES    := admission-controller segment-worker exit-arbiter priority-scheduler
 MEMBERS     := shared/pyproject.toml $(SERVICES:%=services/%/pyproject.toml)
 
-.PHONY: help setup system-deps demo test test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control bench-overload bench-links bench-gpu clean
+.PHONY: help setup system-deps demo test test-gpu test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control bench-overload bench-links bench-gpu clean
 
 help:
 	@echo "make demo      run offramp locally (broker + services) and show it working"
 	@echo "make test      lint, type check and the test suite (real Mosquitto, real ONNX models)"
+	@echo "make test-gpu  the GPU tests only, failing (not skipping) without onnxruntime-gpu and a GPU"
 	@echo "make test-deploy     build the images with podman, run docker-compose.yml, send frames"
 	@echo "make bench-hop one bus hop vs bare paho-mqtt (bench/results/hop.json)"
 	@echo "make bench-exits     early-exit savings on digits and Fashion-MNIST (bench/results/exits.json)"
@@ -58,6 +59,10 @@ pytest: setup
 	$(PY) -m pytest -q
 
 test: lint typecheck pytest
+
+# On a GPU machine, after replacing onnxruntime with onnxruntime-gpu (README, GPU workers).
+test-gpu: setup
+	OFFRAMP_TEST_GPU=1 $(PY) -m pytest -q -m gpu
 
 test-deploy: setup
 	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh deploy

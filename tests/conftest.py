@@ -13,10 +13,24 @@ from offramp.local.broker import LocalBroker
 from offramp.ml.build import Recipe, build
 from offramp.ml.train import TrainConfig
 from offramp.model.bundle import Bundle
+from offramp.model.sessions import cuda_available
 from offramp.settings import BusSettings
 
 # tests/deploy needs root, podman and the images `make test-deploy` builds; it runs them
 collect_ignore = [] if os.environ.get("OFFRAMP_TEST_DEPLOY") else ["deploy"]
+
+
+@pytest.fixture(autouse=True)
+def _gpu_or_skip(request: pytest.FixtureRequest) -> None:
+    """Tests marked ``gpu`` skip where onnxruntime-gpu is not installed (CI has no GPU), and
+    fail there instead when OFFRAMP_TEST_GPU=1 (``make test-gpu``): a GPU run that skipped its
+    GPU tests would pass without testing anything."""
+    if request.node.get_closest_marker("gpu") is None or cuda_available():
+        return
+    why = "needs onnxruntime-gpu and a GPU (CI has none)"
+    if os.environ.get("OFFRAMP_TEST_GPU") == "1":
+        pytest.fail(f"OFFRAMP_TEST_GPU=1, but ONNX Runtime has no CUDA provider: {why}")
+    pytest.skip(why)
 
 
 @pytest.fixture(scope="session")

@@ -150,7 +150,7 @@ def test_a_static_batch_pads_or_splits_and_answers_as_unpadded(
     assert log.sizes == [8] * 6
 
 
-@pytest.mark.skipif(not cuda_available(), reason="needs onnxruntime-gpu (CI has no GPU)")
+@pytest.mark.gpu
 def test_cuda_segments_run_on_the_gpu_and_agree_with_cpu(tiny_bundle: Bundle) -> None:
     """Every segment on CUDA, at the worker's batch sizes, against the same segment on CPU
     (to 1e-2: ONNX Runtime's CUDA convolutions use TF32, about 3e-3 off on these logits)."""

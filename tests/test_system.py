@@ -24,7 +24,7 @@ from offramp.local.system import LocalSystem
 from offramp.ml.data import load_digits
 from offramp.model.bundle import Bundle
 from offramp.model.inputs import normalise
-from offramp.model.sessions import SegmentRunner, cuda_available
+from offramp.model.sessions import SegmentRunner
 from offramp.policy.exits import decide
 from offramp.settings import BusSettings
 from offramp.wire import ExitPolicy, Result
@@ -124,7 +124,7 @@ def assert_like_reference(results: list[Result], want: list[Answer],
     assert all(code == 0 for code in codes.values()), str(codes)
 
 
-@pytest.mark.skipif(not cuda_available(), reason="needs onnxruntime-gpu (CI has no GPU)")
+@pytest.mark.gpu
 def test_cuda_workers_answer_like_the_in_process_cuda_chain(tiny_bundle: Bundle,
                                                            prefix: str) -> None:
     """The oracle on the GPU. cuDNN chooses kernels by batch size, and ONNX Runtime's CUDA
