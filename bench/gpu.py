@@ -13,39 +13,48 @@ change speed), each cut at every exit, at batch 1, 8 and 32, images per second o
 - ``worker``: the segment-worker's own engine hosting the whole chain, exits closed, no broker
   (queues, micro-batching, exit decisions, hand-overs: everything but the bus).
 
-Goals (top-level keys): ``chain_ratio_224_b8`` (worker / monolithic, ResNet-50, batch 8) >= 0.95
-and ``b1_speedup_vs_plain`` (worker / monolithic, MobileNetV2, batch 1) >= 1.5. About 5 minutes
-on an H100. Settings: ``OFFRAMP_BENCH_DEVICE`` (cuda; cpu for a dry run, which writes
-``gpu-cpu.json``), ``OFFRAMP_BENCH_SECONDS`` per figure (1.5), ``OFFRAMP_BENCH_GPU_MODELS``
-(mnv2-32,resnet50-224), ``OFFRAMP_BENCH_BATCHES`` (1,8,32).
+Then ``effnet-224`` (:mod:`bench.gpu_exits`): EfficientNet-Lite0 with exits trained on
+Fashion-MNIST, on the worker's engine with exits open and closed against one session of the
+whole model, batch 8, with the accuracy of each on the same test frames; and ``ready_s``
+(:mod:`bench.gpu_ready`): a real worker process's start until its /readyz says ready, with what
+it said on the way.
+
+Goals (top-level keys): ``chain_ratio_224_b8`` (worker / monolithic, ResNet-50, batch 8)
+>= 0.95; ``b1_speedup_vs_plain`` (worker / chain_plain, MobileNetV2, batch 1) >= 1.5, with
+``b1_worker_vs_monolithic`` (worker / monolithic, same row) beside it;
+``effnet_224_exits_vs_monolithic`` (worker with exits open / monolithic, batch 8) >= 1.3;
+``ready_s`` reported. The device's name and driver, the onnxruntime version and every provider
+that did not load are recorded too. About 5 minutes on an H200. Settings:
+``OFFRAMP_BENCH_DEVICE`` (cuda; cpu for a dry run, which writes ``gpu-cpu.json``),
+``OFFRAMP_BENCH_SECONDS`` per figure (1.5), ``OFFRAMP_BENCH_GPU_MODELS``
+(mnv2-32,resnet50-224,effnet-224), ``OFFRAMP_BENCH_BATCHES`` (1,8,32).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
+import subprocess
 import tempfile
-import time
+import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from bench.common import rate, write_result
-from offramp.bus import Topics
+from bench.gpu_engine import engine_run
+from bench.gpu_exits import effnet_bundle, effnet_exits
+from bench.gpu_ready import ready_time
 from offramp.ml.export import export_bundle
 from offramp.ml.zoo import create_model
 from offramp.model.bundle import Bundle
 from offramp.model.inputs import InputSpec
 from offramp.model.providers import GpuOptions
-from offramp.model.sessions import FullModelRunner, SegmentRunner
-from offramp.node.peers import PeerTable
-from offramp.wire import DoneReport, Sample
-from segment_worker.engine import Engine
-from segment_worker.queue import Item
-from segment_worker.settings import EngineConfig
+from offramp.model.sessions import FullModelRunner, SegmentRunner, installed_providers
 
 MODELS = {"mnv2-32": ("mobilenetv2", {"width": 1.0}, 32), "resnet50-224": ("resnet50", {}, 224)}
 VARIANTS = ("monolithic", "chain_plain", "chain_resident", "chain_cuda_graph",
@@ -102,57 +111,6 @@ def chain_step(bundle: Bundle, variant: str, device: str, batch: int, x: np.ndar
     return _chain(runners, x, resident), ""
 
 
-def worker_rate(bundle: Bundle, device: str, batch: int, x: np.ndarray,
-                seconds: float) -> float:
-    """The worker's engine hosting every segment, exits closed: samples in at segment 1,
-    completions counted as the engine reports them."""
-    return asyncio.run(_worker(bundle, device, batch, x, seconds))
-
-
-async def _worker(bundle: Bundle, device: str, batch: int, x: np.ndarray,
-                  seconds: float) -> float:
-    done = 0
-    finished = asyncio.Event()
-    target = 0
-
-    async def publish(topic: str, payload: bytes, qos: int) -> None:
-        nonlocal done
-        done += len(DoneReport.decode(payload).completions)
-        if target and done >= target:
-            finished.set()
-
-    cfg = EngineConfig(node="bench", batch_max=batch, batch_wait_s=0.0, queue_max=1 << 16,
-                       device=device, threads=os.cpu_count() or 1,
-                       resident=device != "cpu", gpu=GpuOptions())
-    loop = asyncio.get_running_loop()
-    async with Engine(bundle, cfg, Topics("bench"), PeerTable("bench"), publish) as engine:
-        for s in bundle.manifest.segments:
-            engine.host(s.index, await loop.run_in_executor(None, engine.load, s.index))
-        stop = asyncio.Event()
-        servers = [asyncio.create_task(engine.serve(s.index, stop))
-                   for s in bundle.manifest.segments]
-
-        async def run(n: int) -> float:
-            nonlocal done, target
-            done, target = 0, n
-            finished.clear()
-            now = time.time()
-            items = [Item(Sample(task_id=f"t{i}", source="bench", frame_id=f"f{i}",
-                                 created=now), x[i % len(x)], None, now) for i in range(n)]
-            t0 = time.perf_counter()
-            engine.enqueue(1, items)
-            await asyncio.wait_for(finished.wait(), 600)
-            return time.perf_counter() - t0
-
-        probe = await run(batch * 8)  # warm-up, and how many samples fill ``seconds``
-        n = max(batch * 8, int(batch * 8 * seconds / max(probe, 1e-6)))
-        n = min(n - n % batch, 1 << 15)
-        elapsed = await run(n)
-        for task in servers:
-            task.cancel()
-    return n / elapsed
-
-
 def measure(key: str, bundle: Bundle, device: str, batch: int, seconds: float,
             cache: str) -> dict[str, Any]:
     size = MODELS[key][2]
@@ -163,7 +121,7 @@ def measure(key: str, bundle: Bundle, device: str, batch: int, seconds: float,
     for variant in VARIANTS[1:-1]:
         step, why = chain_step(bundle, variant, device, batch, x, cache)
         row[variant] = round(rate(step, batch, seconds), 1) if step else why
-    row["worker"] = round(worker_rate(bundle, device, batch, x, seconds), 1)
+    row["worker"] = round(engine_run(bundle, device, batch, x, seconds).img_per_s, 1)
     return row
 
 
@@ -177,38 +135,93 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n(images per second; - : not measured, see the JSON)"
 
 
+def gpu_facts() -> dict[str, str]:
+    """The GPU's name and driver as nvidia-smi gives them ('' where it is not there)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return {"gpu": "", "driver": ""}
+    name, _, driver = out.partition(",")
+    return {"gpu": name.strip(), "driver": driver.strip()}
+
+
+def ratio(num: Any, den: Any) -> float | None:
+    """num / den where both were measured (a variant that could not run holds its reason)."""
+    if isinstance(num, float) and isinstance(den, float) and den > 0:
+        return round(num / den, 3)
+    return None
+
+
 def main() -> None:
     device = os.environ.get("OFFRAMP_BENCH_DEVICE", "cuda")
     seconds = float(os.environ.get("OFFRAMP_BENCH_SECONDS", "1.5"))
-    models = _env_list("OFFRAMP_BENCH_GPU_MODELS", ",".join(MODELS))
+    models = _env_list("OFFRAMP_BENCH_GPU_MODELS", ",".join([*MODELS, "effnet-224"]))
     batches = [int(b) for b in _env_list("OFFRAMP_BENCH_BATCHES", "1,8,32")]
+    threads = os.cpu_count() or 1
     results: dict[str, dict[str, dict[str, Any]]] = {}
+    probe: SegmentRunner | None = None
+    failed: dict[str, str] = {}
+
+    def attempt(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        """One part of the run; its failure is recorded, and the other parts still measured."""
+        try:
+            out = fn()
+        except Exception as exc:
+            traceback.print_exc()
+            failed[name] = f"{type(exc).__name__}: {exc}"[-2000:]
+            return None
+        print(name, out, flush=True)
+        return out
+
     with tempfile.TemporaryDirectory() as tmp:
-        for key in models:
+        effnet = (attempt("effnet-224", lambda: effnet_exits(device, seconds, threads))
+                  if "effnet-224" in models else None)
+        ready = attempt("ready", lambda: ready_time(
+            effnet_bundle() if "effnet-224" in models else make_bundle(models[0], Path(tmp)),
+            device, 8))
+        for key in (m for m in models if m in MODELS):
             bundle = make_bundle(key, Path(tmp))
             probe = SegmentRunner(bundle, 1, device=device)
             if probe.device != device:
-                raise SystemExit(f"asked for {device}, ONNX Runtime gave {probe.providers}")
+                raise SystemExit(f"asked for {device}, ONNX Runtime gave {probe.providers}"
+                                 + (f"; {probe.gpu_libraries}" if probe.gpu_libraries else ""))
             results[key] = {}
             for batch in batches:
-                results[key][str(batch)] = measure(key, bundle, device, batch, seconds,
-                                                   str(Path(tmp) / "trt"))
-                print(key, batch, results[key][str(batch)], flush=True)
-    print(table(results))
+                got = attempt(f"{key} batch {batch}", partial(
+                    measure, key, bundle, device, batch, seconds, str(Path(tmp) / "trt")))
+                if got is not None:
+                    results[key][str(batch)] = got
+        print(table(results), flush=True)
 
-    def ratio(key: str, batch: str) -> float | None:
-        row = results.get(key, {}).get(batch)
-        return round(row["worker"] / row["monolithic"], 3) if row else None
+    def row(key: str, batch: str) -> dict[str, Any]:
+        return results.get(key, {}).get(batch, {})
 
+    mnv2_b1, resnet_b8 = row("mnv2-32", "1"), row("resnet50-224", "8")
     write_result("gpu" if device == "cuda" else f"gpu-{device}", {
-        "device": device, "onnxruntime_providers": probe.providers,
-        "chain_ratio_224_b8": ratio("resnet50-224", "8"),
-        "b1_speedup_vs_plain": ratio("mnv2-32", "1"),
-        "img_per_s": results,
-        "goal": {"chain_ratio_224_b8": ">= 0.95", "b1_speedup_vs_plain": ">= 1.5"},
-        "note": "worker = the segment-worker's engine hosting every segment, exits closed, no "
-                "broker; chain_* compute every exit head, monolithic only the final one",
+        "device": device, **gpu_facts(), "onnxruntime": ort.__version__,
+        "onnxruntime_providers": probe.providers if probe else None,
+        "installed_providers": installed_providers(),
+        "providers_not_loaded": sorted({v for r in results.values() for b in r.values()
+                                        for v in b.values()
+                                        if isinstance(v, str) and "did not load" in v}),
+        "chain_ratio_224_b8": ratio(resnet_b8.get("worker"), resnet_b8.get("monolithic")),
+        "b1_speedup_vs_plain": ratio(mnv2_b1.get("worker"), mnv2_b1.get("chain_plain")),
+        "b1_worker_vs_monolithic": ratio(mnv2_b1.get("worker"), mnv2_b1.get("monolithic")),
+        "effnet_224_exits_vs_monolithic": effnet["ratios"]["exits_open_vs_monolithic"]
+        if effnet else None,
+        "ready_s": ready["ready_s"] if ready else None, "failed": failed,
+        "img_per_s": results, "effnet_224": effnet, "readiness": ready,
+        "goal": {"chain_ratio_224_b8": ">= 0.95", "b1_speedup_vs_plain": ">= 1.5",
+                 "effnet_224_exits_vs_monolithic": ">= 1.3"},
+        "note": "worker = the segment-worker's engine hosting every segment, no broker; "
+                "chain_* compute every exit head, monolithic only the final one; "
+                "b1_speedup_vs_plain = worker / chain_plain (MobileNetV2, batch 1), "
+                "b1_worker_vs_monolithic = worker / monolithic (same row)",
     })
+    if failed:
+        raise SystemExit(f"parts of the run failed: {', '.join(failed)} (see the JSON)")
 
 
 if __name__ == "__main__":

@@ -276,26 +276,6 @@ def test_a_worker_asked_for_int8_without_an_engine_cache_says_so(tiny_bundle: Bu
         asyncio.run(run(settings, asyncio.Event()))
 
 
-# -- bench-gpu stays ready to run ----------------------------------------------------------------
-def test_the_gpu_benchmark_measures_every_variant_it_can_on_the_cpu(tmp_path: Path) -> None:
-    """A GPU machine is lent for minutes: ``make bench-gpu`` must not fail there for a reason
-    a CPU can find. Its dry run here: every variant measured or said why not."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench import gpu
-
-    bundle = gpu.make_bundle("mnv2-32", tmp_path)
-    for batch in (1, 8):
-        row = gpu.measure("mnv2-32", bundle, "cpu", batch, 0.05, str(tmp_path / "trt"))
-        assert set(row) == set(gpu.VARIANTS)
-        for name in ("monolithic", "chain_plain", "chain_resident", "worker"):
-            assert isinstance(row[name], float) and row[name] > 0, (name, row)
-        assert row["chain_cuda_graph"] == "CUDA graphs need a GPU"
-        assert isinstance(row["chain_tensorrt_fp16"], str)
-    assert "worker" in gpu.table({"mnv2-32": {"8": row}})
-
-
 def test_a_session_that_refuses_a_cuda_graph_runs_without_one(
         tiny_bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
     """ONNX Runtime refuses a CUDA graph when a node falls to the CPU provider: the segment
