@@ -187,6 +187,42 @@ def test_a_batch_mixing_device_rows_and_arrived_rows_is_assembled_once(
     assert first.transfers["on_device"] == 1  # only the drop of exited rows after run a
 
 
+@pytest.mark.parametrize("fixed", [0, 8], ids=["sized-by-batch", "fixed-buffers"])
+def test_rows_passed_on_feed_the_next_segment_with_one_gather_and_no_copy_kept(
+        tiny_bundle: Bundle, fixed: int) -> None:
+    """A run-through (the next segment runs before this one again): the survivors are read
+    straight out of this run's output, gathered once into the next segment's input."""
+    x = _inputs(tiny_bundle, 8)
+    first = SegmentRunner(tiny_bundle, 1, resident=True, static_batch=fixed)
+    second = SegmentRunner(tiny_bundle, 2, resident=True, static_batch=fixed,
+                           transfers=first.transfers)
+    out = first.run_rows(x)
+    assert out.activation is not None
+    stay = [0, 3, 5]
+    got = second.run_rows(first.pass_on(out.activation, stay))
+    plain = SegmentRunner(tiny_bundle, 1).run(x).activation
+    assert plain is not None
+    want = SegmentRunner(tiny_bundle, 2).run(plain[stay])
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    assert first.transfers == {"on_device": 1}  # the gather into segment 2's input, only
+    host = SegmentRunner(tiny_bundle, 1).run(x)
+    assert host.activation is not None
+    passed = SegmentRunner(tiny_bundle, 1).pass_on(host.activation, stay)
+    assert isinstance(passed, np.ndarray) and np.array_equal(passed, host.activation[stay])
+
+
+def test_the_rows_model_loads_in_onnxruntime_as_old_as_the_segments_need(
+        tiny_bundle: Bundle) -> None:
+    """rows.onnx carries the oldest IR version its opset allows, as torch's export does for
+    the segments: onnx's newest (IR 14 with onnx 1.23) was refused by onnxruntime 1.31."""
+    import onnx
+
+    rows = tiny_bundle.rows_model()
+    assert rows is not None
+    segment = onnx.load(str(tiny_bundle.path(tiny_bundle.segment(1).file)))
+    assert onnx.load(str(rows)).ir_version <= segment.ir_version
+
+
 def test_device_rows_go_to_the_host_once(tiny_bundle: Bundle) -> None:
     x = _inputs(tiny_bundle, 4)
     runner = SegmentRunner(tiny_bundle, 1, resident=True)

@@ -151,7 +151,11 @@ def write_rows_model(path: Path) -> None:
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None),
          onnx.helper.make_tensor_value_info("rows", onnx.TensorProto.INT64, ["n"])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
+    opsets = [onnx.helper.make_opsetid("", OPSET)]
+    # The oldest IR version the opset allows, as torch's export writes it: make_model's default
+    # is the installed onnx's newest, which an older onnxruntime (Jetson wheels) refuses.
+    model = onnx.helper.make_model(graph, opset_imports=opsets,
+                                   ir_version=onnx.helper.find_min_ir_version_for(opsets))
     onnx.save(model, str(path))  # not onnx.checker's: it wants a rank, and x may have any
 
 
