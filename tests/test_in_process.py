@@ -5,6 +5,7 @@ groups on a real broker; most of these run in milliseconds once the bundle exist
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -120,18 +121,23 @@ async def test_the_whole_system_in_one_process_answers_like_the_chain(
 
 
 # -- the worker's engine ----------------------------------------------------------------------
-@pytest.fixture(params=[False, True], ids=["host", "resident"])
+@pytest.fixture(params=[(False, True), (True, True), (True, False)],
+                ids=["host", "resident", "resident-stepwise"])
 async def engine(tiny_bundle: Bundle, request: pytest.FixtureRequest,
                  ) -> AsyncIterator[tuple[Engine, MemoryBus, Topics]]:
     """An engine on the memory bus hosting every segment, with activations handed over on
-    the host or kept in ONNX Runtime's buffers (resident: the GPU path, on the CPU here)."""
+    the host or kept in ONNX Runtime's buffers (resident: the GPU path, on the CPU here); a
+    micro-batch runs through the hosted segments in one hand-off to the inference thread, or
+    (stepwise) in one per segment."""
+    resident, run_through = request.param
     broker = MemoryBroker()
     topics = Topics("eng")
     async with MemoryBus(broker, "w1") as bus:
         async def publish(topic: str, payload: bytes, qos: int) -> None:
             await bus.publish(topic, payload, qos=qos)
 
-        cfg = EngineConfig(node="w1", batch_max=8, batch_wait_s=0.0, resident=request.param)
+        cfg = EngineConfig(node="w1", batch_max=8, batch_wait_s=0.0, resident=resident,
+                           run_through=run_through)
         async with Engine(tiny_bundle, cfg, topics, PeerTable("w1"), publish) as eng:
             await _bundle_ready(eng, tiny_bundle)
             yield eng, bus, topics
@@ -181,7 +187,13 @@ async def test_one_engine_hosting_every_segment_answers_like_the_chain(
         c = got[f"f{i}"]
         assert (c.label, c.exit_index) == (expected.label, expected.exit_index)
         assert [h.segment for h in c.hops] == list(range(1, c.exit_index + 1))
+        assert all(h.node == "w1" and h.arrived <= h.started <= h.finished for h in c.hops)
+        assert all(a.finished <= b.arrived for a, b in itertools.pairwise(c.hops))
     assert eng.idle()
+    stats = {seg: h.stats for seg, h in eng.hosted.items()}
+    assert stats[1].samples == 24 and stats[1].exited + stats[1].forwarded + \
+        stats[2].handed_over == 24
+    assert all(stats[k].samples == stats[k - 1].samples - stats[k - 1].exited for k in (2, 3, 4))
     if eng.cfg.resident:  # exited rows were dropped on the device, by the bundle's rows.onnx
         assert eng.transfers["on_device"] > 0
 
@@ -356,6 +368,33 @@ async def test_the_placer_keeps_near_ties_local() -> None:
                     act_topic=lambda seg, node: f"act/m/{seg}/{node}", nudge=lambda: None)
     await placer.forward(2, _items(4))
     assert stages.handed == [(2, 4)] and sent == []
+
+
+async def test_a_batch_runs_through_here_only_where_the_placer_would_keep_it() -> None:
+    """The run-through asks the placer first: kept here with no neighbour, or a neighbour
+    only a near tie; not with a neighbour whose backlog is much shorter, nor past parked
+    work."""
+    async def transmit(topic: str, payload: bytes) -> None:
+        return None
+
+    peers = PeerTable("w1")
+    stages = _Stages(local=Candidate("w1", 0.0005, 0.001, local=True, credit=100))
+    placer = Placer(EngineConfig(node="w1", offload_margin_s=0.002), model="m", boot=0.0,
+                    peers=peers, stages=stages, transmit=transmit,
+                    act_topic=lambda seg, node: f"act/m/{seg}/{node}", nudge=lambda: None)
+    assert placer.stays_here(2, 1.0, 4, 64)
+    peers.update(_worker_beat("w2", 2, grant_to="w1", limit=100))  # a near tie: still here
+    assert placer.stays_here(2, 1.0, 4, 64)
+    stages.local = Candidate("w1", 0.5, 0.001, local=True, credit=100)  # half a second queued
+    assert not placer.stays_here(2, 1.0, 4, 64)
+    stages.local = Candidate("w1", 0.0005, 0.001, local=True, credit=2)  # room for 2 of 4
+    peers.forget("w2")
+    assert not placer.stays_here(2, 1.0, 4, 64)
+    stages.local = None  # nobody takes it now: parked
+    await placer.forward(2, _items(1))
+    assert placer.parked(2) == 1
+    stages.local = Candidate("w1", 0.0005, 0.001, local=True, credit=100)
+    assert not placer.stays_here(2, 1.0, 4, 64)
 
 
 class _SlowUnsubscribe(MemoryBus):

@@ -24,6 +24,7 @@ from typing import Any, Self, cast
 
 import numpy as np
 import structlog
+from prometheus_client import Histogram
 
 from offramp.bus import Topics
 from offramp.bus.inbox import RateLimitedWarning
@@ -47,6 +48,7 @@ from offramp.wire import (
     ExitReason,
     Hop,
     Moved,
+    Sample,
     SegmentLoad,
     Tensor,
 )
@@ -58,6 +60,7 @@ from segment_worker.settings import EngineConfig
 from segment_worker.spans import record_batch
 
 Publish = Callable[[str, bytes, int], Awaitable[None]]  # topic, payload, qos
+IN_FLIGHT = 2  # micro-batches per segment handed to the inference thread at once
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Hosted:
     runner: SegmentRunner
     queue: SegmentQueue
     ledger: CreditLedger
+    batch_sizes: Histogram  # this segment's child of offramp_batch_size
     stats: SegmentStats = field(default_factory=SegmentStats)
     draining: bool = False
     busy: int = 0  # samples of this segment being computed now
@@ -113,10 +117,14 @@ class _Rule:
 
 @dataclass(frozen=True)
 class _Computed:
+    """One segment's run of a micro-batch, as the inference thread hands it back."""
+
     out: Outputs
     decision: ExitDecision
     stay: list[int]  # rows that go on
-    kept: list[Activation]  # their activations (device rows when resident)
+    # their activations: kept (copied out of the run's buffers) after the last segment of a
+    # run-through, only referenced where the next segment of it already took them
+    kept: list[Activation]
     started: float
     finished: float
 
@@ -257,7 +265,8 @@ class Engine:
                 self.log.warning("cuda_graph_unavailable", segment=segment,
                                  error=runner.graph_refused)
             hosted = Hosted(runner, SegmentQueue(cfg.queue_max, cfg.ageing_s),
-                            CreditLedger(cfg.queue_max, cfg.credit_lease_s))
+                            CreditLedger(cfg.queue_max, cfg.credit_lease_s),
+                            self.m_batch.labels(segment=segment))
             x = np.zeros((cfg.batch_max, *runner.spec.input.per_sample), np.float32)
             self._infer_on(runner, x)  # warm-up: engines, plans, graph capture
             if building:
@@ -370,21 +379,37 @@ class Engine:
 
     # -- serving --------------------------------------------------------------------------------
     async def serve(self, segment: int, stop: asyncio.Event) -> None:
-        """Serve ``segment`` until ``stop`` is set and its queue is empty (or it is unloaded)."""
+        """Serve ``segment`` until ``stop`` is set and its queue is empty (or it is unloaded).
+        Up to IN_FLIGHT micro-batches at once: the next is taken and handed to the inference
+        thread while the event loop still accounts for the one before (reports, hops, the
+        next placement), so that neither thread waits for the other. The batch is taken only
+        once a slot is free, so it is the most urgent one at that moment."""
         hosted = self.hosted[segment]
-        while not (stop.is_set() and len(hosted.queue) == 0):
-            await self.placer.room(segment + 1)  # backpressure: parked work must fit
-            items = await hosted.queue.batch(self.cfg.batch_max, self.cfg.batch_wait_s)
-            if self.credit_due():
-                self.nudge()
-            self._inflight += len(items)
-            hosted.busy += len(items)
-            try:
-                await self._run_batch(segment, hosted, items)
-            finally:
-                self._inflight -= len(items)
-                hosted.busy -= len(items)
-            await self.placer.retry()
+        slots = asyncio.Semaphore(IN_FLIGHT)
+        async with asyncio.TaskGroup() as batches:
+            while not (stop.is_set() and len(hosted.queue) == 0):
+                await self.placer.room(segment + 1)  # backpressure: parked work must fit
+                await slots.acquire()
+                try:
+                    items = await hosted.queue.batch(self.cfg.batch_max, self.cfg.batch_wait_s)
+                except BaseException:
+                    slots.release()
+                    raise
+                if self.credit_due():
+                    self.nudge()
+                self._inflight += len(items)
+                hosted.busy += len(items)
+                batches.create_task(self._serve_batch(segment, hosted, items, slots))
+
+    async def _serve_batch(self, segment: int, hosted: Hosted, items: list[Item],
+                           slot: asyncio.Semaphore) -> None:
+        try:
+            await self._run_batch(segment, hosted, items)
+        finally:
+            self._inflight -= len(items)
+            hosted.busy -= len(items)
+            slot.release()
+        await self.placer.retry()
 
     def idle(self) -> bool:
         return self.busy() == 0 and not self.placer.parked()
@@ -401,42 +426,104 @@ class Engine:
             time.sleep((time.time() - started) * (self.cfg.slowdown - 1.0))
         return out, started, time.time()
 
-    def _compute(self, runner: SegmentRunner, xs: Batch, rule: _Rule) -> _Computed:
-        """On the inference thread: run the segment, decide the exits (pure, on the policy
-        as it was when the batch was taken) and keep the rows that go on (on the device when
-        resident, before this segment runs again): one hand-off per micro-batch."""
-        out, started, finished = self._infer_on(runner, xs)
-        d = decide(rule.criterion, rule.threshold, out.logits, out.embedding, rule.prev,
-                   last=rule.last, deadlines=rule.deadlines, now=finished,
-                   time_to_next_s=rule.to_next)
-        stay = [i for i in range(len(xs)) if not d.exits[i]]
-        kept = runner.keep(out.activation, stay) if stay and out.activation is not None else []
-        return _Computed(out, d, stay, kept, started, finished)
+    def _compute_through(self, runners: list[SegmentRunner], xs: Batch,
+                         rules: list[_Rule]) -> list[_Computed]:
+        """On the inference thread: run consecutive segments on a micro-batch, each followed
+        by its exit decision (pure, on the policy as it was when the batch was taken), the
+        rows that stay going straight into the next one (on the device when resident: one
+        gather out of the run's buffer). Stops early when every row has exited. The rows
+        that go on after the last are kept (copied out before its session runs again)."""
+        done: list[_Computed] = []
+        rule = rules[0]
+        for j, runner in enumerate(runners):
+            out, started, finished = self._infer_on(runner, xs)
+            d = decide(rule.criterion, rule.threshold, out.logits, out.embedding, rule.prev,
+                       last=rule.last, deadlines=rule.deadlines, now=finished,
+                       time_to_next_s=rule.to_next)
+            stay = [i for i in range(len(d.exits)) if not d.exits[i]]
+            if not stay or out.activation is None or j == len(runners) - 1:
+                kept = runner.keep(out.activation, stay) if stay and out.activation is not None \
+                    else []
+                done.append(_Computed(out, d, stay, kept, started, finished))
+                break
+            xs = runner.pass_on(out.activation, stay)
+            done.append(_Computed(out, d, stay, list(xs), started, finished))
+            rule = replace(rules[j + 1], prev=out.embedding[stay],
+                           deadlines=rule.deadlines[stay])
+        return done
 
-    async def _run_batch(self, segment: int, hosted: Hosted, items: list[Item]) -> None:
+    def _through(self, segment: int, items: list[Item]) -> list[int]:
+        """``segment`` and the segments after it that this micro-batch runs in the same
+        hand-off to the inference thread: each hosted here and serving, with nothing queued
+        or parked for it (no one is overtaken), and here the placer's choice for the batch
+        now (a neighbour with less backlog still gets the work between segments)."""
+        chain = [segment]
+        if not self.cfg.run_through:
+            return chain
+        priority = max(it.sample.priority for it in items)
+        while chain[-1] < self.bundle.num_segments:
+            nxt = chain[-1] + 1
+            h = self.hosted.get(nxt)
+            if (h is None or h.draining or len(h.queue) or self.placer.parked(nxt)
+                    or not self.placer.stays_here(nxt, priority, len(items),
+                                                  self.bundle.segment(chain[-1]).activation_bytes)):
+                break
+            chain.append(nxt)
+        return chain
+
+    def _rule(self, segment: int, items: list[Item], policy: ExitPolicy | None) -> _Rule:
         last = segment == self.bundle.num_segments
         prevs = [it.prev for it in items if it.prev is not None]
+        deadlines = [it.sample.deadline for it in items]
         to_next = 0.0
-        if not last:
+        if not last and any(t is not None for t in deadlines):  # only the deadline rule reads it
             per_sample = self.bundle.segment(segment).activation_bytes
             to_next = self.placer.estimate(segment + 1, per_sample * len(items))
-        policy = self.policy
         threshold = None
         if policy is not None and not last and segment <= len(policy.thresholds):
             threshold = policy.thresholds[segment - 1]
-        rule = _Rule(policy.criterion if policy else "confidence", threshold, last, to_next,
+        return _Rule(policy.criterion if policy else "confidence", threshold, last, to_next,
                      np.stack(prevs) if len(prevs) == len(items) else None,
-                     np.array([it.sample.deadline if it.sample.deadline is not None
-                               else math.nan for it in items]))
-        c: _Computed = await self._offload(self._compute, hosted.runner,
-                                           stack_on_host([it.x for it in items]), rule)
+                     np.array([math.nan if t is None else t for t in deadlines]))
+
+    async def _run_batch(self, segment: int, hosted: Hosted, items: list[Item]) -> None:
+        policy = self.policy
+        chain = self._through(segment, items)
+        rules = [self._rule(s, items, policy) for s in chain]
+        later = [self.hosted[s] for s in chain[1:]]
+        for h in later:  # computed now, though nothing is queued there: not to be unloaded
+            h.busy += len(items)
+        try:
+            computed: list[_Computed] = await self._offload(
+                self._compute_through, [self.hosted[s].runner for s in chain],
+                stack_on_host([it.x for it in items]), rules)
+        finally:
+            for h in later:
+                h.busy -= len(items)
+        thresholds = tuple(policy.thresholds) if policy else ()
+        for j, c in enumerate(computed):
+            seg = chain[j]
+            samples = await self._finish(seg, self.hosted[seg], items, c, thresholds)
+            if j + 1 < len(computed):  # on into the next segment of the run-through, here
+                self.hosted[chain[j + 1]].stats.handed_over += len(c.stay)
+                items = [Item(samples[i], x, c.out.embedding[i], c.finished, c.finished)
+                         for i, x in zip(c.stay, c.kept, strict=True)]
+            elif c.kept:
+                now, emb = time.time(), c.out.embedding
+                await self.placer.forward(seg + 1, [Item(samples[i], x, emb[i], now, now)
+                                                    for i, x in zip(c.stay, c.kept, strict=True)])
+
+    async def _finish(self, segment: int, hosted: Hosted, items: list[Item], c: _Computed,
+                      thresholds: tuple[float, ...]) -> list[Sample]:
+        """One segment's run of a micro-batch, accounted for: its statistics, each sample's
+        hop, the completions of those that exit (reported), their spans. Returns the samples
+        with the hop added."""
         started, finished, d = c.started, c.finished, c.decision
         hosted.stats.record(len(items), finished - started)
-        self.m_batch.labels(segment=segment).observe(len(items))
+        hosted.batch_sizes.observe(len(items))
         samples = [replace(it.sample, hops=(*it.sample.hops,
                                             Hop(node=self.cfg.node, segment=segment, arrived=it.arrived,
                                                 started=started, finished=finished))) for it in items]
-        thresholds = tuple(policy.thresholds) if policy else ()
         done: dict[str, list[Completion]] = {}
         for i, sample in enumerate(samples):
             if d.exits[i]:
@@ -452,10 +539,7 @@ class Engine:
         for source, completions in done.items():
             await self.outbox.send(self._report(source, completions))
         hosted.stats.exited += len(items) - len(c.stay)
-        if c.kept:
-            now, emb = time.time(), c.out.embedding
-            await self.placer.forward(segment + 1, [Item(samples[i], x, emb[i], now, now)
-                                                    for i, x in zip(c.stay, c.kept, strict=True)])
+        return samples
 
     async def _report(self, source: str, completions: list[Completion]) -> None:
         await self._publish(self.topics.done(source), DoneReport(completions=tuple(completions)).encode(), 1)

@@ -168,6 +168,16 @@ class Placer:
                         margin_s=self.cfg.offload_margin_s, stale_after_s=self.cfg.stale_after_s)
         return choice.cost_s if choice else 0.0
 
+    def stays_here(self, segment: int, priority: float, count: int, nbytes_per_sample: int) -> bool:
+        """Whether ``count`` samples of ``priority`` would all be placed on this node for
+        ``segment`` now (no neighbour cheaper within its credit, nothing parked before them)."""
+        if self.parked(segment):
+            return False
+        placement = place(self._candidates(segment, priority, count), count, nbytes_per_sample,
+                          margin_s=self.cfg.offload_margin_s,
+                          stale_after_s=self.cfg.stale_after_s)
+        return placement.parts == ((self.cfg.node, count),)
+
     async def forward(self, segment: int, items: list[Item]) -> None:
         for it in items:
             self._demand.add((segment, it.sample.priority))

@@ -45,6 +45,10 @@ class WorkerSettings:
     gpu_id: int = setting(0, "CUDA device number", min=0, max=63)
     batch_max: int = setting(8, "Largest micro-batch", min=1, max=1024)
     batch_wait_ms: float = setting(2.0, "Longest wait to fill a micro-batch", min=0, max=1000)
+    run_through: bool = setting(True, "Run a micro-batch on through the next segments hosted "
+                                "here in one go (one hand-off to the inference thread, rows "
+                                "kept on the device), where nothing waits for them and no "
+                                "neighbour would take them")
     queue_max: int = setting(512, "Bound of each segment queue, in samples; also the most "
                              "credit this node grants", min=1, max=1_000_000)
     ageing_s: float = setting(0.5, "Queue ageing tau: urgency = priority x (1 + age / tau)",
@@ -93,6 +97,7 @@ class EngineConfig:
     node: str
     batch_max: int = 8
     batch_wait_s: float = 0.002
+    run_through: bool = True
     queue_max: int = 512
     codec: Literal["auto", "raw", "fp16", "int8", "ae"] = "auto"
     codec_max_loss: float = 1.0
@@ -115,7 +120,8 @@ class EngineConfig:
     def from_settings(cls, settings: WorkerSettings) -> EngineConfig:
         common = settings.common
         return cls(node=common.node_name(), batch_max=settings.batch_max,
-                   batch_wait_s=settings.batch_wait_ms / 1000, queue_max=settings.queue_max,
+                   batch_wait_s=settings.batch_wait_ms / 1000, run_through=settings.run_through,
+                   queue_max=settings.queue_max,
                    codec=settings.codec, codec_max_loss=settings.codec_max_loss,
                    device=settings.device, threads=settings.threads,
                    resident=settings.resident == "on" or (settings.resident == "auto"

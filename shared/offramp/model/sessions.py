@@ -218,6 +218,14 @@ class SegmentRunner:
             return list(self.bound.keep(act, rows))
         return [act[i] for i in rows]
 
+    def pass_on(self, act: np.ndarray | DeviceRows, rows: Sequence[int]) -> Batch:
+        """The activations of ``rows`` for a segment run next on this thread, before this
+        session runs again: references into the run's output, no copy (that segment's input
+        gathers them, on the device when resident)."""
+        if isinstance(act, DeviceRows):
+            return [Row(act, i) for i in rows]
+        return act[np.asarray(rows, np.int64)]
+
     def run(self, x: np.ndarray) -> SegmentOutput:
         if x.shape[1:] != self.spec.input.per_sample:
             raise BundleError(f"segment {self.index} takes {list(self.spec.input.per_sample)} "
