@@ -11,7 +11,9 @@ change speed), each cut at every exit, at batch 1, 8 and 32, images per second o
 - ``chain_tensorrt_fp16``: resident, TensorRT fp16 engines (batch 8 only: engine builds take
   minutes), where ONNX Runtime's TensorRT provider loads;
 - ``worker``: the segment-worker's own engine hosting the whole chain, exits closed, no broker
-  (queues, micro-batching, exit decisions, hand-overs: everything but the bus).
+  (queues, micro-batching, exit decisions, hand-overs: everything but the bus);
+- ``worker_stepwise``: the same with OFFRAMP_WORKER_RUN_THROUGH=false, one hand-off to the
+  inference thread per segment rather than one per micro-batch.
 
 Then ``effnet-224`` (:mod:`bench.gpu_exits`): EfficientNet-Lite0 with exits trained on
 Fashion-MNIST, on the worker's engine with exits open and closed against one session of the
@@ -24,7 +26,7 @@ Goals (top-level keys): ``chain_ratio_224_b8`` (worker / monolithic, ResNet-50, 
 ``b1_worker_vs_monolithic`` (worker / monolithic, same row) beside it;
 ``effnet_224_exits_vs_monolithic`` (worker with exits open / monolithic, batch 8) >= 1.3;
 ``ready_s`` reported. The device's name and driver, the onnxruntime version and every provider
-that did not load are recorded too. About 5 minutes on an H200. Settings:
+that did not load are recorded too. About 3 minutes on an H200. Settings:
 ``OFFRAMP_BENCH_DEVICE`` (cuda; cpu for a dry run, which writes ``gpu-cpu.json``),
 ``OFFRAMP_BENCH_SECONDS`` per figure (1.5), ``OFFRAMP_BENCH_GPU_MODELS``
 (mnv2-32,resnet50-224,effnet-224), ``OFFRAMP_BENCH_BATCHES`` (1,8,32).
@@ -58,7 +60,7 @@ from offramp.model.sessions import FullModelRunner, SegmentRunner, installed_pro
 
 MODELS = {"mnv2-32": ("mobilenetv2", {"width": 1.0}, 32), "resnet50-224": ("resnet50", {}, 224)}
 VARIANTS = ("monolithic", "chain_plain", "chain_resident", "chain_cuda_graph",
-            "chain_tensorrt_fp16", "worker")
+            "chain_tensorrt_fp16", "worker", "worker_stepwise")
 Step = Callable[[], object]
 
 
@@ -118,10 +120,12 @@ def measure(key: str, bundle: Bundle, device: str, batch: int, seconds: float,
     row: dict[str, Any] = {}
     full = FullModelRunner(bundle, device=device, threads=os.cpu_count() or 1)
     row["monolithic"] = round(rate(lambda: full.run(x), batch, seconds), 1)
-    for variant in VARIANTS[1:-1]:
+    for variant in VARIANTS[1:-2]:
         step, why = chain_step(bundle, variant, device, batch, x, cache)
         row[variant] = round(rate(step, batch, seconds), 1) if step else why
     row["worker"] = round(engine_run(bundle, device, batch, x, seconds).img_per_s, 1)
+    row["worker_stepwise"] = round(engine_run(bundle, device, batch, x, seconds,
+                                              run_through=False).img_per_s, 1)
     return row
 
 

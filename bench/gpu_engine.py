@@ -39,14 +39,15 @@ class EngineRun:
 
 
 def engine_run(bundle: Bundle, device: str, batch: int, x: np.ndarray, seconds: float,
-               policy: ExitPolicy | None = None) -> EngineRun:
+               policy: ExitPolicy | None = None, run_through: bool = True) -> EngineRun:
     """The engine at micro-batch ``batch`` on inputs ``x`` (cycled), timed for about
-    ``seconds`` after a warm-up run. ``policy``: exit thresholds (None: exits closed)."""
-    return asyncio.run(_engine_run(bundle, device, batch, x, seconds, policy))
+    ``seconds`` after a warm-up run. ``policy``: exit thresholds (None: exits closed).
+    ``run_through``: as OFFRAMP_WORKER_RUN_THROUGH (False: one hand-off per segment)."""
+    return asyncio.run(_engine_run(bundle, device, batch, x, seconds, policy, run_through))
 
 
 async def _engine_run(bundle: Bundle, device: str, batch: int, x: np.ndarray, seconds: float,
-                      policy: ExitPolicy | None) -> EngineRun:
+                      policy: ExitPolicy | None, run_through: bool) -> EngineRun:
     labels: dict[int, int] = {}
     exits: Counter[int] = Counter()
     finished = asyncio.Event()
@@ -59,7 +60,8 @@ async def _engine_run(bundle: Bundle, device: str, batch: int, x: np.ndarray, se
         if target and len(labels) >= target:
             finished.set()
 
-    cfg = EngineConfig(node="bench", batch_max=batch, batch_wait_s=0.0, queue_max=MAX_SAMPLES * 2,
+    cfg = EngineConfig(node="bench", batch_max=batch, batch_wait_s=0.0, run_through=run_through,
+                       queue_max=MAX_SAMPLES * 2,
                        device=device, threads=os.cpu_count() or 1,
                        resident=device != "cpu", gpu=GpuOptions())
     loop = asyncio.get_running_loop()

@@ -60,12 +60,14 @@ def effnet_exits(device: str, seconds: float, threads: int) -> dict[str, Any]:
     closed = engine_run(bundle, device, BATCH, x, seconds)
     policy = make_policy(ArbiterSettings(), bundle.calibration(), bundle.name, 1)
     opened = engine_run(bundle, device, BATCH, x, seconds, policy)
+    stepwise = engine_run(bundle, device, BATCH, x, seconds, policy, run_through=False)
     seen = np.arange(opened.samples) % len(y)  # the frames the timed run answered
     truth, plain = y[seen], whole.argmax(1)[seen]
     return {
         "bundle": bundle.name, "batch": BATCH, "frames": len(x), "device": opened.device,
         "img_per_s": {"monolithic": round(mono, 1), "worker_exits_closed": round(closed.img_per_s, 1),
-                      "worker_exits_open": round(opened.img_per_s, 1)},
+                      "worker_exits_open": round(opened.img_per_s, 1),
+                      "worker_exits_open_stepwise": round(stepwise.img_per_s, 1)},
         "thresholds": [round(t, 4) for t in policy.thresholds],
         "exit_shares": {str(k): round(v / opened.samples, 4) for k, v in opened.exits.items()},
         "accuracy": {"monolithic": round(float((plain == truth).mean()), 4),
