@@ -65,7 +65,7 @@ from offramp.ml.data import Split, limit, load_fashion_mnist
 from offramp.ml.recipe_args import add_recipe_options, recipe_from_args
 from offramp.model.bundle import Bundle, load_bundle
 from offramp.settings import BusSettings
-from offramp.wire import Result
+from offramp.wire import read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "bundles" / "bench" / "links-224"
@@ -213,24 +213,24 @@ async def closed_loop(url: str, window: int, images: np.ndarray, labels: np.ndar
         seen = 0
         while True:
             msg = await asyncio.wait_for(results.get(), 120)
-            r = Result.from_json(msg.payload)
             now = time.monotonic()
-            seen += 1
-            if seen == 2 * window:  # the frames sent before the codec was chosen are out
-                measure("start")
-                started, stop_at = now, now + SECONDS
-            elif started and now <= stop_at:
-                sent = w.sent.get(r.frame_id)
-                if r.status == "ok" and sent is not None:
-                    w.answered += 1
-                    w.latency_s.append(now - sent)
-                    w.correct += int(r.label == labels[int(r.frame_id.split("-")[1])])
-                else:
-                    w.other += 1
-            if started and now > stop_at:
-                measure("stop")
-                return w, now - started
-            await send()
+            for r in read_results(msg.payload):  # one, or a refusal's frames
+                seen += 1
+                if seen == 2 * window:  # the frames sent before the codec was chosen are out
+                    measure("start")
+                    started, stop_at = now, now + SECONDS
+                elif started and now <= stop_at:
+                    sent = w.sent.get(r.frame_id)
+                    if r.status == "ok" and sent is not None:
+                        w.answered += 1
+                        w.latency_s.append(now - sent)
+                        w.correct += int(r.label == labels[int(r.frame_id.split("-")[1])])
+                    else:
+                        w.other += 1
+                if started and now > stop_at:
+                    measure("stop")
+                    return w, now - started
+                await send()
 
 
 def link_counters(plan: Plan) -> dict[str, int]:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import signal
 import threading
+import time
 from collections import Counter
 
 import paho.mqtt.client as mqtt
@@ -15,10 +16,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from test_system import LATER_HOPS_ENV, _frames, _run, later_hop_workers
 
-from offramp.bus import Bus
+from offramp.bus import Bus, Message, Subscription
 from offramp.local.client import envelope, png_bytes
 from offramp.local.system import LocalSystem
 from offramp.model.bundle import Bundle
+from offramp.settings import BusSettings
+from offramp.wire import Result, read_results
 
 
 def test_a_standby_takes_over_when_the_admission_controller_is_killed_mid_stream(
@@ -132,3 +135,94 @@ def test_frames_whose_deadline_passes_are_answered_and_acknowledged(tiny_bundle:
         system.stop()
     assert Counter(r.frame_id for r in results) == {f"late-{i}": 1 for i in range(40)}
     assert Counter(r.status for r in results)["expired"] >= 30, Counter(r.status for r in results)
+
+
+class _BareCamera:
+    """A plain paho MQTT v5 client, as a camera runs it, keeping what comes on its replies."""
+
+    def __init__(self, url: str, name: str, inflight: int) -> None:
+        self.replies: list[tuple[bytes | None, bytes]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, name, protocol=mqtt.MQTTv5)
+        self.client.max_inflight_messages_set(inflight)
+        self.client.on_message = self._on_message
+        host, port = url.removeprefix("mqtt://").split(":")
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+
+    def _on_message(self, c: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.replies.append((getattr(msg.properties, "CorrelationData", None), msg.payload))
+
+    def send(self, topic: str, payload: bytes, frame_id: str, reply: str | None) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.CorrelationData = frame_id.encode()
+        if reply is not None:
+            props.ResponseTopic = reply
+        self.client.publish(topic, payload, qos=1, properties=props)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+async def _outcomes(sub: Subscription[Message], n: int) -> tuple[list[Result], int]:
+    """At least ``n`` per-frame outcomes and what came within a second after (a second
+    answer to some frame would), with the number of messages they came in."""
+    got: list[Result] = []
+    messages = 0
+    async with asyncio.timeout(60):
+        while len(got) < n:
+            got.extend(read_results((await sub.get()).payload))
+            messages += 1
+    await asyncio.sleep(1.0)
+    while (late := sub.get_nowait()) is not None:
+        got.extend(read_results(late.payload))
+        messages += 1
+    return got, messages
+
+
+def test_a_burst_beyond_the_in_flight_bound_is_refused_in_few_messages_each_frame_once(
+        tiny_bundle: Bundle, prefix: str) -> None:
+    """A bare paho camera sends 400 PNG frames at once (QoS 1, each frame id as correlation
+    data, every other one with a response topic) to a system that keeps 8 frames of a source
+    in flight. Every frame gets exactly one outcome on results/cam-1, ok or listed in a
+    refusal; the refusals come as a few messages, not one per frame; and each frame that asked
+    for its answer on the response topic finds it there too."""
+    images, _ = _frames(40)
+    n, reply = 400, f"{prefix}/replies/cam-1"
+    env = {"OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "8"}
+    with LocalSystem(tiny_bundle, 1, prefix=prefix, env=env) as system:
+        asyncio.run(_run(system, [envelope("warm-up", image=images[0])]))  # the system is up
+        camera = _BareCamera(system.url, "bursting-camera", inflight=n)
+
+        async def burst() -> tuple[list[Result], int]:
+            async with Bus(BusSettings(broker_url=system.url), f"watcher-{prefix[-6:]}") as bus:
+                await bus.wait_connected(10)
+                sub = await bus.subscribe(f"{prefix}/results/cam-1", qos=1, maxsize=10_000)
+                camera.client.subscribe(reply, qos=1)
+                await asyncio.sleep(0.3)
+                for i in range(n):
+                    camera.send(f"{prefix}/ingest/cam-1", png_bytes(images[i % 40]), f"b{i}",
+                                reply if i % 2 else None)
+                return await _outcomes(sub, n)
+
+        try:
+            results, messages = asyncio.run(burst())
+            time.sleep(0.5)
+        finally:
+            camera.close()
+            logs = system.logs(tail=3000)
+            system.stop()
+    per_frame = Counter(r.frame_id for r in results)
+    assert set(per_frame) == {f"b{i}" for i in range(n)} and set(per_frame.values()) == {1}
+    status = Counter(r.status for r in results)
+    assert set(status) == {"ok", "dropped"} and status["dropped"] >= n // 2, (status, logs)
+    assert messages - status["ok"] < status["dropped"] / 10, (messages, status)
+    on_reply: Counter[str] = Counter()
+    for correlation, payload in camera.replies:
+        for r in read_results(payload):
+            on_reply[r.frame_id] += 1
+            assert r.status != "ok" or correlation == r.frame_id.encode()
+    assert set(on_reply) == {f"b{i}" for i in range(1, n, 2)}
+    assert set(on_reply.values()) == {1}

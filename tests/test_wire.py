@@ -22,6 +22,7 @@ from offramp.wire import (
     Heartbeat,
     Hop,
     Plan,
+    Refusal,
     Result,
     Sample,
     SegmentLoad,
@@ -29,6 +30,7 @@ from offramp.wire import (
     SentCount,
     Tensor,
     Want,
+    read_results,
 )
 
 text = st.text(min_size=1, max_size=12)
@@ -290,6 +292,30 @@ def test_over_limit_messages_are_rejected_before_unpacking() -> None:
     payload = _valid_packet()
     with pytest.raises(WireError, match="over the limit"):
         ActivationPacket.decode(payload, max_bytes=len(payload) - 1)
+
+
+def test_a_refusal_reads_as_one_dropped_result_per_frame() -> None:
+    refusal = Refusal(source="cam-1", frames={"over the admitted rate": ["f1", "f2"],
+                                              "ingest queue full": ["f3"]}, ts=12.5)
+    assert len(refusal) == 3
+    got = read_results(refusal.to_json())
+    assert [(r.frame_id, r.status, r.error, r.task_id, r.source, r.ts) for r in got] == [
+        ("f1", "dropped", "over the admitted rate", "", "cam-1", 12.5),
+        ("f2", "dropped", "over the admitted rate", "", "cam-1", 12.5),
+        ("f3", "dropped", "ingest queue full", "", "cam-1", 12.5)]
+    one = Result(task_id="t", source="cam-1", frame_id="f9", status="ok", label=3)
+    assert read_results(one.to_json()) == [one]
+
+
+def test_read_results_rejects_garbage_and_malformed_refusals() -> None:
+    for bad in (b"\xff", b"[]", b'{"v": 1, "kind": "refused", "source": "s"}',
+                b'{"v": 1, "kind": "refused", "source": "s", "frames": {"r": [1]}}',
+                b'{"v": 1, "kind": "refused", "source": 3, "frames": {}}',
+                b'{"v": 2, "kind": "refused", "source": "s", "frames": {}}',
+                b'{"v": 1, "kind": "refused", "source": "s", "frames": {}, "extra": 1}',
+                b'{"v": 1, "kind": "refused", "source": "s", "frames": {}, "ts": "now"}'):
+        with pytest.raises(WireError):
+            read_results(bad)
 
 
 def test_result_from_json_rejects_garbage() -> None:

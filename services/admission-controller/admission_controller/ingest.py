@@ -3,14 +3,17 @@
 Each frame is first read cheaply on the event loop (:func:`~admission_controller.frames.
 read_frame`: its kind, and an envelope's frame id, deadline and label; a raw image's frame id
 may come as MQTT v5 correlation data). A redelivered frame is recognised; a frame over its
-source's in-flight bound or above its admitted rate is answered ``dropped`` at once, under its
-own frame id, without decoding it. Only admitted frames are decoded and preprocessed, off the
+source's in-flight bound or above its admitted rate is refused (``dropped``) without decoding
+it, listed by its own frame id in its source's next refusal
+(:mod:`admission_controller.refusals`). Only admitted frames are decoded and preprocessed, off the
 event loop, a batch per hand-off; one that does not decode is answered ``error``.
 
 Frames come on a connection of their own with manual acknowledgement: a frame is
 acknowledged to the broker only once it is answered (:mod:`admission_controller.results`),
-and the broker sends at most ``OFFRAMP_ADMISSION_INGEST_WINDOW`` unacknowledged frames, so a
-burst waits at the broker (backpressure) instead of being dropped here.
+and the broker is asked to send at most ``OFFRAMP_ADMISSION_INGEST_WINDOW`` unacknowledged
+frames. Mosquitto 2.0 keeps to that only while acknowledgements come in order; once refused
+frames are acknowledged ahead of admitted ones it sends more, and what the inbox cannot hold
+is refused too ("ingest queue full").
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 from admission_controller.frames import Arrival, read_frame, to_inputs
 from admission_controller.gate import Gate
+from admission_controller.refusals import Refusals
 from admission_controller.results import Results
 from admission_controller.settings import AdmissionSettings
 from admission_controller.tracker import Task, Tracker
@@ -58,7 +62,7 @@ def correlated_id(msg: Message) -> str | None:
 class Ingest:
     def __init__(self, settings: AdmissionSettings, spec: InputSpec, *, topics: Topics,
                  registry: SourceRegistry, tracker: Tracker, gate: Gate[Task],
-                 submit: Callable[[list[Task]], None], results: Results,
+                 submit: Callable[[list[Task]], None], results: Results, refusals: Refusals,
                  new_id: Callable[[], str], metrics: Metrics, log: Any,
                  tracing: Tracing | None = None) -> None:
         self.s = settings
@@ -69,6 +73,7 @@ class Ingest:
         self.gate = gate
         self.submit = submit
         self.results = results
+        self.refusals = refusals
         self.new_id = new_id
         self.tracing = tracing
         self.log = log
@@ -155,9 +160,8 @@ class Ingest:
             return None
         if not self.tracker.can_admit(source):
             self.m_drops.labels(reason="in-flight-bound").inc()
-            await self.results.answer(task_id, source, frame_id, "dropped", created=now,
-                                      error=f"{self.s.max_in_flight} frames of {source} in "
-                                            "flight", origin=msg)
+            self.refusals.add(source, frame_id, f"{self.s.max_in_flight} frames of the source in "
+                              "flight", msg)
             return None
         deadline = arrival.deadline or (now + info.deadline_s if info.deadline_s else None) or \
             (now + self.s.deadline_s if self.s.deadline_s else None)
@@ -166,8 +170,7 @@ class Ingest:
         verdict = self.gate.offer(source, task, now)
         if verdict == "drop":
             self.m_drops.labels(reason="admitted-rate").inc()
-            await self.results.answer(task_id, source, frame_id, "dropped", created=now,
-                                      error="over the admitted rate", origin=msg)
+            self.refusals.add(source, frame_id, "over the admitted rate", msg)
             return None
         self.tracker.add(task)
         if self.tracing is not None and (span := self.tracing.start_frame(now, {
@@ -259,24 +262,37 @@ class Ingest:
             self._overflow.clear()
             drops, self.overflowed = self.overflowed, []
             self.m_drops.labels(reason="ingest-queue").inc(len(drops))
-            await self.answer_unread(drops, "dropped", "ingest queue full")
+            self.refuse_unread(drops, "ingest queue full")
 
-    async def answer_unread(self, msgs: list[Message], status: Status, error: str) -> None:
-        """Answer frames that were received but not admitted, under their own frame ids."""
+    def refuse_unread(self, msgs: list[Message], reason: str) -> None:
+        """Refuse frames that were received but not read, under their own frame ids."""
         for msg in msgs:
             source = self._source(msg)
             if source is None:
                 self.results.acknowledge(msg)
                 continue
-            try:
-                given = read_frame(msg.payload, max_bytes=self.s.common.bus.max_message_bytes
-                                   ).frame_id
-            except FrameError:
-                given = None
+            self.refusals.add(source, self._given_id(msg, source), reason, msg)
+
+    async def answer_unread(self, msgs: list[Message], status: Status, error: str) -> None:
+        """Answer frames that were received but not admitted, one result each."""
+        for msg in msgs:
+            source = self._source(msg)
+            if source is None:
+                self.results.acknowledge(msg)
+                continue
             task_id = self.new_id()
-            await self.results.answer(task_id, source, self._frame_id(msg, given, source,
-                                                                      task_id),
+            await self.results.answer(task_id, source, self._given_id(msg, source, task_id),
                                       status, error=error, origin=msg)
+
+    def _given_id(self, msg: Message, source: str, task_id: str = "") -> str:
+        """An unread frame's own id (its envelope's, or its correlation data), else one made
+        up from ``task_id`` or, for a refusal, from its place in the stream."""
+        try:
+            given = read_frame(msg.payload, max_bytes=self.s.common.bus.max_message_bytes
+                               ).frame_id
+        except FrameError:
+            given = None
+        return self._frame_id(msg, given, source, task_id or self.new_id())
 
     def forget(self) -> None:
         """Drop what is in hand, unanswered: another member holds the session now, and the
@@ -285,6 +301,7 @@ class Ingest:
         self.overflowed = []
         self.decoding.clear()
         self.released.clear()
+        self.refusals.forget()
 
     async def stop(self, sub: Subscription[Message]) -> None:
         """Answer every frame received but not answered yet: ``dropped`` the ones the inbox
@@ -292,6 +309,7 @@ class Ingest:
         unread, overflowed = [*self.in_hand, *sub.inbox.drain()], self.overflowed
         self.in_hand.clear()
         self.overflowed = []
-        await self.answer_unread(overflowed, "dropped", "ingest queue full")
+        self.refuse_unread(overflowed, "ingest queue full")
+        await self.refusals.flush()
         await self.answer_unread(unread, "error", "admission-controller stopped")
         self.decoder.shutdown(wait=False, cancel_futures=True)

@@ -79,6 +79,11 @@ class Results:
             publish = self._traced(publish, trace, now, status)
         await self.outbox.send(publish)
 
+    def counted(self, source: str, status: Status, frames: int) -> None:
+        """Frames answered together elsewhere (a refusal), in the counts and metrics."""
+        self.counts[status] += frames
+        self.m_results.labels(source=source, status=status).inc(frames)
+
     async def _traced(self, publish: Coroutine[Any, Any, None], trace: Any, start: float,
                       status: Status) -> None:
         """``publish``, then the answer's span (until the result is at the broker) and the end

@@ -25,6 +25,7 @@ from admission_controller.dispatch import DispatchConfig, Dispatcher
 from admission_controller.gate import Gate
 from admission_controller.ingest import Ingest
 from admission_controller.leadership import Leadership
+from admission_controller.refusals import Refusals
 from admission_controller.results import Results
 from admission_controller.session import IngestSession
 from admission_controller.settings import PREFIX, AdmissionSettings
@@ -79,18 +80,29 @@ class Admission:
                                publish=publish_result, metrics=runtime.metrics, log=runtime.log,
                                in_flight=settings.results_in_flight, tracing=runtime.tracing)
         self.counts = self.results.counts
+
+        async def publish_refusal(topic: str, payload: bytes) -> None:
+            await bus.publish(topic, payload, qos=1)
+
+        self.refusals = Refusals(
+            topics=topics, publish=publish_refusal,
+            acknowledge=lambda msg: self.session.ack(msg),  # noqa: PLW0108 - the session is made below
+            count=lambda source, n: self.results.counted(source, "dropped", n),
+            log=runtime.log, interval_s=settings.refusal_interval_ms / 1000,
+            max_pending=settings.refusals_pending)
         self.ingest = Ingest(settings, bundle.manifest.input, topics=topics,
                              registry=self.registry, tracker=self.tracker, gate=self.gate,
                              submit=self.dispatcher.submit, results=self.results,
-                             new_id=self.new_id, metrics=runtime.metrics, log=runtime.log,
-                             tracing=runtime.tracing)
+                             refusals=self.refusals, new_id=self.new_id,
+                             metrics=runtime.metrics, log=runtime.log, tracing=runtime.tracing)
         hb = settings.common.heartbeat_s
         # A primary waits one heartbeat period: the group's retained heartbeats, which say
         # whether another member is active, arrive as soon as it subscribes.
         self.leadership = Leadership(runtime.node, stale_s=3 * hb, started=time.monotonic(),
                                      wait_s=settings.takeover_s if settings.standby else hb)
         self.session = IngestSession(make_ingest_bus, ingest=self.ingest, results=self.results,
-                                     tracker=self.tracker, leadership=self.leadership,
+                                     refusals=self.refusals, tracker=self.tracker,
+                                     leadership=self.leadership,
                                      topics=topics, queue=settings.ingest_queue, log=runtime.log)
         self.results.acknowledge = self.session.ack
         self.group_key = f"group:{settings.group}"

@@ -21,6 +21,7 @@ from typing import Any
 
 from admission_controller.ingest import Ingest
 from admission_controller.leadership import Leadership
+from admission_controller.refusals import Refusals
 from admission_controller.results import Results
 from admission_controller.tracker import Tracker
 from offramp.bus import Message, MessageBus, Subscription, Topics
@@ -30,11 +31,12 @@ TICK_S = 0.05
 
 class IngestSession:
     def __init__(self, make_bus: Callable[[], MessageBus], *, ingest: Ingest, results: Results,
-                 tracker: Tracker, leadership: Leadership, topics: Topics, queue: int,
-                 log: Any) -> None:
+                 refusals: Refusals, tracker: Tracker, leadership: Leadership, topics: Topics,
+                 queue: int, log: Any) -> None:
         self.make_bus = make_bus
         self.ingest = ingest
         self.results = results
+        self.refusals = refusals
         self.tracker = tracker
         self.leadership = leadership
         self.topics = topics
@@ -70,7 +72,8 @@ class IngestSession:
                                             overflow="drop-newest",
                                             on_drop=self.ingest.on_overflow)
         self._tasks = [tg.create_task(self.ingest.run(self.sub)),
-                       tg.create_task(self.ingest.answer_overflow())]
+                       tg.create_task(self.ingest.answer_overflow()),
+                       tg.create_task(self.refusals.run())]
         self.log.info("ingest_session_taken", client_id=self.bus.client_id)
 
     async def _give(self) -> None:
@@ -104,6 +107,7 @@ class IngestSession:
         if self.bus is None:
             return
         self.pause()
+        await self.refusals.flush()  # refused already: answered, not left to anyone
         left = len(self.tracker) + len(self.ingest.in_hand) + (len(self.sub.inbox)
                                                                if self.sub else 0)
         if left and self.leadership.standby_alive(time.monotonic()):

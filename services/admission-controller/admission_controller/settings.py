@@ -43,6 +43,11 @@ class AdmissionSettings:
         "camera image had; 602 KB -> 151 KB per frame at 224x224)")
     results_in_flight: int = setting(256, "Results being published at once (QoS 1)", min=1,
                                      max=100_000)
+    refusal_interval_ms: float = setting(100.0, "Frames refused under load ('dropped') are "
+                                         "answered together, one refusal per source this "
+                                         "often (docs/wire.md)", min=1, max=10_000)
+    refusals_pending: int = setting(20_000, "Refused frames waiting for the next refusal; "
+                                    "at this many it goes out at once", min=1, max=1_000_000)
     max_pixels: int = setting(0, "Largest image accepted, in pixels, read from its header "
                               "before any decoding (0: 4K UHD, or 4x the model input if larger)",
                               min=0, max=1 << 28)

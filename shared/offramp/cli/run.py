@@ -29,7 +29,7 @@ from offramp.local.system import LocalSystem
 from offramp.model.bundle import load_bundle
 from offramp.node.entry import stop_on_signals
 from offramp.settings import BusSettings
-from offramp.wire import Heartbeat, Result
+from offramp.wire import Heartbeat, Result, read_results
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -219,15 +219,16 @@ def cmd_up(args: argparse.Namespace) -> int:
             states = await bus.subscribe(topics.state_all(), maxsize=1024,
                                          decode=from_payload(Heartbeat.decode))
             results = await bus.subscribe(topics.results_all(), maxsize=100_000,
-                                          decode=from_payload(Result.from_json))
+                                          decode=from_payload(read_results))
 
             async def pump_states() -> None:
                 async for hb in states:
                     view.add_state(hb)
 
             async def pump_results() -> None:
-                async for result in results:
-                    view.add_result(result)
+                async for answers in results:  # a refusal answers many frames
+                    for result in answers:
+                        view.add_result(result)
 
             stop = stop_on_signals()
             async with asyncio.TaskGroup() as tg:

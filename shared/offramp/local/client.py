@@ -18,7 +18,7 @@ from PIL import Image
 from offramp.bus import Message, MessageBus, Subscription, Topics, from_payload
 from offramp.bus.outbox import Outbox
 from offramp.errors import BusError, WireError
-from offramp.wire import FrameEnvelope, Heartbeat, Result, Tensor
+from offramp.wire import FrameEnvelope, Heartbeat, Result, Tensor, read_results
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -84,7 +84,7 @@ async def collect(sub: Subscription[Message], count: int, timeout: float) -> Col
         except TimeoutError:
             break
         try:
-            out.results.append(Result.from_json(msg.payload))
+            out.results.extend(read_results(msg.payload))  # a refusal: one per frame
         except WireError:
             out.bad += 1
             continue

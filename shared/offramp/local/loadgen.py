@@ -18,7 +18,7 @@ from offramp.bus import Bus, Topics, from_payload
 from offramp.bus.outbox import Outbox
 from offramp.local.client import png_bytes, wait_for_workers
 from offramp.settings import BusSettings
-from offramp.wire import FrameEnvelope, Heartbeat, Plan, Result
+from offramp.wire import FrameEnvelope, Heartbeat, Plan, Result, read_results
 
 
 @dataclass(frozen=True)
@@ -70,15 +70,15 @@ async def drive(url: str, prefix: str, workers: int, streams: Sequence[Stream],
         await bus.wait_connected(10)
         await wait_for_workers(bus, topics, workers, 60)
         results = await bus.subscribe(topics.results_all(), qos=1, maxsize=500_000,
-                                      decode=from_payload(Result.from_json))
+                                      decode=from_payload(read_results))
         states = await bus.subscribe(topics.state_all(), maxsize=200_000,
                                      decode=from_payload(Heartbeat.decode))
         plans = await bus.subscribe(topics.plan(), maxsize=1000, decode=from_payload(Plan.decode))
         await asyncio.sleep(warmup_s)  # the first plan and exit policy are out
 
         async def read() -> None:
-            async for result in results:
-                run.results.append(result)
+            async for answers in results:  # a refusal answers many frames
+                run.results.extend(answers)
 
         async def watch() -> None:
             async for hb in states:

@@ -15,13 +15,13 @@ from offramp.wire.messages import (
     Sample,
 )
 from offramp.wire.reader import DEFAULT_MAX_BYTES, VERSION
-from offramp.wire.result import STATUSES, Result, Status
+from offramp.wire.result import STATUSES, Refusal, Result, Status, read_results
 from offramp.wire.state import Grant, Heartbeat, SegmentLoad, SentCount, Want
 from offramp.wire.tensor import CODECS, Codec, Tensor
 
 __all__ = [
     "CODECS", "CRITERIA", "DEFAULT_MAX_BYTES", "EXIT_REASONS", "STATUSES", "VERSION",
     "ActivationPacket", "Codec", "Completion", "Criterion", "DoneReport", "ExitPolicy", "ExitReason",
-    "FrameEnvelope", "Grant", "Heartbeat", "Hop", "Moved", "Plan", "Result", "Sample", "SegmentLoad",
-    "SegmentRef", "SentCount", "Status", "Tensor", "Want",
+    "FrameEnvelope", "Grant", "Heartbeat", "Hop", "Moved", "Plan", "Refusal", "Result", "Sample",
+    "SegmentLoad", "SegmentRef", "SentCount", "Status", "Tensor", "Want", "read_results",
 ]
