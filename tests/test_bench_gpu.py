@@ -25,7 +25,7 @@ def test_every_variant_is_measured_or_says_why_not(tmp_path: Path) -> None:
     for batch in (1, 8):
         row = gpu.measure("mnv2-32", bundle, "cpu", batch, 0.05, str(tmp_path / "trt"))
         assert set(row) == set(gpu.VARIANTS)
-        for name in ("monolithic", "chain_plain", "chain_resident", "worker"):
+        for name in ("monolithic", "chain_plain", "chain_resident", "worker", "worker_stepwise"):
             assert isinstance(row[name], float) and row[name] > 0, (name, row)
         assert row["chain_cuda_graph"] == "CUDA graphs need a GPU"
         assert isinstance(row["chain_tensorrt_fp16"], str)
