@@ -111,9 +111,10 @@ class BusSettings:
         16 * 1024 * 1024, "Largest message accepted or sent", min=1024, max=256 * 1024 * 1024
     )
     bus_read_path: Literal["fast", "library"] = setting(
-        "fast", "How messages are read: fast (the mqtt5 codec on large socket reads) or library "
-        "(paho-mqtt's and aiomqtt's own read path, slower, for a paho or aiomqtt release whose "
-        "internals the fast path does not know)")
+        "fast", "How messages are read and written: fast (the mqtt5 codec on large socket "
+        "reads; queued packets joined into one send) or library (paho-mqtt's and aiomqtt's own "
+        "paths, slower, for a paho or aiomqtt release whose internals the fast paths do not "
+        "know)")
 
     def __post_init__(self) -> None:
         if self.password_file:

@@ -7,7 +7,8 @@
   policy; drops are counted and logged. Messages are routed into inboxes on the event loop as
   they are read, with no extra task per message: :mod:`offramp.bus.read_path` parses PUBLISH and
   PUBACK packets itself (paho's read path cost more than half of a QoS 1 message's CPU), and
-  what paho still handles arrives through aiomqtt's queue hook.
+  what paho still handles arrives through aiomqtt's queue hook. What paho queues to send goes
+  out joined, in one send per batch (:mod:`offramp.bus.write_path`).
 - Subscription filters must not overlap: a message goes to the first subscription it matches.
 """
 
@@ -32,6 +33,7 @@ from offramp.bus.paho_internals import PahoHandle, paho_of
 from offramp.bus.read_path import FastReadPath, Incoming
 from offramp.bus.subscription import Message, MessageBus, Subscription, Will
 from offramp.bus.tcp_info import TcpInfo
+from offramp.bus.write_path import FastWritePath
 from offramp.errors import BusError, RefusedError
 from offramp.settings import BrokerAddress, BusSettings
 
@@ -138,6 +140,7 @@ class Bus(MessageBus):
         # MQTT v5 CONNACK's Maximum Packet Size: what this broker takes (0: it set no limit)
         self.broker_max_packet = 0
         self.inbound: FastReadPath | None = None  # the fast read path of the current connection
+        self.outbound: FastWritePath | None = None  # ... and its fast write path
         self._task: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
         self._closing = False
@@ -328,6 +331,8 @@ class Bus(MessageBus):
                 if self.settings.bus_read_path == "fast":
                     self.inbound = FastReadPath(paho, self._deliver, manual_ack=self.manual_ack)
                     self.inbound.install()  # before it connects: CONNACK comes this way too
+                    self.outbound = FastWritePath(paho)
+                    self.outbound.install()
                 elif self.manual_ack:
                     paho.manual_ack()
                 paho.wrap_on_connect(self._connack)

@@ -11,7 +11,12 @@ a few things their public APIs do not offer:
   its packet handler (``_packet_read`` replaced, ``_packet_handle``, ``_in_packet``), its
   acknowledgement (``_send_puback``), its in-flight accounting (``_out_messages``,
   ``_out_message_mutex``, ``_do_on_publish``) and its keepalive clock (``_msgtime_mutex``,
-  ``_last_bytes_received``).
+  ``_last_bytes_received``);
+- for the fast write path (:mod:`offramp.bus.write_path`): its packet queue and write
+  (``_out_packet``, ``_packet_write`` replaced, ``_sock_send``), its clock of the last packet out
+  (``_last_msg_out``) and what its write does for a QoS 0 PUBLISH (``on_publish`` under
+  ``_callback_mutex`` and ``_in_callback_mutex``, with ``_userdata``; ``_easy_log`` and
+  ``suppress_exceptions`` when it raises).
 
 Every one of them is reached through :class:`PahoHandle`, and :func:`check` makes sure they
 all exist before the bus connects. A release that renames one then stops the service at start
@@ -31,7 +36,7 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -43,7 +48,11 @@ AIOMQTT_NAMES = ("_client",)
 PAHO_NAMES = ("on_publish", "publish", "socket", "manual_ack_set", "_send_puback", "_out_packet")
 READ_PATH_NAMES = ("_sock_recv", "_packet_read", "_packet_handle", "_in_packet", "_send_puback",
                    "_out_messages", "_out_message_mutex", "_do_on_publish", "_msgtime_mutex",
-                   "_last_bytes_received", "_protocol")
+                   "_last_bytes_received", "_protocol",
+                   # the fast write path (offramp.bus.write_path)
+                   "_packet_write", "_sock_send", "_out_packet", "_last_msg_out",
+                   "_callback_mutex", "_in_callback_mutex", "_userdata", "_easy_log",
+                   "suppress_exceptions", "_callback_api_version")
 
 
 def _versions() -> str:
@@ -177,6 +186,49 @@ class PahoHandle:
             rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
         paho._in_packet = _in_packet(0, b"")  # as paho leaves it between packets
         return rc
+
+    # -- the fast write path ---------------------------------------------------------------------
+    def take_over_writes(self, write: Callable[[], MQTTErrorCode]) -> bool:
+        """paho's loop calls ``write`` where it would write its queued packets itself; only
+        for the callback API aiomqtt uses (its on_publish is called as paho calls it)."""
+        if self.paho._callback_api_version != CallbackAPIVersion.VERSION2:
+            return False
+        self.paho._packet_write = write  # an instance attribute shadows the method
+        return True
+
+    def out_packets(self) -> Any:
+        """paho's queue of packets to write (a deque of its packet records)."""
+        return self.paho._out_packet
+
+    def write_one_by_one(self) -> MQTTErrorCode:
+        """paho's own packet write (a DISCONNECT, which it follows by closing)."""
+        rc: MQTTErrorCode = type(self.paho)._packet_write(self.paho)
+        return rc
+
+    def sock_send(self, data: bytes) -> int:
+        sent: int = self.paho._sock_send(data)
+        return sent
+
+    def published(self, packet: dict[str, Any]) -> None:
+        """A QoS 0 PUBLISH written whole: what paho's write does for one."""
+        paho = self.paho
+        with paho._callback_mutex:
+            on_publish = paho.on_publish
+        if on_publish:
+            with paho._in_callback_mutex:
+                try:
+                    on_publish(paho, paho._userdata, packet["mid"], self._ok, self._no_props)
+                except Exception as err:
+                    paho._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_publish: %s", err)
+                    if not paho.suppress_exceptions:
+                        raise
+        packet["info"]._set_as_published()
+
+    def mark_sent(self) -> None:
+        """Tell paho's keepalive that a packet went out now."""
+        paho = self.paho
+        with paho._msgtime_mutex:
+            paho._last_msg_out = time.monotonic()  # paho's clock
 
     def mark_received(self) -> None:
         """Tell paho's keepalive that bytes came in now."""
