@@ -265,13 +265,21 @@ class Ingest:
             self.refuse_unread(drops, "ingest queue full")
 
     def refuse_unread(self, msgs: list[Message], reason: str) -> None:
-        """Refuse frames that were received but not read, under their own frame ids."""
+        """Refuse frames that were received but not read, under their own frame ids; a frame
+        seen before (a redelivery) is acknowledged without a second answer."""
+        now = time.monotonic()
         for msg in msgs:
             source = self._source(msg)
             if source is None:
                 self.results.acknowledge(msg)
                 continue
-            self.refusals.add(source, self._given_id(msg, source), reason, msg)
+            own = self._own_id(msg)
+            if self.duplicate(source, own, now):
+                self.counts["duplicate_frames"] += 1
+                self.m_drops.labels(reason="duplicate-frame").inc()
+                self.results.acknowledge(msg)
+                continue
+            self.refusals.add(source, own or f"{source}-{self.new_id()}", reason, msg)
 
     async def answer_unread(self, msgs: list[Message], status: Status, error: str) -> None:
         """Answer frames that were received but not admitted, one result each."""
@@ -284,15 +292,19 @@ class Ingest:
             await self.results.answer(task_id, source, self._given_id(msg, source, task_id),
                                       status, error=error, origin=msg)
 
-    def _given_id(self, msg: Message, source: str, task_id: str = "") -> str:
-        """An unread frame's own id (its envelope's, or its correlation data), else one made
-        up from ``task_id`` or, for a refusal, from its place in the stream."""
+    def _given_id(self, msg: Message, source: str, task_id: str) -> str:
+        """An unread frame's own id, else one made up from ``task_id``."""
+        return self._own_id(msg) or f"{source}-{task_id}"
+
+    def _own_id(self, msg: Message) -> str | None:
+        """An unread frame's own id, as :meth:`_frame_id` takes it: its envelope's, else its
+        correlation data."""
         try:
             given = read_frame(msg.payload, max_bytes=self.s.common.bus.max_message_bytes
                                ).frame_id
         except FrameError:
             given = None
-        return self._frame_id(msg, given, source, task_id or self.new_id())
+        return given or correlated_id(msg)
 
     def forget(self) -> None:
         """Drop what is in hand, unanswered: another member holds the session now, and the
