@@ -22,7 +22,7 @@ help:
 	@echo "make bench-segments  chained segments vs monolithic ONNX (bench/results/segments.json)"
 	@echo "make bench-pipeline  the distributed system vs one ONNX session (bench/results/pipeline.json)"
 	@echo "make bench-control   admission strategies and priorities (bench/results/control.json)"
-	@echo "make bench-overload  2x and 5x capacity, answered frame by frame (bench/results/overload.json)"
+	@echo "make bench-overload  open-loop cameras at 1x, 2x and 5x capacity: goodput, every frame answered (bench/results/overload.json)"
 	@echo "make bench-links     a 224x224 model over shaped links, per codec (root; bench/results/links.json)"
 	@echo "make bench-gpu       the worker's GPU path vs the monolithic model (needs a GPU; bench/results/gpu.json)"
 

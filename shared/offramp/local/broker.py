@@ -120,6 +120,11 @@ class LocalBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int:
+        """The broker's process id (0 when it is not running), for its CPU time."""
+        return self._proc.pid if self._proc is not None and self.running else 0
+
     def start(self, timeout: float = 10.0) -> None:
         if self.running:
             return
