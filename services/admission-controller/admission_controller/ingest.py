@@ -43,6 +43,7 @@ from offramp.node.tracing import Tracing
 from offramp.wire import Status
 
 DECODE_BATCH = 32  # frames per hand-off to the decode thread
+DECODES_IN_FLIGHT = 2  # batches with the decode thread at once
 DEDUP_MAX = 1_000_000  # (source, frame id) pairs remembered at most
 
 
@@ -94,27 +95,39 @@ class Ingest:
 
     # -- the ingest loop ----------------------------------------------------------------------
     async def run(self, sub: Subscription[Message]) -> None:
-        loop = asyncio.get_running_loop()
-        decode = partial(to_inputs, spec=self.spec, max_pixels=self.s.max_pixels,
-                         stop=self.stopping)
-        while True:
-            self.in_hand.append(await sub.get())
-            while len(self.in_hand) < DECODE_BATCH and (more := sub.get_nowait()):
-                self.in_hand.append(more)
-            admitted: list[tuple[Task, Arrival]] = []
-            while self.in_hand:
-                msg = self.in_hand[0]
-                pair = await self._admit(msg)
-                if pair is not None:
-                    admitted.append(pair)
-                self.in_hand.popleft()  # only now: a stop meanwhile answers it
-            if admitted:
-                started = time.time()
-                inputs = await loop.run_in_executor(self.decoder, decode,
-                                                    [a for _, a in admitted])
-                self._trace_decode([t for t, _ in admitted], started, time.time())
-                for (task, _), x in zip(admitted, inputs, strict=False):
-                    await self._decoded(task, x)
+        """Take frames as they come and decide each; the admitted ones of a batch are decoded
+        while the next batches are decided (up to DECODES_IN_FLIGHT batches with the decode
+        thread), so that a frame is refused as soon as it is read, not after the pixels of
+        the frames before it were decoded."""
+        slots = asyncio.Semaphore(DECODES_IN_FLIGHT)
+        async with asyncio.TaskGroup() as decoding:
+            while True:
+                self.in_hand.append(await sub.get())
+                while len(self.in_hand) < DECODE_BATCH and (more := sub.get_nowait()):
+                    self.in_hand.append(more)
+                admitted: list[tuple[Task, Arrival]] = []
+                while self.in_hand:
+                    msg = self.in_hand[0]
+                    pair = await self._admit(msg)
+                    if pair is not None:
+                        admitted.append(pair)
+                    self.in_hand.popleft()  # only now: a stop meanwhile answers it
+                if admitted:
+                    await slots.acquire()
+                    decoding.create_task(self._decode(admitted, slots))
+
+    async def _decode(self, admitted: list[tuple[Task, Arrival]],
+                      slot: asyncio.Semaphore) -> None:
+        try:
+            started = time.time()
+            inputs = await asyncio.get_running_loop().run_in_executor(
+                self.decoder, partial(to_inputs, spec=self.spec, max_pixels=self.s.max_pixels,
+                                      stop=self.stopping), [a for _, a in admitted])
+            self._trace_decode([t for t, _ in admitted], started, time.time())
+            for (task, _), x in zip(admitted, inputs, strict=False):
+                await self._decoded(task, x)
+        finally:
+            slot.release()
 
     def _trace_decode(self, tasks: list[Task], started: float, finished: float) -> None:
         if self.tracing is None or not self.tracing.enabled:
