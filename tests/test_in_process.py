@@ -35,6 +35,8 @@ from offramp.wire import (
     Grant,
     Heartbeat,
     Plan,
+    Refusal,
+    Result,
     Sample,
     SegmentLoad,
     SegmentRef,
@@ -497,3 +499,60 @@ async def test_hosting_follows_a_plan_unloads_what_it_lost_and_takes_it_back(
             model=tiny_bundle.name, segment=3))}), {1, 2, 3, 4})
         assert eng.serving() == [1, 2, 3]
         hosting.finish()
+
+
+async def test_a_standby_does_not_answer_again_what_the_member_before_it_answered(
+        tiny_bundle: Bundle) -> None:
+    """The active member answered f1 (a result) and f2 (in a refusal) and died before
+    acknowledging them, so the broker hands them to its standby when it takes the session.
+    The standby saw those answers and acknowledges the two without answering them again; f3,
+    which nobody answered, it answers."""
+    from offramp.ml.data import load_digits
+
+    broker = MemoryBroker()
+    root = str(tiny_bundle.root)
+    env = {"OFFRAMP_TOPIC_PREFIX": "takeover", "OFFRAMP_LOG_LEVEL": "warning",
+           "OFFRAMP_ADMISSION_BUNDLE": root, "OFFRAMP_WORKER_BUNDLE": root,
+           "OFFRAMP_ARBITER_BUNDLE": root, "OFFRAMP_WORKER_FOLLOW_PLAN": "false",
+           "OFFRAMP_HEARTBEAT_S": "0.1"}
+    topics = Topics("takeover")
+    connect = _connect(broker)
+    stop = asyncio.Event()
+    image = load_digits().test.images[0]
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(arbiter_run(load(ArbiterSettings, "OFFRAMP_ARBITER_",
+                                        {**env, "OFFRAMP_NODE": "arbiter-1"}), stop,
+                                   connect=connect))
+        tg.create_task(worker_run(load(WorkerSettings, "OFFRAMP_WORKER_",
+                                       {**env, "OFFRAMP_NODE": "worker-1"}), stop,
+                                  connect=connect))
+        try:
+            async with MemoryBus(broker, "others") as bus:
+                active = Heartbeat(role="admission", node="admission-1",
+                                   stats={"group:admission": 1.0, "active_since": time.time()})
+                state = topics.state("admission", "admission-1")
+                await bus.publish(state, active.encode(), retain=True)
+                tg.create_task(admission_run(load(AdmissionSettings, "OFFRAMP_ADMISSION_", {
+                    **env, "OFFRAMP_NODE": "admission-2", "OFFRAMP_ADMISSION_STANDBY": "true",
+                    "OFFRAMP_ADMISSION_TAKEOVER_S": "0.3"}), stop, connect=connect))
+                standby = await bus.subscribe(topics.state("admission", "admission-2"),
+                                              decode=from_payload(Heartbeat.decode))
+                while (await asyncio.wait_for(standby.get(), 10)).stats.get("active_since"):
+                    pytest.fail("the standby took the session while the active member lived")
+                answered = Result(task_id="admission-1-x-0", source="cam-1", frame_id="f1",
+                                  status="ok", label=1)
+                await bus.publish(topics.results("cam-1"), answered.to_json(), qos=1)
+                refused = Refusal(source="cam-1", frames={"over the admitted rate": ["f2"]})
+                await bus.publish(topics.results("cam-1"), refused.to_json(), qos=1)
+                await asyncio.sleep(0.3)  # the standby has seen both
+                await bus.publish(state, replace(active, online=False).encode(), retain=True)
+                async with asyncio.timeout(10):
+                    while not (await standby.get()).stats.get("active_since"):
+                        pass
+                results = await bus.subscribe(topics.results_all(), maxsize=100)
+                for fid in ("f1", "f2", "f3"):  # as the broker hands the unacknowledged over
+                    await bus.publish(topics.ingest("cam-1"), envelope(fid, image=image), qos=1)
+                got = await collect(results, 3, 5)
+        finally:
+            stop.set()
+    assert [(r.frame_id, r.status) for r in got.results] == [("f3", "ok")]

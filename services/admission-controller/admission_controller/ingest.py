@@ -248,19 +248,30 @@ class Ingest:
 
     def duplicate(self, source: str, frame_id: str | None, now: float) -> bool:
         """The same frame id from the same source within ``dedup_s``: a QoS 1 redelivery (a
-        camera's retry after a lost acknowledgement, or a broker restart), whose frame already
-        has its result. Bounded in time and in size."""
+        camera's retry after a lost acknowledgement, a broker restart, or a frame another
+        member of the group answered and died before acknowledging), whose frame already has
+        its answer. Bounded in time and in size."""
         if frame_id is None or self.s.dedup_s <= 0:
             return False
-        while self.recent and next(iter(self.recent.values())) < now - self.s.dedup_s:
-            self.recent.popitem(last=False)
-        key = (source, frame_id)
-        if key in self.recent:
+        self._forget_older(now)
+        if (source, frame_id) in self.recent:
             return True
-        self.recent[key] = now
+        self.remember(source, frame_id, now)
+        return False
+
+    def remember(self, source: str, frame_id: str, now: float) -> None:
+        """A frame answered: one that comes again within ``dedup_s`` is a duplicate."""
+        if self.s.dedup_s <= 0:
+            return
+        self._forget_older(now)
+        self.recent[(source, frame_id)] = now
+        self.recent.move_to_end((source, frame_id))
         if len(self.recent) > DEDUP_MAX:
             self.recent.popitem(last=False)
-        return False
+
+    def _forget_older(self, now: float) -> None:
+        while self.recent and next(iter(self.recent.values())) < now - self.s.dedup_s:
+            self.recent.popitem(last=False)
 
     # -- overflow and stop --------------------------------------------------------------------
     def on_overflow(self, msg: Message) -> None:

@@ -14,6 +14,7 @@ whose worker died or stalled, and answers ``expired`` at the deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import secrets
 import time
@@ -31,6 +32,7 @@ from admission_controller.session import IngestSession
 from admission_controller.settings import PREFIX, AdmissionSettings
 from admission_controller.tracker import Task, Tracker
 from offramp.bus import Bus, Message, MessageBus, Subscription, from_payload
+from offramp.errors import WireError
 from offramp.model.bundle import Bundle, load_bundle
 from offramp.node.allocator import return_large_blocks
 from offramp.node.broker_figures import SYS_TOPICS, BrokerFigures
@@ -38,7 +40,9 @@ from offramp.node.entry import ServiceSpec
 from offramp.node.metrics import Reading
 from offramp.node.runtime import BusFactory, Runtime
 from offramp.node.sources import Registration, SourceRegistry, registration
-from offramp.wire import DoneReport, Heartbeat, Plan
+from offramp.wire import DoneReport, Heartbeat, Plan, read_results
+
+WATCH_TICK_S = 0.05  # how soon a change of leadership is seen by the watch of others' answers
 
 
 class Admission:
@@ -168,6 +172,39 @@ class Admission:
             self.counts["redispatched"] += len(lost)
             self.dispatcher.submit([t for t in lost if t.x is not None])
 
+    async def answered_elsewhere(self) -> None:
+        """While another member of the group holds the ingest session, the frames it answers
+        are remembered here: one it answered and had not acknowledged when it died comes to
+        this member when it takes over, and is acknowledged without a second answer. Not
+        listened to while this member is active (its own answers are known to it)."""
+        bus, topics = self.rt.bus, self.rt.topics
+        while True:
+            while not self._standing_by():  # noqa: ASYNC110 - the session task decides it
+                await asyncio.sleep(WATCH_TICK_S)
+            answers = await bus.subscribe(topics.results_all(), maxsize=100_000,
+                                          overflow="drop-oldest")
+            try:
+                while self._standing_by():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(WATCH_TICK_S):
+                            self._remember(await answers.get())
+                for msg in answers.inbox.drain():  # what came before the takeover
+                    self._remember(msg)
+            finally:
+                await answers.close()
+
+    def _standing_by(self) -> bool:
+        return not self.leadership.active
+
+    def _remember(self, msg: Message) -> None:
+        try:
+            results = read_results(msg.payload)
+        except WireError:
+            return
+        now = time.monotonic()
+        for r in results:
+            self.ingest.remember(r.source, r.frame_id, now)
+
     async def broker_figures(self, figures: Subscription[Message]) -> None:
         async for msg in figures:
             self.broker.observe(msg)
@@ -274,7 +311,8 @@ async def run(settings: AdmissionSettings, stop: asyncio.Event, *,
             tasks = [tg.create_task(c) for c in (
                 adm.dispatcher.run(), adm.completions(done), adm.states(workers),
                 adm.members(members), adm.registrations(sources), adm.plans(plans),
-                adm.sweeper(), adm.control(), adm.broker_figures(figures))]
+                adm.sweeper(), adm.control(), adm.broker_figures(figures),
+                adm.answered_elsewhere())]
             tasks.append(tg.create_task(adm.session.hold(tg)))
             await stop.wait()
             adm.session.pause()
