@@ -256,16 +256,18 @@ class Ingest:
         self._forget_older(now)
         if (source, frame_id) in self.recent:
             return True
-        self.remember(source, frame_id, now)
+        self._note(source, frame_id, now)
         return False
 
     def remember(self, source: str, frame_id: str, now: float) -> None:
         """A frame answered: one that comes again within ``dedup_s`` is a duplicate."""
-        if self.s.dedup_s <= 0:
-            return
-        self._forget_older(now)
+        if self.s.dedup_s > 0:
+            self._forget_older(now)
+            self._note(source, frame_id, now)
+
+    def _note(self, source: str, frame_id: str, now: float) -> None:
         self.recent[(source, frame_id)] = now
-        self.recent.move_to_end((source, frame_id))
+        self.recent.move_to_end((source, frame_id))  # the oldest stay first
         if len(self.recent) > DEDUP_MAX:
             self.recent.popitem(last=False)
 

@@ -51,7 +51,6 @@ class Refusals:
         self._pending: dict[str, _Pending] = {}
         self._size = 0
         self._full = asyncio.Event()
-        self.messages = 0  # refusal messages published
         self.failed = 0  # ... that could not be (their frames stay unacknowledged)
 
     def __len__(self) -> int:
@@ -104,7 +103,6 @@ class Refusals:
         try:
             for part in _parts(frames):
                 await self.publish(topic, Refusal(source=source, frames=part, ts=now).to_json())
-                self.messages += 1
         except OfframpError as exc:
             self.failed += 1
             self.log.error("refusal_not_published", source=source, topic=topic, error=str(exc),

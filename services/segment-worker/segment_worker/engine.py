@@ -464,7 +464,7 @@ class Engine:
         while chain[-1] < self.bundle.num_segments:
             nxt = chain[-1] + 1
             h = self.hosted.get(nxt)
-            if (h is None or h.draining or len(h.queue) or self.placer.parked(nxt)
+            if (h is None or h.draining or len(h.queue)
                     or not self.placer.stays_here(nxt, priority, len(items),
                                                   self.bundle.segment(chain[-1]).activation_bytes)):
                 break

@@ -16,7 +16,6 @@ PahoHandle`; ``OFFRAMP_BUS_READ_PATH=library`` leaves writes to paho as well.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from typing import Any
 
@@ -49,7 +48,7 @@ class FastWritePath:
                 return paho.write_one_by_one()
             batch: list[dict[str, Any]] = []
             size = 0
-            for packet in itertools.islice(queue, 0, len(queue)):
+            for packet in queue:
                 if packet["command"] & 0xF0 == DISCONNECT or (batch and size >= WRITE_BYTES):
                     break
                 batch.append(packet)
