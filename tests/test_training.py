@@ -220,6 +220,35 @@ def test_export_cli_makes_two_segments_from_a_four_exit_model(tiny_bundle: Bundl
     assert load_bundle(tmp_path / "two").num_segments == 2
 
 
+def test_a_re_exported_model_keeps_the_dataset_and_classes_it_was_trained_on(
+        tiny_bundle: Bundle, tmp_path: Path) -> None:
+    """A model.pt carries its dataset and class names into every bundle exported from it; one
+    that does not say is refused rather than labelled as digits."""
+    import torch
+
+    saved = torch.load(tiny_bundle.path("model.pt"), map_location="cpu", weights_only=False)
+    assert saved["dataset"] == "digits" and saved["classes"] == tiny_bundle.manifest.classes
+    clothes = [f"garment-{i}" for i in range(10)]
+    torch.save({**saved, "dataset": "fashion-mnist", "classes": clothes}, tmp_path / "f.pt")
+    out = _offramp("export", str(tmp_path / "f.pt"), "--out", str(tmp_path / "again"),
+                   "--cuts", "2")
+    assert out.returncode == 0, out.stderr
+    again = load_bundle(tmp_path / "again")
+    assert again.manifest.classes == clothes
+    assert again.manifest.metrics["dataset"] == "fashion-mnist"
+    old = {k: v for k, v in saved.items() if k not in ("dataset", "classes")}
+    torch.save(old, tmp_path / "old.pt")
+    out = _offramp("export", str(tmp_path / "old.pt"), "--out", str(tmp_path / "x"))
+    assert out.returncode == 2 and "--dataset" in out.stderr and "Traceback" not in out.stderr
+    out = _offramp("export", str(tmp_path / "f.pt"), "--out", str(tmp_path / "y"),
+                   "--dataset", "digits")
+    assert out.returncode == 2 and "trained on fashion-mnist, not digits" in out.stderr
+    out = _offramp("export", str(tmp_path / "old.pt"), "--out", str(tmp_path / "z"),
+                   "--dataset", "digits", "--cuts", "2")
+    assert out.returncode == 0, out.stderr
+    assert load_bundle(tmp_path / "z").manifest.classes == [str(i) for i in range(10)]
+
+
 def test_compress_cli_records_what_each_codec_costs(tiny_bundle: Bundle, tmp_path: Path) -> None:
     import shutil
 

@@ -197,13 +197,23 @@ def build(recipe: Recipe, out: Path, *, force: bool = False, progress: bool = Tr
                "test_exit_accuracy": result.test_accuracy, "history": result.history[-1:]}
     bundle = export_bundle(model, out, name=recipe.name, classes=data.classes, spec=spec,
                            cuts=recipe.cuts or None, metrics=metrics)
-    torch.save({"model_config": model.config, "num_classes": model.num_classes,
-                "state": model.state_dict()}, out / "model.pt")
+    save_trained(out / "model.pt", model, recipe, data.classes)
     calibrate_bundle(bundle, data.val)
     if progress:
         print("measuring the wire codecs at every cut (validation split)", flush=True)
     record_wire_codecs(model, bundle, data)
     return load_bundle(out), {"cached": False, **metrics}
+
+
+def save_trained(path: Path, model: MultiExitNet, recipe: Recipe, classes: list[str]) -> None:
+    """``model.pt``: the weights with what a later ``offramp export`` needs to label and feed
+    them (the dataset, its class names and the input size), so a re-exported bundle answers
+    with the classes it was trained on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_config": model.config, "num_classes": model.num_classes,
+                "classes": list(classes), "input_size": recipe.input_size,
+                "dataset": recipe.dataset, "data_dir": recipe.data_dir,
+                "state": model.state_dict()}, path)
 
 
 def load_trained(path: Path) -> MultiExitNet:

@@ -50,6 +50,10 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--cuts", type=ints, default=None, help="exits that end segments, e.g. 2,4 "
                    "(None: every exit)")
+    p.add_argument("--dataset", default=None, help="the dataset the model was trained on, for "
+                   "a model.pt that does not say (None: as saved; a different one is refused)")
+    p.add_argument("--data-dir", default=None, help="that dataset's folder, where it needs one "
+                   "(None: as saved)")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("calibrate", help="calibrate a bundle and choose thresholds")
@@ -141,30 +145,26 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from offramp.ml.build import ablation_configs, check, load_data, load_teacher, make_model
+    from offramp.ml import build as steps
     from offramp.ml.train import train
     from offramp.model.inputs import InputSpec
 
     console = Console()
     recipe = recipe_from_args(args)
-    check(recipe)
-    data = load_data(recipe)
+    steps.check(recipe)
+    data = steps.load_data(recipe)
     spec = InputSpec(height=recipe.input_size, width=recipe.input_size)
-    teacher = load_teacher(recipe, len(data.classes))
-    runs = ablation_configs(recipe.train) if args.ablation else {"joint": recipe.train}
+    teacher = steps.load_teacher(recipe, len(data.classes))
+    runs = steps.ablation_configs(recipe.train) if args.ablation else {"joint": recipe.train}
     rows: dict[str, list[float]] = {}
     for name, run_cfg in runs.items():
-        model = make_model(recipe, len(data.classes))
+        model = steps.make_model(recipe, len(data.classes))
         console.print(f"[bold]{name}[/]")
         result = train(model, data, spec, run_cfg, checkpoint=args.out / f"{name}.ckpt",
                        teacher=teacher)
         rows[name] = result.test_accuracy
         if name == next(iter(runs)):
-            args.out.mkdir(parents=True, exist_ok=True)
-            torch.save({"model_config": model.config, "num_classes": model.num_classes,
-                        "classes": data.classes, "input_size": recipe.input_size,
-                        "dataset": recipe.dataset, "data_dir": recipe.data_dir,
-                        "state": model.state_dict()}, args.out / "model.pt")
+            steps.save_trained(args.out / "model.pt", model, recipe, data.classes)
     console.print(_acc_table("test accuracy per exit", rows))
     return 0
 
@@ -202,17 +202,46 @@ def cmd_export(args: argparse.Namespace) -> int:
     from offramp.ml.export import export_bundle
     from offramp.model.inputs import InputSpec
 
-    state = torch.load(args.trained, map_location="cpu", weights_only=False)
     model = load_trained(args.trained)
-    size = int(state.get("input_size", 32))
-    classes = state.get("classes") or [str(i) for i in range(model.num_classes)]
+    state = torch.load(args.trained, map_location="cpu", weights_only=False)
+    trained_at = model.config.get("input_size")
+    size = int(state.get("input_size") or (trained_at if isinstance(trained_at, int) else 32))
+    dataset, classes = _trained_on(args, state, size)
+    if len(classes) != model.num_classes:
+        raise BundleError(f"{args.trained} has {model.num_classes} classes and {dataset} has "
+                          f"{len(classes)}: pass the --dataset it was trained on")
+    state = {**state, "dataset": dataset, "classes": classes, "input_size": size}
     bundle = export_bundle(model, args.out, name=args.out.name, classes=classes,
                            spec=InputSpec(height=size, width=size), cuts=args.cuts,
-                           metrics={"dataset": state.get("dataset", "digits"),
-                                    "data_dir": state.get("data_dir")})
+                           metrics={"dataset": dataset, "data_dir": state.get("data_dir")})
     torch.save(state, args.out / "model.pt")
     Console().print(segments_table(bundle))
     return 0
+
+
+def _trained_on(args: argparse.Namespace, state: dict[str, Any], size: int
+                ) -> tuple[str, list[str]]:
+    """The dataset and class names of a saved model: as saved (or in the manifest of the
+    bundle it sits in), or ``--dataset`` for a model saved without them. Never a guess: a
+    wrong one labels every answer wrongly."""
+    saved = state.get("dataset")
+    beside = args.trained.parent / "manifest.json"
+    if not saved and beside.is_file():
+        manifest = load_bundle(args.trained.parent).manifest
+        saved = manifest.metrics.get("dataset")
+        state = {**state, "classes": state.get("classes") or manifest.classes}
+    if args.dataset and saved and args.dataset != saved:
+        raise BundleError(f"{args.trained} was trained on {saved}, not {args.dataset}")
+    dataset = args.dataset or saved
+    if not dataset:
+        raise BundleError(f"{args.trained} does not say which dataset it was trained on (saved "
+                          "by an older offramp): pass --dataset NAME (offramp datasets)")
+    if state.get("classes"):
+        return str(dataset), [str(c) for c in state["classes"]]
+    from offramp.ml.data import load_dataset
+
+    data_dir = args.data_dir or state.get("data_dir")
+    return str(dataset), load_dataset(str(dataset), data_dir, size, splits=("test",)).classes
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
