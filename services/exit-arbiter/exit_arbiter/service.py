@@ -138,12 +138,12 @@ class Arbiter:
     """The running arbiter: the policy in force, its adaptation and the realised shares."""
 
     def __init__(self, settings: ArbiterSettings, calib: Calibration, model: str,
-                 runtime: Runtime) -> None:
+                 runtime: Runtime, dataset: str = "") -> None:
         self.s = settings
         self.calib = calib
         self.model = model
         self.rt = runtime
-        self.policy = make_policy(settings, calib, model, epoch=1)
+        self.policy = replace(make_policy(settings, calib, model, epoch=1), dataset=dataset)
         self.adapter = Adapter(settings, calib, self.policy)
         self.shares = ShareTracker(calib, self.policy)
         self.peers = PeerTable()
@@ -207,7 +207,8 @@ async def run(settings: ArbiterSettings, stop: asyncio.Event, *,
     bundle = load_bundle(settings.bundle)
     calib = bundle.calibration()
     runtime = Runtime("arbiter", settings.common, bus=connect)
-    arb = Arbiter(settings, calib, bundle.name, runtime)
+    arb = Arbiter(settings, calib, bundle.name, runtime,
+                  dataset=str(bundle.manifest.metrics.get("dataset") or ""))
     runtime.heartbeat_with(arb.heartbeat)
     adaptive = settings.control.strategy == "threshold"
     async with runtime:

@@ -4,10 +4,30 @@ and argument types that say what is wrong."""
 from __future__ import annotations
 
 import argparse
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from offramp.settings import BusSettings
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written; every option's help ends with its default."""
+    """Descriptions as written; every option's help ends with its default, written as it would
+    be typed (``2,4,8``, not a Python tuple). An option that is off or empty by default says
+    in its own help what its absence means, so no ``(default: None)`` follows it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if action.default is None or action.default is False or action.default == "" \
+                or "%(default)" in help_text:
+            return help_text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            default = action.default
+            if isinstance(default, tuple | list):
+                default = ",".join(str(v) for v in default)
+            if default is not argparse.SUPPRESS:
+                return f"{help_text} (default: {str(default).replace('%', '%%')})"
+        return help_text
 
 
 def positive(text: str) -> int:
@@ -27,3 +47,21 @@ def apply_formatter(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 apply_formatter(sub)
+
+
+def add_bus_options(p: argparse.ArgumentParser) -> None:
+    """``--broker`` and ``--prefix``, for the commands that talk to a running system."""
+    p.add_argument("--broker", default="", help="mqtt://host:port (empty: OFFRAMP_BROKER_URL)")
+    p.add_argument("--prefix", default="offramp/v1", help="topic prefix")
+
+
+def bus_settings(args: argparse.Namespace) -> BusSettings:
+    """The bus of ``--broker`` (or ``OFFRAMP_BROKER_URL``), with ``--prefix``."""
+    from offramp.errors import SettingsError
+    from offramp.settings import BusSettings
+
+    url = args.broker or os.environ.get("OFFRAMP_BROKER_URL", "")
+    if not url:
+        raise SettingsError("no broker: pass --broker mqtt://host:port or set OFFRAMP_BROKER_URL "
+                            "(offramp up prints its URL)")
+    return BusSettings(broker_url=url, topic_prefix=args.prefix)

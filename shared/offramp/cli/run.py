@@ -20,26 +20,15 @@ from rich.table import Table
 from rich.text import Text
 
 from offramp.bus import Bus, Topics, from_payload
-from offramp.cli.args import positive
-from offramp.errors import OfframpError, SettingsError
+from offramp.cli.args import add_bus_options, bus_settings, positive
+from offramp.cli.publish import register as register_publish
 from offramp.local.broker import free_port
-from offramp.local.client import envelope, publish_frames
 from offramp.local.launcher import interrupt_on_stop_signals
 from offramp.local.system import LocalSystem
 from offramp.model.bundle import load_bundle
 from offramp.node.entry import stop_on_signals
 from offramp.settings import BusSettings
 from offramp.wire import Heartbeat, Result, read_results
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def _bus_settings(args: argparse.Namespace) -> BusSettings:
-    url = args.broker or os.environ.get("OFFRAMP_BROKER_URL", "")
-    if not url:
-        raise SettingsError("no broker: pass --broker mqtt://host:port or set OFFRAMP_BROKER_URL "
-                            "(offramp up prints its URL)")
-    return BusSettings(broker_url=url, topic_prefix=args.prefix)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,62 +40,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--prefix", default="offramp/v1", help="topic prefix")
     p.set_defaults(handler=cmd_up)
 
-    for name, helptext in (("publish", "send frames to an ingest topic at a rate"),
-                           ("watch", "print results as they arrive")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--broker", default="", help="mqtt://host:port (empty: OFFRAMP_BROKER_URL)")
-        p.add_argument("--prefix", default="offramp/v1", help="topic prefix")
-        p.add_argument("--source", default="cam-1" if name == "publish" else "+",
-                       help="camera (source) id" + ("" if name == "publish" else "; + for all"))
-        p.add_argument("--count", type=int, default=0, help="stop after this many (0: all)")
-        if name == "publish":
-            p.add_argument("--dir", type=Path, default=None, help="JPEG/PNG files, sent as-is")
-            p.add_argument("--dataset", default="digits", help="dataset whose images are sent, "
-                           "as envelopes with their labels (when --dir is not given)")
-            p.add_argument("--split", default="test", choices=("train", "val", "test"),
-                           help="which split of the dataset")
-            p.add_argument("--rate", type=float, default=50.0, help="frames per second")
-            p.add_argument("--deadline-ms", type=float, default=0.0, help="deadline of each "
-                           "frame after it is sent (0: none)")
-            p.set_defaults(handler=cmd_publish)
-        else:
-            p.set_defaults(handler=cmd_watch)
-
-
-def _payloads(args: argparse.Namespace) -> list[bytes]:
-    if args.dir is not None:
-        files = sorted(p for p in args.dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise OfframpError(f"no {', '.join(IMAGE_SUFFIXES)} files in {args.dir}")
-        return [p.read_bytes() for p in files]
-    from offramp.ml.data import load_dataset
-
-    split = load_dataset(args.dataset, splits=(args.split,)).split(args.split)
-    deadline = args.deadline_ms / 1000 or None
-    run = f"{int(time.time()) % 100000:05d}"  # ids differ between runs (redelivery dedup)
-    return [envelope(f"{args.split}-{run}-{i}", image=split.images[i], label=int(split.labels[i]),
-                     deadline_s=deadline) for i in range(len(split))]
-
-
-def cmd_publish(args: argparse.Namespace) -> int:
-    settings = _bus_settings(args)
-    payloads = _payloads(args)
-    if args.count:
-        payloads = payloads[:args.count]
-
-    async def go() -> float:
-        async with Bus(settings, f"offramp-publish-{os.getpid()}") as bus:
-            await bus.wait_connected(10)
-            return await publish_frames(bus, Topics(args.prefix).ingest(args.source), payloads,
-                                        args.rate)
-
-    seconds = asyncio.run(go())
-    print(f"published {len(payloads)} frames to {args.source} in {seconds:.1f} s")
-    return 0
+    p = sub.add_parser("watch", help="print results as they arrive, one JSON line each")
+    add_bus_options(p)
+    p.add_argument("--source", default="+", help="camera (source) id; + for all")
+    p.add_argument("--count", type=int, default=0, help="stop after this many (0: never)")
+    p.set_defaults(handler=cmd_watch)
+    register_publish(sub)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    settings = _bus_settings(args)
+    settings = bus_settings(args)
     topics = Topics(args.prefix)
     topic = topics.results_all() if args.source == "+" else topics.results(args.source)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,28 +37,44 @@ def envelope(frame_id: str, *, image: np.ndarray | None = None, tensor: np.ndarr
                          deadline=now + deadline_s if deadline_s else None, label=label).encode()
 
 
-async def publish_frames(bus: MessageBus, topic: str, payloads: Sequence[bytes], rate: float,
-                         qos: int = 1, window: int = 32) -> float:
+@dataclass(frozen=True)
+class Outgoing:
+    """One frame as a camera sends it: the payload and, for a bare image, its frame id as MQTT
+    v5 correlation data (an envelope carries its own)."""
+
+    payload: bytes
+    correlation: bytes | None = None
+
+
+async def publish_frames(bus: MessageBus, topic: str,
+                         payloads: Iterable[bytes | Outgoing], rate: float, qos: int = 1,
+                         window: int = 32) -> float:
     """Publish at ``rate`` frames per second (0: as fast as possible); return seconds taken.
-    Up to ``window`` QoS 1 publishes wait for their acknowledgement at once, as a camera's MQTT
-    client keeps several in flight (paho: 20); one at a time would cap the rate at one frame per
-    broker round trip. Raises the first BusError once every publish has ended."""
+    ``payloads`` is read one frame at a time, when that frame is due, so a generator can stamp
+    each frame (its time, its deadline) as it is sent. Up to ``window`` QoS 1 publishes wait for
+    their acknowledgement at once, as a camera's MQTT client keeps several in flight (paho:
+    20); one at a time would cap the rate at one frame per broker round trip. Raises the first
+    BusError once every publish has ended."""
     failed: list[BusError] = []
 
-    async def one(payload: bytes) -> None:
+    async def one(frame: Outgoing) -> None:
         try:
-            await bus.publish(topic, payload, qos=qos)
+            await bus.publish(topic, frame.payload, qos=qos, correlation_data=frame.correlation)
         except BusError as exc:
             failed.append(exc)
 
     start = time.perf_counter()
+    frames = iter(payloads)
     async with Outbox(window, grace_s=None) as outbox:
-        for i, payload in enumerate(payloads):
+        for i in itertools.count():
             if rate > 0:
                 delay = start + i / rate - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            await outbox.send(one(payload))
+            frame = next(frames, None)
+            if frame is None:
+                break
+            await outbox.send(one(frame if isinstance(frame, Outgoing) else Outgoing(frame)))
     if failed:
         raise failed[0]
     return time.perf_counter() - start

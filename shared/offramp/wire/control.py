@@ -64,7 +64,8 @@ class Plan(WireMessage):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExitPolicy(WireMessage):
-    """Thresholds for every exit but the last, published retained by the exit-arbiter."""
+    """Thresholds for every exit but the last, published retained by the exit-arbiter, with
+    the dataset the served model was trained on (so a client can send it the right images)."""
 
     KIND: ClassVar[str] = "policy"
     model: str
@@ -74,11 +75,13 @@ class ExitPolicy(WireMessage):
     thresholds: tuple[float, ...]
     target_accuracy: float | None = None
     expected_accuracy: float = 0.0
+    dataset: str = ""  # '': not known (a bundle that does not say)
 
     def to_wire(self) -> dict[str, Any]:
         return {"model": self.model, "epoch": self.epoch, "ts": self.ts,
                 "criterion": self.criterion, "thr": list(self.thresholds),
-                "target": self.target_accuracy, "expected": self.expected_accuracy}
+                "target": self.target_accuracy, "expected": self.expected_accuracy,
+                "dataset": self.dataset}
 
     @classmethod
     def from_wire(cls, r: Reader) -> ExitPolicy:
@@ -88,4 +91,4 @@ class ExitPolicy(WireMessage):
         return cls(model=r.text("model"), epoch=r.integer("epoch"), ts=r.number("ts"),
                    criterion=cast(Criterion, crit),
                    thresholds=tuple(r.numbers("thr")), target_accuracy=r.opt_number("target"),
-                   expected_accuracy=r.number("expected"))
+                   expected_accuracy=r.number("expected"), dataset=r.opt_text("dataset") or "")
