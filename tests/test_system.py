@@ -238,21 +238,31 @@ def test_offramp_up_serves_and_stops_every_service_cleanly(tiny_bundle: Bundle, 
 
     from offramp.local.broker import free_port
 
-    port = free_port()
+    port, http = free_port(), free_port()
     log = tmp_path / "up.log"
     with log.open("w") as sink:  # a file, not a pipe: the live view writes all the time
         up = [sys.executable, "-m", "offramp.cli", "up", "--bundle", str(tiny_bundle.root),
-              "--port", str(port)]
+              "--port", str(port), "--logs", str(tmp_path / "logs")]
         if stop == "ctrl-c":  # started with SIGINT ignored, as a script's background job is
             up = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *up]
+        # OFFRAMP_HTTP_PORT in up's environment is where the services' ports start, one each
+        # (passed on as it was, every service but the first failed to listen)
         proc = subprocess.Popen(up, stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "COLUMNS": "120"})
+                                start_new_session=True, env={**os.environ, "COLUMNS": "120",
+                                                             "OFFRAMP_HTTP_PORT": str(http)})
     try:
         system = LocalSystem(tiny_bundle, 2, broker_url=f"mqtt://127.0.0.1:{port}")
         _, payloads = _frames(20)
         time.sleep(3)
         results = asyncio.run(_run(system, payloads, rate=100))
         assert Counter(r.status for r in results) == {"ok": 20}
+        header = log.read_text()
+        assert f"logs:    {tmp_path / 'logs'}" in header and "health and metrics" in header
+        from offramp.node.health import probe
+
+        for node in ("arbiter-1", "scheduler-1", "worker-1", "worker-2", "admission-1"):
+            listed = int(header.split(f"{node} :")[1].split(",")[0].split(" ")[0])
+            assert probe("/readyz", listed)[0], node
     finally:
         if stop == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)
@@ -266,6 +276,8 @@ def test_offramp_up_serves_and_stops_every_service_cleanly(tiny_bundle: Bundle, 
     out = log.read_text()
     stopped = json.loads(out[out.index('{"stopped"'):].splitlines()[0])["stopped"]
     assert len(stopped) == 5 and set(stopped.values()) == {0}, out[-2000:]
+    assert proc.returncode == 0
+    assert len(list((tmp_path / "logs").glob("*.log"))) == 5  # kept after the stop
 
 
 def test_task_ids_are_never_reused_by_a_restarted_admission_controller(

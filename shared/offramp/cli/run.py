@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -38,6 +39,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "segments by FLOPs")
     p.add_argument("--port", type=int, default=1883, help="broker port (a free one if taken)")
     p.add_argument("--prefix", default="offramp/v1", help="topic prefix")
+    p.add_argument("--logs", type=Path, default=None, help="folder for the services' logs, one "
+                   "file per service, kept after the stop (None: a new folder under the "
+                   "system's temporary directory, printed)")
+    p.add_argument("--http-port", type=int, default=int(os.environ.get("OFFRAMP_HTTP_PORT") or
+                                                        18080),
+                   help="first port of the services' /livez, /readyz and /metrics, one per "
+                        "service from there (the next free ones if taken; 0: none)")
     p.set_defaults(handler=cmd_up)
 
     p = sub.add_parser("watch", help="print results as they arrive, one JSON line each")
@@ -83,6 +91,7 @@ class LiveView:
         self._last: dict[tuple[str, int], tuple[float, int]] = {}
         self.results: deque[tuple[float, Result]] = deque(maxlen=5000)
         self.status: Counter[str] = Counter()
+        self.exited: list[tuple[str, int | None]] = []  # services that stopped: (node, code)
 
     def add_state(self, hb: Heartbeat, now: float | None = None) -> None:
         if hb.role != "worker":
@@ -131,68 +140,99 @@ class LiveView:
                                 f"{s.mean_batch:.1f}", str(s.exited), str(s.forwarded))
         note = Text("wait ms: the queue's backlog; done/s: finished per second; can/s: what the "
                     "measured service time allows", style="dim")
-        return Group(head, workers, note)
+        parts: list[Table | Text] = [head, workers, note]
+        if self.exited:
+            parts.append(Text("stopped: " + ", ".join(f"{node} (exit code {code})"
+                                                      for node, code in self.exited),
+                              style="bold red"))
+        return Group(*parts)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     interrupt_on_stop_signals()
     bundle = load_bundle(args.bundle)
-    port = args.port
-    try:
-        import socket
+    from offramp.local.broker import LocalBroker, free_run
 
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            port = free_port()
-    except OSError:
-        pass
-    from offramp.local.broker import LocalBroker
-
+    port = args.port if _free_to_listen(args.port) else free_port()
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="offramp-up-"))
+    services = args.workers + 3  # arbiter, scheduler, workers, admission-controller
+    http = free_run(services, args.http_port) if args.http_port else 0
     broker = LocalBroker(port)
     broker.start()
-    system = LocalSystem(bundle, args.workers, broker_url=broker.url, prefix=args.prefix)
+    system = LocalSystem(bundle, args.workers, broker_url=broker.url, prefix=args.prefix,
+                         logdir=logs, http_base=http)
     view = LiveView()
     topics = Topics(args.prefix)
-    print(f"offramp up: broker {broker.url}; {args.workers} workers on {bundle.name}\n"
-          f"  publish: offramp publish --broker {broker.url} --rate 50\n"
-          f"  results: mosquitto_sub -p {port} -t '{topics.results_all()}'\n  Ctrl-C stops.")
-
-    async def go() -> None:
-        async with Bus(BusSettings(broker_url=broker.url, topic_prefix=args.prefix),
-                       f"offramp-up-{os.getpid()}") as bus:
-            states = await bus.subscribe(topics.state_all(), maxsize=1024,
-                                         decode=from_payload(Heartbeat.decode))
-            results = await bus.subscribe(topics.results_all(), maxsize=100_000,
-                                          decode=from_payload(read_results))
-
-            async def pump_states() -> None:
-                async for hb in states:
-                    view.add_state(hb)
-
-            async def pump_results() -> None:
-                async for answers in results:  # a refusal answers many frames
-                    for result in answers:
-                        view.add_result(result)
-
-            stop = stop_on_signals()
-            async with asyncio.TaskGroup() as tg:
-                pumps = [tg.create_task(pump_states()), tg.create_task(pump_results())]
-                try:
-                    with Live(view.render(), refresh_per_second=2) as live:
-                        while not stop.is_set():
-                            with contextlib.suppress(TimeoutError):
-                                await asyncio.wait_for(stop.wait(), 0.5)
-                            live.update(view.render())
-                finally:
-                    for t in pumps:
-                        t.cancel()
-
     system.start()
+    print(_header(system, broker.url, port, topics, logs))
     try:
-        asyncio.run(go())
+        asyncio.run(_live(system, BusSettings(broker_url=broker.url, topic_prefix=args.prefix),
+                          view))
     except KeyboardInterrupt:
         pass
     finally:
         codes = system.stop()
         broker.close()
-        print("\n" + json.dumps({"stopped": codes}))
-    return 0
+        print("\n" + json.dumps({"stopped": codes, "logs": str(logs)}))
+    for node, code in view.exited:
+        print(f"offramp up: {node} exited with code {code}; its log: {logs / node}.log",
+              file=sys.stderr)
+    return 1 if view.exited else 0
+
+
+def _free_to_listen(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return False
+    except OSError:
+        return True
+
+
+async def _live(system: LocalSystem, settings: BusSettings, view: LiveView) -> None:
+    """The live view until Ctrl-C; a service that stops by itself is named in it in red (the
+    others go on: a worker or an admission-controller may be killed on purpose, to watch the
+    system ride it out)."""
+    topics = Topics(settings.topic_prefix)
+    async with Bus(settings, f"offramp-up-{os.getpid()}") as bus:
+        states = await bus.subscribe(topics.state_all(), maxsize=1024,
+                                     decode=from_payload(Heartbeat.decode))
+        results = await bus.subscribe(topics.results_all(), maxsize=100_000,
+                                      decode=from_payload(read_results))
+
+        async def pump_states() -> None:
+            async for hb in states:
+                view.add_state(hb)
+
+        async def pump_results() -> None:
+            async for answers in results:  # a refusal answers many frames
+                for result in answers:
+                    view.add_result(result)
+
+        stop = stop_on_signals()
+        async with asyncio.TaskGroup() as tg:
+            pumps = [tg.create_task(pump_states()), tg.create_task(pump_results())]
+            try:
+                with Live(view.render(), refresh_per_second=2) as live:
+                    while not stop.is_set():
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), 0.5)
+                        assert system.group is not None
+                        view.exited = system.group.exited()
+                        live.update(view.render())
+            finally:
+                for t in pumps:
+                    t.cancel()
+
+
+def _header(system: LocalSystem, url: str, port: int, topics: Topics, logs: Path) -> str:
+    lines = [f"offramp up: broker {url}; {system.workers} workers on {system.bundle.name}",
+             f"  publish: offramp publish --broker {url} --rate 50",
+             f"  results: mosquitto_sub -p {port} -t '{topics.results_all()}'",
+             f"  logs:    {logs}/<service>.log (kept)"]
+    ports = system.http_ports()
+    if ports:
+        lines.append("  health and metrics: " + ", ".join(
+            f"{node} :{p}" for node, p in ports.items()) + " (/livez /readyz /metrics)")
+    return "\n".join([*lines, "  Ctrl-C stops."])

@@ -57,6 +57,27 @@ def free_port() -> int:
         return port
 
 
+def free_run(count: int, start: int) -> int:
+    """The first port from ``start`` up where ``count`` consecutive ports are free (on
+    127.0.0.1 and on every address, as a service listening on 0.0.0.0 binds)."""
+    base = start
+    while base + count < 65536:
+        taken = next((port for port in range(base, base + count) if not _free(port)), None)
+        if taken is None:
+            return base
+        base = taken + 1
+    raise OSError(f"no {count} consecutive free ports from {start}")
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def render_config(port: int, *, max_packet_bytes: int = 64 * 1024 * 1024,
                   persistence_dir: Path | None = None, extra: str = "",
                   host: str = "127.0.0.1") -> str:

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -108,15 +108,20 @@ class ServiceProcess:
 class ProcessGroup:
     """Several service processes started together and stopped in reverse order."""
 
-    def __init__(self, logdir: Path, env: Mapping[str, str]) -> None:
+    def __init__(self, logdir: Path, env: Mapping[str, str],
+                 http_port: Callable[[int], int] = lambda index: 0) -> None:
         self.logdir = logdir
         self.env = dict(env)
+        self.http_port = http_port  # the n-th member's OFFRAMP_HTTP_PORT (0: no HTTP server)
         self.members: list[ServiceProcess] = []
         logdir.mkdir(parents=True, exist_ok=True)
 
     def add(self, service: str, node: str, env: Mapping[str, str] | None = None,
             wrap: tuple[str, ...] = ()) -> ServiceProcess:
-        member = ServiceProcess(service, node, {**self.env, **(env or {})},
+        # never this process's own OFFRAMP_HTTP_PORT: every member on one port would fail
+        port = {"OFFRAMP_HTTP_PORT": str(self.http_port(len(self.members))
+                                         or self.env.get("OFFRAMP_HTTP_PORT", 0))}
+        member = ServiceProcess(service, node, {**self.env, **port, **(env or {})},
                                 self.logdir / f"{node}.log", wrap)
         member.start()
         self.members.append(member)
@@ -134,3 +139,8 @@ class ProcessGroup:
             codes[member.node] = member.stop(max(0.1, deadline - time.monotonic()),
                                              signalled=True)
         return codes
+
+    def exited(self) -> list[tuple[str, int | None]]:
+        """``(node, exit code)`` of the members that are no longer running."""
+        return [(m.node, m.proc.returncode if m.proc else None)
+                for m in self.members if not m.alive]

@@ -65,6 +65,10 @@ class LocalSystem:
     logdir: Path | None = None
     stage_nice: int = 2  # nice per stage a worker is from the last (see OFFRAMP_WORKER_NICE)
     standby: bool = False  # a second admission-controller, admission-2, standing by
+    # first port of the services' /livez, /readyz and /metrics, one each in start order
+    # (0: none; OFFRAMP_HTTP_PORT in this process's environment is never passed on as it is,
+    # since every service listening on one port would fail)
+    http_base: int = 0
     broker: LocalBroker | None = None
     group: ProcessGroup | None = None
     assignment: list[tuple[int, ...]] = field(default_factory=list)
@@ -96,7 +100,7 @@ class LocalSystem:
         if not self.broker_url:
             self.broker = LocalBroker(persistence=True)
             self.broker.start()
-        self.group = ProcessGroup(self.logdir, self.base_env())
+        self.group = ProcessGroup(self.logdir, self.base_env(), http_port=self.http_port)
         self.assignment = split_segments([s.flops for s in self.bundle.manifest.segments],
                                          self.workers)
         self.group.add("exit-arbiter", "arbiter-1")
@@ -117,6 +121,16 @@ class LocalSystem:
         extra = {**self.worker_env, "OFFRAMP_WORKER_SEGMENTS": ",".join(map(str, segments)),
                  **(env or {})}
         return self.group.add("segment-worker", node, extra)
+
+    def http_port(self, index: int) -> int:
+        """The HTTP port of the ``index``-th service started (0: none)."""
+        return self.http_base + index if self.http_base else 0
+
+    def http_ports(self) -> dict[str, int]:
+        """``{node: port}`` of the services' HTTP servers (empty when there are none)."""
+        if self.group is None or not self.http_base:
+            return {}
+        return {m.node: int(m.env["OFFRAMP_HTTP_PORT"]) for m in self.group.members}
 
     def member(self, node: str) -> ServiceProcess:
         assert self.group is not None
