@@ -11,9 +11,11 @@ import time
 
 from rich.console import Console
 
+from offramp import __version__
 from offramp.cli.main import build_parser
 from offramp.cli.run import LiveView
 from offramp.local.broker import LocalBroker
+from offramp.ml.commands import COMMANDS
 from offramp.wire import Heartbeat, Result, SegmentLoad
 
 OFFRAMP = [sys.executable, "-m", "offramp.cli.main"]
@@ -27,9 +29,17 @@ def _parsers(parser: argparse.ArgumentParser, path: str = "offramp"):
                 yield from _parsers(sub, f"{path} {name}")
 
 
+def _every_parser():
+    """Every command's parser; a training command's options exist only when it runs."""
+    yield from _parsers(build_parser())
+    for command in COMMANDS:
+        yield from ((path, p) for path, p in _parsers(build_parser(command))
+                    if path.startswith(f"offramp {command}"))
+
+
 def test_every_subcommand_and_option_has_help_with_its_default() -> None:
     missing = []
-    for path, parser in _parsers(build_parser()):
+    for path, parser in _every_parser():
         for action in parser._actions:
             if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
                 continue
@@ -40,8 +50,27 @@ def test_every_subcommand_and_option_has_help_with_its_default() -> None:
             if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
                 assert "(default:" in help_text, f"{path}: defaults are not shown"
     assert missing == []
-    build_help = build_parser().parse_args(["build"]).__dict__
+    build_help = build_parser("build").parse_args(["build"]).__dict__
     assert build_help["preset"] == "demo"
+
+
+def test_version_log_level_after_the_command_and_help_without_the_training_stack() -> None:
+    proc = subprocess.run([*OFFRAMP, "--version"], check=False, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"offramp {__version__}"
+    args = build_parser("settings").parse_args(["settings", "--log-level", "debug"])
+    assert args.log_level == "debug"
+    assert build_parser().parse_args(["--log-level", "error", "settings"]).log_level == "error"
+    # `offramp --help` lists the training commands without importing torch (seconds)
+    probe = ("import sys\nfrom offramp.cli.main import main\ntry:\n    main(['--help'])\n"
+             "except SystemExit:\n    pass\nprint('torch' in sys.modules, 'onnx' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout.splitlines()[-1] == "False False", proc.stdout + proc.stderr
+    assert all(name in proc.stdout for name in COMMANDS)
+    proc = subprocess.run([*OFFRAMP, "settings", "worker"], check=False, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "no service 'worker'; one of" in proc.stderr
 
 
 def test_wrong_values_get_one_clear_line() -> None:

@@ -206,7 +206,7 @@ def test_a_frozen_backbone_trains_only_the_heads_on_features_computed_once(
 
 
 def _args(*argv: str) -> object:
-    return build_parser().parse_args(["build", *argv])
+    return build_parser("build").parse_args(["build", *argv])
 
 
 def test_the_command_line_changes_a_preset_and_checks_before_training() -> None:

@@ -37,7 +37,10 @@ def _settings(args: argparse.Namespace) -> int:
     from offramp.local.services import service_specs
     from offramp.settings import describe
 
-    for service, spec in service_specs().items():
+    specs = service_specs()
+    if args.service and args.service not in specs:
+        raise OfframpError(f"no service {args.service!r}; one of {', '.join(specs)}")
+    for service, spec in specs.items():
         if args.service and service != args.service:
             continue
         print(f"# {service}")
@@ -53,8 +56,17 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.bundle, args.workers, args.rate)
 
 
-def _register_ml(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Training commands need the ``train`` extra; without torch they explain how to get it."""
+def _register_ml(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                 command: str | None) -> None:
+    """The training commands. Their options need the ``train`` extra (torch, seconds to
+    import), so only the command that runs gets them; the others are listed by name and
+    purpose. Without the extra, a training command explains how to get it."""
+    from offramp.ml.commands import COMMANDS
+
+    if command not in COMMANDS:
+        for name, helptext in COMMANDS.items():
+            sub.add_parser(name, help=helptext)
+        return
     try:
         from offramp.ml.cli import register
     except ImportError as exc:
@@ -65,17 +77,25 @@ def _register_ml(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                   "pip install 'offramp[train]'", file=sys.stderr)
             return 2
 
-        for name in ("build", "train", "export", "calibrate", "compress"):
-            sub.add_parser(name, help="(needs the train extra)").set_defaults(handler=unavailable)
+        for name, helptext in COMMANDS.items():
+            sub.add_parser(name, help=f"{helptext} (needs the train extra)").set_defaults(
+                handler=unavailable)
         return
     register(sub)
 
 
-def build_parser() -> argparse.ArgumentParser:
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; ``command``: the subcommand that will run (None: any), which
+    alone gets the training commands' options."""
+    from offramp import __version__
+
     parser = argparse.ArgumentParser(prog="offramp", description=__doc__)
-    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning",
-                                                                  "error"),
-                        help="what the command itself logs, on stderr")
+    parser.add_argument("--version", action="version", version=f"offramp {__version__}")
+    parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
+                        help="what the command itself logs, on stderr (also after the command)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", help="run a private Mosquitto on 127.0.0.1 in the foreground")
@@ -87,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "every installed service's)")
     p.set_defaults(handler=_settings)
 
-    _register_ml(sub)
+    _register_ml(sub, command)
 
     p = sub.add_parser("demo", help="build the demo model if needed, run the system on the "
                                      "digits test split, print a summary")
@@ -104,14 +124,29 @@ def build_parser() -> argparse.ArgumentParser:
     register_commands(sub)
     register_testbed(sub)
     register_netbed(sub)
+    for subparser in sub.choices.values():  # --log-level after the command's name, too
+        subparser.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
+                               help="what the command itself logs, on stderr")
     apply_formatter(parser)
     return parser
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv``, before parsing (None: none)."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--log-level":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Log lines go to stderr, so that stdout carries only what a command is for (``offramp
     watch > results.jsonl``); a reader that goes away (``| head``) ends the command quietly."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     configure_logging(args.log_level, "auto")
     handler: Handler = args.handler
     try:

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from offramp.cli.args import positive
+from offramp.ml.commands import COMMANDS
 from offramp.ml.recipe_args import add_recipe_options, default_out, ints, recipe_from_args
 from offramp.ml.zoo import REGISTRY
 from offramp.model.bundle import Bundle, BundleError, load_bundle
@@ -20,32 +21,31 @@ from offramp.model.scores import CRITERIA
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("build", help="train, export and calibrate a recipe into a model bundle")
+    p = sub.add_parser("build", help=COMMANDS["build"])
     add_recipe_options(p)
     p.add_argument("--out", type=Path, default=None, help="bundle directory (None: "
                    "bundles/<preset>, or bundles/<name> for a changed recipe)")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching bundle exists")
     p.set_defaults(handler=cmd_build)
 
-    p = sub.add_parser("train", help="train a recipe's model jointly (optionally the ablation)")
+    p = sub.add_parser("train", help=COMMANDS["train"])
     add_recipe_options(p)
     p.add_argument("--out", type=Path, required=True, help="run directory (model.pt)")
     p.add_argument("--ablation", action="store_true",
                    help="also train without distillation / feature transfer and compare")
     p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser("models", help="the model zoo: options, exit points, FLOPs and "
-                       "activation bytes per cut")
+    p = sub.add_parser("models", help=COMMANDS["models"])
     p.add_argument("model", nargs="?", default=None, choices=sorted(REGISTRY),
                    help="one model only (None: all)")
     p.add_argument("--input-size", type=positive, default=None, help="input size to measure at "
                    "(None: each model's default)")
     p.set_defaults(handler=cmd_models)
 
-    p = sub.add_parser("datasets", help="the datasets and where each is looked for")
+    p = sub.add_parser("datasets", help=COMMANDS["datasets"])
     p.set_defaults(handler=cmd_datasets)
 
-    p = sub.add_parser("export", help="export a trained model.pt to a bundle of K segments")
+    p = sub.add_parser("export", help=COMMANDS["export"])
     p.add_argument("trained", type=Path, help="a trained model.pt (offramp train)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--cuts", type=ints, default=None, help="exits that end segments, e.g. 2,4 "
@@ -56,7 +56,7 @@ def register(sub: Any) -> None:
                    "(None: as saved)")
     p.set_defaults(handler=cmd_export)
 
-    p = sub.add_parser("calibrate", help="calibrate a bundle and choose thresholds")
+    p = sub.add_parser("calibrate", help=COMMANDS["calibrate"])
     p.add_argument("bundle", type=Path, help="bundle directory")
     p.add_argument("--target-accuracy", type=float, default=None, help="lowest thresholds that "
                    "keep this accuracy (None: final-exit accuracy - 1 point)")
@@ -72,7 +72,7 @@ def register(sub: Any) -> None:
                    help="validation images the INT8 tables are measured on")
     p.set_defaults(handler=cmd_calibrate)
 
-    p = sub.add_parser("compress", help="train cut autoencoders and compare wire codecs")
+    p = sub.add_parser("compress", help=COMMANDS["compress"])
     p.add_argument("bundle", type=Path, help="bundle directory")
     p.add_argument("--cuts", type=ints, default=None, help="segment boundaries to compress, "
                    "comma-separated (default: every cut of the bundle)")
