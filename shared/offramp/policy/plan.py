@@ -1,22 +1,19 @@
 """The allocation plan (docs/algorithms.md 3.4, after PA-MDI), pure.
 
 Sources are placed one at a time in priority order (then by name). For a source m with rate
-lambda_m, the model's segments are split into runs of consecutive segments, one node per run
-and no node twice, by dynamic programming over (last segment, node). A run i..j on node n
-costs, for each of its segments k, the share of the source's samples that reach k, r_k, times
-the time there,
+lambda_m, a chain partition of the model's segments over the nodes is found by dynamic
+programming over (segment, node): the cost of running segment k on node n is the share of the
+source's samples that reach k, r_k, times the time there,
 
-    wait_kn = s_kn / (1 - rho_n - lambda_m sum_{k in run} r_k s_kn)      (s_kn = F_k / F_n)
+    wait_kn = s_kn / (1 - rho_n - lambda_m r_k s_kn)          (s_kn = F_k / F_n)
 
-(an M/M/1 sojourn with the load rho_n already committed to n by higher-priority sources plus
-this source's work on the whole run), plus r_i times the transfer from the node of the run
-before (round trip + bytes / link rate). A light source stays on the fastest node; a source
-that one node cannot carry is spread over as many as it needs. The route that minimises the
-source's expected latency is committed: its load joins rho and its segments join the nodes'
-hosted sets (within each node's loadable segments and its maximum number of segments).
-Minimising each source's latency in priority order is a greedy for
-``sum_m gamma_m latency_m``: a more important source is never worse off because of a less
-important one.
+(an M/M/1 sojourn with the load rho_n already committed to n by higher-priority sources), plus
+r_k times the transfer from the node of segment k-1 (round trip + bytes / link rate, 0 on the
+same node). The route that minimises the source's expected latency is committed: its load
+joins rho and its segments join the nodes' hosted sets (within each node's loadable segments
+and its maximum number of segments). Minimising each source's latency in priority order is a
+greedy for ``sum_m gamma_m latency_m``: a more important source is never worse off because of
+a less important one.
 
 Plans are sticky: a segment costs ``1 - stickiness`` times as much on a node that hosts it in
 the plan in force, so that measurement noise between near-equal nodes does not make the
@@ -103,73 +100,46 @@ def plan(model: ModelInfo, nodes: Sequence[NodeInfo], sources: Sequence[SourceLo
     return alloc
 
 
-# the cheapest way to the end of a run: cost, node of the run before, first segment of the
-# run, the nodes the way uses
-_Way = tuple[float, str | None, int, frozenset[str]]
-
-
 def _route(model: ModelInfo, nodes: Sequence[NodeInfo], speeds: dict[str, float],
            src: SourceLoad, alloc: Allocation, keep: dict[tuple[str, int], float]
            ) -> tuple[dict[int, str] | None, float]:
-    """The cheapest route, as runs of consecutive segments on one node each.
-
-    A run's segments share their node, so each of them waits behind the load of the whole
-    run: ``rho`` there is the node's committed load plus this source's work on every segment
-    of the run. Costing each segment alone would see one segment's load and put a whole chain
-    on one node at rates it cannot carry. A route visits a node once (a second visit would
-    hide the first run's load from the second). ``best[j][n]`` is the cheapest way through
-    segments 1..j with a run ending at j on n: (cost, node of the run before, first segment
-    of the run, the nodes the way uses).
-    """
     inf = float("inf")
     k_total = len(model.flops)
-    by_name = {n.node: n for n in nodes}
-    best: list[dict[str, _Way]] = [{}]
-    for j in range(1, k_total + 1):
-        row: dict[str, _Way] = {}
+    best: list[dict[str, tuple[float, str | None]]] = []
+    for k in range(1, k_total + 1):
+        row: dict[str, tuple[float, str | None]] = {}
+        r = model.reach[k - 1]
         for n in nodes:
-            work = 0.0  # this source's utilisation of n by the run i..j
-            weighted = 0.0  # sum of r_k s_kn (stickiness applied) over the run
-            for i in range(j, 0, -1):
-                if not _can_host(n, i, alloc):
-                    break
-                s = model.flops[i - 1] / speeds[n.node]
-                work += src.rate_hz * model.reach[i - 1] * s
-                weighted += model.reach[i - 1] * s * keep.get((n.node, i), 1.0)
-                here = weighted / max(SATURATED, 1.0 - alloc.load[n.node] - work)
-                option: _Way
-                if i == 1:
-                    option = (here, None, 1, frozenset({n.node}))
-                else:
-                    before = [(way[0] + model.reach[i - 1] * _move(
-                        by_name[p], n, model.out_bytes[i - 2]) + here, p)
-                              for p, way in best[i - 1].items() if n.node not in way[3]]
-                    if not before:
-                        continue
-                    total, via = min(before)
-                    option = (total, via, i, best[i - 1][via][3] | {n.node})
-                if n.node not in row or option[0] < row[n.node][0]:
-                    row[n.node] = option
+            if not _can_host(n, k, alloc):
+                continue
+            s = model.flops[k - 1] / speeds[n.node]
+            spare = max(SATURATED, 1.0 - alloc.load[n.node] - src.rate_hz * r * s)
+            here = r * s / spare * keep.get((n.node, k), 1.0)
+            if k == 1:
+                row[n.node] = (here, None)
+                continue
+            options = []
+            for p in nodes:
+                if p.node not in best[-1]:
+                    continue
+                move = 0.0
+                if p.node != n.node:
+                    rate = p.link_bps
+                    move = p.rtt_s + (model.out_bytes[k - 2] / rate if rate > 0 else 0.0)
+                options.append((best[-1][p.node][0] + r * move + here, p.node))
+            if options:
+                total, via = min(options)
+                row[n.node] = (total, via)
         if not row:
             return None, inf
         best.append(row)
-    node, (cost, *_) = min(best[k_total].items(), key=lambda kv: (kv[1][0], kv[0]))
-    route: dict[int, str] = {}
-    last, at = k_total, node
-    while True:
-        _, before_run, first, _ = best[last][at]
-        route.update(dict.fromkeys(range(first, last + 1), at))
-        if before_run is None:
-            break
-        last, at = first - 1, before_run
+    last, (cost, _) = min(best[-1].items(), key=lambda kv: (kv[1][0], kv[0]))
+    route = {k_total: last}
+    for k in range(k_total, 1, -1):
+        prev = best[k - 1][route[k]][1]
+        assert prev is not None
+        route[k - 1] = prev
     return dict(sorted(route.items())), cost
-
-
-def _move(src: NodeInfo, dst: NodeInfo, nbytes: int) -> float:
-    """Seconds to send one sample's activation from ``src`` to ``dst``."""
-    if src.node == dst.node:
-        return 0.0
-    return src.rtt_s + (nbytes / src.link_bps if src.link_bps > 0 else 0.0)
 
 
 def _fits(route: dict[int, str], nodes: Sequence[NodeInfo], alloc: Allocation) -> bool:
@@ -197,7 +167,10 @@ def _greedy(model: ModelInfo, nodes: Sequence[NodeInfo], speeds: dict[str, float
             s = model.flops[k - 1] / speeds[n.node]
             spare = max(SATURATED, 1.0 - trial.load[n.node] - src.rate_hz * r * s)
             prev = next((p for p in nodes if p.node == route.get(k - 1)), None)
-            move = _move(prev, n, model.out_bytes[k - 2]) if prev is not None else 0.0
+            move = 0.0
+            if prev is not None and prev.node != n.node:
+                move = prev.rtt_s + (model.out_bytes[k - 2] / prev.link_bps
+                                     if prev.link_bps > 0 else 0.0)
             options.append((r * (s / spare + move), n.node))
         if not options:
             return None, float("inf")
