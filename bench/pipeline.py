@@ -4,8 +4,9 @@ Same machine, same run, same model: MobileNetV2 width 1.0 on 32x32 digits (train
 ``mnv2-digits`` preset, cached under bundles/bench), exported as 3 segments on 3 worker
 processes (1 intra-op thread each, micro-batches of up to 32), CPU. The monolithic session gets
 the better of batch 16 and 32. The system runs as ``offramp up`` runs it: queues and credit at
-their shipped bound, and each worker yielding the shared cores to the stages after it
-(:mod:`offramp.node.cpushare`).
+their shipped bound, the scheduler's own plan followed by the workers, each frame sent as a
+PNG that the first worker decodes, and each worker yielding the shared cores to the stages
+after it (:mod:`offramp.node.cpushare`).
 
 - pipeline_efficiency: frames/s of the system with exits closed / frames/s of one monolithic
   session given the same total intra-op threads (3, one per worker), as the issue defines it.
@@ -67,8 +68,8 @@ ROOT = Path("bundles/bench")
 ENV = {"OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "100000", "OFFRAMP_ADMISSION_INGEST_QUEUE": "100000",
        "OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "120", "OFFRAMP_ADMISSION_DISPATCH_BATCH": str(BATCH),
        "OFFRAMP_LOG_LEVEL": "warning"}
-WORKER_ENV = {"OFFRAMP_WORKER_THREADS": "1", "OFFRAMP_WORKER_BATCH_MAX": str(BATCH),
-              "OFFRAMP_WORKER_FOLLOW_PLAN": "false"}  # queues and their credit: as shipped
+# queues, credit and the plan as shipped: the workers follow the scheduler's plan
+WORKER_ENV = {"OFFRAMP_WORKER_THREADS": "1", "OFFRAMP_WORKER_BATCH_MAX": str(BATCH)}
 
 
 def three_segments() -> Bundle:

@@ -10,11 +10,17 @@ per core, same run.
   with exits closed, with both accuracies beside it;
 - ``wire_bytes_per_frame``: with exits closed, for each worker codec (raw, fp16, int8, ae: the
   autoencoders of ratio 4 where the bundle has them), the activation bytes published per frame
-  into each segment (``into_1`` is the admission-controller's first hop, the frame's input
-  tensor in its own codec), counted by a client subscribed to every activation topic, and the
-  accuracy over the frames answered; ``first_hop_bytes_per_frame`` the same for the
-  admission-controller's codec (raw, fp16, int8). Those runs carry the observer's extra
-  traffic, so their rates are not reported.
+  into each segment (``into_1`` is the admission-controller's first hop: the camera's PNG
+  bytes as sent), counted by a client subscribed to every activation topic, and the accuracy
+  over the frames answered; ``first_hop_bytes_per_frame`` the same for each first hop:
+  ``frames`` (the default: the camera's bytes) and the model input tensor decoded at the
+  admission-controller (``OFFRAMP_ADMISSION_FIRST_HOP=tensor``) in each codec (raw, fp16,
+  int8). ``first_hop_bytes`` is the default's, beside ``encoded_bytes_per_frame`` (the mean
+  size of the frames sent). Those runs carry the observer's extra traffic, so their rates are
+  not reported.
+
+The system runs with its own plan (the scheduler's, followed by the workers), as ``offramp
+up`` runs it; the bench sets only the load, the in-flight bounds and the micro-batch size.
 """
 
 from __future__ import annotations
@@ -42,12 +48,11 @@ FRAMES = int(os.environ.get("OFFRAMP_BENCH_PIPELINE_224_FRAMES", "400"))
 REPEATS = 2
 BATCH = 8  # micro-batches of 8 x 294 KiB: 2.4 MB packets
 CODECS = ("raw", "fp16", "int8", "ae")
-FIRST_HOP = ("raw", "fp16", "int8")  # OFFRAMP_ADMISSION_CODEC
+FIRST_HOP = ("frames", "raw", "fp16", "int8")  # the camera's bytes, or the tensor in a codec
 ENV = {"OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "100000", "OFFRAMP_ADMISSION_INGEST_QUEUE": "100000",
        "OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "120",
        "OFFRAMP_ADMISSION_DISPATCH_BATCH": str(BATCH), "OFFRAMP_LOG_LEVEL": "warning"}
-WORKER_ENV = {"OFFRAMP_WORKER_THREADS": "1", "OFFRAMP_WORKER_BATCH_MAX": str(BATCH),
-              "OFFRAMP_WORKER_FOLLOW_PLAN": "false"}
+WORKER_ENV = {"OFFRAMP_WORKER_THREADS": "1", "OFFRAMP_WORKER_BATCH_MAX": str(BATCH)}
 
 
 async def _drive(system: LocalSystem, payloads: list[bytes],
@@ -84,9 +89,10 @@ async def _drive(system: LocalSystem, payloads: list[bytes],
 
 
 def _system(bundle: Bundle, payloads: list[bytes], *, exits: bool, codec: str = "auto",
-            observe: bool = False, first_hop: str = "raw") -> tuple[Run, Counter[str]]:
+            observe: bool = False, first_hop: str = "frames") -> tuple[Run, Counter[str]]:
     env = {**ENV, "OFFRAMP_ARBITER_DISABLE_EXITS": "false" if exits else "true",
-           "OFFRAMP_ADMISSION_CODEC": first_hop}
+           "OFFRAMP_ADMISSION_FIRST_HOP": "frames" if first_hop == "frames" else "tensor",
+           **({} if first_hop == "frames" else {"OFFRAMP_ADMISSION_CODEC": first_hop})}
     worker_env = {**WORKER_ENV, "OFFRAMP_WORKER_CODEC": codec}
     with LocalSystem(bundle, WORKERS, env=env, worker_env=worker_env) as system:
         return asyncio.run(_drive(system, payloads, observe))
@@ -142,4 +148,6 @@ def run() -> dict[str, Any]:
         "exit_speedup_runs": [round(s, 3) for s in speedup],
         "wire_bytes_per_frame": wire,
         "first_hop_bytes_per_frame": first_hop,
+        "first_hop_bytes": first_hop["frames"]["into_1"],
+        "encoded_bytes_per_frame": round(float(np.mean([len(p) for p in payloads]))),
     }

@@ -282,7 +282,7 @@ async def test_frames_taken_but_not_yet_decoded_are_answered_when_admission_stop
     payloads = [envelope(f"big-{i}", image=image) for i in range(n)]
     proc = ServiceProcess("admission-controller", "adm-stop", {
         "OFFRAMP_BROKER_URL": broker.url, "OFFRAMP_TOPIC_PREFIX": prefix,
-        "OFFRAMP_LOG_FORMAT": "json", "OFFRAMP_ADMISSION_MAX_PIXELS": str(4000 * 4000),
+        "OFFRAMP_LOG_FORMAT": "json", "OFFRAMP_MAX_PIXELS": str(4000 * 4000),
         **bundle_env}, tmp_path / "adm.log")
     async with Bus(bus_settings, "camera") as bus:
         await bus.wait_connected(5)

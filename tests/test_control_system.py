@@ -104,7 +104,8 @@ def test_overload_at_twice_capacity_answers_every_frame_and_stays_bounded(
     assert not stuck, f"{codes}: {stuck}"  # a stuck service left its stacks (SIGABRT) in its log
     ok = status["ok"] / sum(run.offered.values())
     assert status["ok"] > 0.5 * 30 * capacity, status  # overload does not stop the service
-    assert set(status) <= {"ok", "dropped", "expired"}, status
+    errors = Counter(r.error for r in run.results if r.status == "error")
+    assert set(status) <= {"ok", "dropped", "expired"}, (status, errors)
     if strategy == "rate":
         # what is not served is answered 'dropped' at once, about the excess over capacity
         assert status["dropped"] / sum(run.offered.values()) == pytest.approx(1 - ok, abs=0.02)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from admission_controller import frames
 from admission_controller.frames import Frame, decode_frames
 from offramp.local.client import envelope, png_bytes
+from offramp.model import frames as camera
 from offramp.model.images import decode_image
 from offramp.model.inputs import FrameError, InputSpec
 
@@ -47,8 +50,9 @@ def test_a_batch_keeps_each_frame_and_each_error_in_order() -> None:
 def test_a_decoder_failing_unexpectedly_costs_only_that_frame(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A decoder bug on hostile bytes answers that frame with an error and spares the others
-    decoded in the same hand-off (it would otherwise end the ingest task)."""
-    real = frames.decode_image
+    decoded in the same hand-off (it would otherwise end the ingest task, or the worker's
+    intake), at the admission-controller and at the first worker alike."""
+    real = camera.decode_image
     poison = png_bytes(_image(3))
 
     def decode(data: bytes, **kwargs: Any) -> np.ndarray:
@@ -56,8 +60,51 @@ def test_a_decoder_failing_unexpectedly_costs_only_that_frame(
             raise RuntimeError("decoder bug")
         return real(data, **kwargs)
 
-    monkeypatch.setattr(frames, "decode_image", decode)
+    monkeypatch.setattr(camera, "decode_image", decode)
     out = decode_frames([png_bytes(_image(4)), poison, png_bytes(_image(5))], SPEC,
                         max_bytes=LIMIT)
     assert [type(o) for o in out] == [Frame, FrameError, Frame]
     assert "RuntimeError: decoder bug" in str(out[1])
+    at_worker = camera.decode_frames([png_bytes(_image(4)), poison], SPEC)
+    assert isinstance(at_worker[0], np.ndarray) and isinstance(at_worker[1], FrameError)
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    return camera.npy_bytes(arr)
+
+
+def test_the_first_hop_forwards_what_the_camera_sent_and_the_worker_makes_the_same_input(
+        ) -> None:
+    """Admission checks a frame from its header and forwards its bytes unchanged; the worker's
+    decode of them equals the input the admission-controller would have decoded itself."""
+    big = (np.random.default_rng(7).random((720, 1280, 3)) * 255).astype(np.uint8)
+    tensor = np.random.default_rng(8).random(SPEC.shape).astype(np.float32)
+    for payload in (png_bytes(big), _jpeg(big), _npy(big), envelope("t", tensor=tensor),
+                    envelope("p", image=_image(9))):
+        arrival = frames.read_frame(payload, max_bytes=1 << 24)
+        sent = frames.to_forward(arrival, SPEC)
+        if arrival.kind != "tensor":
+            assert sent is arrival.body  # the camera's bytes, not a copy of them
+        np.testing.assert_array_equal(camera.decode_frame(sent, SPEC),
+                                      frames.to_input(arrival, SPEC))
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    (png_bytes(np.zeros((200, 300, 3), np.uint8)), "over the budget of 50000 pixels"),
+    (_npy(np.zeros((200, 300, 3), np.uint8)), "over the budget of 50000 pixels"),
+    (_npy(np.zeros((3, 8, 8), np.float32)), "does not match the model input"),
+    (_npy(np.zeros((3, 32, 32), np.int64)), "neither an RGB uint8 image nor a float tensor"),
+    (b"\x93NUMPY\x01\x00garbage", "not a readable .npy array"),
+    (b"\x89PNG\r\n\x1a\n-truncated-", "not a decodable JPEG or PNG"),
+    (b"GIF89a", "unrecognised frame"),
+])
+def test_a_header_that_will_not_decode_is_refused_before_any_pixel_is(payload: bytes,
+                                                                         message: str) -> None:
+    with pytest.raises(FrameError, match=message):
+        camera.check_frame(payload, SPEC, max_pixels=50_000)

@@ -109,8 +109,9 @@ def test_a_thousand_decoding_bombs_leave_the_admission_controller_as_it_was(
         tiny_bundle: Bundle, prefix: str) -> None:
     """1,000 hostile images (PNG and JPEG headers over the budget, truncated and whole, and
     truncated ones inside it that are decoded as far as they go) among real frames: each
-    bomb gets one error result, every real frame its answer, and the admission-controller's
-    memory ends within 50 MB of where it was after the same real frames alone."""
+    bomb gets one error result, every real frame its answer, and the memory of the
+    admission-controller and of the workers ends within 50 MB of where it was after the same
+    real frames alone."""
     bombs = ([png_claiming(9000, 9000)] * 400 + [png_claiming(9000, 9000, color=4)] * 200
              + [jpeg_claiming(9000, 9000)] * 200 + [png_claiming(2800, 2800)] * 180
              + [png_claiming(9000, 9000, color=0, whole=True)] * 20)
@@ -123,19 +124,21 @@ def test_a_thousand_decoding_bombs_leave_the_admission_controller_as_it_was(
         if i % 10 == 0:
             mixed.append(real[i // 10])
     with LocalSystem(tiny_bundle, 2, prefix=prefix, env=FAST) as system:
-        admission = system.member("admission-1")
-        assert admission.proc is not None
+        # the bombs within the budget pass the admission-controller's header check and are
+        # decoded, as far as they go, by the first worker: both stay as they were
+        members = [system.member(n) for n in ("admission-1", "worker-1", "worker-2")]
+        assert all(m.proc is not None for m in members)
         first = asyncio.run(_run(system, warmup, rate=200))
-        before = _rss_mb(admission.proc.pid)
+        before = [_rss_mb(m.proc.pid) for m in members]  # type: ignore[union-attr]
         results = asyncio.run(_run(system, mixed, rate=400, timeout=120))
-        after = _rss_mb(admission.proc.pid)
+        after = [_rss_mb(m.proc.pid) for m in members]  # type: ignore[union-attr]
         codes = system.stop()
     assert Counter(r.status for r in first) == {"ok": 100}
     status = Counter(r.status for r in results)
     assert status == {"ok": 100, "error": len(bombs)}, status
     errors = Counter("over the budget" in (r.error or "") for r in results if r.status == "error")
     assert errors[True] == 820, errors  # the 180 inside the budget fail while decoding
-    assert after - before < 50, (before, after)
+    assert all(a - b < 50 for a, b in zip(after, before, strict=True)), (before, after)
     ok = [r.latency_ms["total"] for r in results if r.status == "ok"]
-    assert max(ok) < 2000, sorted(ok)[-5:]  # real frames did not wait behind the bombs
+    assert max(ok) < 3000, sorted(ok)[-5:]  # real frames did not wait behind the bombs
     assert all(code == 0 for code in codes.values()), str(codes)

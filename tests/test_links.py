@@ -17,11 +17,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import structlog
 
 from offramp.bus import tcp_info
 from offramp.local.broker import LocalBroker
+from offramp.local.client import envelope, png_bytes
 from offramp.local.netbed import Plan, create, netns_exec, remove
 from offramp.local.system import LocalSystem, split_segments
 from offramp.model.bundle import Bundle, load_bundle
@@ -376,20 +378,31 @@ def test_activations_cross_the_cut_by_the_codec_chosen_and_every_frame_is_answer
         assert chosen == {ae}
 
 
-@pytest.mark.parametrize("frames_per_packet", [1.5, 0.5])
+@pytest.mark.parametrize(("first_hop", "frames_per_packet"),
+                         [("tensor", 1.5), ("tensor", 0.5), ("frames", 1.5)])
 def test_packets_over_a_small_brokers_limit_are_split_or_their_frames_answered_at_once(
-        tiny_bundle: Bundle, prefix: str, frames_per_packet: float) -> None:
-    """A broker that takes packets of about one and a half frames' input: every batch the
-    admission-controller dispatches crosses as several packets, and every frame is answered
-    once, ``ok``. One that takes half a frame: no frame can ever cross, and each is answered
-    ``error`` at once, naming both sizes (not after three dispatches)."""
+        tiny_bundle: Bundle, prefix: str, frames_per_packet: float, first_hop: str) -> None:
+    """A broker that takes packets of about one and a half frames' first hop (the model's input
+    tensor, or the camera's encoded image): every batch the admission-controller dispatches
+    crosses as several packets, and every frame is answered once, ``ok``. One that takes half a
+    frame: no frame can ever cross, and each is answered ``error`` at once, naming both sizes
+    (not after three dispatches). A camera's image that the broker took on ingest fits it as a
+    first hop too, so half a frame applies to the tensor first hop only."""
     from test_system import FAST, _frames, _run
 
-    spec = tiny_bundle.manifest.input
-    frame = 4 * spec.channels * spec.height * spec.width
-    _, payloads = _frames(60)
+    if first_hop == "tensor":
+        spec = tiny_bundle.manifest.input
+        frame = 4 * spec.channels * spec.height * spec.width
+        _, payloads = _frames(60)
+    else:  # noise does not compress: each PNG is about as large as its pixels
+        rng = np.random.default_rng(7)
+        images = rng.integers(0, 256, size=(60, 96, 96, 3), dtype=np.uint8)
+        pngs = [png_bytes(im) for im in images]
+        frame = max(len(b) for b in pngs)
+        payloads = [envelope(f"f{i}", image=im) for i, im in enumerate(images)]
+    env = {**FAST, "OFFRAMP_ADMISSION_FIRST_HOP": first_hop}
     with LocalBroker(max_packet_bytes=int(frame * frames_per_packet) + 2048) as broker, \
-            LocalSystem(tiny_bundle, 2, broker_url=broker.url, prefix=prefix, env=FAST) as system:
+            LocalSystem(tiny_bundle, 2, broker_url=broker.url, prefix=prefix, env=env) as system:
         results = asyncio.run(_run(system, payloads, rate=400))
         logs = system.logs(1 << 22)
         system.stop()

@@ -182,6 +182,9 @@ class CommonSettings:
     http_port: int = setting(0, "Port of /livez, /readyz and /metrics (0: no HTTP server)",
                              min=0, max=65535)
     http_host: str = setting("0.0.0.0", "Address the HTTP server listens on")
+    max_pixels: int = setting(0, "Largest image accepted, in pixels, read from its header "
+                              "before any decoding, at admission and at the first worker (0: "
+                              "4K UHD, or 4x the model input if larger)", min=0, max=1 << 28)
     lifeline_fd: int = setting(-1, "Read end of a pipe held open by whatever started this "
                                "service; end of file stops it cleanly (set by offramp up; "
                                "-1: none)", min=-1)

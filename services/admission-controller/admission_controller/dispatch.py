@@ -43,9 +43,13 @@ class DispatchConfig:
     heartbeat_s: float = 0.25
 
 
-def _input(task: Task) -> np.ndarray:
-    assert task.x is not None, "a task is submitted for dispatch once its frame is decoded"
+def _input(task: Task) -> np.ndarray | bytes:
+    assert task.x is not None, "a task is submitted for dispatch once its frame is read"
     return task.x
+
+
+def _size(x: np.ndarray | bytes) -> int:
+    return len(x) if isinstance(x, bytes) else x.nbytes
 
 
 class Dispatcher:
@@ -119,7 +123,7 @@ class Dispatcher:
             fallback = None
             if self.plan is not None:
                 fallback = self.plan.routes.get(group[0].source, {}).get(1)
-            placement = place(cands, len(group), _input(group[0]).nbytes,
+            placement = place(cands, len(group), _size(_input(group[0])),
                               stale_after_s=self.stale_after_s, fallback=fallback)
             start = 0
             for node, n in placement.parts:
@@ -173,7 +177,14 @@ class Dispatcher:
         samples = tuple(Sample(task_id=t.task_id, source=t.source, frame_id=t.frame_id,
                                priority=t.priority, created=t.created, deadline=t.deadline,
                                attempt=t.attempt, trace=t.traceparent) for t in tasks)
-        x = np.stack([_input(t) for t in tasks])
+        xs = [_input(t) for t in tasks]
+        frames = [x for x in xs if isinstance(x, bytes)]
+        if frames:  # the camera's bytes, decoded by the worker
+            assert len(frames) == len(xs), "one first hop for every frame of an admission"
+            return ActivationPacket(model=self.model, segment=1, samples=samples,
+                                    inputs=tuple(frames), sent=now, sender=self.cfg.node,
+                                    sender_boot=self.boot).encode()
+        x = np.stack([x for x in xs if not isinstance(x, bytes)])
         return ActivationPacket(model=self.model, segment=1, samples=samples,
                                 tensor=Tensor.encode(x, self.cfg.codec), embedding=None, sent=now,
                                 sender=self.cfg.node, sender_boot=self.boot).encode()

@@ -1,29 +1,30 @@
-"""Turning an ingest payload into a model input: JPEG, PNG, .npy, or a msgpack frame envelope.
+"""Reading an ingest payload: JPEG, PNG, .npy, or a msgpack frame envelope.
 
 In two steps, so that admission is decided before any pixel is decoded: :func:`read_frame`
-(cheap: the kind, and an envelope's frame id, deadline and label) and :func:`to_input` (the
-decode and preprocessing, off the event loop). Anything else raises
-:class:`~offramp.model.inputs.FrameError` with a message saying what was expected; the
-admission-controller answers it with an ``error`` result.
+(cheap: the kind, and an envelope's frame id, deadline and label), then, off the event loop,
+either :func:`to_forward` (the bytes the first worker decodes, checked from their header: the
+default first hop) or :func:`to_input` (decoded and preprocessed here, for a first hop that
+carries the model input). Anything else raises :class:`~offramp.model.inputs.FrameError` with
+a message saying what was expected; the admission-controller answers it with an ``error``
+result.
 """
 
 from __future__ import annotations
 
-import io
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
 from offramp.errors import WireError
-from offramp.model.images import decode_image, image_to_input, pixel_budget
-from offramp.model.inputs import FrameError, InputSpec, check_tensor
+from offramp.model.frames import array_input, check_frame, kind_of, npy_bytes
+from offramp.model.frames import decode_frame as decode_bytes
+from offramp.model.inputs import FrameError, InputSpec
 from offramp.wire import FrameEnvelope, Tensor
 
-PNG = b"\x89PNG\r\n\x1a\n"
-JPEG = b"\xff\xd8\xff"
-NPY = b"\x93NUMPY"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,25 +33,6 @@ class Frame:
     frame_id: str | None = None
     deadline: float | None = None
     label: int | None = None
-
-
-def _from_array(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
-    if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
-        return image_to_input(arr, spec)
-    return check_tensor(arr, spec)
-
-
-def _npy(data: bytes, spec: InputSpec) -> np.ndarray:
-    try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise FrameError(f"not a readable .npy array ({exc})") from None
-    return _from_array(arr, spec)
-
-
-def _image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
-    image = decode_image(data, max_pixels=max_pixels, reduce_to=(spec.width, spec.height))
-    return image_to_input(image, spec)
 
 
 @dataclass(frozen=True)
@@ -73,10 +55,9 @@ def read_frame(data: bytes, *, max_bytes: int) -> Arrival:
         raise FrameError(f"frame of {len(data)} bytes is over the limit of {max_bytes}")
     if not data:
         raise FrameError("empty frame")
-    if data.startswith(PNG) or data.startswith(JPEG):
-        return Arrival("image", data)
-    if data.startswith(NPY):
-        return Arrival("npy", data)
+    kind = kind_of(data)
+    if kind is not None:
+        return Arrival("image" if kind == "image" else "npy", data)
     try:
         env = FrameEnvelope.decode(data, max_bytes=max_bytes)
     except WireError as exc:
@@ -88,38 +69,61 @@ def read_frame(data: bytes, *, max_bytes: int) -> Arrival:
     return Arrival("tensor", env.tensor, env.frame_id, env.deadline, env.label)
 
 
+def _array(tensor: Tensor) -> np.ndarray:
+    try:
+        return tensor.to_numpy()
+    except WireError as exc:
+        raise FrameError(str(exc)) from None
+
+
 def to_input(arrival: Arrival, spec: InputSpec, *, max_pixels: int = 0) -> np.ndarray:
     """The model input of a frame read by :func:`read_frame` (the costly part: call it off
     the event loop). Images over ``max_pixels`` (0: :func:`~offramp.model.images.
     pixel_budget`) are refused from their header."""
     body = arrival.body
     if isinstance(body, Tensor):
-        try:
-            return _from_array(body.to_numpy(), spec)
-        except WireError as exc:
-            raise FrameError(str(exc)) from None
-    if arrival.kind == "npy":
-        return _npy(body, spec)
-    return _image(body, spec, pixel_budget(spec, max_pixels))
+        return array_input(_array(body), spec)
+    return decode_bytes(body, spec, max_pixels)
 
 
-def to_inputs(arrivals: list[Arrival], spec: InputSpec, *, max_pixels: int = 0,
-              stop: threading.Event | None = None) -> list[np.ndarray | FrameError]:
-    """:func:`to_input` for each arrival: the input, or the error that says why not. A
-    decoder failing in a way it does not name is that frame's error too, not its batch's.
-    Once ``stop`` is set, the frames not yet begun are left out (a stopping service answers
-    them): a batch of large images would otherwise hold the process's exit for seconds."""
-    out: list[np.ndarray | FrameError] = []
+def to_forward(arrival: Arrival, spec: InputSpec, *, max_pixels: int = 0) -> bytes:
+    """The bytes the first worker decodes: the image or ``.npy`` as it came (an envelope's
+    tensor as ``.npy``), once its header says it will decode within the pixel budget."""
+    body = arrival.body
+    data = npy_bytes(_array(body)) if isinstance(body, Tensor) else body
+    check_frame(data, spec, max_pixels)
+    return data
+
+
+def _each(arrivals: list[Arrival], fn: Callable[[Arrival], T],
+          stop: threading.Event | None) -> list[T | FrameError]:
+    """``fn`` of each arrival, or the error that says why not. A decoder failing in a way it
+    does not name is that frame's error too, not its batch's. Once ``stop`` is set, the frames
+    not yet begun are left out (a stopping service answers them): a batch of large images
+    would otherwise hold the process's exit for seconds."""
+    out: list[T | FrameError] = []
     for arrival in arrivals:
         if stop is not None and stop.is_set():
             break
         try:
-            out.append(to_input(arrival, spec, max_pixels=max_pixels))
+            out.append(fn(arrival))
         except FrameError as exc:
             out.append(exc)
         except Exception as exc:  # a decoder's unnamed failure on hostile bytes
             out.append(FrameError(f"undecodable frame ({type(exc).__name__}: {exc})"))
     return out
+
+
+def to_inputs(arrivals: list[Arrival], spec: InputSpec, *, max_pixels: int = 0,
+              stop: threading.Event | None = None) -> list[np.ndarray | FrameError]:
+    """:func:`to_input` for each arrival (see :func:`_each`)."""
+    return _each(arrivals, lambda a: to_input(a, spec, max_pixels=max_pixels), stop)
+
+
+def to_forwards(arrivals: list[Arrival], spec: InputSpec, *, max_pixels: int = 0,
+                stop: threading.Event | None = None) -> list[bytes | FrameError]:
+    """:func:`to_forward` for each arrival (see :func:`_each`)."""
+    return _each(arrivals, lambda a: to_forward(a, spec, max_pixels=max_pixels), stop)
 
 
 def decode_frame(data: bytes, spec: InputSpec, *, max_bytes: int, max_pixels: int = 0) -> Frame:

@@ -27,7 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from admission_controller.frames import Arrival, read_frame, to_inputs
+import numpy as np
+
+from admission_controller.frames import Arrival, read_frame, to_forwards, to_inputs
 from admission_controller.gate import Gate
 from admission_controller.refusals import Refusals
 from admission_controller.results import Results
@@ -120,9 +122,11 @@ class Ingest:
                       slot: asyncio.Semaphore) -> None:
         try:
             started = time.time()
-            inputs = await asyncio.get_running_loop().run_in_executor(
-                self.decoder, partial(to_inputs, spec=self.spec, max_pixels=self.s.max_pixels,
-                                      stop=self.stopping), [a for _, a in admitted])
+            prepare = to_forwards if self.s.first_hop == "frames" else to_inputs
+            inputs: list[Any] = await asyncio.get_running_loop().run_in_executor(
+                self.decoder, partial(prepare, spec=self.spec,
+                                      max_pixels=self.s.common.max_pixels, stop=self.stopping),
+                [a for _, a in admitted])
             self._trace_decode([t for t, _ in admitted], started, time.time())
             for (task, _), x in zip(admitted, inputs, strict=False):
                 await self._decoded(task, x)
@@ -207,7 +211,8 @@ class Ingest:
                                       error=str(x), created=task.created, origin=task.origin,
                                       trace=task.trace)
             return
-        task.x = x  # type: ignore[assignment]  # to_inputs gives arrays or FrameErrors
+        assert isinstance(x, np.ndarray | bytes)
+        task.x = x
         if released:
             self.submit([task])
 

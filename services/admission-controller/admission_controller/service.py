@@ -155,6 +155,12 @@ class Admission:
                                               done=done, origin=task.origin, trace=task.trace)
                 elif not done.task_id.startswith(self.id_prefix):
                     self.counts["stale_completions"] += 1  # an earlier incarnation's task
+            for failed in report.failed:  # its frame did not decode at the first worker
+                task = self.tracker.complete(failed.task_id)
+                if task is not None:
+                    await self.results.answer(task.task_id, task.source, task.frame_id, "error",
+                                              error=failed.error, created=task.created,
+                                              origin=task.origin, trace=task.trace)
 
     async def states(self, states: Subscription[Heartbeat]) -> None:
         async for hb in states:

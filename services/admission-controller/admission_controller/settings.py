@@ -38,7 +38,8 @@ class AdmissionSettings:
     dispatch_batch: int = setting(8, "Frames per first-activation packet", min=1, max=1024)
     dispatch_wait_ms: float = setting(1.0, "Longest wait to fill a packet", min=0, max=1000)
     codec: Literal["raw", "fp16", "int8"] = setting(
-        "raw", "Codec of the input tensor sent to the first segment: raw (exact), fp16 (half "
+        "raw", "Codec of the input tensor sent to the first segment when "
+        "OFFRAMP_ADMISSION_FIRST_HOP=tensor: raw (exact), fp16 (half "
         "the bytes), int8 (a quarter, one scale per packet: about the resolution an 8-bit "
         "camera image had; 602 KB -> 151 KB per frame at 224x224)")
     results_in_flight: int = setting(256, "Results being published at once (QoS 1)", min=1,
@@ -48,9 +49,10 @@ class AdmissionSettings:
                                          "often (docs/wire.md)", min=1, max=10_000)
     refusals_pending: int = setting(20_000, "Refused frames waiting for the next refusal; "
                                     "at this many it goes out at once", min=1, max=1_000_000)
-    max_pixels: int = setting(0, "Largest image accepted, in pixels, read from its header "
-                              "before any decoding (0: 4K UHD, or 4x the model input if larger)",
-                              min=0, max=1 << 28)
+    first_hop: Literal["frames", "tensor"] = setting(
+        "frames", "What the first worker gets: frames (the camera's bytes as they came, "
+        "checked from their headers; the worker decodes them) or tensor (decoded and "
+        "preprocessed here, sent as the model input in OFFRAMP_ADMISSION_CODEC)")
     dedup_s: float = setting(10.0, "A frame id seen again from the same source within this "
                              "long is a redelivery and gets no second result (0: off)", min=0,
                              max=3600)

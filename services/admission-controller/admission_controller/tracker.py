@@ -21,7 +21,9 @@ class Task:
     task_id: str
     source: str
     frame_id: str
-    x: np.ndarray | None  # the model input; None while the frame is being decoded
+    # what the first worker gets: the frame's bytes (checked) or its model input (decoded);
+    # None until the decode thread has done that
+    x: np.ndarray | bytes | None
     created: float
     deadline: float | None = None
     label: int | None = None

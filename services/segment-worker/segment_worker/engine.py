@@ -31,6 +31,8 @@ from offramp.bus.inbox import RateLimitedWarning
 from offramp.bus.outbox import Outbox
 from offramp.errors import WireError
 from offramp.model.bundle import Bundle
+from offramp.model.frames import decode_frames
+from offramp.model.inputs import FrameError
 from offramp.model.resident import Activation, Batch, Outputs, Row, on_host, stack_on_host
 from offramp.model.sessions import SegmentRunner
 from offramp.node.metrics import BATCH_BUCKETS, Metrics
@@ -46,6 +48,7 @@ from offramp.wire import (
     DoneReport,
     ExitPolicy,
     ExitReason,
+    Failed,
     Hop,
     Moved,
     Sample,
@@ -99,6 +102,11 @@ class Counters:
     expired: int = 0
     queue_overflow: int = 0
     without_credit: int = 0
+    undecodable: int = 0  # frames sent as the camera's bytes that did not decode here
+    # CPU seconds of the inference thread inside the segments' sessions (with one intra-op
+    # thread, ONNX Runtime computes on that thread), and of the decode thread on frames
+    infer_cpu_s: float = 0.0
+    decode_cpu_s: float = 0.0
     completions: int = 0
     publish_failed: int = 0
 
@@ -153,6 +161,8 @@ class Engine:
         self.hosted: dict[int, Hosted] = {}
         self.counters = Counters()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{cfg.node}")
+        # frames that come as the camera's bytes are decoded beside inference, not before it
+        self.decoder = ThreadPoolExecutor(1, thread_name_prefix=f"decode-{cfg.node}")
         self.outbox = Outbox(1024, grace_s=2.0)  # done reports still going out at the end
         self.meter = LinkMeter()  # fed with the connection's counters by the service
         self.paths = PathMeter()  # what arrives from each sender
@@ -190,6 +200,7 @@ class Engine:
             await self._stack.__aexit__(exc_type, exc, tb)
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
+            self.decoder.shutdown(wait=False, cancel_futures=True)
 
     @property
     def providers(self) -> list[str]:
@@ -309,7 +320,8 @@ class Engine:
             packet = ActivationPacket.decode(payload, max_bytes=max_bytes)
             if packet.sender and received:
                 self.paths.observe(packet.sender, len(payload), packet.sent, received)
-            x = await self.codecs.decode(packet.tensor, packet.segment - 1)
+            x = (None if packet.tensor is None
+                 else await self.codecs.decode(packet.tensor, packet.segment - 1))
             prev = packet.embedding.to_numpy() if packet.embedding is not None else None
         except WireError as exc:
             self.counters.bad_packets += 1
@@ -324,14 +336,46 @@ class Engine:
         if packet.sender and not hosted.ledger.received(packet.sender, packet.sender_boot,
                                                         len(packet.samples), time.monotonic()):
             self.counters.without_credit += len(packet.samples)
-        items = []
-        for i, sample in enumerate(packet.samples):
-            if sample.deadline is not None and sample.deadline < now:
-                self.counters.expired += 1  # the admission-controller answers it 'expired'
-                continue
-            items.append(Item(sample, x[i], None if prev is None else prev[i], now,
-                              packet.sent))
+        live = [i for i, s in enumerate(packet.samples)
+                if s.deadline is None or s.deadline >= now]
+        self.counters.expired += len(packet.samples) - len(live)  # answered 'expired' there
+        rows: dict[int, Any]
+        if x is None:  # the camera's bytes: decoded here, on the decode thread
+            decoded = await asyncio.get_running_loop().run_in_executor(
+                self.decoder, self._decode, [packet.inputs[i] for i in live])
+            rows = dict(zip(live, decoded, strict=True))
+            await self._undecodable([(packet.samples[i], r) for i, r in rows.items()
+                                     if isinstance(r, FrameError)])
+            live = [i for i in live if not isinstance(rows[i], FrameError)]
+        else:
+            rows = {i: x[i] for i in live}
+        items = [Item(packet.samples[i], rows[i], None if prev is None else prev[i], now,
+                      packet.sent) for i in live]
         return self.enqueue(packet.segment, items)
+
+    def _decode(self, frames: list[bytes]) -> list[np.ndarray | FrameError]:
+        """On the decode thread: the model inputs of frames sent as the camera's bytes."""
+        cpu = time.thread_time()
+        out = decode_frames(frames, self.bundle.manifest.input, self.cfg.max_pixels)
+        self.counters.decode_cpu_s += time.thread_time() - cpu
+        return out
+
+    async def _undecodable(self, failed: list[tuple[Sample, FrameError]]) -> None:
+        """Frames whose bytes did not decode here: each is reported to its owner, who answers
+        it ``error`` with the reason (and does not dispatch it again)."""
+        if not failed:
+            return
+        self.counters.undecodable += len(failed)
+        if n := self._warn.should_log():
+            self.log.warning("frame_undecodable", frames=len(failed), error=str(failed[0][1]),
+                             count=n)
+        by_source: dict[str, list[Failed]] = {}
+        for sample, exc in failed:
+            by_source.setdefault(sample.source, []).append(
+                Failed(task_id=sample.task_id, attempt=sample.attempt, error=str(exc)))
+        for source, entries in by_source.items():
+            await self.outbox.send(self._publish(self.topics.done(source),
+                                                 DoneReport(failed=tuple(entries)).encode(), 1))
 
     def enqueue(self, segment: int, items: list[Item]) -> int:
         rejected = self.hosted[segment].queue.push(items)
@@ -420,8 +464,9 @@ class Engine:
                 + sum(len(h.queue) for h in self.hosted.values()))
 
     def _infer_on(self, runner: SegmentRunner, xs: Batch) -> tuple[Outputs, float, float]:
-        started = time.time()
+        started, cpu = time.time(), time.thread_time()
         out = runner.run_rows(xs)
+        self.counters.infer_cpu_s += time.thread_time() - cpu
         if self.cfg.slowdown > 1.0:  # emulated slower node: this thread sleeps, as if throttled
             time.sleep((time.time() - started) * (self.cfg.slowdown - 1.0))
         return out, started, time.time()

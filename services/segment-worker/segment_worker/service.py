@@ -24,6 +24,7 @@ from offramp.bus import MessageBus, Subscription, from_payload
 from offramp.errors import SettingsError
 from offramp.model.bundle import load_bundle
 from offramp.model.sessions import installed_providers
+from offramp.node.allocator import return_large_blocks
 from offramp.node.cpushare import lower_priority
 from offramp.node.entry import ServiceSpec
 from offramp.node.metrics import Reading
@@ -46,6 +47,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
     """Serve until ``stop`` is set (``connect`` makes the bus; default: MQTT)."""
     not_done = lower_priority(settings.nice)
     bundle = load_bundle(settings.bundle)
+    return_large_blocks()  # frames decoded here (segment 1): their buffers go back when freed
     k = bundle.num_segments
     segments = settings.segments or tuple(range(1, k + 1))
     loadable = settings.loadable or tuple(range(1, k + 1))
@@ -145,6 +147,8 @@ def _beat(hb: Heartbeat, *, engine: Engine, settings: WorkerSettings,
     stats = {"bad_packets": c.bad_packets, "misrouted": c.misrouted, "expired": c.expired,
              "queue_overflow": c.queue_overflow, "completions": c.completions,
              "without_credit": c.without_credit, "publish_failed": c.publish_failed,
+             "undecodable": c.undecodable, "infer_cpu_s": c.infer_cpu_s,
+             "decode_cpu_s": c.decode_cpu_s,
              "parked": engine.placer.parked(), "park_expired": engine.placer.park_expired}
     return replace(hb, segments=engine.loads(time.monotonic()),
                    stats={k: float(v) for k, v in stats.items()}, boot=engine.boot,

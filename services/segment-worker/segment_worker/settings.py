@@ -115,6 +115,7 @@ class EngineConfig:
     link_bits_per_s: float = 0.0  # emulated outgoing link (0: as is)
     link_delay_s: float = 0.0
     heartbeat_s: float = 0.25
+    max_pixels: int = 0  # frames decoded here (segment 1): the pixel budget (0: the default)
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> EngineConfig:
@@ -135,7 +136,8 @@ class EngineConfig:
                    ageing_s=settings.ageing_s, credit_lease_s=settings.credit_lease_s,
                    park_timeout_s=settings.park_timeout_s, send_queue_s=settings.send_queue_s,
                    link_bits_per_s=settings.link_mbps * 1e6,
-                   link_delay_s=settings.link_delay_ms / 1000, heartbeat_s=common.heartbeat_s)
+                   link_delay_s=settings.link_delay_ms / 1000, heartbeat_s=common.heartbeat_s,
+                   max_pixels=common.max_pixels)
 
     def drain_intake_s(self, configured: float) -> float:
         """How long a draining worker still reads packets on their way to it."""

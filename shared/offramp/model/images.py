@@ -37,7 +37,7 @@ def decode_image(data: bytes, *, max_pixels: int = UHD_PIXELS,
             width, height = img.size
             if width * height > max_pixels:
                 problem = (f"image of {width}x{height} pixels is over the budget of "
-                           f"{max_pixels} pixels (OFFRAMP_ADMISSION_MAX_PIXELS)")
+                           f"{max_pixels} pixels (OFFRAMP_MAX_PIXELS)")
             elif width == 0 or height == 0:
                 problem = f"empty image ({width}x{height})"
             else:

@@ -9,6 +9,7 @@ from offramp.wire.messages import (
     Criterion,
     DoneReport,
     ExitReason,
+    Failed,
     FrameEnvelope,
     Hop,
     Moved,
@@ -22,6 +23,6 @@ from offramp.wire.tensor import CODECS, Codec, Tensor
 __all__ = [
     "CODECS", "CRITERIA", "DEFAULT_MAX_BYTES", "EXIT_REASONS", "STATUSES", "VERSION",
     "ActivationPacket", "Codec", "Completion", "Criterion", "DoneReport", "ExitPolicy", "ExitReason",
-    "FrameEnvelope", "Grant", "Heartbeat", "Hop", "Moved", "Plan", "Refusal", "Result", "Sample",
+    "Failed", "FrameEnvelope", "Grant", "Heartbeat", "Hop", "Moved", "Plan", "Refusal", "Result", "Sample",
     "SegmentLoad", "SegmentRef", "SentCount", "Status", "Tensor", "Want", "read_results",
 ]

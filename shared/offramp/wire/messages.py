@@ -112,13 +112,17 @@ class Sample:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ActivationPacket(WireMessage):
-    """A micro-batch on its way to ``segment`` of ``model``: headers, tensor, optional embedding."""
+    """A micro-batch on its way to ``segment`` of ``model``: headers and either the activation
+    tensor (with an optional embedding) or, for segment 1 only, each frame's ``inputs`` as the
+    camera sent them (JPEG, PNG or ``.npy`` bytes), which the first worker decodes: the first
+    hop then carries the camera's bytes, not a float32 tensor several times their size."""
 
     KIND: ClassVar[str] = "act"
     model: str
     segment: int
     samples: tuple[Sample, ...]
-    tensor: Tensor
+    tensor: Tensor | None = None
+    inputs: tuple[bytes, ...] = ()
     embedding: Tensor | None = None
     sent: float = 0.0
     sender: str = ""  # the node that spent its credit on this packet ("" : no credit used)
@@ -128,27 +132,41 @@ class ActivationPacket(WireMessage):
         n = len(self.samples)
         if n == 0:
             raise WireError("act: a packet carries at least one sample")
-        if not self.tensor.shape or self.tensor.shape[0] != n:
+        if self.segment < 1:
+            raise WireError(f"act: segment must be >= 1, got {self.segment}")
+        if (self.tensor is None) == (not self.inputs):
+            raise WireError("act: a packet carries exactly one of tensor and inputs")
+        if self.inputs:
+            if self.segment != 1 or self.embedding is not None:
+                raise WireError("act: inputs go to segment 1 only, without an embedding")
+            if len(self.inputs) != n:
+                raise WireError(f"act: {len(self.inputs)} inputs for {n} samples")
+        elif self.tensor is not None and (not self.tensor.shape or self.tensor.shape[0] != n):
             raise WireError(f"act: tensor batch {self.tensor.shape[:1]} does not match {n} samples")
         if self.embedding is not None and (
             not self.embedding.shape or self.embedding.shape[0] != n
         ):
             raise WireError(f"act: embedding batch {self.embedding.shape[:1]} != {n} samples")
-        if self.segment < 1:
-            raise WireError(f"act: segment must be >= 1, got {self.segment}")
 
     def to_wire(self) -> dict[str, Any]:
-        return {"model": self.model, "seg": self.segment,
-                "samples": [s.to_wire() for s in self.samples], "tensor": self.tensor.to_wire(),
+        body = {"model": self.model, "seg": self.segment,
+                "samples": [s.to_wire() for s in self.samples],
+                "tensor": None if self.tensor is None else self.tensor.to_wire(),
                 "emb": None if self.embedding is None else self.embedding.to_wire(),
                 "sent": self.sent, "from": self.sender, "boot": self.sender_boot}
+        if self.inputs:
+            body["inputs"] = list(self.inputs)
+        return body
 
     @classmethod
     def from_wire(cls, r: Reader) -> ActivationPacket:
         emb = r.opt_map("emb")
+        tensor = r.opt_map("tensor")
+        inputs = r.blobs("inputs") if r.has("inputs") else ()
         return cls(model=r.text("model"), segment=r.integer("seg"),
                    samples=tuple(Sample.from_wire(s) for s in r.maps("samples")),
-                   tensor=Tensor.from_wire(r.map("tensor")),
+                   tensor=None if tensor is None else Tensor.from_wire(tensor),
+                   inputs=tuple(inputs),
                    embedding=None if emb is None else Tensor.from_wire(emb), sent=r.number("sent"),
                    sender=r.text("from"), sender_boot=r.number("boot"))
 
@@ -216,31 +234,48 @@ class Moved:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Failed:
+    """A sample a worker could not compute, and why (its input did not decode): its frame is
+    answered ``error`` with that reason, not dispatched again."""
+
+    task_id: str
+    attempt: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DoneReport(WireMessage):
-    """A worker's report on the frames of one source: the ones one micro-batch finished, or
-    the ones it passed on to another node (so that their owner knows who holds them). One
-    message per batch and source, not per frame (the admission-controller and the arbiter read
-    every one)."""
+    """A worker's report on the frames of one source: the ones one micro-batch finished, the
+    ones it passed on to another node (so that their owner knows who holds them), and the ones
+    it could not compute. One message per batch and source, not per frame (the
+    admission-controller and the arbiter read every one)."""
 
     KIND: ClassVar[str] = "done"
     completions: tuple[Completion, ...] = ()
     moved: tuple[Moved, ...] = ()
+    failed: tuple[Failed, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.completions and not self.moved:
-            raise WireError("done: a report carries at least one completion or move")
+        if not self.completions and not self.moved and not self.failed:
+            raise WireError("done: a report carries at least one completion, move or failure")
 
     def to_wire(self) -> dict[str, Any]:
-        return {"items": [c.to_wire() for c in self.completions],
-                "moved": [[m.task_id, m.attempt, m.node] for m in self.moved]}
+        body: dict[str, Any] = {"items": [c.to_wire() for c in self.completions],
+                                "moved": [[m.task_id, m.attempt, m.node] for m in self.moved]}
+        if self.failed:
+            body["failed"] = [[f.task_id, f.attempt, f.error] for f in self.failed]
+        return body
 
     @classmethod
     def from_wire(cls, r: Reader) -> DoneReport:
         moved = tuple(Moved(task_id=row[0].text("_"), attempt=row[1].integer("_"),
                             node=row[2].text("_"))
                       for row in r.rows("moved", 3)) if r.has("moved") else ()
+        failed = tuple(Failed(task_id=row[0].text("_"), attempt=row[1].integer("_"),
+                              error=row[2].text("_"))
+                       for row in r.rows("failed", 3)) if r.has("failed") else ()
         return cls(completions=tuple(Completion.from_wire(c) for c in r.maps("items")),
-                   moved=moved)
+                   moved=moved, failed=failed)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -134,6 +134,14 @@ class Reader:
     def opt_blob(self, key: str) -> bytes | None:
         return self.blob(key) if self.has(key) else None
 
+    def blobs(self, key: str) -> list[bytes]:
+        """A list of byte strings."""
+        items = self.array(key)
+        for i, item in enumerate(items):
+            if not isinstance(item, bytes):
+                raise self._bad(f"{key}[{i}]", "binary data", item)
+        return items
+
     def array(self, key: str) -> list[Any]:
         value = self._raw(key)
         if not isinstance(value, list):
