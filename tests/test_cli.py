@@ -148,3 +148,22 @@ def test_live_view_fits_80_columns_and_shows_what_was_done() -> None:
     row = next(line for line in text.splitlines() if "orin-nano-0" in line)
     assert row.split()[5] == "120"  # 240 samples in 2 s
     assert "exit shares" in text and "1:0.50 2:0.50" in text
+    assert "no result" not in text
+
+
+def test_live_view_names_frames_that_get_no_result() -> None:
+    """Frames on a topic that names no source, or repeating a frame id, get no result by the
+    README's rules; the live view says how many, and which log event tells more."""
+    view = LiveView()
+    for node, n in (("admission-1", 3.0), ("admission-2", 1.0)):
+        view.add_state(Heartbeat(node=node, role="admission", online=True, stats={
+            "invalid_sources": n, "duplicate_frames": 2.0, "unserved": 0.0, "ok": 50.0}))
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(view.render(now=1.0))
+    text = " ".join(console.export_text().split())
+    assert "no result: 4 on a topic naming no valid source (invalid_source); 4 repeating" in text
+    assert "bundle_unserved" not in text
+    view.add_state(Heartbeat(node="admission-1", role="admission", online=True,
+                             stats={"unserved": 7.0}))
+    console.print(view.render(now=1.0))
+    assert "7 answered error: no worker serves this bundle" in console.export_text()

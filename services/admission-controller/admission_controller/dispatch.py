@@ -41,6 +41,7 @@ class DispatchConfig:
     wait_s: float = 0.001  # longest wait to fill a packet
     codec: Literal["raw", "fp16", "int8"] = "raw"
     heartbeat_s: float = 0.25
+    bundle: str = ""  # the identity of the bundle served: workers on another are kept apart
 
 
 def _input(task: Task) -> np.ndarray | bytes:
@@ -70,7 +71,7 @@ class Dispatcher:
         self.nudge = nudge  # this node's heartbeat, early: it carries a new request
         self.log = log
         self.boot = time.time()
-        self.peers = PeerTable(cfg.node)
+        self.peers = PeerTable(cfg.node, cfg.bundle)
         self.window = SendWindow(cfg.node, self.boot)
         self.plan: Plan | None = None
         self.pending: dict[float, OrderedDict[str, Task]] = {}  # priority -> FIFO
@@ -91,6 +92,13 @@ class Dispatcher:
                 queue[t.task_id] = t
                 self._demand.add(t.priority)
         self._event.set()
+
+    def withdraw(self) -> list[Task]:
+        """Every frame waiting here, taken out (oldest first within a priority), for an
+        answer without a worker."""
+        tasks = [t for q in self.pending.values() for t in q.values() if t.task_id in self.tracker]
+        self.pending.clear()
+        return tasks
 
     def wake(self) -> None:
         self._event.set()

@@ -40,6 +40,7 @@ from offramp.node.entry import ServiceSpec
 from offramp.node.metrics import Reading
 from offramp.node.runtime import BusFactory, Runtime
 from offramp.node.sources import Registration, SourceRegistry, registration
+from offramp.policy.bundles import unserved
 from offramp.wire import DoneReport, Heartbeat, Plan, read_results
 
 WATCH_TICK_S = 0.05  # how soon a change of leadership is seen by the watch of others' answers
@@ -75,7 +76,8 @@ class Admission:
         self.dispatcher = Dispatcher(
             DispatchConfig(model=model, segments=bundle.num_segments, node=runtime.node,
                            batch=settings.dispatch_batch, wait_s=settings.dispatch_wait_ms / 1000,
-                           codec=settings.codec, heartbeat_s=settings.common.heartbeat_s),
+                           codec=settings.codec, heartbeat_s=settings.common.heartbeat_s,
+                           bundle=runtime.bundle),
             tracker=self.tracker, send=send, nudge=runtime.beat_soon, log=runtime.log,
             tracing=runtime.tracing,
             max_payload=lambda node: bus.max_payload(topics.act(model, 1, node)),
@@ -113,8 +115,8 @@ class Admission:
         self.broker = BrokerFigures()
         runtime.metrics.on_collect(self._read)
         runtime.metrics.on_collect(self.broker.read)
-        runtime.require(lambda: None if self.dispatcher.peers.nodes("worker")
-                        else "no segment-worker seen yet")
+        self._unserved_since: float | None = None  # since when no online worker serves it
+        runtime.require(lambda: self._workers() or self.unserved())
         runtime.require(lambda: None if self.leadership.active or self.leadership.standby_alive(
             time.monotonic()) else "no member of the group holds the ingest session yet")
 
@@ -124,6 +126,34 @@ class Admission:
                                       error=why, created=task.created, origin=task.origin,
                                       trace=task.trace)
 
+    def _workers(self) -> str | None:
+        return None if self.dispatcher.peers.bundles("worker", float("inf")) \
+            else "no segment-worker seen yet"
+
+    def unserved(self) -> str | None:
+        """Why no online worker can serve this bundle's frames (None: one can, or none is
+        online and frames wait for one)."""
+        return unserved(self.rt.bundle, self.dispatcher.peers.bundles(
+            "worker", self.dispatcher.stale_after_s))
+
+    async def _answer_unserved(self) -> None:
+        """Frames that no online worker can serve are answered ``error`` naming the bundles,
+        once that has lasted ``progress_timeout_s`` (not held until the admission-controller
+        stops, as they were when services were started on different bundles)."""
+        why, now = self.unserved(), time.monotonic()
+        if why is None:
+            if self._unserved_since is not None:
+                self.rt.log.info("bundle_served", bundle=self.rt.bundle)
+            self._unserved_since = None
+            return
+        if self._unserved_since is None:
+            self._unserved_since = now
+            self.rt.log.error("bundle_unserved", bundle=self.rt.bundle, why=why)
+        if now - self._unserved_since >= self.s.progress_timeout_s:
+            for task in self.dispatcher.withdraw():
+                self.counts["unserved"] += 1
+                await self._refuse(task, why)
+
     def new_id(self) -> str:
         return f"{self.id_prefix}{next(self.ids)}"
 
@@ -131,6 +161,9 @@ class Admission:
         r.gauge("offramp_in_flight", "Frames owned and not yet answered", len(self.tracker))
         r.gauge("offramp_pending", "Frames waiting for a worker's credit",
                 self.dispatcher.waiting())
+        r.counter("offramp_unserved_total", "Frames answered 'error' because no online worker "
+                  "serves this bundle (services started on different bundles)",
+                  self.counts["unserved"])
         r.counter("offramp_packets_split_total", "Batches sent as several packets because one "
                   "would not fit the broker's packet limit", self.dispatcher.split)
         for source in sorted(set(self.registry.known()) | set(self.gate.sources())):
@@ -246,6 +279,7 @@ class Admission:
             if sweep.redispatch:
                 self.counts["redispatched"] += len(sweep.redispatch)
                 self.dispatcher.submit(sweep.redispatch)
+            await self._answer_unserved()
             stale = self.dispatcher.stale_after_s
             for node in self.tracker.holders():
                 if self.dispatcher.peers.silent(node, stale):
@@ -288,7 +322,8 @@ async def run(settings: AdmissionSettings, stop: asyncio.Event, *,
     """Serve until ``stop`` is set (``connect`` makes the bus; default: MQTT)."""
     bundle = load_bundle(settings.bundle)
     return_large_blocks()  # decoded frames' buffers go back to the OS when freed
-    runtime = Runtime("admission", settings.common, bus=connect)
+    runtime = Runtime("admission", settings.common, bus=connect,
+                      bundle=await asyncio.to_thread(lambda: bundle.identity))
     ingest_id = f"offramp-ingest-{settings.group}"
 
     def ingest_bus() -> MessageBus:

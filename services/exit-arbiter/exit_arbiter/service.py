@@ -143,7 +143,8 @@ class Arbiter:
         self.calib = calib
         self.model = model
         self.rt = runtime
-        self.policy = replace(make_policy(settings, calib, model, epoch=1), dataset=dataset)
+        self.policy = replace(make_policy(settings, calib, model, epoch=1), dataset=dataset,
+                              bundle=runtime.bundle)
         self.adapter = Adapter(settings, calib, self.policy)
         self.shares = ShareTracker(calib, self.policy)
         self.peers = PeerTable()
@@ -206,7 +207,8 @@ async def run(settings: ArbiterSettings, stop: asyncio.Event, *,
     """Serve until ``stop`` is set (``connect`` makes the bus; default: MQTT)."""
     bundle = load_bundle(settings.bundle)
     calib = bundle.calibration()
-    runtime = Runtime("arbiter", settings.common, bus=connect)
+    runtime = Runtime("arbiter", settings.common, bus=connect,
+                      bundle=await asyncio.to_thread(lambda: bundle.identity))
     arb = Arbiter(settings, calib, bundle.name, runtime,
                   dataset=str(bundle.manifest.metrics.get("dataset") or ""))
     runtime.heartbeat_with(arb.heartbeat)

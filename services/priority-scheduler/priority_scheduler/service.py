@@ -137,7 +137,8 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event, *,
               connect: BusFactory | None = None) -> None:
     """Serve until ``stop`` is set (``connect`` makes the bus; default: MQTT)."""
     bundle = load_bundle(settings.bundle)
-    runtime = Runtime("scheduler", settings.common, bus=connect)
+    runtime = Runtime("scheduler", settings.common, bus=connect,
+                      bundle=await asyncio.to_thread(lambda: bundle.identity))
     sched = Scheduler(settings, bundle, runtime)
     runtime.heartbeat_with(sched.heartbeat)
     async with runtime:

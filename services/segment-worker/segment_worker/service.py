@@ -30,6 +30,7 @@ from offramp.node.entry import ServiceSpec
 from offramp.node.metrics import Reading
 from offramp.node.peers import PeerTable
 from offramp.node.runtime import BusFactory, Runtime
+from offramp.policy.bundles import conflicts
 from offramp.wire import ExitPolicy, Heartbeat, Plan, SegmentRef
 from segment_worker.engine import Engine
 from segment_worker.hosting import Hosting
@@ -60,14 +61,15 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
                             "folder there")
     common = settings.common
     cfg = EngineConfig.from_settings(settings)
-    runtime = Runtime("worker", common, bus=connect)
+    runtime = Runtime("worker", common, bus=connect,
+                      bundle=await asyncio.to_thread(lambda: bundle.identity))
     bus, topics = runtime.bus, runtime.topics
 
     async def publish(topic: str, payload: bytes, qos: int) -> None:
         await bus.publish(topic, payload, qos=qos)
 
-    engine = Engine(bundle, cfg, topics, PeerTable(cfg.node), publish, metrics=runtime.metrics,
-                    tracing=runtime.tracing, nudge=runtime.beat_soon,
+    engine = Engine(bundle, cfg, topics, PeerTable(cfg.node, runtime.bundle), publish,
+                    metrics=runtime.metrics, tracing=runtime.tracing, nudge=runtime.beat_soon,
                     max_payload=bus.max_payload, unsent=bus.unsent_bytes)
     runtime.heartbeat_with(partial(_beat, engine=engine, settings=settings, loadable=loadable,
                                    bus=bus))
@@ -98,7 +100,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
                                     decode=from_payload(Plan.decode))
         async with asyncio.TaskGroup() as tg:
             hosting.start(tg)
-            control = [tg.create_task(_states(states, engine)),
+            control = [tg.create_task(_states(states, engine, runtime)),
                        tg.create_task(_policies(policies, engine, runtime)),
                        tg.create_task(_plans(plans, engine, hosting, set(loadable),
                                              settings.follow_plan))]
@@ -194,10 +196,17 @@ def _read(r: Reading, engine: Engine) -> None:
                   "dispatched again by the admission-controller)", n, reason=reason)
 
 
-async def _states(states: Subscription[Heartbeat], engine: Engine) -> None:
+async def _states(states: Subscription[Heartbeat], engine: Engine, runtime: Runtime) -> None:
+    conflicting: set[str] = set()  # said once per peer, until it serves this bundle again
     async for hb in states:
-        if engine.placer.peers.update(hb):
+        peers = engine.placer.peers
+        if peers.update(hb):
             engine.forget(hb.node)
+        if hb.node in peers.conflicting and hb.node not in conflicting:
+            runtime.log.error("bundle_conflict", peer=hb.node, theirs=hb.bundle,
+                              ours=runtime.bundle, detail="no activation is sent to it; start "
+                              "every service on the same bundle")
+        conflicting = set(peers.conflicting)
         await engine.placer.retry()
         if hb.wants and engine.credit_due():
             engine.nudge()
@@ -207,6 +216,11 @@ async def _policies(policies: Subscription[ExitPolicy], engine: Engine,
                     runtime: Runtime) -> None:
     async for policy in policies:
         expected = engine.bundle.num_segments - 1
+        if conflicts(runtime.bundle, policy.bundle):
+            runtime.log.error("exit_policy_mismatch", theirs=policy.bundle, ours=runtime.bundle,
+                              detail="the exit-arbiter serves other graphs of this model; "
+                              "start every service on the same bundle")
+            continue
         if len(policy.thresholds) != expected:
             runtime.log.warning("exit_policy_mismatch", got=len(policy.thresholds),
                                 expected=expected)

@@ -81,9 +81,14 @@ class LiveView:
 
     Both tables fit 80 columns. ``done/s`` is what a segment finished (exited plus forwarded)
     between its last two heartbeats; ``can/s`` is what it could do at its measured service time,
-    so an idle worker shows ``done/s`` 0 and a large ``can/s``."""
+    so an idle worker shows ``done/s`` 0 and a large ``can/s``. Frames that can get no result
+    at all, as the admission-controllers count them in their heartbeats, are named in a
+    line of their own, with the log event that tells more."""
 
     WINDOW_S = 5.0
+    NO_RESULT = {"invalid_sources": "on a topic naming no valid source (invalid_source)",
+                 "duplicate_frames": "repeating an answered frame id (duplicate_frame)"}
+    UNSERVED = "answered error: no worker serves this bundle (bundle_unserved)"
 
     def __init__(self) -> None:
         self.workers: dict[str, Heartbeat] = {}
@@ -92,8 +97,12 @@ class LiveView:
         self.results: deque[tuple[float, Result]] = deque(maxlen=5000)
         self.status: Counter[str] = Counter()
         self.exited: list[tuple[str, int | None]] = []  # services that stopped: (node, code)
+        self.admission: dict[str, dict[str, float]] = {}  # node -> its latest counts
 
     def add_state(self, hb: Heartbeat, now: float | None = None) -> None:
+        if hb.role == "admission" and hb.online:
+            self.admission[hb.node] = {k: hb.stats.get(k, 0.0)
+                                       for k in [*self.NO_RESULT, "unserved"]}
         if hb.role != "worker":
             return
         if not hb.online:
@@ -141,6 +150,14 @@ class LiveView:
         note = Text("wait ms: the queue's backlog; done/s: finished per second; can/s: what the "
                     "measured service time allows", style="dim")
         parts: list[Table | Text] = [head, workers, note]
+        total = Counter[str]()
+        for counts in self.admission.values():
+            total.update(counts)
+        said = [f"{total[k]:.0f} {what}" for k, what in self.NO_RESULT.items() if total[k]]
+        if said:
+            parts.append(Text("no result: " + "; ".join(said), style="bold yellow"))
+        if total["unserved"]:
+            parts.append(Text(f"{total['unserved']:.0f} {self.UNSERVED}", style="bold red"))
         if self.exited:
             parts.append(Text("stopped: " + ", ".join(f"{node} (exit code {code})"
                                                       for node, code in self.exited),

@@ -7,8 +7,10 @@ raises :class:`BundleError` saying what is missing where.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +148,22 @@ class Bundle:
     def num_segments(self) -> int:
         return len(self.manifest.segments)
 
+    @cached_property
+    def identity(self) -> str:
+        """``name@digest``: what services compare to tell that they serve the same model.
+        The digest (12 hex of a SHA-256) covers what the wire depends on, the manifest's
+        structure (input, classes, exits, cuts, codecs) and the bytes of every graph a worker
+        runs, and not the calibration or the recorded metrics, which ``offramp calibrate`` may
+        change under running services without changing a single activation."""
+        m = self.manifest.to_dict()
+        structure = {k: m[k] for k in ("name", "arch", "config", "classes", "input", "exits",
+                                       "segments", "autoencoders")}
+        h = hashlib.sha256(json.dumps(structure, sort_keys=True).encode())
+        for file in served_files(self.manifest):
+            with (self.root / file).open("rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        return f"{self.name}@{h.hexdigest()[:12]}"
+
     def segment(self, index: int) -> SegmentSpec:
         if not 1 <= index <= self.num_segments:
             raise BundleError(f"bundle {self.name} has segments 1..{self.num_segments}, not {index}")
@@ -207,6 +225,13 @@ class Bundle:
         tmp.replace(self.root / MANIFEST)
 
 
+def served_files(manifest: Manifest) -> list[str]:
+    """The graphs a worker runs: segments, autoencoders, the row-gathering model."""
+    files = [s.file for s in manifest.segments]
+    files += [f for a in manifest.autoencoders for f in (a.encoder, a.decoder)]
+    return files + ([manifest.rows_model] if manifest.rows_model else [])
+
+
 def load_bundle(root: str | Path) -> Bundle:
     """Read and check a bundle directory; BundleError names what is wrong."""
     root = Path(root)
@@ -224,10 +249,7 @@ def load_bundle(root: str | Path) -> Bundle:
         manifest = Manifest.from_dict(data)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise BundleError(f"{path} is incomplete or malformed ({type(exc).__name__}: {exc})") from None
-    files = [s.file for s in manifest.segments] + [manifest.full_model]
-    files += [f for a in manifest.autoencoders for f in (a.encoder, a.decoder)]
-    files += [manifest.rows_model] if manifest.rows_model else []
-    for file in files:
+    for file in [*served_files(manifest), manifest.full_model]:
         if not (root / file).is_file():
             raise BundleError(f"{root / file} named in {path} is missing")
     for i, seg in enumerate(manifest.segments, start=1):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from offramp.policy.bundles import conflicts
 from offramp.policy.credits import Request, SendWindow
 from offramp.policy.offload import UNLIMITED, Candidate
 from offramp.wire import Heartbeat, SegmentLoad
@@ -27,22 +28,45 @@ MAX_QUEUE_S = 30.0  # the most a heartbeat's queue_s extends the wait for the ne
 
 
 class PeerTable:
-    def __init__(self, own_node: str = "") -> None:
+    """``bundle``: the identity of the bundle this node serves. A peer that serves other
+    graphs under the same model name is kept apart (:attr:`conflicting`): never a candidate,
+    its wants and counts not read, as if it were offline."""
+
+    def __init__(self, own_node: str = "", bundle: str = "") -> None:
         self.own_node = own_node
+        self.bundle = bundle
         self._peers: dict[str, Peer] = {}
+        self.conflicting: dict[str, Peer] = {}
 
     def update(self, hb: Heartbeat, now: float | None = None) -> bool:
-        """Record a heartbeat; return True when a known node went offline."""
+        """Record a heartbeat; return True when a known node went offline (or turned out to
+        serve another bundle of this model)."""
         now = time.monotonic() if now is None else now
         if hb.node == self.own_node:
             return False
         if not hb.online:
+            self.conflicting.pop(hb.node, None)
             return self._peers.pop(hb.node, None) is not None
+        if conflicts(self.bundle, hb.bundle):
+            self.conflicting[hb.node] = Peer(hb.node, now, hb)
+            return self._peers.pop(hb.node, None) is not None
+        self.conflicting.pop(hb.node, None)
         self._peers[hb.node] = Peer(hb.node, now, hb)
         return False
 
+    def bundles(self, role: str, stale_after_s: float, now: float | None = None
+                ) -> dict[str, str]:
+        """Node -> the bundle it serves, for every node of ``role`` heard from within
+        ``stale_after_s`` and not draining, those kept apart included."""
+        now = time.monotonic() if now is None else now
+        return {p.node: p.heartbeat.bundle
+                for p in [*self._peers.values(), *self.conflicting.values()]
+                if p.heartbeat.role == role and not p.heartbeat.draining
+                and now - p.seen <= stale_after_s}
+
     def forget(self, node: str) -> None:
         self._peers.pop(node, None)
+        self.conflicting.pop(node, None)
 
     def nodes(self, role: str | None = None) -> list[str]:
         return sorted(n for n, p in self._peers.items()

@@ -36,15 +36,18 @@ class Runtime:
     The service says what its heartbeat carries with :meth:`heartbeat_with`: a function that
     gets the base heartbeat every period and returns the one to send, so a service adds its own
     queue state without owning the timing. ``bus`` makes the bus (default: MQTT to
-    ``OFFRAMP_BROKER_URL``; tests pass an in-memory one).
+    ``OFFRAMP_BROKER_URL``; tests pass an in-memory one). ``bundle`` is the identity of the
+    model bundle the service serves, said in every heartbeat so that services started on
+    different bundles can tell.
     """
 
     def __init__(self, role: str, common: CommonSettings, *,
-                 bus: BusFactory | None = None) -> None:
+                 bus: BusFactory | None = None, bundle: str = "") -> None:
         if not common.bus.broker_url and bus is None:
             raise SettingsError("OFFRAMP_BROKER_URL is not set: point it at your broker, "
                                 "e.g. mqtt://127.0.0.1:1883 (offramp up starts one for you)")
         self.role = role
+        self.bundle = bundle
         self.common = common
         self.node = check_name(common.node_name(), "OFFRAMP_NODE")
         self.topics = Topics(common.bus.topic_prefix)
@@ -129,7 +132,7 @@ class Runtime:
     def base_heartbeat(self) -> Heartbeat:
         self._seq += 1
         return Heartbeat(role=self.role, node=self.node, online=True, seq=self._seq,
-                         ts=time.time(), draining=self.draining)
+                         ts=time.time(), draining=self.draining, bundle=self.bundle)
 
     def drain(self) -> None:
         """Say in the heartbeat, now, that this service is stopping: it takes no new work."""

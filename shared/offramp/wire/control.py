@@ -65,7 +65,9 @@ class Plan(WireMessage):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExitPolicy(WireMessage):
     """Thresholds for every exit but the last, published retained by the exit-arbiter, with
-    the dataset the served model was trained on (so a client can send it the right images)."""
+    the dataset the served model was trained on (so a client can send it the right images)
+    and the identity of the bundle they were calibrated on (a worker on other graphs of the
+    model does not apply them)."""
 
     KIND: ClassVar[str] = "policy"
     model: str
@@ -76,12 +78,13 @@ class ExitPolicy(WireMessage):
     target_accuracy: float | None = None
     expected_accuracy: float = 0.0
     dataset: str = ""  # '': not known (a bundle that does not say)
+    bundle: str = ""  # name@digest ('': not said)
 
     def to_wire(self) -> dict[str, Any]:
         return {"model": self.model, "epoch": self.epoch, "ts": self.ts,
                 "criterion": self.criterion, "thr": list(self.thresholds),
                 "target": self.target_accuracy, "expected": self.expected_accuracy,
-                "dataset": self.dataset}
+                "dataset": self.dataset, **({"bundle": self.bundle} if self.bundle else {})}
 
     @classmethod
     def from_wire(cls, r: Reader) -> ExitPolicy:
@@ -91,4 +94,5 @@ class ExitPolicy(WireMessage):
         return cls(model=r.text("model"), epoch=r.integer("epoch"), ts=r.number("ts"),
                    criterion=cast(Criterion, crit),
                    thresholds=tuple(r.numbers("thr")), target_accuracy=r.opt_number("target"),
-                   expected_accuracy=r.number("expected"), dataset=r.opt_text("dataset") or "")
+                   expected_accuracy=r.number("expected"), dataset=r.opt_text("dataset") or "",
+                   bundle=r.opt_text("bundle") or "")

@@ -115,6 +115,8 @@ class Heartbeat(WireMessage):
     ``queue_s``: how long what the node had published and the network had not yet taken needs
     to go out at its link's rate, when it sent this: the next heartbeat waits behind it, so
     the others wait that much longer before they call the node silent.
+    ``bundle``: the model bundle the service serves, as ``name@digest``
+    (:attr:`offramp.model.bundle.Bundle.identity`; empty when it serves none or does not say).
     """
 
     KIND: ClassVar[str] = "hb"
@@ -137,6 +139,7 @@ class Heartbeat(WireMessage):
     draining: bool = False
     paths: dict[str, float] = field(default_factory=dict)
     queue_s: float = 0.0
+    bundle: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         return {"role": self.role, "node": self.node, "online": self.online, "seq": self.seq,
@@ -147,7 +150,8 @@ class Heartbeat(WireMessage):
                 "link_rtt": self.link_rtt_s,
                 "loadable": [[s.model, s.segment] for s in self.loadable],
                 "max_segs": self.max_segments, "device": self.device,
-                "draining": self.draining, "paths": self.paths, "queue_s": self.queue_s}
+                "draining": self.draining, "paths": self.paths, "queue_s": self.queue_s,
+                **({"bundle": self.bundle} if self.bundle else {})}
 
     @classmethod
     def from_wire(cls, r: Reader) -> Heartbeat:
@@ -172,4 +176,5 @@ class Heartbeat(WireMessage):
                    device=r.opt_text("device") or "",
                    draining=r.flag("draining") if r.has("draining") else False,
                    paths={k: paths.number(k) for k in paths} if paths is not None else {},
-                   queue_s=r.number("queue_s") if r.has("queue_s") else 0.0)
+                   queue_s=r.number("queue_s") if r.has("queue_s") else 0.0,
+                   bundle=r.opt_text("bundle") or "")
