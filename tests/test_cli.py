@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from rich.console import Console
 
 from offramp import __version__
@@ -45,6 +46,8 @@ def test_every_subcommand_and_option_has_help_with_its_default() -> None:
                 continue
             if not action.help:
                 missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        if " " in path and not parser.description:
+            missing.append(f"{path}: no description under its usage")
         help_text = parser.format_help()
         for action in parser._actions:
             if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
@@ -167,3 +170,48 @@ def test_live_view_names_frames_that_get_no_result() -> None:
                              stats={"unserved": 7.0}))
     console.print(view.render(now=1.0))
     assert "7 answered error: no worker serves this bundle" in console.export_text()
+
+
+def test_broker_is_taken_as_host_and_port_and_a_bad_one_is_named_as_given() -> None:
+    from offramp.cli.args import bus_settings
+    from offramp.errors import SettingsError
+
+    def args(broker: str) -> argparse.Namespace:
+        return argparse.Namespace(broker=broker, prefix="offramp/v1")
+
+    assert bus_settings(args("127.0.0.1:1883")).broker_url == "mqtt://127.0.0.1:1883"
+    assert bus_settings(args("gateway")).broker_url == "mqtt://gateway"
+    assert bus_settings(args("mqtts://gw:8883")).broker_url == "mqtts://gw:8883"
+    for bad, said in (("http://gw:1883", "--broker='http://gw:1883': expected mqtt://"),
+                      ("gw:port", "--broker='mqtt://gw:port': bad port")):
+        with pytest.raises(SettingsError) as caught:
+            bus_settings(args(bad))
+        assert said in str(caught.value)
+
+
+def test_watch_gives_up_on_a_broker_that_is_not_there() -> None:
+    """As publish does: one line naming the broker, not retries for ever."""
+    from offramp.local.broker import free_run
+
+    port = free_run(1, 19700)
+    done = subprocess.run([*OFFRAMP, "watch", "--broker", f"127.0.0.1:{port}",
+                           "--connect-timeout", "1"], check=False, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode != 0
+    assert f"no connection to mqtt://127.0.0.1:{port} within 1.0 s" in done.stderr, done.stderr
+
+
+def test_broker_stopped_by_sigterm_leaves_no_files_behind() -> None:
+    import signal
+    from pathlib import Path
+
+    proc = subprocess.Popen([*OFFRAMP, "broker"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        config = Path(line.split("(config ")[1].split(")")[0])
+        assert config.is_file(), line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+    assert not config.parent.exists(), sorted(config.parent.iterdir())

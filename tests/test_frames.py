@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 from PIL import Image
@@ -108,3 +109,30 @@ def test_a_header_that_will_not_decode_is_refused_before_any_pixel_is(payload: b
                                                                          message: str) -> None:
     with pytest.raises(FrameError, match=message):
         camera.check_frame(payload, SPEC, max_pixels=50_000)
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    (b'{"frame_id": "f1", "image": "..."}', "envelope \\(docs/wire.md\\); this looks like JSON"),
+    (b"hello camera", "this looks like text \\('hello camera'\\)"),
+    (b"GIF89a\x01\x00\x01\x00\x80\x00", "it starts with bytes 47 49 46 38 39 61 01 00"),
+    (msgpack.packb({"v": 1, "k": "frame"}), "envelope that does not follow docs/wire.md: "),
+])
+def test_a_payload_that_is_no_frame_is_told_what_it_looks_like(payload: bytes,
+                                                                message: str) -> None:
+    """Not msgpack's own words ('ExtraData: unpack(b) received extra data'), which told a
+    user who sent JSON nothing."""
+    with pytest.raises(FrameError, match=message) as caught:
+        frames.read_frame(payload, max_bytes=1 << 20)
+    assert "ExtraData" not in str(caught.value) and "unpack" not in str(caught.value)
+
+
+def test_a_broken_envelope_is_answered_under_the_frame_id_it_names() -> None:
+    bad = msgpack.packb({"v": 1, "k": "frame", "frame": "cam-7/000123", "ts": "noon"})
+    with pytest.raises(frames.BadEnvelope) as caught:
+        frames.read_frame(bad, max_bytes=1 << 20)
+    assert caught.value.frame_id == "cam-7/000123" and "ts" in str(caught.value)
+    for nameless in ({"v": 1, "k": "frame", "ts": 1.0}, {"v": 1, "frame": 7},
+                     {"v": 1, "frame": "x" * 300}, {"v": 1, "frame": "line\nbreak"}):
+        with pytest.raises(frames.BadEnvelope) as caught:
+            frames.read_frame(msgpack.packb(nameless), max_bytes=1 << 20)
+        assert caught.value.frame_id is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import warnings
 import zlib
 from collections import Counter
 
@@ -22,7 +23,8 @@ from admission_controller.frames import decode_frames
 from offramp.local.client import envelope
 from offramp.local.system import LocalSystem
 from offramp.model.bundle import Bundle
-from offramp.model.images import decode_image
+from offramp.model.frames import check_frame
+from offramp.model.images import decode_image, refuse_by_budget_only
 from offramp.model.inputs import FrameError, InputSpec
 
 SPEC = InputSpec()
@@ -65,6 +67,22 @@ def test_an_image_over_the_pixel_budget_is_refused_from_its_header(payload: byte
     with pytest.raises(FrameError, match="9000x9000 pixels is over the budget") as info:
         decode_image(payload, max_pixels=3840 * 2160)
     assert info.value.__context__ is None  # no decoder or canvas kept alive by the error
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000])  # past Pillow's warning; past its error
+def test_a_header_past_pillows_own_limits_is_refused_in_offramps_words(side: int) -> None:
+    """Not Pillow's 'decompression bomb' wording, and no raw warning line in a JSON log."""
+    payload = png_claiming(side, side)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        refuse_by_budget_only()
+        for check in (lambda: decode_image(payload, max_pixels=3840 * 2160),
+                      lambda: check_frame(payload, InputSpec(3, 32, 32), 3840 * 2160)):
+            with pytest.raises(FrameError, match="is over the budget of 8294400 pixels "
+                               "\\(OFFRAMP_MAX_PIXELS\\)") as info:
+                check()
+            assert "decompression" not in str(info.value).lower()
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
 def test_the_budget_defaults_to_4k_and_grows_with_large_model_inputs() -> None:

@@ -222,8 +222,10 @@ def test_the_command_line_changes_a_preset_and_checks_before_training() -> None:
     other = recipe_from_args(_args("--model", "resnet20", "--model-opt", "embed_dim=32"))
     assert other.model_cfg == {"embed_dim": 32}  # the preset's mobilenet options are dropped
     for argv, message in ((("--model", "efficientnet_lite0", "--input-size", "16"), "at least 32"),
-                          (("--exits", "3,99"), "exit blocks must be in 0..18"),
+                          (("--exits", "3,99"), r"exit blocks must be in 0..18 .*, got 99$"),
                           (("--model-opt", "depth=3"), "has no option depth"),
+                          (("--model-opt", "width=abc"),
+                           "option width takes a number \\(default 1.0\\), got 'abc'"),
                           (("--cuts", "7"), "not exits of this model"),
                           (("--model", "resnet50", "--input-size", "16"), "too small for resnet50"),
                           (("--weights", "imagenet"), "no packaged ImageNet weights"),

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -159,7 +160,8 @@ def test_malformed_frames_get_error_results_and_nothing_stops(tiny_bundle: Bundl
     _, good = _frames(30)
     bad = [b"", b"hello", b"\xff\xd8\xff-not-a-jpeg", b"\x93NUMPY\x01\x00garbage",
            envelope("wrong-shape", tensor=np.zeros((3, 8, 8), np.float32)),
-           envelope("nan", tensor=np.full((3, 32, 32), np.nan, np.float32)), b"\x81\xa1v\x07"]
+           envelope("nan", tensor=np.full((3, 32, 32), np.nan, np.float32)), b"\x81\xa1v\x07",
+           msgpack.packb({"v": 1, "k": "frame", "frame": "broken-envelope", "ts": "noon"})]
     payloads = good[:15] + bad + good[15:]
 
     async def garbage_on_worker_topics(bus: Bus) -> None:
@@ -178,6 +180,8 @@ def test_malformed_frames_get_error_results_and_nothing_stops(tiny_bundle: Bundl
     assert any("does not match the model input" in e for e in errors)
     assert any("NaN" in e for e in errors)
     assert any("unrecognised frame" in e for e in errors)
+    broken = next(r for r in results if r.frame_id == "broken-envelope")  # its own id
+    assert broken.status == "error" and "does not follow docs/wire.md" in (broken.error or "")
     assert all(code == 0 for code in codes.values()), str(codes)
 
 

@@ -48,6 +48,32 @@ class Arrival:
     label: int | None = None
 
 
+class BadEnvelope(FrameError):
+    """An envelope that does not follow docs/wire.md, with the frame id it names (None when
+    it names none that can be read), so that its error is answered under that id."""
+
+    def __init__(self, message: str, frame_id: str | None) -> None:
+        super().__init__(message)
+        self.frame_id = frame_id
+
+
+MSGPACK_MAPS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # what an envelope's first byte is
+
+
+def _looks_like(data: bytes) -> str:
+    """What a payload that is no frame seems to be, for its error."""
+    head = data[:64]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if text.lstrip()[:1] in ("{", "["):
+        return "this looks like JSON"
+    if text and text.isprintable():
+        return f"this looks like text ({text[:24]!r})"
+    return f"it starts with bytes {head[:8].hex(' ')}"
+
+
 def read_frame(data: bytes, *, max_bytes: int) -> Arrival:
     """Read a payload as far as admission needs, cheaply (no pixel decoded): FrameError if it
     is too large, empty, or not one of the accepted kinds."""
@@ -58,11 +84,14 @@ def read_frame(data: bytes, *, max_bytes: int) -> Arrival:
     kind = kind_of(data)
     if kind is not None:
         return Arrival("image" if kind == "image" else "npy", data)
+    if data[0] not in MSGPACK_MAPS:
+        raise FrameError("unrecognised frame: expected JPEG, PNG, .npy or a msgpack frame "
+                         f"envelope (docs/wire.md); {_looks_like(data)}")
     try:
         env = FrameEnvelope.decode(data, max_bytes=max_bytes)
     except WireError as exc:
-        raise FrameError("unrecognised frame: expected JPEG, PNG, .npy or a msgpack frame "
-                         f"envelope ({exc})") from None
+        raise BadEnvelope(f"a msgpack frame envelope that does not follow docs/wire.md: {exc}",
+                          FrameEnvelope.claimed_id(data)) from None
     if env.image is not None:
         return Arrival("image", env.image, env.frame_id, env.deadline, env.label)
     assert env.tensor is not None

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from admission_controller.frames import Arrival, read_frame, to_forwards, to_inputs
+from admission_controller.frames import Arrival, BadEnvelope, read_frame, to_forwards, to_inputs
 from admission_controller.gate import Gate
 from admission_controller.refusals import Refusals
 from admission_controller.results import Results
@@ -157,8 +157,9 @@ class Ingest:
         now = time.time()
         try:
             arrival = read_frame(msg.payload, max_bytes=self.s.common.bus.max_message_bytes)
-        except FrameError as exc:
-            await self.results.answer(task_id, source, self._frame_id(msg, None, source,
+        except FrameError as exc:  # a broken envelope is answered under the id it names
+            named = exc.frame_id if isinstance(exc, BadEnvelope) else None
+            await self.results.answer(task_id, source, self._frame_id(msg, named, source,
                                                                       task_id),
                                       "error", error=str(exc), created=now, origin=msg)
             return None

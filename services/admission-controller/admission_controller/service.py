@@ -34,6 +34,7 @@ from admission_controller.tracker import Task, Tracker
 from offramp.bus import Bus, Message, MessageBus, Subscription, from_payload
 from offramp.errors import WireError
 from offramp.model.bundle import Bundle, load_bundle
+from offramp.model.images import refuse_by_budget_only
 from offramp.node.allocator import return_large_blocks
 from offramp.node.broker_figures import SYS_TOPICS, BrokerFigures
 from offramp.node.entry import ServiceSpec
@@ -322,6 +323,7 @@ async def run(settings: AdmissionSettings, stop: asyncio.Event, *,
     """Serve until ``stop`` is set (``connect`` makes the bus; default: MQTT)."""
     bundle = load_bundle(settings.bundle)
     return_large_blocks()  # decoded frames' buffers go back to the OS when freed
+    refuse_by_budget_only()  # Pillow's own bomb warning: offramp's budget says it
     runtime = Runtime("admission", settings.common, bus=connect,
                       bundle=await asyncio.to_thread(lambda: bundle.identity))
     ingest_id = f"offramp-ingest-{settings.group}"

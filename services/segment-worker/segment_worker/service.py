@@ -23,6 +23,7 @@ from functools import partial
 from offramp.bus import MessageBus, Subscription, from_payload
 from offramp.errors import SettingsError
 from offramp.model.bundle import load_bundle
+from offramp.model.images import refuse_by_budget_only
 from offramp.model.sessions import installed_providers
 from offramp.node.allocator import return_large_blocks
 from offramp.node.cpushare import lower_priority
@@ -49,6 +50,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
     not_done = lower_priority(settings.nice)
     bundle = load_bundle(settings.bundle)
     return_large_blocks()  # frames decoded here (segment 1): their buffers go back when freed
+    refuse_by_budget_only()  # Pillow's own bomb warning: offramp's budget says it
     k = bundle.num_segments
     segments = settings.segments or tuple(range(1, k + 1))
     loadable = settings.loadable or tuple(range(1, k + 1))

@@ -51,17 +51,21 @@ def apply_formatter(parser: argparse.ArgumentParser) -> None:
 
 def add_bus_options(p: argparse.ArgumentParser) -> None:
     """``--broker`` and ``--prefix``, for the commands that talk to a running system."""
-    p.add_argument("--broker", default="", help="mqtt://host:port (empty: OFFRAMP_BROKER_URL)")
+    p.add_argument("--broker", default="", help="mqtt://host:port, mqtts://host:port, or "
+                   "host[:port] for plain MQTT (empty: OFFRAMP_BROKER_URL)")
     p.add_argument("--prefix", default="offramp/v1", help="topic prefix")
 
 
 def bus_settings(args: argparse.Namespace) -> BusSettings:
     """The bus of ``--broker`` (or ``OFFRAMP_BROKER_URL``), with ``--prefix``."""
     from offramp.errors import SettingsError
-    from offramp.settings import BusSettings
+    from offramp.settings import BrokerAddress, BusSettings
 
-    url = args.broker or os.environ.get("OFFRAMP_BROKER_URL", "")
-    if not url:
+    given, variable = (args.broker, "--broker") if args.broker else (
+        os.environ.get("OFFRAMP_BROKER_URL", ""), "OFFRAMP_BROKER_URL")
+    if not given:
         raise SettingsError("no broker: pass --broker mqtt://host:port or set OFFRAMP_BROKER_URL "
                             "(offramp up prints its URL)")
+    url = given if "://" in given else f"mqtt://{given}"  # host[:port]: plain MQTT
+    BrokerAddress.parse(url, variable=variable)  # a bad one is named as the user gave it
     return BusSettings(broker_url=url, topic_prefix=args.prefix)

@@ -19,15 +19,19 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _broker(args: argparse.Namespace) -> int:
-    import time
+    import signal
+    import threading
 
     from offramp.local.broker import LocalBroker
 
+    stop = threading.Event()  # SIGTERM (docker stop, kill) ends it as Ctrl-C does: cleaned up
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with LocalBroker(args.port) as broker:
-        print(f"mosquitto listening: {broker.url}  (config {broker.config_path}); Ctrl-C stops it")
+        print(f"mosquitto listening: {broker.url}  (config {broker.config_path}); Ctrl-C stops it",
+              flush=True)
         try:
-            while broker.running:
-                time.sleep(0.5)
+            while broker.running and not stop.wait(0.5):
+                pass
         except KeyboardInterrupt:
             pass
     return 0
@@ -127,6 +131,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for subparser in sub.choices.values():  # --log-level after the command's name, too
         subparser.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
                                help="what the command itself logs, on stderr")
+    for listed in sub._choices_actions:  # `offramp X --help` starts by saying what X does
+        described = sub.choices[listed.dest]
+        described.description = described.description or listed.help
     apply_formatter(parser)
     return parser
 

@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_bus_options(p)
     p.add_argument("--source", default="+", help="camera (source) id; + for all")
     p.add_argument("--count", type=int, default=0, help="stop after this many (0: never)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for "
+                   "the broker at the start, then give up (once connected, a lost connection "
+                   "is retried for as long as it takes)")
     p.set_defaults(handler=cmd_watch)
     register_publish(sub)
 
@@ -63,6 +66,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     async def go() -> None:
         async with Bus(settings, f"offramp-watch-{os.getpid()}") as bus:
+            await bus.wait_connected(args.connect_timeout)
             sub = await bus.subscribe(topic, qos=1, maxsize=100_000)
             n = 0
             async for msg in sub:

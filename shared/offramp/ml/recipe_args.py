@@ -42,7 +42,8 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recipe", "a preset, changed by any of the options after it")
     g.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help=f"the starting recipe ({presets})")
-    g.add_argument("--name", default=None, help="bundle name (None: the preset's, or "
+    g.add_argument("--name", default=None, help="the model's name, recorded in model.pt "
+                   "and given to the bundle made of it (None: the preset's, or "
                    "<dataset>-<model>-<size> when model, dataset or size change)")
     g.add_argument("--model", default=None, choices=sorted(REGISTRY),
                    help="zoo model (offramp models describes each; None: the preset's)")

@@ -7,6 +7,7 @@ applies it to every decoded image, and training applies the same functions to it
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -45,10 +46,21 @@ def decode_image(data: bytes, *, max_pixels: int = UHD_PIXELS,
                     img.draft("RGB", (2 * reduce_to[0], 2 * reduce_to[1]))
                 img.load()
                 return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, EOFError, Image.DecompressionBombError,
+    except Image.DecompressionBombError:
+        problem = (f"image of more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels is over the "
+                   f"budget of {max_pixels} pixels (OFFRAMP_MAX_PIXELS)")
+    except (UnidentifiedImageError, OSError, ValueError, EOFError,
             SyntaxError) as exc:  # Pillow's plugins raise SyntaxError for a broken file
         problem = f"not a decodable JPEG or PNG image ({exc})"
     raise FrameError(problem)
+
+
+def refuse_by_budget_only() -> None:
+    """Turn off Pillow's decompression-bomb warning in this process. offramp refuses an image
+    over its pixel budget from the header, in its own words (OFFRAMP_MAX_PIXELS, by default
+    far below Pillow's limit); the warning only repeated that refusal as a raw line in a JSON
+    log. Called once by the services that decode frames."""
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def resize_uint8(images: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, cast
 
+import msgpack
+
 from offramp.errors import WireError
 from offramp.wire.base import WireMessage
 from offramp.wire.reader import Reader
@@ -298,6 +300,19 @@ class FrameEnvelope(WireMessage):
         return {"frame": self.frame_id, "ts": self.ts, "image": self.image,
                 "tensor": None if self.tensor is None else self.tensor.to_wire(),
                 "deadline": self.deadline, "label": self.label}
+
+    @staticmethod
+    def claimed_id(data: bytes) -> str | None:
+        """The ``frame`` of a msgpack map that failed to decode as an envelope, when it is
+        printable text of at most 256 characters (its error is answered under it); else
+        None."""
+        try:
+            body = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception:
+            return None
+        frame = body.get("frame") if isinstance(body, dict) else None
+        ok = isinstance(frame, str) and frame.isprintable() and 0 < len(frame) <= 256
+        return frame if ok else None
 
     @classmethod
     def from_wire(cls, r: Reader) -> FrameEnvelope:

@@ -43,9 +43,25 @@ def create_model(name: str, num_classes: int, exits: Sequence[int] | None = None
     if unknown:
         raise ValueError(f"{name} has no option {', '.join(unknown)}; its options: "
                          f"{', '.join(f'{k}={v}' for k, v in accepted.items())}")
+    for key, value in cfg.items():
+        _check_option(name, key, value, accepted[key])
     model = factory(num_classes, exits, **cfg)
     model.config["name"] = name
     return model
+
+
+def _check_option(model: str, key: str, value: object, default: object) -> None:
+    """A setting of the type its default has (an integer stands for a float); ValueError
+    naming the option otherwise, before the factory fails on it in its own words."""
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    want = type(default)
+    if want not in kinds:
+        return  # None or a structure: the factory checks it
+    ok = (isinstance(value, want) and (want is bool or not isinstance(value, bool))) or (
+        want is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"{model} option {key} takes {kinds[want]} (default {default!r}), "
+                         f"got {value!r}")
 
 
 def options(name: str) -> dict[str, object]:

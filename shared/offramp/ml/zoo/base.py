@@ -82,9 +82,11 @@ class MultiExitNet(nn.Module):
         if len(blocks) != len(feature_info):
             raise ValueError("one FeatureInfo per block")
         last = len(blocks) - 1
+        outside = sorted(e for e in set(exits) if not 0 <= e <= last)
+        if outside:
+            raise ValueError(f"exit blocks must be in 0..{last} (the last, {last}, always "
+                             f"carries one), got {', '.join(map(str, outside))}")
         exits = sorted(set(exits) | {last})
-        if exits[0] < 0 or exits[-1] > last:
-            raise ValueError(f"exit blocks must be in 0..{last}, got {exits}")
         if not 2 <= len(exits) <= 8:
             raise ValueError(f"a multi-exit model has 2..8 exits, got {len(exits)}")
         self.arch = arch
