@@ -195,12 +195,14 @@ def build(recipe: Recipe, out: Path, *, force: bool = False, progress: bool = Tr
                "train_seconds": seconds, "resumed_at_epoch": result.resumed_at_epoch,
                "val_exit_accuracy": result.val_accuracy,
                "test_exit_accuracy": result.test_accuracy, "history": result.history[-1:]}
+    say = print if progress else (lambda *a, **k: None)
+    say(f"exporting the segments to ONNX in {out}", flush=True)
     bundle = export_bundle(model, out, name=recipe.name, classes=data.classes, spec=spec,
                            cuts=recipe.cuts or None, metrics=metrics)
     save_trained(out / "model.pt", model, recipe, data.classes)
+    say(f"calibrating the exits on {len(data.val.labels)} validation images", flush=True)
     calibrate_bundle(bundle, data.val)
-    if progress:
-        print("measuring the wire codecs at every cut (validation split)", flush=True)
+    say("measuring the wire codecs at every cut (validation split)", flush=True)
     record_wire_codecs(model, bundle, data)
     return load_bundle(out), {"cached": False, **metrics}
 

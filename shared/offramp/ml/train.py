@@ -14,12 +14,13 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from offramp.errors import OfframpError
 from offramp.ml.data import Dataset, Split
 from offramp.ml.loss import JointLoss, LossConfig
+from offramp.ml.progress import Bar
+from offramp.ml.progress import progress as progress_bar
 from offramp.ml.transfer import FeatureCache, freeze_backbone, head_outputs
 from offramp.ml.zoo import MultiExitNet
 from offramp.model.inputs import InputSpec, normalise
@@ -115,7 +116,8 @@ def _batches(x: Inputs, y: torch.Tensor, cfg: TrainConfig, epoch: int
 
 @torch.no_grad()
 def exit_accuracy(model: MultiExitNet, x: Inputs | torch.Tensor, y: torch.Tensor,
-                  device: torch.device | None = None, batch: int = 256) -> list[float]:
+                  device: torch.device | None = None, batch: int = 256, *,
+                  bar: Bar | None = None, task: Any = None) -> list[float]:
     model.eval()
     device = device or next(model.parameters()).device
     hits = torch.zeros(model.num_exits)
@@ -123,6 +125,8 @@ def exit_accuracy(model: MultiExitNet, x: Inputs | torch.Tensor, y: torch.Tensor
         outs = model(x[s:s + batch].to(device))
         for k, (logits, _) in enumerate(outs):
             hits[k] += (logits.argmax(-1).cpu() == y[s:s + batch]).sum()
+        if bar is not None:
+            bar.update(task, advance=len(y[s:s + batch]))
     return [round(float(h) / max(1, len(y)), 5) for h in hits]
 
 
@@ -157,7 +161,7 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
     if teacher is not None:
         _place(device, layout, teacher)
         teacher.eval()
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         if features is None and checkpoint is not None:
             features = checkpoint.with_suffix(".features.pt")
         cache = (_features(model, x_train, device, features, bar)
@@ -184,8 +188,11 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
                            start)
     x_val, y_val = to_tensors(data.val, spec)
     x_test, y_test = to_tensors(data.test, spec)
-    return TrainResult(exit_accuracy(model, x_val, y_val, device),
-                       exit_accuracy(model, x_test, y_test, device), history, start)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("exit accuracy (validation, test)", total=len(y_val) + len(y_test))
+        val, test = (exit_accuracy(model, x, y, device, bar=bar, task=task)
+                     for x, y in ((x_val, y_val), (x_test, y_test)))
+        return TrainResult(val, test, history, start)
 
 
 def _epoch(criterion: JointLoss, opt: torch.optim.Optimizer, sched: Any,
@@ -259,7 +266,7 @@ def _steps(model: MultiExitNet, cache: FeatureCache | None, x: Inputs, y: torch.
 
 
 def _features(model: MultiExitNet, x: Inputs, device: torch.device,
-              path: Path | None, bar: Any) -> FeatureCache:
+              path: Path | None, bar: Bar) -> FeatureCache:
     """The frozen backbone's features of the training images: from the cache file when it
     matches, else computed (and saved there)."""
     if path is not None and (cache := FeatureCache.load(path, len(x))) is not None:
@@ -272,22 +279,3 @@ def _features(model: MultiExitNet, x: Inputs, device: torch.device,
     return cache
 
 
-class _NoProgress:
-    def __enter__(self) -> _NoProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *a: Any, **k: Any) -> int:
-        return 0
-
-    def update(self, *a: Any, **k: Any) -> None:
-        return None
-
-
-def _progress(enabled: bool) -> Any:
-    if not enabled:
-        return _NoProgress()
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), transient=False)
