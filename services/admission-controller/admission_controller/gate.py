@@ -72,9 +72,21 @@ class Gate(Generic[T]):
     def sources(self) -> list[str]:
         return list(self._sources)
 
-    def stats(self) -> dict[str, float]:
+    def waiting(self, source: str) -> int:
+        src = self._sources.get(source)
+        return len(src.waiting) if src is not None else 0
+
+    def forget(self, source: str) -> None:
+        """Drop an idle source's state (its next frame starts it afresh)."""
+        self._sources.pop(source, None)
+
+    def stats(self, limit: int | None = None) -> dict[str, float]:
+        """Per source: admitted rate, arrivals, admitted, dropped and waiting; for the
+        ``limit`` sources with the most arrivals only, when given (what a heartbeat says)."""
         out: dict[str, float] = {}
-        for name, src in self._sources.items():
+        chosen = self._sources.items() if limit is None else sorted(
+            self._sources.items(), key=lambda kv: kv[1].arrivals, reverse=True)[:limit]
+        for name, src in chosen:
             out[f"admitted_rate:{name}"] = round(src.bucket.rate if self.adaptive else 0.0, 3)
             out[f"arrivals:{name}"] = float(src.arrivals)
             out[f"admitted:{name}"] = float(src.admitted)

@@ -19,6 +19,7 @@ is refused too ("ingest queue full").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import OrderedDict, deque
@@ -32,8 +33,9 @@ import numpy as np
 from admission_controller.frames import Arrival, BadEnvelope, read_frame, to_forwards, to_inputs
 from admission_controller.gate import Gate
 from admission_controller.refusals import Refusals
-from admission_controller.results import Results
+from admission_controller.results import INVALID, UNTRACKED, Results
 from admission_controller.settings import AdmissionSettings
+from admission_controller.sources import SourceTable
 from admission_controller.tracker import Task, Tracker
 from offramp.bus import Message, Subscription, Topics
 from offramp.bus.inbox import RateLimitedWarning
@@ -66,7 +68,7 @@ class Ingest:
     def __init__(self, settings: AdmissionSettings, spec: InputSpec, *, topics: Topics,
                  registry: SourceRegistry, tracker: Tracker, gate: Gate[Task],
                  submit: Callable[[list[Task]], None], results: Results, refusals: Refusals,
-                 new_id: Callable[[], str], metrics: Metrics, log: Any,
+                 sources: SourceTable, new_id: Callable[[], str], metrics: Metrics, log: Any,
                  tracing: Tracing | None = None) -> None:
         self.s = settings
         self.spec = spec
@@ -77,6 +79,7 @@ class Ingest:
         self.submit = submit
         self.results = results
         self.refusals = refusals
+        self.sources = sources
         self.new_id = new_id
         self.tracing = tracing
         self.log = log
@@ -90,6 +93,7 @@ class Ingest:
         self.overflowed: list[Message] = []
         self._overflow = asyncio.Event()
         self._bad_source = RateLimitedWarning()
+        self._source_limit = RateLimitedWarning()
         self.m_frames = metrics.counter("offramp_frames_total", "Frames received at ingest, by "
                                         "source", ["source"])
         self.m_drops = metrics.counter("offramp_drops_total", "Frames answered 'dropped' (or "
@@ -148,9 +152,11 @@ class Ingest:
             if msg.response_topic is not None:  # it can still be answered there
                 await self.results.answer(task_id, self._raw_source(msg), self._frame_id(
                     msg, None, msg.topic, task_id), "error", error="invalid source name",
-                    origin=msg)
+                    origin=msg, label=INVALID)
             else:
                 self.results.acknowledge(msg)
+            return None
+        if not await self._tracked(msg, source, task_id):
             return None
         self.counts["frames"] += 1
         self.m_frames.labels(source=source).inc()
@@ -199,6 +205,43 @@ class Ingest:
         if verdict == "admit":
             self.released.add(task_id)
         return task, arrival
+
+    async def _tracked(self, msg: Message, source: str, task_id: str) -> bool:
+        """Whether the source has a place in the bounded source table (one idle long enough
+        gives its place up, and its state is forgotten); a frame of a source without one is
+        answered ``error`` at once."""
+        tracked = self.sources.track(source, time.monotonic(), self._busy)
+        if tracked.evicted is not None:
+            self.gate.forget(tracked.evicted)
+            self.results.forget(tracked.evicted)
+            with contextlib.suppress(KeyError):
+                self.m_frames.remove(tracked.evicted)
+        if tracked.tracked:
+            return True
+        self.counts["sources_refused"] += 1
+        self.m_drops.labels(reason="source-limit").inc()
+        if n := self._source_limit.should_log():
+            self.log.warning("source_limit", source=source[:128], tracked=len(self.sources),
+                             count=n)
+        await self.results.answer(
+            task_id, source, self._frame_id(msg, self._claimed_id(msg), source, task_id),
+            "error", error=f"{len(self.sources)} sources are active, the most this "
+            "admission-controller tracks (OFFRAMP_ADMISSION_MAX_SOURCES); a source idle for "
+            "OFFRAMP_ADMISSION_SOURCE_IDLE_S gives its place up", created=time.time(),
+            origin=msg, label=UNTRACKED)
+        return False
+
+    def _busy(self, source: str) -> bool:
+        return self.tracker.in_flight(source) > 0 or self.gate.waiting(source) > 0
+
+    def _claimed_id(self, msg: Message) -> str | None:
+        """The frame id an envelope names, read cheaply (no pixel), for an early answer."""
+        try:
+            return read_frame(msg.payload, max_bytes=self.s.common.bus.max_message_bytes).frame_id
+        except BadEnvelope as exc:
+            return exc.frame_id
+        except FrameError:
+            return None
 
     async def _decoded(self, task: Task, x: object) -> None:
         self.decoding.discard(task.task_id)

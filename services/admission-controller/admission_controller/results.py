@@ -6,6 +6,7 @@ frame to the next admission-controller through the ingest session."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -18,10 +19,16 @@ from offramp.bus.outbox import Outbox
 from offramp.errors import OfframpError, RefusedError, TopicError
 from offramp.node.metrics import LATENCY_BUCKETS, Metrics
 from offramp.node.tracing import Tracing
-from offramp.wire import Completion, Result, Status
+from offramp.wire import STATUSES, Completion, Result, Status
 
 Publish = Callable[[str, bytes, bytes | None], Awaitable[None]]  # topic, payload, correlation
 Acknowledge = Callable[[Message], None]  # the ingest message, to the broker
+
+
+# The source label of frames from sources the controller keeps no state for, so that a
+# client naming a new source per frame cannot add a label per frame.
+UNTRACKED = "(untracked)"
+INVALID = "(invalid)"
 
 
 class Results:
@@ -47,6 +54,13 @@ class Results:
         self.m_latency = metrics.histogram("offramp_latency_seconds", "Ingest to result of 'ok' "
                                            "frames, by source", LATENCY_BUCKETS, ["source"])
 
+    def forget(self, source: str) -> None:
+        """Drop an evicted source's metric labels."""
+        for metric, labels in ((self.m_latency, (source,)),
+                               *((self.m_results, (source, s)) for s in STATUSES)):
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
+
     async def __aenter__(self) -> Self:
         await self.outbox.__aenter__()
         return self
@@ -58,11 +72,13 @@ class Results:
     async def answer(self, task_id: str, source: str, frame_id: str, status: Status, *,
                      error: str | None = None, done: Completion | None = None,
                      created: float | None = None, origin: Message | None = None,
-                     trace: Any = None) -> None:
+                     trace: Any = None, label: str | None = None) -> None:
         """Publish the result of one frame: from its completion (``ok``), or with ``error``
         saying why it got none; ``created`` gives its latency, ``origin`` (the ingest
         message) its response topic and what to acknowledge once it is answered, ``trace``
-        the frame's span, which ends once the answer is out."""
+        the frame's span, which ends once the answer is out. ``label``: the source the
+        metrics count it under, where that is not one the controller tracks (an invalid or
+        untracked source would add a label per name)."""
         now = time.time()
         result = Result(task_id=task_id, source=source, frame_id=frame_id, status=status,
                         error=error, ts=now)
@@ -73,7 +89,7 @@ class Results:
         elif created is not None:
             result = replace(result, latency_ms={"total": round(1000 * (now - created), 3)})
         self.counts[status] += 1
-        self.m_results.labels(source=source, status=status).inc()
+        self.m_results.labels(source=label or source, status=status).inc()
         publish = self._publish(task_id, source, result.to_json(), origin)
         if trace is not None and self.tracing is not None:
             publish = self._traced(publish, trace, now, status)

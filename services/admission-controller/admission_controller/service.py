@@ -27,9 +27,10 @@ from admission_controller.gate import Gate
 from admission_controller.ingest import Ingest
 from admission_controller.leadership import Leadership
 from admission_controller.refusals import Refusals
-from admission_controller.results import Results
+from admission_controller.results import UNTRACKED, Results
 from admission_controller.session import IngestSession
 from admission_controller.settings import PREFIX, AdmissionSettings
+from admission_controller.sources import SourceTable
 from admission_controller.tracker import Task, Tracker
 from offramp.bus import Bus, Message, MessageBus, Subscription, from_payload
 from offramp.errors import WireError
@@ -87,6 +88,7 @@ class Admission:
                                publish=publish_result, metrics=runtime.metrics, log=runtime.log,
                                in_flight=settings.results_in_flight, tracing=runtime.tracing)
         self.counts = self.results.counts
+        self.sources = SourceTable(settings.max_sources, settings.source_idle_s)
 
         async def publish_refusal(topic: str, payload: bytes) -> None:
             await bus.publish(topic, payload, qos=1)
@@ -94,13 +96,14 @@ class Admission:
         self.refusals = Refusals(
             topics=topics, publish=publish_refusal,
             acknowledge=lambda msg: self.session.ack(msg),  # noqa: PLW0108 - the session is made below
-            count=lambda source, n: self.results.counted(source, "dropped", n),
+            count=lambda source, n: self.results.counted(
+                source if source in self.sources else UNTRACKED, "dropped", n),
             log=runtime.log, interval_s=settings.refusal_interval_ms / 1000,
             max_pending=settings.refusals_pending)
         self.ingest = Ingest(settings, bundle.manifest.input, topics=topics,
                              registry=self.registry, tracker=self.tracker, gate=self.gate,
                              submit=self.dispatcher.submit, results=self.results,
-                             refusals=self.refusals, new_id=self.new_id,
+                             refusals=self.refusals, sources=self.sources, new_id=self.new_id,
                              metrics=runtime.metrics, log=runtime.log, tracing=runtime.tracing)
         hb = settings.common.heartbeat_s
         # A primary waits one heartbeat period: the group's retained heartbeats, which say
@@ -312,7 +315,10 @@ class Admission:
         stats["in_flight"] = float(len(self.tracker))
         stats["duplicates"] = float(self.tracker.duplicates)
         stats["pending"] = float(self.dispatcher.waiting())
-        stats.update(self.gate.stats())
+        stats["sources"] = float(len(self.sources))
+        stats["sources_evicted"] = float(self.sources.evicted)
+        stats["sources_refused"] = float(self.sources.refused)
+        stats.update(self.gate.stats(self.s.heartbeat_sources))
         return self.dispatcher.heartbeat(replace(hb, stats=stats))
 
 

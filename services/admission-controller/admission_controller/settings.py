@@ -23,6 +23,16 @@ class AdmissionSettings:
     bundle: str = setting("bundles/demo", "Model bundle directory")
     max_in_flight: int = setting(256, "Frames in flight per source; beyond it: 'dropped'",
                                  min=1, max=1_000_000)
+    max_sources: int = setting(1024, "Sources tracked at once (gate, metric labels, "
+                               "heartbeat); a new one takes the place of one idle for "
+                               "OFFRAMP_ADMISSION_SOURCE_IDLE_S, or its frames are answered "
+                               "'error' while every tracked source is active", min=1,
+                               max=1_000_000)
+    source_idle_s: float = setting(60.0, "A source without frames for this long (and none in "
+                                   "flight) may give its place to a new one", min=0, max=86400)
+    heartbeat_sources: int = setting(64, "Sources whose arrivals the heartbeat reports (the "
+                                     "most active; the priority-scheduler plans from them)",
+                                     min=1, max=10_000)
     ingest_queue: int = setting(2048, "Bound of the ingest inbox (at least the ingest window); "
                                 "QoS 0 frames beyond it: 'dropped'", min=1, max=1_000_000)
     ingest_window: int = setting(1024, "QoS 1 frames the broker sends before some are "

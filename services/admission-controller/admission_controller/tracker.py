@@ -9,7 +9,6 @@ without progress; the duplicate completion that may follow is dropped by task id
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +49,7 @@ class Tracker:
         self.progress_timeout_s = progress_timeout_s
         self.max_attempts = max_attempts
         self._tasks: dict[str, Task] = {}
-        self._per_source: dict[str, int] = defaultdict(int)
+        self._per_source: dict[str, int] = {}  # sources with frames in flight only
         self.duplicates = 0
 
     def __len__(self) -> int:
@@ -60,14 +59,14 @@ class Tracker:
         return task_id in self._tasks
 
     def in_flight(self, source: str) -> int:
-        return self._per_source[source]
+        return self._per_source.get(source, 0)
 
     def can_admit(self, source: str) -> bool:
-        return self._per_source[source] < self.max_in_flight
+        return self._per_source.get(source, 0) < self.max_in_flight
 
     def add(self, task: Task) -> None:
         self._tasks[task.task_id] = task
-        self._per_source[task.source] += 1
+        self._per_source[task.source] = self._per_source.get(task.source, 0) + 1
 
     def dispatched(self, task: Task, now: float, target: str | None) -> None:
         task.attempt += 1
@@ -77,7 +76,11 @@ class Tracker:
     def _remove(self, task_id: str) -> Task | None:
         task = self._tasks.pop(task_id, None)
         if task is not None:
-            self._per_source[task.source] -= 1
+            left = self._per_source[task.source] - 1
+            if left:
+                self._per_source[task.source] = left
+            else:
+                del self._per_source[task.source]
         return task
 
     def complete(self, task_id: str) -> Task | None:
