@@ -1,4 +1,5 @@
-"""Helpers every benchmark uses: percentiles and writing bench/results/<name>.json."""
+"""Helpers the benchmarks share: rates, percentiles, writing bench/results/<name>.json, and
+what both pipeline benchmarks measure (one session of the whole model, a run's summary)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,17 @@ import json
 import os
 import platform
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from offramp.model.bundle import Bundle
+from offramp.model.sessions import FullModelRunner
+from offramp.wire import Result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,3 +46,41 @@ def write_result(name: str, payload: dict[str, Any]) -> None:
            **payload}
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(doc, separators=(",", ":")))
+
+
+def monolithic_rate(bundle: Bundle, x: np.ndarray, threads: int,
+                    batches: tuple[int, ...] = (16, 32)) -> float:
+    """Frames/s of the whole model in one session, at the best of ``batches`` (each timed
+    over half of ``x``: about 20 s a call at 3 threads here)."""
+    runner = FullModelRunner(bundle, threads=threads)
+    half = x[:len(x) // 2]
+    best = 0.0
+    for batch in batches:
+        for i in range(3):
+            runner.run(half[i * batch:(i + 1) * batch])
+        t0, n = time.perf_counter(), 0
+        for start in range(0, len(half), batch):
+            runner.run(half[start:start + batch])
+            n += len(half[start:start + batch])
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+@dataclass
+class Run:
+    results: list[Result]
+    start: float  # wall-clock time of the first frame sent
+    end: float  # ... of the last result's arrival
+
+
+def summarise(run: Run, labels: dict[str, int]) -> dict[str, Any]:
+    results = run.results
+    ok = [r for r in results if r.status == "ok"]
+    lat = [r.latency_ms["total"] / 1000 for r in ok]
+    return {"frames": len(results), "status": dict(Counter(r.status for r in results)),
+            "fps": round(len(results) / (run.end - run.start), 1),
+            "fill_s": round(min(r.ts for r in results) - run.start, 3),
+            "accuracy": round(sum(labels[r.frame_id] == r.label for r in ok) / max(1, len(ok)), 4),
+            "exit_shares": {str(k): round(v / max(1, len(ok)), 3) for k, v in
+                            sorted(Counter(r.exit_index for r in ok).items())},
+            "latency_p50_ms": percentile_ms(lat, 50), "latency_p99_ms": percentile_ms(lat, 99)}

@@ -40,14 +40,12 @@ import asyncio
 import itertools
 import os
 import time
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import percentile_ms, write_result
+from bench.common import Run, monolithic_rate, summarise, write_result
 from offramp.bus import Bus, Topics
 from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
 from offramp.local.system import LocalSystem
@@ -56,9 +54,8 @@ from offramp.ml.calibrate import calibrate_bundle
 from offramp.ml.data import Split
 from offramp.ml.export import export_bundle
 from offramp.model.bundle import Bundle, load_bundle
-from offramp.model.sessions import FullModelRunner
 from offramp.settings import BusSettings
-from offramp.wire import ExitPolicy, Result
+from offramp.wire import ExitPolicy
 
 WORKERS = 3
 FRAMES = 6000  # about 30 s a run with exits closed: filling and draining weigh little
@@ -95,31 +92,6 @@ def three_segments() -> Bundle:
     return load_bundle(out)
 
 
-def monolithic_rate(bundle: Bundle, x: np.ndarray, threads: int,
-                    batches: tuple[int, ...] = (16, BATCH)) -> float:
-    """Frames/s of the whole model in one session, at the best of ``batches`` (each timed
-    over half of ``x``: about 20 s a call at 3 threads here)."""
-    runner = FullModelRunner(bundle, threads=threads)
-    half = x[:len(x) // 2]
-    best = 0.0
-    for batch in batches:
-        for i in range(3):
-            runner.run(half[i * batch:(i + 1) * batch])
-        t0, n = time.perf_counter(), 0
-        for start in range(0, len(half), batch):
-            runner.run(half[start:start + batch])
-            n += len(half[start:start + batch])
-        best = max(best, n / (time.perf_counter() - t0))
-    return best
-
-
-@dataclass
-class Run:
-    results: list[Result]
-    start: float  # wall-clock time of the first frame sent
-    end: float  # ... of the last result's arrival
-
-
 async def drive(system: LocalSystem, payloads: list[bytes], rate: float) -> Run:
     topics = Topics(system.prefix)
     async with Bus(BusSettings(broker_url=system.url, publish_timeout_s=60),
@@ -147,19 +119,6 @@ def run_system(bundle: Bundle, payloads: list[bytes], rate: float, exits: bool) 
 def fastest(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The fastest of a configuration's runs, with every run's rate."""
     return {**max(runs, key=lambda r: float(r["fps"])), "fps_runs": [r["fps"] for r in runs]}
-
-
-def summarise(run: Run, labels: dict[str, int]) -> dict[str, Any]:
-    results = run.results
-    ok = [r for r in results if r.status == "ok"]
-    lat = [r.latency_ms["total"] / 1000 for r in ok]
-    return {"frames": len(results), "status": dict(Counter(r.status for r in results)),
-            "fps": round(len(results) / (run.end - run.start), 1),
-            "fill_s": round(min(r.ts for r in results) - run.start, 3),
-            "accuracy": round(sum(labels[r.frame_id] == r.label for r in ok) / max(1, len(ok)), 4),
-            "exit_shares": {str(k): round(v / max(1, len(ok)), 3) for k, v in
-                            sorted(Counter(r.exit_index for r in ok).items())},
-            "latency_p50_ms": percentile_ms(lat, 50), "latency_p99_ms": percentile_ms(lat, 99)}
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.pipeline import Run, monolithic_rate, summarise
+from bench.common import Run, monolithic_rate, summarise
 from offramp.bus import Bus, Topics
 from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
 from offramp.local.system import LocalSystem
