@@ -156,6 +156,13 @@ def test_every_service_is_a_workspace_member_with_an_entry_point() -> None:
         assert meta["scripts"] == {f"offramp-{name}": f"{package}.__main__:cli"}
         library = [d for d in meta["dependencies"] if d.startswith("offramp")]
         assert len(library) == 1, meta["dependencies"]
+        # a service whose code decodes images installs Pillow with the library (a worker
+        # image without it failed every frame it was sent as the camera's bytes)
+        decodes = any(re.search(r"offramp\.model\.(images|frames)\b", p.read_text())
+                      for p in (ROOT / member / package).rglob("*.py"))
+        extras = set(re.findall(r"\[([^]]*)\]", library[0])[0].split(",")) if "[" in library[0] \
+            else set()
+        assert ("images" in extras) == decodes, (member, library[0])
 
 
 # PyPI's onnxruntime-gpu links CUDA 12 up to 1.26 and CUDA 13 from 1.27 (read from the wheels'
