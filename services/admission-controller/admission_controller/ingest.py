@@ -218,8 +218,7 @@ class Ingest:
                 self.m_frames.remove(tracked.evicted)
         if tracked.tracked:
             return True
-        self.counts["sources_refused"] += 1
-        self.m_drops.labels(reason="source-limit").inc()
+        self.m_drops.labels(reason="source-limit").inc()  # the table counts it for the heartbeat
         if n := self._source_limit.should_log():
             self.log.warning("source_limit", source=source[:128], tracked=len(self.sources),
                              count=n)
