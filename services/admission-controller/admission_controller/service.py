@@ -192,6 +192,23 @@ class Admission:
                                               done=done, origin=task.origin, trace=task.trace)
                 elif not done.task_id.startswith(self.id_prefix):
                     self.counts["stale_completions"] += 1  # an earlier incarnation's task
+            again = []
+            for refused in report.refused:  # a worker could not take it: sent again now
+                task = self.tracker.refused(refused.task_id, refused.attempt)
+                if task is None:
+                    continue
+                if task.attempt >= self.s.max_attempts or task.x is None:
+                    self.tracker.complete(task.task_id)
+                    await self.results.answer(task.task_id, task.source, task.frame_id, "error",
+                                              error=f"not taken after {task.attempt} "
+                                              f"dispatches: {refused.reason}",
+                                              created=task.created, origin=task.origin,
+                                              trace=task.trace)
+                else:
+                    again.append(task)
+            if again:
+                self.counts["refused_by_workers"] += len(again)
+                self.dispatcher.submit(again)
             for failed in report.failed:  # its frame did not decode at the first worker
                 task = self.tracker.complete(failed.task_id)
                 if task is not None:

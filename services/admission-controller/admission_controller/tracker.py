@@ -111,6 +111,15 @@ class Tracker:
         if task is not None and task.attempt == attempt:
             task.target = node
 
+    def refused(self, task_id: str, attempt: int) -> Task | None:
+        """The task a worker could not take on its dispatch ``attempt`` (None when answered,
+        or dispatched again since): no node holds it now."""
+        task = self._tasks.get(task_id)
+        if task is None or task.attempt != attempt:
+            return None
+        task.target = None
+        return task
+
     def at_workers(self) -> int:
         """Tasks sent to a worker and not answered yet."""
         return sum(1 for t in self._tasks.values() if t.attempt > 0)

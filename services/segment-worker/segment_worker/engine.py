@@ -16,7 +16,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from types import TracebackType
@@ -51,6 +51,7 @@ from offramp.wire import (
     Failed,
     Hop,
     Moved,
+    Refused,
     Sample,
     SegmentLoad,
     Tensor,
@@ -160,6 +161,8 @@ class Engine:
         self.policy: ExitPolicy | None = None
         self.hosted: dict[int, Hosted] = {}
         self.counters = Counters()
+        self.refused: list[Refused] = []  # samples not taken, told to their owners soon
+        self._refused_source: dict[str, str] = {}  # task id -> source, for those
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{cfg.node}")
         # frames that come as the camera's bytes are decoded beside inference, not before it
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix=f"decode-{cfg.node}")
@@ -331,6 +334,10 @@ class Engine:
         hosted = self.hosted.get(packet.segment)
         if packet.model != self.model or hosted is None:
             self.counters.misrouted += len(packet.samples)
+            if packet.model == self.model:  # a plan moved the segment: sent again at once
+                self._refuse(packet.samples, f"segment {packet.segment} is not hosted on "
+                             f"{self.cfg.node}")
+                await self.report_refused()
             return 0
         now = time.time()
         if packet.sender and not hosted.ledger.received(packet.sender, packet.sender_boot,
@@ -351,7 +358,9 @@ class Engine:
             rows = {i: x[i] for i in live}
         items = [Item(packet.samples[i], rows[i], None if prev is None else prev[i], now,
                       packet.sent) for i in live]
-        return self.enqueue(packet.segment, items)
+        taken = self.enqueue(packet.segment, items)
+        await self.report_refused()
+        return taken
 
     def _decode(self, frames: list[bytes]) -> list[np.ndarray | FrameError]:
         """On the decode thread: the model inputs of frames sent as the camera's bytes."""
@@ -383,7 +392,29 @@ class Engine:
             self.counters.queue_overflow += len(rejected)
             self.log.warning("queue_overflow", segment=segment, dropped=len(rejected),
                              bound=self.cfg.queue_max)
+            self._refuse([it.sample for it in rejected],
+                         f"segment {segment}'s queue on {self.cfg.node} is full")
         return len(items) - len(rejected)
+
+    def _refuse(self, samples: Sequence[Sample], reason: str) -> None:
+        for sample in samples:
+            self.refused.append(Refused(task_id=sample.task_id, attempt=sample.attempt,
+                                        reason=reason))
+            self._refused_source[sample.task_id] = sample.source
+
+    async def report_refused(self) -> None:
+        """Tell the owners of the samples this worker could not take, one report per source,
+        so that they dispatch those frames again now rather than after their progress
+        timeout. Called after each packet taken in and each batch passed on."""
+        if not self.refused:
+            return
+        refused, self.refused = self.refused, []
+        by_source: dict[str, list[Refused]] = {}
+        for r in refused:
+            by_source.setdefault(self._refused_source.pop(r.task_id, ""), []).append(r)
+        for source, entries in by_source.items():
+            await self.outbox.send(self._publish(self.topics.done(source),
+                                                 DoneReport(refused=tuple(entries)).encode(), 1))
 
     # -- this node's side of placement (segment_worker.placer.Stages) -------------------------
     def local_candidate(self, segment: int, priority: float) -> Candidate | None:
@@ -414,6 +445,7 @@ class Engine:
         for source, entries in moved.items():
             await self.outbox.send(self._publish(self.topics.done(source),
                                                  DoneReport(moved=tuple(entries)).encode(), 0))
+        await self.report_refused()  # what a hand-over here could not queue, if any
 
     def forget(self, node: str) -> None:
         """``node`` went offline: the credit it granted, and the credit granted to it, go."""

@@ -13,6 +13,7 @@ from offramp.wire.messages import (
     FrameEnvelope,
     Hop,
     Moved,
+    Refused,
     Sample,
 )
 from offramp.wire.reader import DEFAULT_MAX_BYTES, VERSION
@@ -23,6 +24,7 @@ from offramp.wire.tensor import CODECS, Codec, Tensor
 __all__ = [
     "CODECS", "CRITERIA", "DEFAULT_MAX_BYTES", "EXIT_REASONS", "STATUSES", "VERSION",
     "ActivationPacket", "Codec", "Completion", "Criterion", "DoneReport", "ExitPolicy", "ExitReason",
-    "Failed", "FrameEnvelope", "Grant", "Heartbeat", "Hop", "Moved", "Plan", "Refusal", "Result", "Sample",
+    "Failed", "FrameEnvelope", "Grant", "Heartbeat", "Hop", "Moved", "Plan", "Refusal", "Refused",
+    "Result", "Sample",
     "SegmentLoad", "SegmentRef", "SentCount", "Status", "Tensor", "Want", "read_results",
 ]

@@ -246,19 +246,31 @@ class Failed:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Refused:
+    """A sample a worker received and could not take (its queue was full, or it does not host
+    the segment any more): its owner dispatches the frame again at once, instead of waiting
+    for the progress timeout."""
+
+    task_id: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DoneReport(WireMessage):
     """A worker's report on the frames of one source: the ones one micro-batch finished, the
-    ones it passed on to another node (so that their owner knows who holds them), and the ones
-    it could not compute. One message per batch and source, not per frame (the
-    admission-controller and the arbiter read every one)."""
+    ones it passed on to another node (so that their owner knows who holds them), the ones
+    it could not compute, and the ones it could not take. One message per batch and source,
+    not per frame (the admission-controller and the arbiter read every one)."""
 
     KIND: ClassVar[str] = "done"
     completions: tuple[Completion, ...] = ()
     moved: tuple[Moved, ...] = ()
     failed: tuple[Failed, ...] = ()
+    refused: tuple[Refused, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.completions and not self.moved and not self.failed:
+        if not self.completions and not self.moved and not self.failed and not self.refused:
             raise WireError("done: a report carries at least one completion, move or failure")
 
     def to_wire(self) -> dict[str, Any]:
@@ -266,6 +278,8 @@ class DoneReport(WireMessage):
                                 "moved": [[m.task_id, m.attempt, m.node] for m in self.moved]}
         if self.failed:
             body["failed"] = [[f.task_id, f.attempt, f.error] for f in self.failed]
+        if self.refused:
+            body["refused"] = [[f.task_id, f.attempt, f.reason] for f in self.refused]
         return body
 
     @classmethod
@@ -276,8 +290,11 @@ class DoneReport(WireMessage):
         failed = tuple(Failed(task_id=row[0].text("_"), attempt=row[1].integer("_"),
                               error=row[2].text("_"))
                        for row in r.rows("failed", 3)) if r.has("failed") else ()
+        refused = tuple(Refused(task_id=row[0].text("_"), attempt=row[1].integer("_"),
+                                reason=row[2].text("_"))
+                        for row in r.rows("refused", 3)) if r.has("refused") else ()
         return cls(completions=tuple(Completion.from_wire(c) for c in r.maps("items")),
-                   moved=moved, failed=failed)
+                   moved=moved, failed=failed, refused=refused)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
