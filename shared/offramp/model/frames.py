@@ -13,9 +13,14 @@ import io
 import threading
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from offramp.model.images import FORMATS, decode_image, image_to_input, pixel_budget
+from offramp.model.images import (
+    decode_image,
+    header_problem,
+    image_to_input,
+    pixel_budget,
+    size_problem,
+)
 from offramp.model.inputs import FrameError, InputSpec, check_tensor
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -59,24 +64,13 @@ def check_frame(data: bytes, spec: InputSpec, max_pixels: int = 0) -> None:
     budget = pixel_budget(spec, max_pixels)
     kind = kind_of(data)
     if kind == "image":
-        problem = ""
-        try:
-            with Image.open(io.BytesIO(data), formats=FORMATS) as img:
-                width, height = img.size
-        except Image.DecompressionBombError:
-            problem = (f"image of more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels is over "
-                       f"the budget of {budget} pixels (OFFRAMP_MAX_PIXELS)")
-        except (UnidentifiedImageError, OSError, ValueError, EOFError, SyntaxError) as exc:
-            problem = f"not a decodable JPEG or PNG image ({exc})"
-        else:
-            problem = _size_problem(width, height, budget)
-        if problem:
+        if problem := header_problem(data, budget):
             raise FrameError(problem)
         return
     if kind == "npy":
         shape, dtype = _npy_header(data)
         if dtype == np.uint8 and len(shape) == 3 and shape[2] == 3:
-            if problem := _size_problem(shape[1], shape[0], budget):
+            if problem := size_problem(shape[1], shape[0], budget):
                 raise FrameError(problem)
             return
         if dtype.kind != "f":
@@ -89,15 +83,6 @@ def check_frame(data: bytes, spec: InputSpec, max_pixels: int = 0) -> None:
     raise FrameError("unrecognised frame: expected JPEG, PNG or .npy")
 
 
-def _size_problem(width: int, height: int, budget: int) -> str:
-    if width * height > budget:
-        return (f"image of {width}x{height} pixels is over the budget of {budget} pixels "
-                "(OFFRAMP_MAX_PIXELS)")
-    if width == 0 or height == 0:
-        return f"empty image ({width}x{height})"
-    return ""
-
-
 def decode_frame(data: bytes, spec: InputSpec, max_pixels: int = 0) -> np.ndarray:
     """The model input (C, H, W) float32 of one frame's bytes, or FrameError saying why not."""
     kind = kind_of(data)
@@ -108,7 +93,7 @@ def decode_frame(data: bytes, spec: InputSpec, max_pixels: int = 0) -> np.ndarra
     if kind == "npy":
         shape, dtype = _npy_header(data)  # the size is checked before the array is read
         pixels = bool(dtype == np.uint8) and len(shape) == 3 and shape[2] == 3
-        if pixels and (problem := _size_problem(shape[1], shape[0],
+        if pixels and (problem := size_problem(shape[1], shape[0],
                                                pixel_budget(spec, max_pixels))):
             raise FrameError(problem)
         try:

@@ -35,24 +35,47 @@ def decode_image(data: bytes, *, max_pixels: int = UHD_PIXELS,
     decoder and its canvas alive until the next garbage collection."""
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                problem = (f"image of {width}x{height} pixels is over the budget of "
-                           f"{max_pixels} pixels (OFFRAMP_MAX_PIXELS)")
-            elif width == 0 or height == 0:
-                problem = f"empty image ({width}x{height})"
-            else:
+            problem = size_problem(*img.size, max_pixels)
+            if not problem:
                 if reduce_to is not None and img.format == "JPEG":
                     img.draft("RGB", (2 * reduce_to[0], 2 * reduce_to[1]))
                 img.load()
                 return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
-    except Image.DecompressionBombError:
-        problem = (f"image of more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels is over the "
-                   f"budget of {max_pixels} pixels (OFFRAMP_MAX_PIXELS)")
-    except (UnidentifiedImageError, OSError, ValueError, EOFError,
-            SyntaxError) as exc:  # Pillow's plugins raise SyntaxError for a broken file
-        problem = f"not a decodable JPEG or PNG image ({exc})"
+    except UNREADABLE as exc:
+        problem = _unreadable(exc, max_pixels)
     raise FrameError(problem)
+
+
+# What Pillow raises on a file it cannot read: SyntaxError from some plugins for a broken
+# file, DecompressionBombError for a header past its own limit.
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, EOFError, SyntaxError,
+              Image.DecompressionBombError)
+
+
+def _unreadable(exc: BaseException, budget: int) -> str:
+    if isinstance(exc, Image.DecompressionBombError):
+        return (f"image of more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels is over the "
+                f"budget of {budget} pixels (OFFRAMP_MAX_PIXELS)")
+    return f"not a decodable JPEG or PNG image ({exc})"
+
+
+def size_problem(width: int, height: int, budget: int) -> str:
+    """What is wrong with an image of ``width`` x ``height`` pixels ('': nothing)."""
+    if width * height > budget:
+        return (f"image of {width}x{height} pixels is over the budget of {budget} pixels "
+                "(OFFRAMP_MAX_PIXELS)")
+    if width == 0 or height == 0:
+        return f"empty image ({width}x{height})"
+    return ""
+
+
+def header_problem(data: bytes, budget: int) -> str:
+    """What is wrong with JPEG/PNG bytes, read from their header alone ('': nothing)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            return size_problem(*img.size, budget)
+    except UNREADABLE as exc:
+        return _unreadable(exc, budget)
 
 
 def refuse_by_budget_only() -> None:
