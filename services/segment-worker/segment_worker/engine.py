@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, Self, TypeVar, cast
 
 import numpy as np
 import structlog
@@ -64,6 +64,7 @@ from segment_worker.settings import EngineConfig
 from segment_worker.spans import record_batch
 
 Publish = Callable[[str, bytes, int], Awaitable[None]]  # topic, payload, qos
+R = TypeVar("R")  # an entry of a done report: Failed, Moved or Refused
 IN_FLIGHT = 2  # micro-batches per segment handed to the inference thread at once
 
 
@@ -161,8 +162,7 @@ class Engine:
         self.policy: ExitPolicy | None = None
         self.hosted: dict[int, Hosted] = {}
         self.counters = Counters()
-        self.refused: list[Refused] = []  # samples not taken, told to their owners soon
-        self._refused_source: dict[str, str] = {}  # task id -> source, for those
+        self._refused: list[tuple[str, Refused]] = []  # (source, sample not taken), untold
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{cfg.node}")
         # frames that come as the camera's bytes are decoded beside inference, not before it
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix=f"decode-{cfg.node}")
@@ -378,13 +378,19 @@ class Engine:
         if n := self._warn.should_log():
             self.log.warning("frame_undecodable", frames=len(failed), error=str(failed[0][1]),
                              count=n)
-        by_source: dict[str, list[Failed]] = {}
-        for sample, exc in failed:
-            by_source.setdefault(sample.source, []).append(
-                Failed(task_id=sample.task_id, attempt=sample.attempt, error=str(exc)))
-        for source, entries in by_source.items():
+        await self._tell_owners(
+            [(s.source, Failed(task_id=s.task_id, attempt=s.attempt, error=str(exc)))
+             for s, exc in failed], lambda entries: DoneReport(failed=entries), qos=1)
+
+    async def _tell_owners(self, entries: list[tuple[str, R]],
+                           report: Callable[[tuple[R, ...]], DoneReport], qos: int) -> None:
+        """One done report per source, on that source's done topic, for its owner."""
+        by_source: dict[str, list[R]] = {}
+        for source, entry in entries:
+            by_source.setdefault(source, []).append(entry)
+        for source, mine in by_source.items():
             await self.outbox.send(self._publish(self.topics.done(source),
-                                                 DoneReport(failed=tuple(entries)).encode(), 1))
+                                                 report(tuple(mine)).encode(), qos))
 
     def enqueue(self, segment: int, items: list[Item]) -> int:
         rejected = self.hosted[segment].queue.push(items)
@@ -397,24 +403,16 @@ class Engine:
         return len(items) - len(rejected)
 
     def _refuse(self, samples: Sequence[Sample], reason: str) -> None:
-        for sample in samples:
-            self.refused.append(Refused(task_id=sample.task_id, attempt=sample.attempt,
-                                        reason=reason))
-            self._refused_source[sample.task_id] = sample.source
+        self._refused += [(s.source, Refused(task_id=s.task_id, attempt=s.attempt,
+                                             reason=reason)) for s in samples]
 
     async def report_refused(self) -> None:
-        """Tell the owners of the samples this worker could not take, one report per source,
-        so that they dispatch those frames again now rather than after their progress
-        timeout. Called after each packet taken in and each batch passed on."""
-        if not self.refused:
-            return
-        refused, self.refused = self.refused, []
-        by_source: dict[str, list[Refused]] = {}
-        for r in refused:
-            by_source.setdefault(self._refused_source.pop(r.task_id, ""), []).append(r)
-        for source, entries in by_source.items():
-            await self.outbox.send(self._publish(self.topics.done(source),
-                                                 DoneReport(refused=tuple(entries)).encode(), 1))
+        """Tell the owners of the samples this worker could not take, so that they dispatch
+        those frames again now rather than after their progress timeout. Called after each
+        packet taken in and each batch passed on."""
+        if self._refused:
+            refused, self._refused = self._refused, []
+            await self._tell_owners(refused, lambda entries: DoneReport(refused=entries), qos=1)
 
     # -- this node's side of placement (segment_worker.placer.Stages) -------------------------
     def local_candidate(self, segment: int, priority: float) -> Candidate | None:
@@ -437,14 +435,10 @@ class Engine:
         timeout if ``node`` dies holding them)."""
         if segment - 1 in self.hosted:
             self.hosted[segment - 1].stats.forwarded += len(items)
-        moved: dict[str, list[Moved]] = {}
-        for it in items:
-            s = it.sample
-            moved.setdefault(s.source, []).append(Moved(task_id=s.task_id, attempt=s.attempt,
-                                                        node=node))
-        for source, entries in moved.items():
-            await self.outbox.send(self._publish(self.topics.done(source),
-                                                 DoneReport(moved=tuple(entries)).encode(), 0))
+        await self._tell_owners(
+            [(it.sample.source, Moved(task_id=it.sample.task_id, attempt=it.sample.attempt,
+                                      node=node)) for it in items],
+            lambda entries: DoneReport(moved=entries), qos=0)
         await self.report_refused()  # what a hand-over here could not queue, if any
 
     def forget(self, node: str) -> None:
