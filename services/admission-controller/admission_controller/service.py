@@ -198,12 +198,8 @@ class Admission:
                 if task is None:
                     continue
                 if task.attempt >= self.s.max_attempts or task.x is None:
-                    self.tracker.complete(task.task_id)
-                    await self.results.answer(task.task_id, task.source, task.frame_id, "error",
-                                              error=f"not taken after {task.attempt} "
-                                              f"dispatches: {refused.reason}",
-                                              created=task.created, origin=task.origin,
-                                              trace=task.trace)
+                    await self._refuse(task, f"not taken after {task.attempt} dispatches: "
+                                             f"{refused.reason}")
                 else:
                     again.append(task)
             if again:
