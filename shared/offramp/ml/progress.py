@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, Self, TextIO
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -24,7 +24,9 @@ class Bar(Protocol):
 
 
 class NoProgress:
-    def __enter__(self) -> NoProgress:
+    """Nothing shown; the base of :class:`LineProgress`, which says something."""
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -48,19 +50,13 @@ class _Task:
 
 
 @dataclass
-class LineProgress:
+class LineProgress(NoProgress):
     """One line per task now and then: ``backbone features: 1200/3000 (40%), 35 s``."""
 
     out: TextIO = field(default_factory=lambda: sys.stdout)
     every_s: float = 15.0
     clock: Any = time.monotonic
     tasks: list[_Task] = field(default_factory=list)
-
-    def __enter__(self) -> LineProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
     def add_task(self, description: str, total: float | None = None,
                  completed: float = 0) -> int:
