@@ -146,6 +146,11 @@ def test_tcp_info_reads_what_a_real_connection_carried() -> None:
         client.sendall(bytes(8 << 20))
         client.shutdown(socket.SHUT_WR)
         reader.join(10)
+        # The peer's FIN acknowledges every byte before it: once the client reads EOF, the
+        # kernel has seen the last ACK (reading right after the reader ends races it).
+        conn.shutdown(socket.SHUT_WR)
+        client.settimeout(10)
+        assert client.recv(1) == b""
         after = tcp_info.read(client)
         client.close()
         conn.close()
