@@ -162,6 +162,26 @@ def test_many_senders_never_push_the_idle_node_past_its_bound(
     assert max(parked) > 0, "senders should have kept work the idle node could not take"
 
 
+def test_every_worker_takes_first_hops_under_load(tiny_bundle: Bundle, prefix: str,
+                                                  capacity: float) -> None:
+    """#26.4: three workers following the plan (the default), offered what two can serve.
+    The plan must let all three share the frames: each hosts segment 1 and runs the first
+    segment of at least a tenth of them (before, one worker hosted every segment, every
+    route went through it, and the others got copies of later segments and idled)."""
+    with LocalSystem(tiny_bundle, 3, prefix=prefix, env=BASE, worker_env=SLOW) as system:
+        run = drive(system, [("cam", capacity, 8.0)])
+        system.stop()
+    exactly_once(run)
+    assert run.plans, "no plan seen"
+    _, last = run.plans[-1]
+    assert all(any(r.segment == 1 for r in refs) for refs in last.nodes.values()), last.nodes
+    assert set(last.nodes) == {"worker-1", "worker-2", "worker-3"}, last.nodes
+    first = Counter(r.nodes[0] for r in run.results if r.status == "ok" and r.nodes)
+    served = sum(first.values())
+    assert served > 0 and all(first[w] >= 0.1 * served
+                              for w in ("worker-1", "worker-2", "worker-3")), first
+
+
 def test_node_death_gives_a_new_plan_quickly_and_every_frame_is_answered(
         tiny_bundle: Bundle, prefix: str, capacity: float) -> None:
     with LocalSystem(tiny_bundle, 3, prefix=prefix, env=CHURN, worker_env=SLOW) as system:

@@ -19,15 +19,18 @@ Plans are sticky: a segment costs ``1 - stickiness`` times as much on a node tha
 the plan in force, so that measurement noise between near-equal nodes does not make the
 workers load and unload segments back and forth.
 
-Nodes that no route uses would sit idle, so each gets the segment whose hosts are the most
-loaded (per-task placement then shares work with it), and a segment no route uses still gets
-the fastest node that can take it, so that every segment has a host.
+A segment no route uses still gets the fastest node that can take it, so that every segment
+has a host. Routes alone would leave a node that no route uses idle, and put all of one
+source's segments on one node (a chain costs no transfers): the copies that let per-task
+placement share the work come after, from :mod:`offramp.policy.replicas`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from offramp.policy.replicas import add_copies
 
 SATURATED = 0.05  # least spare capacity assumed, so an overloaded node costs a lot, not inf
 
@@ -96,7 +99,7 @@ def plan(model: ModelInfo, nodes: Sequence[NodeInfo], sources: Sequence[SourceLo
         for k, node in route.items():
             alloc.nodes[node].add(k)
             alloc.load[node] += src.rate_hz * model.reach[k - 1] * model.flops[k - 1] / speeds[node]
-    _cover(model, nodes, speeds, sources, alloc)
+    _cover(model, nodes, speeds, sources, alloc, current)
     return alloc
 
 
@@ -182,25 +185,17 @@ def _greedy(model: ModelInfo, nodes: Sequence[NodeInfo], speeds: dict[str, float
 
 
 def _cover(model: ModelInfo, nodes: Sequence[NodeInfo], speeds: dict[str, float],
-           sources: Sequence[SourceLoad], alloc: Allocation) -> None:
-    k_total = len(model.flops)
-    demand = [sum(s.rate_hz for s in sources) * model.reach[k] * model.flops[k]
-              for k in range(k_total)]
-    for k in range(1, k_total + 1):  # every segment gets a host
+           sources: Sequence[SourceLoad], alloc: Allocation,
+           current: dict[str, set[int]] | None) -> None:
+    """Every segment gets a host, then the copies that share the work (:mod:`.replicas`)."""
+    for k in range(1, len(model.flops) + 1):
         if not any(k in hosted for hosted in alloc.nodes.values()):
             able = [n for n in nodes if _can_host(n, k, alloc)]
             if able:
                 fastest = max(able, key=lambda n: (speeds[n.node], n.node))
                 alloc.nodes[fastest.node].add(k)
-    for idle in sorted(nodes, key=lambda n: -speeds[n.node]):  # idle nodes help the busiest
-        if alloc.nodes[idle.node]:
-            continue
-        segs = [k for k in range(1, k_total + 1) if _can_host(idle, k, alloc)]
-        if not segs:
-            continue
-
-        def pressure(k: int) -> float:
-            hosts = [m for m, hosted in alloc.nodes.items() if k in hosted]
-            return (demand[k - 1] or model.flops[k - 1]) / max(1.0, sum(speeds[m] for m in hosts))
-
-        alloc.nodes[idle.node].add(max(segs, key=pressure))
+    rate = sum(s.rate_hz for s in sources) or 1.0
+    demand = [rate * r * f for r, f in zip(model.reach, model.flops, strict=True)]
+    by_name = {n.node: n for n in nodes}
+    add_copies(alloc.nodes, demand, speeds, lambda node, k: _can_host(by_name[node], k, alloc),
+               current)
