@@ -21,7 +21,7 @@
 #   --prefix P         topic prefix the ACL grants (default: offramp/v1)
 #   --admission NAME   an admission-controller instance (repeat; default admission-1 admission-2)
 #   --group NAME       their ingest group (default: admission; user ingest-<group>)
-#   --worker NAME      a segment-worker instance (repeat; default worker-1 worker-gpu-1)
+#   --worker NAME      a segment-worker instance (repeat; default worker-1 worker-2 worker-gpu-1)
 #   --arbiter NAME     the exit-arbiter instance (default arbiter-1)
 #   --scheduler NAME   the priority-scheduler instance (default scheduler-1)
 # Instance names are the services' OFFRAMP_NODE: the ACL grants a node its own state/ topic.
@@ -46,7 +46,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ ${#admissions[@]} -gt 0 ] || admissions=(admission-1 admission-2)
-[ ${#workers[@]} -gt 0 ] || workers=(worker-1 worker-gpu-1)
+[ ${#workers[@]} -gt 0 ] || workers=(worker-1 worker-2 worker-gpu-1)
 [ ${#cameras[@]} -gt 0 ] || cameras=(cam-1)
 command -v mosquitto_passwd >/dev/null || { echo "mosquitto_passwd not found: apt-get install mosquitto" >&2; exit 1; }
 

@@ -121,7 +121,8 @@ step "podman-compose up"
 
 step "waiting for every service to be ready (/readyz) and every healthcheck to pass"
 declare -A ports=([admission-controller]=18081 [segment-worker]=18082 [exit-arbiter]=18083
-                  [priority-scheduler]=18084 [admission-controller-standby]=18085)
+                  [priority-scheduler]=18084 [admission-controller-standby]=18085
+                  [segment-worker-2]=18086)
 deadline=$((SECONDS + 180))
 for svc in "${!ports[@]}"; do
   until OFFRAMP_HTTP_PORT=${ports[$svc]} "$PY" -m offramp.node.health /readyz >/dev/null 2>&1; do
