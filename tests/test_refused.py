@@ -51,3 +51,75 @@ def test_the_owner_takes_back_only_the_dispatch_that_was_refused() -> None:
     assert tracker.refused("t1", 1) is None and task.target == "w2"
     assert tracker.refused("t1", 2) is task and task.target is None  # held by no node now
     assert tracker.refused("t9", 1) is None
+
+
+async def test_a_frame_no_worker_takes_is_answered_error_after_max_attempts(
+        tiny_bundle: Bundle) -> None:
+    """The admission-controller in this process, and a worker that refuses every sample it is
+    sent (a stand-in: a real one refuses only when its queue is full or the plan moved the
+    segment, which credit and timing make hard to hold still). With 2 attempts the frame is
+    dispatched twice, refused twice, and answered once, ``error``, naming the worker's reason;
+    it does not wait out the progress timeout."""
+    from test_in_process import _connect
+
+    from admission_controller.service import run as admission_run
+    from admission_controller.settings import AdmissionSettings
+    from offramp.local.client import collect, envelope
+    from offramp.ml.data import load_digits
+    from offramp.settings import load
+    from offramp.wire import ActivationPacket, Grant, Heartbeat, SegmentLoad
+
+    broker, topics, stop = MemoryBroker(), Topics("refuse"), asyncio.Event()
+    settings = load(AdmissionSettings, "OFFRAMP_ADMISSION_", {
+        "OFFRAMP_TOPIC_PREFIX": "refuse", "OFFRAMP_LOG_LEVEL": "warning",
+        "OFFRAMP_NODE": "admission-1", "OFFRAMP_HEARTBEAT_S": "0.1",
+        "OFFRAMP_ADMISSION_BUNDLE": str(tiny_bundle.root), "OFFRAMP_ADMISSION_MAX_ATTEMPTS": "2",
+        "OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "60"})
+    seen: list[tuple[str, int]] = []
+
+    async def refusing_worker(bus: MemoryBus) -> None:
+        admission = await bus.subscribe(topics.state("admission", "admission-1"),
+                                        decode=from_payload(Heartbeat.decode))
+        packets = await bus.subscribe(topics.act(tiny_bundle.name, 1, "w1"),
+                                      decode=from_payload(ActivationPacket.decode))
+        boot = (await asyncio.wait_for(admission.get(), 10)).boot
+        load_1 = SegmentLoad(model=tiny_bundle.name, segment=1, service_rate=1000.0,
+                             credits={"admission-1": Grant(boot=boot, limit=1000)})
+        beat = Heartbeat(role="worker", node="w1", boot=1.0, bundle=tiny_bundle.identity,
+                         segments=(load_1,))
+
+        async def beats() -> None:
+            while True:
+                await bus.publish(topics.state("worker", "w1"), beat.encode(), qos=1)
+                await asyncio.sleep(0.1)
+
+        beating = asyncio.create_task(beats())
+        try:
+            async for packet in packets:
+                seen.extend((s.task_id, s.attempt) for s in packet.samples)
+                report = DoneReport(refused=tuple(
+                    Refused(task_id=s.task_id, attempt=s.attempt, reason="queue on w1 is full")
+                    for s in packet.samples))
+                await bus.publish(topics.done(packet.samples[0].source), report.encode(), qos=1)
+        finally:
+            beating.cancel()
+
+    image = load_digits().test.images[0]
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(admission_run(settings, stop, connect=_connect(broker)))
+        try:
+            async with MemoryBus(broker, "w1") as worker, MemoryBus(broker, "cam") as cam:
+                refusing = tg.create_task(refusing_worker(worker))
+                results = await cam.subscribe(topics.results_all(), maxsize=10)
+                await asyncio.sleep(0.5)  # the worker's heartbeat is in
+                await cam.publish(topics.ingest("cam-1"), envelope("f1", image=image), qos=1)
+                got = await collect(results, 1, 10)
+                more = await collect(results, 1, 0.5)
+                refusing.cancel()
+        finally:
+            stop.set()
+    assert not more.results
+    [result] = got.results
+    assert (result.frame_id, result.status) == ("f1", "error")
+    assert "not taken after 2 dispatches: queue on w1 is full" in (result.error or ""), result
+    assert [attempt for _, attempt in seen] == [1, 2] and len({t for t, _ in seen}) == 1
