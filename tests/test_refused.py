@@ -123,3 +123,53 @@ async def test_a_frame_no_worker_takes_is_answered_error_after_max_attempts(
     assert (result.frame_id, result.status) == ("f1", "error")
     assert "not taken after 2 dispatches: queue on w1 is full" in (result.error or ""), result
     assert [attempt for _, attempt in seen] == [1, 2] and len({t for t, _ in seen}) == 1
+
+
+async def test_frames_being_decoded_hold_their_room_while_credit_is_granted(
+        tiny_bundle: Bundle) -> None:
+    """A first hop's frames are counted as received when their packet arrives and queued only
+    once the decode thread has decoded them. A grant round in between must count them, or it
+    gives their room away a second time and the next packet overflows the queue (seen under
+    2x overload: frames refused as 'queue full' three times and answered error)."""
+    import threading
+    import time
+
+    from offramp.local.client import png_bytes
+    from offramp.ml.data import load_digits
+    from offramp.wire import ActivationPacket, Heartbeat, Sample, Want
+
+    broker, topics = MemoryBroker(), Topics("eng")
+    async with MemoryBus(broker, "w1") as bus:
+        async def publish(topic: str, payload: bytes, qos: int) -> None:
+            await bus.publish(topic, payload, qos=qos)
+
+        cfg = EngineConfig(node="w1", batch_max=8, queue_max=4)
+        async with Engine(tiny_bundle, cfg, topics, PeerTable("w1"), publish) as eng:
+            await _bundle_ready(eng, tiny_bundle)
+            want = Want(model=tiny_bundle.name, segment=1, priority=1.0, count=100)
+            eng.placer.peers.update(Heartbeat(role="admission", node="adm", boot=1.0,
+                                              wants=(want,)), time.monotonic())
+
+            def granted() -> int:
+                [load_1] = [s for s in eng.loads(time.monotonic()) if s.segment == 1]
+                return load_1.credits["adm"].limit
+
+            assert granted() == 4
+            images = load_digits().test.images[:4]
+            packet = ActivationPacket(
+                model=tiny_bundle.name, segment=1, sender="adm", sender_boot=1.0,
+                samples=tuple(Sample(task_id=f"t{i}", source="cam", frame_id=f"f{i}")
+                              for i in range(4)),
+                inputs=tuple(png_bytes(im) for im in images))
+            hold = threading.Event()
+            eng.decoder.submit(hold.wait, 10)  # the decode thread is busy until released
+            accepting = asyncio.create_task(eng.accept(packet.encode(), 1 << 24))
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if eng.hosted[1].arriving:
+                    break
+            assert eng.hosted[1].arriving == 4
+            assert granted() == 4  # no room given twice
+            hold.set()
+            assert await accepting == 4
+    assert eng.counters.queue_overflow == 0

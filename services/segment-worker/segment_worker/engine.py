@@ -95,6 +95,9 @@ class Hosted:
     stats: SegmentStats = field(default_factory=SegmentStats)
     draining: bool = False
     busy: int = 0  # samples of this segment being computed now
+    # samples taken off the wire on credit and not queued yet (a first hop's frames are decoded
+    # first): the credit room counts them, or a grant made meanwhile overfills the queue
+    arriving: int = 0
 
 
 @dataclass
@@ -348,8 +351,12 @@ class Engine:
         self.counters.expired += len(packet.samples) - len(live)  # answered 'expired' there
         rows: dict[int, Any]
         if x is None:  # the camera's bytes: decoded here, on the decode thread
-            decoded = await asyncio.get_running_loop().run_in_executor(
-                self.decoder, self._decode, [packet.inputs[i] for i in live])
+            hosted.arriving += len(live)
+            try:
+                decoded = await asyncio.get_running_loop().run_in_executor(
+                    self.decoder, self._decode, [packet.inputs[i] for i in live])
+            finally:
+                hosted.arriving -= len(live)
             rows = dict(zip(live, decoded, strict=True))
             await self._undecodable([(packet.samples[i], r) for i, r in rows.items()
                                      if isinstance(r, FrameError)])
@@ -657,7 +664,7 @@ class Engine:
             for sender, boot, count in self.placer.peers.sent_to(self.cfg.node, self.boot,
                                                                  self.model, seg):
                 h.ledger.reported(sender, boot, count, now)
-            grants = h.ledger.grant(len(h.queue),
+            grants = h.ledger.grant(len(h.queue) + h.arriving,
                                     self.placer.peers.requests(self.model, seg,
                                                                self.cfg.stale_after_s, now), now)
             mean = st.samples / st.batches if st.batches else 0.0
