@@ -7,6 +7,7 @@ confidence) of every frame equals an in-process run of the chained segments.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from exit_arbiter.service import ArbiterSettings, make_policy
-from offramp.bus import Bus, Topics
+from offramp.bus import Bus, Topics, from_payload
 from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
 from offramp.local.system import LocalSystem
 from offramp.ml.data import load_digits
@@ -28,7 +29,7 @@ from offramp.model.inputs import normalise
 from offramp.model.sessions import SegmentRunner
 from offramp.policy.exits import decide
 from offramp.settings import BusSettings
-from offramp.wire import ExitPolicy, Result
+from offramp.wire import ExitPolicy, Heartbeat, Result
 
 FAST = {"OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "1.5", "OFFRAMP_ARBITER_REPUBLISH_S": "0.5",
         "OFFRAMP_RECONNECT_MAX_S": "0.5"}
@@ -350,3 +351,41 @@ def test_a_worker_stopped_mid_stream_says_so_first_and_no_frame_waits(
     assert code == 0
     assert '"worker_draining"' in logs
     assert any("worker-1" in r.nodes for r in results)  # it did serve until it stopped
+
+
+def test_a_rolling_update_under_the_plan_keeps_every_frame_under_a_second(
+        tiny_bundle: Bundle, prefix: str) -> None:
+    """#28.4 as `offramp up` runs it: two workers following the plan (each hosts the whole
+    model), frames flowing, and the worker that served the most first hops so far gets
+    SIGTERM. It stops taking new work at once, the admission-controller sends the rest to
+    the other, and what it held is served before it exits: every frame once, none over 1 s."""
+    _, payloads = _frames(360)
+    with LocalSystem(tiny_bundle, 2, prefix=prefix, env=FAST) as system:
+        signalled: list[str] = []
+
+        async def rolling_update(bus: Bus) -> None:
+            done: dict[str, float] = {}
+            async with Bus(BusSettings(broker_url=system.url), "victim-picker") as watcher:
+                states = await watcher.subscribe(Topics(system.prefix).state_all("worker"),
+                                                 decode=from_payload(Heartbeat.decode))
+                deadline = time.monotonic() + 1.2
+                while time.monotonic() < deadline:  # who has answered the most, so far
+                    with contextlib.suppress(TimeoutError):
+                        hb = await asyncio.wait_for(states.get(), deadline - time.monotonic())
+                        done[hb.node] = hb.stats.get("completions", 0.0)
+            busiest = max(sorted(done), key=lambda n: done[n]) if done else "worker-1"
+            system.member(busiest).signal(signal.SIGTERM)
+            signalled.append(busiest)
+
+        results = asyncio.run(_run(system, payloads, rate=180, during=rolling_update))
+        victim = system.member(signalled[0])
+        assert victim.proc is not None
+        code = victim.proc.wait(20)
+        logs = system.logs(tail=3000)
+        system.stop()
+    per_frame = Counter(r.frame_id for r in results)
+    assert len(per_frame) == len(payloads) and set(per_frame.values()) == {1}
+    assert Counter(r.status for r in results) == {"ok": len(payloads)}
+    slowest = max(r.latency_ms["total"] for r in results)
+    assert slowest < 1000, (slowest, signalled, logs)
+    assert code == 0
