@@ -57,12 +57,12 @@ import torch
 
 from bench.common import percentile_ms, write_result
 from offramp.bus import Bus, Topics
+from offramp.cli.recipe_args import add_recipe_options, recipe_from_args
 from offramp.local.client import envelope, wait_for_workers
 from offramp.local.netbed import PROFILES, Plan, netns_exec
 from offramp.local.netbed_run import Running, running
 from offramp.ml.build import Recipe, build, load_data, load_trained
 from offramp.ml.data import Split, limit, load_fashion_mnist
-from offramp.ml.recipe_args import add_recipe_options, recipe_from_args
 from offramp.model.bundle import Bundle, load_bundle
 from offramp.settings import BusSettings
 from offramp.wire import read_results

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from offramp.model.bundle import Bundle
 from offramp.model.calibration import NEVER, Calibration
-from offramp.model.scores import score
+from offramp.policy.scores import score
 
 
 def _synthetic(n: int = 400, seed: int = 0) -> Calibration:

@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 
 from offramp import __version__
+from offramp.cli.args import arguments, subcommands
 from offramp.cli.main import build_parser
 from offramp.cli.run import LiveView
 from offramp.local.broker import LocalBroker
@@ -24,10 +25,8 @@ OFFRAMP = [sys.executable, "-m", "offramp.cli.main"]
 
 def _parsers(parser: argparse.ArgumentParser, path: str = "offramp"):
     yield path, parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from _parsers(sub, f"{path} {name}")
+    for name, (sub, _) in subcommands(parser).items():
+        yield from _parsers(sub, f"{path} {name}")
 
 
 def _every_parser():
@@ -41,15 +40,15 @@ def _every_parser():
 def test_every_subcommand_and_option_has_help_with_its_default() -> None:
     missing = []
     for path, parser in _every_parser():
-        for action in parser._actions:
-            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
-                continue
+        for action in arguments(parser):
+            if action.dest == "help" or action.nargs == argparse.PARSER:
+                continue  # --help, and the subcommands' action
             if not action.help:
                 missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
         if " " in path and not parser.description:
             missing.append(f"{path}: no description under its usage")
         help_text = parser.format_help()
-        for action in parser._actions:
+        for action in arguments(parser):
             if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
                 assert "(default:" in help_text, f"{path}: defaults are not shown"
     assert missing == []

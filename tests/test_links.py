@@ -74,7 +74,7 @@ def test_the_path_meter_counts_packets_that_arrived_back_to_back() -> None:
     few = PathMeter(max_senders=2)
     for sender in ("a", "b", "c"):
         few.observe(sender, 1, 0.0, 1.0)
-    assert len(few._paths) == 2 and "a" not in few._paths  # the oldest sender is forgotten
+    assert few.senders() == ["b", "c"]  # the oldest sender is forgotten
 
 
 def test_the_rate_to_a_worker_is_what_it_measured_from_this_node() -> None:

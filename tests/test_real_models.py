@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from exit_arbiter.service import ArbiterSettings, make_policy
 from offramp.cli.main import build_parser
+from offramp.cli.recipe_args import recipe_from_args
 from offramp.errors import OfframpError
 from offramp.local.client import envelope
 from offramp.local.system import LocalSystem
@@ -26,7 +27,6 @@ from offramp.ml.calibrate import calibrate_bundle
 from offramp.ml.catalog import describe_model
 from offramp.ml.data import DatasetError, Split, load_dataset, load_digits, read_idx
 from offramp.ml.export import export_bundle
-from offramp.ml.recipe_args import recipe_from_args
 from offramp.ml.train import TrainConfig
 from offramp.ml.transfer import FeatureCache, WeightsError, load_weights
 from offramp.ml.zoo import create_model

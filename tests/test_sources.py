@@ -45,7 +45,7 @@ def test_the_tracker_keeps_no_count_for_a_source_without_frames_in_flight() -> N
         assert tracker.can_admit(f"cam-{i}") and tracker.in_flight(f"cam-{i}") == 0
         tracker.add(Task(f"t{i}", f"cam-{i}", f"f{i}", None, 0.0, None, None, 1.0))
         tracker.complete(f"t{i}")
-    assert tracker._per_source == {}
+    assert tracker.counted_sources() == []
 
 
 def test_the_gate_says_the_most_active_sources_in_a_heartbeat() -> None:

@@ -58,6 +58,10 @@ class Tracker:
     def __contains__(self, task_id: object) -> bool:
         return task_id in self._tasks
 
+    def counted_sources(self) -> list[str]:
+        """The sources the tracker keeps a count for: those with frames in flight."""
+        return list(self._per_source)
+
     def in_flight(self, source: str) -> int:
         return self._per_source.get(source, 0)
 

@@ -140,6 +140,10 @@ class Router:
         self._drop_warning = RateLimitedWarning()
         self._decode_warning = RateLimitedWarning()
 
+    def cached_routes(self) -> int:
+        """Topics whose subscription is cached now (bounded by ROUTE_CACHE)."""
+        return len(self._routes)
+
     def add(self, topic_filter: str, qos: int, decode: Callable[[Message], U], *,
             maxsize: int | None, overflow: Overflow, shared_group: str | None,
             on_drop: Callable[[Message], None] | None,

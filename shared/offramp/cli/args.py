@@ -40,13 +40,28 @@ def positive(text: str) -> int:
     return value
 
 
+# argparse has no public way to walk a parser's arguments and subcommands; these two are the
+# only places that read its private attributes.
+def arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """``parser``'s arguments and options, ``--help`` and its subcommands' action included."""
+    return list(parser._actions)  # noqa: SLF001
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.ArgumentParser, str]]:
+    """``parser``'s subcommands: name -> (its parser, the help it is listed with)."""
+    out: dict[str, tuple[argparse.ArgumentParser, str]] = {}
+    for action in arguments(parser):
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            listed = {a.dest: a.help or "" for a in action._choices_actions}  # noqa: SLF001
+            out.update({name: (sub, listed.get(name, "")) for name, sub in action.choices.items()})
+    return out
+
+
 def apply_formatter(parser: argparse.ArgumentParser) -> None:
     """Give ``parser`` and every subcommand's parser the :class:`HelpFormatter`."""
     parser.formatter_class = HelpFormatter
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                apply_formatter(sub)
+    for sub, _ in subcommands(parser).values():
+        apply_formatter(sub)
 
 
 def add_bus_options(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from offramp.cli.args import apply_formatter, positive
+from offramp.cli.args import apply_formatter, positive, subcommands
 from offramp.errors import OfframpError
 from offramp.node.log import configure_logging
 
@@ -72,7 +72,7 @@ def _register_ml(sub: argparse._SubParsersAction[argparse.ArgumentParser],
             sub.add_parser(name, help=helptext)
         return
     try:
-        from offramp.ml.cli import register
+        from offramp.cli.train import register
     except ImportError as exc:
         missing = exc.name or "torch"
 
@@ -121,9 +121,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=150.0, help="frames per second")
     p.set_defaults(handler=_demo)
 
+    from offramp.cli.netbed import register as register_netbed
     from offramp.cli.run import register as register_commands
-    from offramp.local.netbed_cmd import register as register_netbed
-    from offramp.local.testbed import register as register_testbed
+    from offramp.cli.testbed import register as register_testbed
 
     register_commands(sub)
     register_testbed(sub)
@@ -131,9 +131,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for subparser in sub.choices.values():  # --log-level after the command's name, too
         subparser.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
                                help="what the command itself logs, on stderr")
-    for listed in sub._choices_actions:  # `offramp X --help` starts by saying what X does
-        described = sub.choices[listed.dest]
-        described.description = described.description or listed.help
+    for described, listed in subcommands(parser).values():  # `offramp X --help` says what X does
+        described.description = described.description or listed
     apply_formatter(parser)
     return parser
 

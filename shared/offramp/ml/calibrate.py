@@ -8,8 +8,8 @@ from offramp.ml.data import Split
 from offramp.model.bundle import Bundle
 from offramp.model.calibration import Calibration
 from offramp.model.inputs import normalise
-from offramp.model.scores import CRITERIA, score
 from offramp.model.sessions import SegmentRunner
+from offramp.policy.scores import CRITERIA, score
 
 
 def chain_outputs(bundle: Bundle, x: np.ndarray, batch: int = 128

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from offramp.model.scores import CRITERIA
+from offramp.policy.scores import CRITERIA
 
 NEVER = 2.0
 # Standard errors by which chosen thresholds clear a target on the validation set (see

@@ -19,7 +19,7 @@ from typing import Literal
 from offramp.settings import setting
 
 Strategy = Literal["none", "rate", "threshold"]
-SCORE_MAX = 1.0  # every exit criterion scores in [0, 1] (offramp.model.scores)
+SCORE_MAX = 1.0  # every exit criterion scores in [0, 1] (offramp.policy.scores)
 
 
 @dataclass(frozen=True)

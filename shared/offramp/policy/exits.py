@@ -1,6 +1,6 @@
 """Per-sample exit decisions inside a batch (docs/algorithms.md 1.1, 2.2, 2.3).
 
-After segment k a sample exits when its score (:mod:`offramp.model.scores`) is >= T_k; the last exit
+After segment k a sample exits when its score (:mod:`offramp.policy.scores`) is >= T_k; the last exit
 always exits. The QoS rule: a sample with a deadline that would miss it by going on (now +
 estimated time to the next exit > deadline) exits now with exit k's answer, reason
 ``deadline``.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from offramp.model.scores import score, softmax
+from offramp.policy.scores import score, softmax
 
 
 @dataclass(frozen=True)

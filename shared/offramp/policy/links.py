@@ -71,6 +71,10 @@ class PathMeter:
         self.max_senders = max_senders
         self._paths: dict[str, _Path] = {}
 
+    def senders(self) -> list[str]:
+        """The senders whose path is measured now, oldest first (at most ``max_senders``)."""
+        return list(self._paths)
+
     def observe(self, sender: str, nbytes: int, sent: float, arrived: float) -> None:
         path = self._paths.pop(sender, None)  # re-inserted last: the dict is oldest first
         if path is None:

@@ -12,12 +12,12 @@ from rich.console import Console
 from rich.table import Table
 
 from offramp.cli.args import positive
+from offramp.cli.recipe_args import add_recipe_options, default_out, ints, recipe_from_args
 from offramp.ml.commands import COMMANDS
-from offramp.ml.recipe_args import add_recipe_options, default_out, ints, recipe_from_args
 from offramp.ml.zoo import REGISTRY
 from offramp.model.bundle import Bundle, BundleError, load_bundle
 from offramp.model.calibration import NEVER, Calibration
-from offramp.model.scores import CRITERIA
+from offramp.policy.scores import CRITERIA
 
 
 def register(sub: Any) -> None:
