@@ -52,6 +52,7 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check shared services tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: setup
 	$(VENV)/bin/mypy
