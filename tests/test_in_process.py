@@ -556,3 +556,48 @@ async def test_a_standby_does_not_answer_again_what_the_member_before_it_answere
         finally:
             stop.set()
     assert [(r.frame_id, r.status) for r in got.results] == [("f3", "ok")]
+
+
+async def test_a_frame_sent_again_is_told_its_answer_again(tiny_bundle: Bundle) -> None:
+    """A camera that got no answer sends the frame again under the same id. Answered before,
+    it gets the same result again (same task id, same label): not silence, and not a second
+    computation. Sent twice at once, it is computed once: every result it gets is the one."""
+    from offramp.ml.data import load_digits
+
+    broker = MemoryBroker()
+    root = str(tiny_bundle.root)
+    env = {"OFFRAMP_TOPIC_PREFIX": "again", "OFFRAMP_LOG_LEVEL": "warning",
+           "OFFRAMP_ADMISSION_BUNDLE": root, "OFFRAMP_WORKER_BUNDLE": root,
+           "OFFRAMP_ARBITER_BUNDLE": root, "OFFRAMP_WORKER_FOLLOW_PLAN": "false",
+           "OFFRAMP_HEARTBEAT_S": "0.1"}
+    topics = Topics("again")
+    connect = _connect(broker)
+    stop = asyncio.Event()
+    image = load_digits().test.images[0]
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(arbiter_run(load(ArbiterSettings, "OFFRAMP_ARBITER_",
+                                        {**env, "OFFRAMP_NODE": "arbiter-1"}), stop,
+                                   connect=connect))
+        tg.create_task(worker_run(load(WorkerSettings, "OFFRAMP_WORKER_",
+                                       {**env, "OFFRAMP_NODE": "worker-1"}), stop,
+                                  connect=connect))
+        tg.create_task(admission_run(load(AdmissionSettings, "OFFRAMP_ADMISSION_",
+                                          {**env, "OFFRAMP_NODE": "admission-1"}), stop,
+                                     connect=connect))
+        try:
+            async with MemoryBus(broker, "camera") as bus:
+                await wait_for_workers(bus, topics, 1, 10)
+                results = await bus.subscribe(topics.results_all(), maxsize=100)
+                await bus.publish(topics.ingest("cam-1"), envelope("f1", image=image), qos=1)
+                [first] = (await collect(results, 1, 10)).results
+                await bus.publish(topics.ingest("cam-1"), envelope("f1", image=image), qos=1)
+                [again] = (await collect(results, 1, 10)).results
+                for _ in range(2):
+                    await bus.publish(topics.ingest("cam-1"), envelope("f2", image=image),
+                                      qos=1)
+                twice = (await collect(results, 2, 2)).results
+        finally:
+            stop.set()
+    assert first.status == "ok" and again == first
+    assert twice and {r.frame_id for r in twice} == {"f2"}
+    assert len({r.task_id for r in twice}) == 1

@@ -21,7 +21,7 @@ import pytest
 
 from exit_arbiter.service import ArbiterSettings, make_policy
 from offramp.bus import Bus, Topics, from_payload
-from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
+from offramp.local.client import answered, collect, envelope, publish_frames, wait_for_workers
 from offramp.local.system import LocalSystem
 from offramp.ml.data import load_digits
 from offramp.model.bundle import Bundle
@@ -389,3 +389,52 @@ def test_a_rolling_update_under_the_plan_keeps_every_frame_under_a_second(
     slowest = max(r.latency_ms["total"] for r in results)
     assert slowest < 1000, (slowest, signalled, logs)
     assert code == 0
+
+
+def test_a_broker_crash_loses_no_frame_a_camera_sends_again(tiny_bundle: Bundle,
+                                                            prefix: str) -> None:
+    """#28.5: the broker is SIGKILLed mid-stream (what it held in memory is gone: frames
+    acknowledged to the camera and not yet delivered, answers not yet delivered) and started
+    again. The camera sends again, under the same id, each frame with no answer after 3 s.
+    Every frame ends with an answer, and no frame with two different ones: a frame answered
+    before the crash is told the same answer again (same task id), one that never arrived is
+    served now."""
+    _, payloads = _frames(300)
+    frames = {f"f{i}": p for i, p in enumerate(payloads)}
+    with LocalSystem(tiny_bundle, 2, prefix=prefix, env=FAST) as system:
+        assert system.broker is not None
+        topics = Topics(system.prefix)
+
+        async def run() -> list[Result]:
+            settings = BusSettings(broker_url=system.url, topic_prefix=system.prefix,
+                                   session_expiry_s=60, reconnect_max_s=0.5,
+                                   publish_timeout_s=30)
+            async with Bus(settings, f"test-camera-{os.getpid()}") as bus:
+                await bus.wait_connected(10)
+                await wait_for_workers(bus, topics, system.workers, 60)
+                results = await bus.subscribe(topics.results_all(), qos=1, maxsize=100_000)
+
+                async def crash() -> None:
+                    await asyncio.sleep(0.8)
+                    await asyncio.to_thread(system.broker.kill)  # type: ignore[union-attr]
+                    await asyncio.sleep(0.3)
+                    await asyncio.to_thread(system.broker.start)  # type: ignore[union-attr]
+
+                crashing = asyncio.create_task(crash())
+                await publish_frames(bus, topics.ingest("cam-1"), payloads, 150)
+                await crashing
+                got = await answered(bus, topics.ingest("cam-1"), frames, results, wait_s=3.0,
+                                     again=5)
+                return got.results
+
+        results = asyncio.run(run())
+        logs = system.logs()
+        codes = system.stop()
+    told: dict[str, set[str]] = {}
+    for r in results:
+        told.setdefault(r.frame_id, set()).add(r.task_id)
+    assert set(told) == set(frames), (len(told), logs[-3000:])
+    assert all(len(ids) == 1 for ids in told.values()), {f: i for f, i in told.items()
+                                                          if len(i) > 1}
+    assert {r.status for r in results} == {"ok"}, Counter(r.error for r in results)
+    assert all(code == 0 for code in codes.values()), str(codes)

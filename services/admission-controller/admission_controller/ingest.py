@@ -172,9 +172,7 @@ class Ingest:
         frame_id = self._frame_id(msg, arrival.frame_id, source, task_id)
         if self.duplicate(source, frame_id if arrival.frame_id or msg.correlation_data
                           else None, time.monotonic()):
-            self.counts["duplicate_frames"] += 1
-            self.m_drops.labels(reason="duplicate-frame").inc()
-            self.results.acknowledge(msg)  # its answer went out before
+            await self._again(source, frame_id, msg)
             return None
         info = self.registry.lookup(source)
         if info is None:
@@ -306,6 +304,22 @@ class Ingest:
             return True
         self._note(source, frame_id, now)
         return False
+
+    async def _again(self, source: str, frame_id: str, msg: Message) -> None:
+        """A frame seen before: if it was answered, that answer again (a camera sends a frame
+        again when it got none: a broker crash lost the frame or its answer); if it is still
+        in flight, nothing (its one answer comes when it is done)."""
+        self.counts["duplicate_frames"] += 1
+        self.m_drops.labels(reason="duplicate-frame").inc()
+        told = self.results.answers.told(source, frame_id, time.monotonic()) \
+            if self.results.answers is not None else None
+        if told is not None and told.result is not None:
+            await self.results.again(source, frame_id, told.result, msg)
+        elif told is not None and told.refused is not None:
+            self.counts["answered_again"] += 1
+            self.refusals.add(source, frame_id, told.refused, msg)
+        else:
+            self.results.acknowledge(msg)
 
     def remember(self, source: str, frame_id: str, now: float) -> None:
         """A frame answered: one that comes again within ``dedup_s`` is a duplicate."""

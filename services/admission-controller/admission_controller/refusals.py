@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from admission_controller.answers import Answers, Told
 from offramp.bus import Message, Topics
 from offramp.errors import OfframpError
 from offramp.wire import Refusal
@@ -40,8 +41,10 @@ class _Pending:
 
 class Refusals:
     def __init__(self, *, topics: Topics, publish: Publish, acknowledge: Acknowledge,
-                 count: Count, log: Any, interval_s: float, max_pending: int) -> None:
+                 count: Count, log: Any, interval_s: float, max_pending: int,
+                 answers: Answers | None = None) -> None:
         self.topics = topics
+        self.answers = answers
         self.publish = publish
         self.acknowledge = acknowledge
         self.count = count
@@ -58,6 +61,8 @@ class Refusals:
 
     def add(self, source: str, frame_id: str, reason: str, origin: Message | None) -> None:
         """Refuse one frame; it is answered at the next flush."""
+        if self.answers is not None:
+            self.answers.keep(source, frame_id, Told(refused=reason), time.monotonic())
         p = self._pending.setdefault(source, _Pending())
         p.by_reason.setdefault(reason, []).append(frame_id)
         if origin is not None:

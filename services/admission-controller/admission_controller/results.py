@@ -14,6 +14,7 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any, Self
 
+from admission_controller.answers import Answers, Told
 from offramp.bus import Message, Topics
 from offramp.bus.outbox import Outbox
 from offramp.errors import OfframpError, RefusedError, TopicError
@@ -38,8 +39,9 @@ class Results:
     def __init__(self, *, classes: Sequence[str], topics: Topics, publish: Publish,
                  metrics: Metrics, log: Any, in_flight: int,
                  acknowledge: Acknowledge = lambda msg: None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, answers: Answers | None = None) -> None:
         self.classes = classes
+        self.answers = answers
         self.tracing = tracing
         self.topics = topics
         self.publish = publish
@@ -53,6 +55,8 @@ class Results:
                                        ["exit"])
         self.m_latency = metrics.histogram("offramp_latency_seconds", "Ingest to result of 'ok' "
                                            "frames, by source", LATENCY_BUCKETS, ["source"])
+        self.m_again = metrics.counter("offramp_answered_again_total", "Frames sent again "
+                                       "after their answer, given that answer again")
 
     def forget(self, source: str) -> None:
         """Drop an evicted source's metric labels."""
@@ -90,10 +94,20 @@ class Results:
             result = replace(result, latency_ms={"total": round(1000 * (now - created), 3)})
         self.counts[status] += 1
         self.m_results.labels(source=label or source, status=status).inc()
-        publish = self._publish(task_id, source, result.to_json(), origin)
+        payload = result.to_json()
+        if self.answers is not None:
+            self.answers.keep(source, frame_id, Told(result=payload), time.monotonic())
+        publish = self._publish(task_id, source, payload, origin)
         if trace is not None and self.tracing is not None:
             publish = self._traced(publish, trace, now, status)
         await self.outbox.send(publish)
+
+    async def again(self, source: str, frame_id: str, result: bytes, origin: Message) -> None:
+        """A frame sent again after it was answered: the same result (task id included),
+        on the same topics; then the frame is acknowledged."""
+        self.counts["answered_again"] += 1
+        self.m_again.inc()
+        await self.outbox.send(self._publish(f"again:{frame_id}", source, result, origin))
 
     def counted(self, source: str, status: Status, frames: int) -> None:
         """Frames answered together elsewhere (a refusal), in the counts and metrics."""

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 
+from admission_controller.answers import Answers
 from admission_controller.dispatch import DispatchConfig, Dispatcher
 from admission_controller.gate import Gate
 from admission_controller.ingest import Ingest
@@ -84,9 +85,11 @@ class Admission:
             tracing=runtime.tracing,
             max_payload=lambda node: bus.max_payload(topics.act(model, 1, node)),
             refuse=self._refuse)
+        self.answers = Answers(settings.dedup_s, settings.answers_kept)
         self.results = Results(classes=bundle.manifest.classes, topics=topics,
                                publish=publish_result, metrics=runtime.metrics, log=runtime.log,
-                               in_flight=settings.results_in_flight, tracing=runtime.tracing)
+                               in_flight=settings.results_in_flight, tracing=runtime.tracing,
+                               answers=self.answers)
         self.counts = self.results.counts
         self.sources = SourceTable(settings.max_sources, settings.source_idle_s)
 
@@ -99,7 +102,7 @@ class Admission:
             count=lambda source, n: self.results.counted(
                 source if source in self.sources else UNTRACKED, "dropped", n),
             log=runtime.log, interval_s=settings.refusal_interval_ms / 1000,
-            max_pending=settings.refusals_pending)
+            max_pending=settings.refusals_pending, answers=self.answers)
         self.ingest = Ingest(settings, bundle.manifest.input, topics=topics,
                              registry=self.registry, tracker=self.tracker, gate=self.gate,
                              submit=self.dispatcher.submit, results=self.results,
@@ -259,6 +262,8 @@ class Admission:
             return
         now = time.monotonic()
         for r in results:
+            # not kept to be told again: what comes again after a takeover is the broker
+            # handing over what the member before did not acknowledge, answered already
             self.ingest.remember(r.source, r.frame_id, now)
 
     async def broker_figures(self, figures: Subscription[Message]) -> None:

@@ -64,8 +64,11 @@ class AdmissionSettings:
         "checked from their headers; the worker decodes them) or tensor (decoded and "
         "preprocessed here, sent as the model input in OFFRAMP_ADMISSION_CODEC)")
     dedup_s: float = setting(10.0, "A frame id seen again from the same source within this "
-                             "long is a redelivery and gets no second result (0: off)", min=0,
-                             max=3600)
+                             "long is a redelivery: no second result, but the answer it was "
+                             "given, again (0: off)", min=0, max=3600)
+    answers_kept: int = setting(100_000, "Answers kept for frames sent again within "
+                                "OFFRAMP_ADMISSION_DEDUP_S (a result's JSON each, about 400 "
+                                "bytes; the oldest go first)", min=0, max=10_000_000)
     group: str = setting("admission", "Admission-controllers sharing one ingest session (a "
                          "primary and its standby): client id offramp-ingest-<group>")
     ingest_username: str = setting("", "Broker user of the ingest session, shared by the "

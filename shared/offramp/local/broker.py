@@ -186,6 +186,14 @@ class LocalBroker:
         self.stop()
         self.start()
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or a power cut: what it held in memory and had not saved yet
+        (``autosave_interval``) is gone. ``start()`` brings it back on the same port."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
     def log_tail(self, lines: int = 10) -> str:
         try:
             return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -19,7 +19,7 @@ from PIL import Image
 from offramp.bus import Message, MessageBus, Subscription, Topics, from_payload
 from offramp.bus.outbox import Outbox
 from offramp.errors import BusError, WireError
-from offramp.wire import FrameEnvelope, Heartbeat, Result, Tensor, read_results
+from offramp.wire import FrameEnvelope, Heartbeat, Plan, Result, Tensor, read_results
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -86,6 +86,7 @@ class Collected:
     bad: int = 0
     first: float = 0.0
     last: float = 0.0
+    sent_again: int = 0  # frames published again for want of an answer (:func:`answered`)
 
 
 async def collect(sub: Subscription[Message], count: int, timeout: float) -> Collected:
@@ -109,6 +110,72 @@ async def collect(sub: Subscription[Message], count: int, timeout: float) -> Col
         out.first = out.first or now
         out.last = now
     return out
+
+
+async def answered(bus: MessageBus, topic: str, frames: dict[str, bytes | Outgoing],
+                   sub: Subscription[Message], *, wait_s: float, again: int = 3,
+                   got: Collected | None = None) -> Collected:
+    """Read answers to ``frames`` (frame id -> what was published for it) from ``sub``; a
+    frame with none after ``wait_s`` is published again under the same id, up to ``again``
+    times. What a camera does so that a broker crash loses nothing: the admission-controller
+    answers a frame sent again with the answer it gave it, or serves it if it never arrived
+    (docs/wire.md, "Sending a frame again"). Answers already read go in ``got``."""
+    out = got or Collected()
+    for attempt in range(again + 1):
+        seen = {r.frame_id for r in out.results}
+        missing = [f for f in frames if f not in seen]
+        if not missing:
+            break
+        if attempt:
+            await publish_frames(bus, topic, [frames[f] for f in missing], 0)
+            out.sent_again += len(missing)
+        more = await collect(sub, len(missing), wait_s)
+        out.results += more.results
+        out.bad += more.bad
+        out.first = out.first or more.first
+        out.last = more.last or out.last
+    return out
+
+
+async def wait_for_plan(bus: MessageBus, topics: Topics, timeout: float) -> Plan:
+    """Wait until the workers host what the scheduler's plan in force gives them (a plan
+    arrives a second or so after start, and loading its segments takes a while): what a
+    measurement of the steady state waits for. Returns that plan."""
+    plans = await bus.subscribe(topics.plan(), maxsize=16, decode=from_payload(Plan.decode))
+    states = await bus.subscribe(topics.state_all("worker"), maxsize=1024,
+                                 decode=from_payload(Heartbeat.decode))
+    latest: list[Plan] = []
+    hosted: dict[str, set[int]] = {}
+
+    async def read_plans() -> None:
+        async for plan in plans:
+            latest.append(plan)
+
+    async def read_states() -> None:
+        async for hb in states:
+            if hb.online:
+                hosted[hb.node] = {s.segment for s in hb.segments}
+
+    def taken_up() -> bool:
+        return bool(latest) and all(hosted.get(node) == {r.segment for r in refs}
+                                    for node, refs in latest[-1].nodes.items())
+
+    readers = [asyncio.create_task(read_plans()), asyncio.create_task(read_states())]
+    try:
+        deadline = time.monotonic() + timeout
+        while not taken_up():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the workers did not take up the plan within {timeout} s "
+                                   f"(plan: {latest[-1].nodes if latest else None}, "
+                                   f"hosted: {hosted})")
+            await asyncio.sleep(0.05)
+        return latest[-1]
+    finally:
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await plans.close()
+        await states.close()
 
 
 async def wait_for_workers(bus: MessageBus, topics: Topics, nodes: int, timeout: float) -> None:
