@@ -39,7 +39,7 @@ import numpy as np
 
 from bench.common import percentile_ms, write_result
 from offramp.bus import Bus, Topics
-from offramp.local.client import png_bytes, wait_for_workers
+from offramp.local.client import png_bytes, wait_for_plan, wait_for_workers
 from offramp.local.system import LocalSystem
 from offramp.ml.build import Recipe, build, preset
 from offramp.ml.data import load_digits
@@ -153,6 +153,7 @@ async def run_phase(system: LocalSystem, rate: float, seconds: float, frames: Pa
     async with Bus(BusSettings(broker_url=system.url), f"bench-overload-{tag}") as bus:
         await bus.wait_connected(10)
         await wait_for_workers(bus, topics, system.workers, 60)
+        await wait_for_plan(bus, topics, 60)  # its segments loaded: the steady state
         results = await bus.subscribe(topics.results_all(), qos=1, maxsize=2_000_000)
         answered: set[str] = set()
 

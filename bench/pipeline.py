@@ -47,7 +47,7 @@ import numpy as np
 
 from bench.common import Run, monolithic_rate, summarise, write_result
 from offramp.bus import Bus, Topics
-from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
+from offramp.local.client import collect, envelope, publish_frames, wait_for_plan, wait_for_workers
 from offramp.local.system import LocalSystem
 from offramp.ml.build import build, load_data, load_trained, preset
 from offramp.ml.calibrate import calibrate_bundle
@@ -98,6 +98,7 @@ async def drive(system: LocalSystem, payloads: list[bytes], rate: float) -> Run:
                    "bench-client") as bus:
         await bus.wait_connected(10)
         await wait_for_workers(bus, topics, system.workers, 60)
+        await wait_for_plan(bus, topics, 60)  # its segments loaded: the steady state
         pol = await bus.subscribe(topics.exit_policy(system.bundle.name))
         ExitPolicy.decode((await asyncio.wait_for(pol.get(), 30)).payload)
         results = await bus.subscribe(topics.results_all(), qos=1, maxsize=1_000_000)

@@ -35,7 +35,7 @@ import numpy as np
 
 from bench.common import Run, monolithic_rate, summarise
 from offramp.bus import Bus, Topics
-from offramp.local.client import collect, envelope, publish_frames, wait_for_workers
+from offramp.local.client import collect, envelope, publish_frames, wait_for_plan, wait_for_workers
 from offramp.local.system import LocalSystem
 from offramp.ml.data import load_fashion_mnist
 from offramp.model.bundle import Bundle
@@ -63,6 +63,7 @@ async def _drive(system: LocalSystem, payloads: list[bytes],
                    f"bench-224-{os.getpid()}") as bus:
         await bus.wait_connected(10)
         await wait_for_workers(bus, topics, system.workers, 120)
+        await wait_for_plan(bus, topics, 120)  # its segments loaded: the steady state
         pol = await bus.subscribe(topics.exit_policy(system.bundle.name))
         ExitPolicy.decode((await asyncio.wait_for(pol.get(), 30)).payload)
         results = await bus.subscribe(topics.results_all(), qos=1, maxsize=100_000)
