@@ -171,6 +171,9 @@ class Admission:
         r.counter("offramp_unserved_total", "Frames answered 'error' because no online worker "
                   "serves this bundle (services started on different bundles)",
                   self.counts["unserved"])
+        r.counter("offramp_answers_forgotten_total", "Answers forgotten before the dedup window "
+                  "ended (OFFRAMP_ADMISSION_ANSWERS_KEPT full): a frame sent again after is "
+                  "told nothing", self.answers.evicted)
         r.counter("offramp_packets_split_total", "Batches sent as several packets because one "
                   "would not fit the broker's packet limit", self.dispatcher.split)
         for source in sorted(set(self.registry.known()) | set(self.gate.sources())):
@@ -336,6 +339,8 @@ class Admission:
         stats["sources"] = float(len(self.sources))
         stats["sources_evicted"] = float(self.sources.evicted)
         stats["sources_refused"] = float(self.sources.refused)
+        stats["answers_kept"] = float(len(self.answers))
+        stats["answers_forgotten"] = float(self.answers.evicted)
         stats.update(self.gate.stats(self.s.heartbeat_sources))
         return self.dispatcher.heartbeat(replace(hb, stats=stats))
 
