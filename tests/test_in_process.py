@@ -501,6 +501,25 @@ async def test_hosting_follows_a_plan_unloads_what_it_lost_and_takes_it_back(
         hosting.finish()
 
 
+def _services_env(bundle: Bundle, prefix: str) -> dict[str, str]:
+    """One bundle for every service, fast heartbeats, workers pinned (no scheduler)."""
+    root = str(bundle.root)
+    return {"OFFRAMP_TOPIC_PREFIX": prefix, "OFFRAMP_LOG_LEVEL": "warning",
+            "OFFRAMP_ADMISSION_BUNDLE": root, "OFFRAMP_WORKER_BUNDLE": root,
+            "OFFRAMP_ARBITER_BUNDLE": root, "OFFRAMP_WORKER_FOLLOW_PLAN": "false",
+            "OFFRAMP_HEARTBEAT_S": "0.1"}
+
+
+def _start_arbiter_and_worker(tg: asyncio.TaskGroup, env: dict[str, str], stop: asyncio.Event,
+                              connect: Callable[[str, Will], MemoryBus]) -> None:
+    tg.create_task(arbiter_run(load(ArbiterSettings, "OFFRAMP_ARBITER_",
+                                    {**env, "OFFRAMP_NODE": "arbiter-1"}), stop,
+                               connect=connect))
+    tg.create_task(worker_run(load(WorkerSettings, "OFFRAMP_WORKER_",
+                                   {**env, "OFFRAMP_NODE": "worker-1"}), stop,
+                              connect=connect))
+
+
 async def test_a_standby_does_not_answer_again_what_the_member_before_it_answered(
         tiny_bundle: Bundle) -> None:
     """The active member answered f1 (a result) and f2 (in a refusal) and died before
@@ -510,22 +529,13 @@ async def test_a_standby_does_not_answer_again_what_the_member_before_it_answere
     from offramp.ml.data import load_digits
 
     broker = MemoryBroker()
-    root = str(tiny_bundle.root)
-    env = {"OFFRAMP_TOPIC_PREFIX": "takeover", "OFFRAMP_LOG_LEVEL": "warning",
-           "OFFRAMP_ADMISSION_BUNDLE": root, "OFFRAMP_WORKER_BUNDLE": root,
-           "OFFRAMP_ARBITER_BUNDLE": root, "OFFRAMP_WORKER_FOLLOW_PLAN": "false",
-           "OFFRAMP_HEARTBEAT_S": "0.1"}
+    env = _services_env(tiny_bundle, "takeover")
     topics = Topics("takeover")
     connect = _connect(broker)
     stop = asyncio.Event()
     image = load_digits().test.images[0]
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(arbiter_run(load(ArbiterSettings, "OFFRAMP_ARBITER_",
-                                        {**env, "OFFRAMP_NODE": "arbiter-1"}), stop,
-                                   connect=connect))
-        tg.create_task(worker_run(load(WorkerSettings, "OFFRAMP_WORKER_",
-                                       {**env, "OFFRAMP_NODE": "worker-1"}), stop,
-                                  connect=connect))
+        _start_arbiter_and_worker(tg, env, stop, connect)
         try:
             async with MemoryBus(broker, "others") as bus:
                 active = Heartbeat(role="admission", node="admission-1",
@@ -565,22 +575,13 @@ async def test_a_frame_sent_again_is_told_its_answer_again(tiny_bundle: Bundle) 
     from offramp.ml.data import load_digits
 
     broker = MemoryBroker()
-    root = str(tiny_bundle.root)
-    env = {"OFFRAMP_TOPIC_PREFIX": "again", "OFFRAMP_LOG_LEVEL": "warning",
-           "OFFRAMP_ADMISSION_BUNDLE": root, "OFFRAMP_WORKER_BUNDLE": root,
-           "OFFRAMP_ARBITER_BUNDLE": root, "OFFRAMP_WORKER_FOLLOW_PLAN": "false",
-           "OFFRAMP_HEARTBEAT_S": "0.1"}
+    env = _services_env(tiny_bundle, "again")
     topics = Topics("again")
     connect = _connect(broker)
     stop = asyncio.Event()
     image = load_digits().test.images[0]
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(arbiter_run(load(ArbiterSettings, "OFFRAMP_ARBITER_",
-                                        {**env, "OFFRAMP_NODE": "arbiter-1"}), stop,
-                                   connect=connect))
-        tg.create_task(worker_run(load(WorkerSettings, "OFFRAMP_WORKER_",
-                                       {**env, "OFFRAMP_NODE": "worker-1"}), stop,
-                                  connect=connect))
+        _start_arbiter_and_worker(tg, env, stop, connect)
         tg.create_task(admission_run(load(AdmissionSettings, "OFFRAMP_ADMISSION_",
                                           {**env, "OFFRAMP_NODE": "admission-1"}), stop,
                                      connect=connect))

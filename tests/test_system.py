@@ -321,6 +321,23 @@ def later_hop_workers(system: LocalSystem) -> None:
     system.workers = 3
 
 
+def _drained_in_time(system: LocalSystem, victim: str, results: list[Result], sent: int) -> str:
+    """After a worker's SIGTERM mid-stream: it exited 0, and every frame was answered once,
+    ``ok``, none slower than 1 s. Stops the system; returns its logs."""
+    member = system.member(victim)
+    assert member.proc is not None
+    code = member.proc.wait(20)
+    logs = system.logs(tail=3000)
+    system.stop()
+    per_frame = Counter(r.frame_id for r in results)
+    assert len(per_frame) == sent and set(per_frame.values()) == {1}
+    assert Counter(r.status for r in results) == {"ok": sent}
+    slowest = max(r.latency_ms["total"] for r in results)
+    assert slowest < 1000, (slowest, victim, logs)
+    assert code == 0
+    return logs
+
+
 def test_a_worker_stopped_mid_stream_says_so_first_and_no_frame_waits(
         tiny_bundle: Bundle, prefix: str) -> None:
     """The rolling-update case. worker-2 runs segment 1 and sends the rest on to worker-1 (or,
@@ -339,16 +356,7 @@ def test_a_worker_stopped_mid_stream_says_so_first_and_no_frame_waits(
             victim.signal(signal.SIGTERM)
 
         results = asyncio.run(_run(system, payloads, rate=180, during=rolling_update))
-        assert victim.proc is not None
-        code = victim.proc.wait(20)
-        logs = system.logs(tail=3000)
-        system.stop()
-    per_frame = Counter(r.frame_id for r in results)
-    assert len(per_frame) == len(payloads) and set(per_frame.values()) == {1}
-    assert Counter(r.status for r in results) == {"ok": len(payloads)}
-    slowest = max(r.latency_ms["total"] for r in results)
-    assert slowest < 1000, (slowest, logs)
-    assert code == 0
+        logs = _drained_in_time(system, victim.node, results, len(payloads))
     assert '"worker_draining"' in logs
     assert any("worker-1" in r.nodes for r in results)  # it did serve until it stopped
 
@@ -378,17 +386,7 @@ def test_a_rolling_update_under_the_plan_keeps_every_frame_under_a_second(
             signalled.append(busiest)
 
         results = asyncio.run(_run(system, payloads, rate=180, during=rolling_update))
-        victim = system.member(signalled[0])
-        assert victim.proc is not None
-        code = victim.proc.wait(20)
-        logs = system.logs(tail=3000)
-        system.stop()
-    per_frame = Counter(r.frame_id for r in results)
-    assert len(per_frame) == len(payloads) and set(per_frame.values()) == {1}
-    assert Counter(r.status for r in results) == {"ok": len(payloads)}
-    slowest = max(r.latency_ms["total"] for r in results)
-    assert slowest < 1000, (slowest, signalled, logs)
-    assert code == 0
+        _drained_in_time(system, signalled[0], results, len(payloads))
 
 
 def test_a_broker_crash_loses_no_frame_a_camera_sends_again(tiny_bundle: Bundle,
