@@ -41,6 +41,7 @@ from offramp.wire import (
     SegmentLoad,
     SegmentRef,
     Tensor,
+    Want,
 )
 from priority_scheduler.service import SchedulerSettings
 from priority_scheduler.service import run as scheduler_run
@@ -602,3 +603,29 @@ async def test_a_frame_sent_again_is_told_its_answer_again(tiny_bundle: Bundle) 
     assert first.status == "ok" and again == first
     assert twice and {r.frame_id for r in twice} == {"f2"}
     assert len({r.task_id for r in twice}) == 1
+
+
+async def test_credit_covers_half_a_second_of_work_not_the_whole_queue(
+        engine: tuple[Engine, MemoryBus, Topics]) -> None:
+    """A node grants credit for OFFRAMP_WORKER_CREDIT_QUEUE_S of work at the time a sample
+    takes through the segments it runs here, not for its whole queue bound: a flood sent at
+    once sat in one worker's queue for seconds while the others idled (3 workers at 224x224
+    served 84 frames/s of 800 flooded, 94 with this). At least two micro-batches, at most the
+    queue bound; a segment not measured yet gets the bound."""
+    eng, _, _ = engine
+    assert eng.credit_bound(1) == eng.cfg.queue_max  # nothing measured yet
+    for k, h in eng.hosted.items():
+        h.stats.service_s = 0.01 * k  # 10, 20, 30, 40 ms a sample
+    through = eng.cfg.run_through  # a micro-batch runs on through the later segments here
+    # 0.5 s / 0.1 s (all four) = 5 samples: two micro-batches of 8; or 0.5 s / 10 ms = 50
+    assert eng.credit_bound(1) == (16 if through else 50)
+    assert eng.credit_bound(4) == 16  # 0.5 s / 40 ms = 13
+    for h in eng.hosted.values():
+        h.stats.service_s = 0.0005
+    assert eng.credit_bound(1) == (250 if through else 512)  # 0.5 s / 2 ms; the bound
+    assert eng.credit_bound(4) == 512
+    want = Want(model=eng.model, segment=1, priority=1.0, count=10_000)
+    eng.placer.peers.update(Heartbeat(role="admission", node="adm", boot=1.0, wants=(want,)),
+                            time.monotonic())
+    [load_1] = [s for s in eng.loads(time.monotonic()) if s.segment == 1]
+    assert load_1.credits["adm"].limit == eng.credit_bound(1)

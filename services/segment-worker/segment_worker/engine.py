@@ -664,6 +664,7 @@ class Engine:
             for sender, boot, count in self.placer.peers.sent_to(self.cfg.node, self.boot,
                                                                  self.model, seg):
                 h.ledger.reported(sender, boot, count, now)
+            h.ledger.bound = self.credit_bound(seg)
             grants = h.ledger.grant(len(h.queue) + h.arriving,
                                     self.placer.peers.requests(self.model, seg,
                                                                self.cfg.stale_after_s, now), now)
@@ -674,6 +675,24 @@ class Engine:
                                    exited=st.exited, forwarded=st.forwarded, bound=self.cfg.queue_max,
                                    by_priority=h.queue.by_priority(), credits=grants))
         return tuple(out)
+
+    def credit_bound(self, segment: int) -> int:
+        """The samples of ``segment`` this node grants credit for: ``credit_queue_s`` of work
+        at the time a sample takes here from that segment on (through the hosted segments
+        after it that a micro-batch runs through), at least two micro-batches, at most
+        ``queue_max``. A flood sent at once otherwise sat in one node's queue for seconds
+        while the others, done with theirs, idled: the sender keeps what is beyond and gives
+        it to whichever node frees first."""
+        if self.cfg.credit_queue_s <= 0:
+            return self.cfg.queue_max
+        chain_s, k = 0.0, segment
+        while k in self.hosted and (k == segment or self.cfg.run_through):
+            chain_s += self.hosted[k].stats.service_s
+            k += 1
+        if chain_s <= 0:
+            return self.cfg.queue_max
+        return min(self.cfg.queue_max, max(2 * self.cfg.batch_max,
+                                           math.ceil(self.cfg.credit_queue_s / chain_s)))
 
     def flops_per_s(self) -> float:
         """The node's speed for the plan: FLOPs over the time of every segment ever loaded

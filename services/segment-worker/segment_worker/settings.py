@@ -51,6 +51,11 @@ class WorkerSettings:
                                 "neighbour would take them")
     queue_max: int = setting(512, "Bound of each segment queue, in samples; also the most "
                              "credit this node grants", min=1, max=1_000_000)
+    credit_queue_s: float = setting(0.5, "Most seconds of queued work this node grants credit "
+                                    "for (at the measured time a sample takes through the "
+                                    "segments it runs here, at least two micro-batches); more "
+                                    "waits at its sender, which gives it to whichever node frees "
+                                    "first (0: OFFRAMP_WORKER_QUEUE_MAX alone)", min=0, max=3600)
     ageing_s: float = setting(0.5, "Queue ageing tau: urgency = priority x (1 + age / tau)",
                               min=0.001, max=3600)
     codec: Literal["auto", "raw", "fp16", "int8", "ae"] = setting(
@@ -99,6 +104,7 @@ class EngineConfig:
     batch_wait_s: float = 0.002
     run_through: bool = True
     queue_max: int = 512
+    credit_queue_s: float = 0.5
     codec: Literal["auto", "raw", "fp16", "int8", "ae"] = "auto"
     codec_max_loss: float = 1.0
     device: str = "cpu"
@@ -122,7 +128,7 @@ class EngineConfig:
         common = settings.common
         return cls(node=common.node_name(), batch_max=settings.batch_max,
                    batch_wait_s=settings.batch_wait_ms / 1000, run_through=settings.run_through,
-                   queue_max=settings.queue_max,
+                   queue_max=settings.queue_max, credit_queue_s=settings.credit_queue_s,
                    codec=settings.codec, codec_max_loss=settings.codec_max_loss,
                    device=settings.device, threads=settings.threads,
                    resident=settings.resident == "on" or (settings.resident == "auto"
