@@ -35,3 +35,33 @@ def test_a_zero_window_or_count_keeps_nothing() -> None:
         answers = Answers(keep_s, max_kept)
         answers.keep("cam", "f1", Told(result=b"x"), now=0.0)
         assert len(answers) == 0 and answers.told("cam", "f1", now=0.0) is None
+
+
+async def test_a_refusal_told_again_is_published_again_and_counted_once() -> None:
+    import time
+
+    import structlog
+
+    from admission_controller.refusals import Refusals
+    from offramp.bus import Topics
+    from offramp.wire import read_results
+
+    published: list[tuple[str, bytes]] = []
+    counted: list[tuple[str, int]] = []
+
+    async def publish(topic: str, payload: bytes) -> None:
+        published.append((topic, payload))
+
+    answers = Answers(keep_s=10.0, max_kept=100)
+    refusals = Refusals(topics=Topics("t"), publish=publish, acknowledge=lambda msg: None,
+                        count=lambda source, n: counted.append((source, n)),
+                        log=structlog.get_logger(), interval_s=1.0, max_pending=100,
+                        answers=answers)
+    refusals.add("cam", "f1", "over the admitted rate", None)
+    await refusals.flush()
+    assert answers.told("cam", "f1", time.monotonic()) == Told(refused="over the admitted rate")
+    refusals.add("cam", "f1", "over the admitted rate", None, again=True)
+    await refusals.flush()
+    told = [[(r.frame_id, r.status, r.error) for r in read_results(p)] for _, p in published]
+    assert told == [[("f1", "dropped", "over the admitted rate")]] * 2
+    assert counted == [("cam", 1), ("cam", 0)]  # one frame refused, told twice

@@ -311,13 +311,12 @@ class Ingest:
         in flight, nothing (its one answer comes when it is done)."""
         self.counts["duplicate_frames"] += 1
         self.m_drops.labels(reason="duplicate-frame").inc()
-        told = self.results.answers.told(source, frame_id, time.monotonic()) \
-            if self.results.answers is not None else None
+        told = self.results.told(source, frame_id)
         if told is not None and told.result is not None:
             await self.results.again(source, frame_id, told.result, msg)
         elif told is not None and told.refused is not None:
-            self.counts["answered_again"] += 1
-            self.refusals.add(source, frame_id, told.refused, msg)
+            self.results.answered_again()
+            self.refusals.add(source, frame_id, told.refused, msg, again=True)
         else:
             self.results.acknowledge(msg)
 

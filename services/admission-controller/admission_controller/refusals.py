@@ -37,6 +37,7 @@ class _Pending:
     by_reason: dict[str, list[str]] = field(default_factory=dict)
     by_reply: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     origins: list[Message] = field(default_factory=list)
+    again: int = 0  # frames refused before and told so again: not counted a second time
 
 
 class Refusals:
@@ -59,11 +60,15 @@ class Refusals:
     def __len__(self) -> int:
         return self._size
 
-    def add(self, source: str, frame_id: str, reason: str, origin: Message | None) -> None:
-        """Refuse one frame; it is answered at the next flush."""
-        if self.answers is not None:
-            self.answers.keep(source, frame_id, Told(refused=reason), time.monotonic())
+    def add(self, source: str, frame_id: str, reason: str, origin: Message | None, *,
+            again: bool = False) -> None:
+        """Refuse one frame; it is answered at the next flush. ``again``: it was refused
+        before and is sent again (told the same, counted once)."""
         p = self._pending.setdefault(source, _Pending())
+        if again:
+            p.again += 1
+        elif self.answers is not None:
+            self.answers.keep(source, frame_id, Told(refused=reason), time.monotonic())
         p.by_reason.setdefault(reason, []).append(frame_id)
         if origin is not None:
             p.origins.append(origin)
@@ -94,7 +99,7 @@ class Refusals:
             for reply, frames in p.by_reply.items():
                 sent = await self._send(reply, source, frames, now) and sent
             if sent:  # else unacknowledged: the broker hands them out again
-                self.count(source, sum(len(ids) for ids in p.by_reason.values()))
+                self.count(source, sum(len(ids) for ids in p.by_reason.values()) - p.again)
                 for msg in p.origins:
                     self.acknowledge(msg)
 

@@ -102,11 +102,20 @@ class Results:
             publish = self._traced(publish, trace, now, status)
         await self.outbox.send(publish)
 
-    async def again(self, source: str, frame_id: str, result: bytes, origin: Message) -> None:
-        """A frame sent again after it was answered: the same result (task id included),
-        on the same topics; then the frame is acknowledged."""
+    def told(self, source: str, frame_id: str) -> Told | None:
+        """What the frame was answered within the dedup window, if that is still kept."""
+        return self.answers.told(source, frame_id, time.monotonic()) \
+            if self.answers is not None else None
+
+    def answered_again(self) -> None:
+        """Count a frame sent again and told its answer again (here, or in a refusal)."""
         self.counts["answered_again"] += 1
         self.m_again.inc()
+
+    async def again(self, source: str, frame_id: str, result: bytes, origin: Message) -> None:
+        """A frame sent again after it was answered: the same result (task id included),
+        on the same topics; then the frame is acknowledged. Not counted as a result again."""
+        self.answered_again()
         await self.outbox.send(self._publish(f"again:{frame_id}", source, result, origin))
 
     def counted(self, source: str, status: Status, frames: int) -> None:

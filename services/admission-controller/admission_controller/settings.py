@@ -66,9 +66,10 @@ class AdmissionSettings:
     dedup_s: float = setting(10.0, "A frame id seen again from the same source within this "
                              "long is a redelivery: no second result, but the answer it was "
                              "given, again (0: off)", min=0, max=3600)
-    answers_kept: int = setting(100_000, "Answers kept for frames sent again within "
+    answers_kept: int = setting(20_000, "Answers kept for frames sent again within "
                                 "OFFRAMP_ADMISSION_DEDUP_S (a result's JSON each, about 400 "
-                                "bytes; the oldest go first)", min=0, max=10_000_000)
+                                "bytes: 2,000 frames/s for 10 s; the oldest go first)", min=0,
+                                max=10_000_000)
     group: str = setting("admission", "Admission-controllers sharing one ingest session (a "
                          "primary and its standby): client id offramp-ingest-<group>")
     ingest_username: str = setting("", "Broker user of the ingest session, shared by the "
