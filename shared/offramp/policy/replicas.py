@@ -35,6 +35,7 @@ transfer.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 GAIN = 0.01  # least relative drop of the bottleneck worth a copy
@@ -66,10 +67,14 @@ def levels(demand: Sequence[float], hosts: Sequence[set[str]],
     return out
 
 
-def _subsets(k_total: int) -> list[tuple[int, ...]]:
+@functools.cache
+def _subsets(k_total: int) -> tuple[tuple[int, ...], ...]:
+    """The sets of segments U* is taken over (0-based), made once per model size: a plan
+    asks for them at every candidate copy."""
     if k_total <= EXACT_UP_TO:
-        return [tuple(i for i in range(k_total) if m >> i & 1) for m in range(1, 1 << k_total)]
-    return [tuple(range(i, j + 1)) for i in range(k_total) for j in range(i, k_total)]
+        return tuple(tuple(i for i in range(k_total) if m >> i & 1)
+                     for m in range(1, 1 << k_total))
+    return tuple(tuple(range(i, j + 1)) for i in range(k_total) for j in range(i, k_total))
 
 
 def _lower(new: list[float], old: list[float]) -> bool:
