@@ -73,7 +73,7 @@ section() { printf '\nuser %s\n' "$1"; shift; printf 'topic %s\n' "$@"; }
   section "$ingest" "read $p/ingest/+"
   for a in "${admissions[@]}"; do
     section "$a" "write $p/results/+" "write $p/replies/#" "read $p/done/+" "write $p/act/#" \
-      "write $p/state/admission/$a" "read $p/state/#" "read $p/control/#" "read \$SYS/broker/#"
+      "write $p/state/admission/$a" "read $p/state/#" "read $p/control/#" "write $p/control/pace/+" "read \$SYS/broker/#"
   done
   for w in "${workers[@]}"; do
     # reads activations addressed to it; sends to any next hop and reports to any owner
@@ -85,8 +85,10 @@ section() { printf '\nuser %s\n' "$1"; shift; printf 'topic %s\n' "$@"; }
   section "$scheduler" "write $p/state/scheduler/$scheduler" "read $p/state/#" \
     "readwrite $p/control/plan" "read $p/control/#"
   for c in "${cameras[@]}"; do
-    # its own frames in, its own results out (and replies to frames with a Response Topic)
-    section "$c" "write $p/ingest/$c" "read $p/results/$c" "read $p/replies/$c/#"
+    # its own frames in, its own results out (and replies to frames with a Response Topic),
+    # and the rate its frames are taken at
+    section "$c" "write $p/ingest/$c" "read $p/results/$c" "read $p/replies/$c/#" \
+      "read $p/control/pace/$c"
   done
 } > "$out/acl.new"
 

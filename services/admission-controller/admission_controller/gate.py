@@ -72,6 +72,16 @@ class Gate(Generic[T]):
     def sources(self) -> list[str]:
         return list(self._sources)
 
+    def counts(self, source: str) -> tuple[int, int]:
+        """Frames of ``source`` offered to the gate and admitted so far ((0, 0): unknown)."""
+        src = self._sources.get(source)
+        return (src.arrivals, src.admitted) if src is not None else (0, 0)
+
+    def rate(self, source: str) -> float | None:
+        """The admitted rate of ``source`` (None: no rate is enforced, or it is unknown)."""
+        src = self._sources.get(source)
+        return src.bucket.rate if src is not None and self.adaptive else None
+
     def waiting(self, source: str) -> int:
         src = self._sources.get(source)
         return len(src.waiting) if src is not None else 0

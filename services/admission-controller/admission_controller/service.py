@@ -27,6 +27,7 @@ from admission_controller.dispatch import DispatchConfig, Dispatcher
 from admission_controller.gate import Gate
 from admission_controller.ingest import Ingest
 from admission_controller.leadership import Leadership
+from admission_controller.pacing import Pacing
 from admission_controller.refusals import Refusals
 from admission_controller.results import UNTRACKED, Results
 from admission_controller.session import IngestSession
@@ -44,9 +45,11 @@ from offramp.node.metrics import Reading
 from offramp.node.runtime import BusFactory, Runtime
 from offramp.node.sources import Registration, SourceRegistry, registration
 from offramp.policy.bundles import unserved
+from offramp.policy.pace import PaceConfig, Pacer
 from offramp.wire import DoneReport, Heartbeat, Plan, read_results
 
 WATCH_TICK_S = 0.05  # how soon a change of leadership is seen by the watch of others' answers
+PACE_VALID_S = 15.0  # a pace holds this long unless said again (three refreshes)
 
 
 class Admission:
@@ -118,6 +121,14 @@ class Admission:
                                      leadership=self.leadership,
                                      topics=topics, queue=settings.ingest_queue, log=runtime.log)
         self.results.acknowledge = self.session.ack
+        async def publish_pace(topic: str, payload: bytes) -> None:
+            await bus.publish(topic, payload, qos=1, retain=True)
+
+        self.pacing = Pacing(
+            Pacer(PaceConfig(bound=settings.max_in_flight, target=settings.pace_target)),
+            gate=self.gate, in_flight=self.tracker.in_flight, publish=publish_pace,
+            topics=topics, node=runtime.node, active=lambda: self.leadership.active,
+            log=runtime.log, valid_s=PACE_VALID_S)
         self.group_key = f"group:{settings.group}"
         self.broker = BrokerFigures()
         runtime.metrics.on_collect(self._read)
@@ -181,6 +192,11 @@ class Admission:
             if spec is not None:  # an info metric: dashboards join it on source for priority
                 r.gauge("offramp_source_info", "1 per source served, labelled with its priority",
                         1, source=source, priority=f"{spec.priority:g}")
+        for source in self.pacing.pacer.sources():
+            rate = self.pacing.pacer.advised(source)
+            if rate is not None:
+                r.gauge("offramp_pace_hz", "Frames/s each source is told to send at "
+                        "(control/pace/<source>)", rate, source=source)
         for key, value in self.gate.stats().items():
             if key.startswith("admitted_rate:"):
                 r.gauge("offramp_admitted_rate", "Admitted frames/s per source (strategy rate)",
@@ -341,6 +357,7 @@ class Admission:
         stats["sources_refused"] = float(self.sources.refused)
         stats["answers_kept"] = float(len(self.answers))
         stats["answers_forgotten"] = float(self.answers.evicted)
+        stats["paces_told"] = float(self.pacing.told)
         stats.update(self.gate.stats(self.s.heartbeat_sources))
         return self.dispatcher.heartbeat(replace(hb, stats=stats))
 
@@ -386,7 +403,11 @@ async def run(settings: AdmissionSettings, stop: asyncio.Event, *,
                 adm.sweeper(), adm.control(), adm.broker_figures(figures),
                 adm.answered_elsewhere())]
             tasks.append(tg.create_task(adm.session.hold(tg)))
+            if settings.pace_interval_ms > 0:
+                tasks.append(tg.create_task(adm.pacing.run(settings.pace_interval_ms / 1000)))
             await stop.wait()
+            if adm.leadership.active:  # before a standby takes over and tells its own
+                await adm.pacing.withdraw()
             adm.session.pause()
             await adm.session.drain(settings.drain_s)
             for t in tasks:

@@ -59,6 +59,12 @@ class AdmissionSettings:
                                          "often (docs/wire.md)", min=1, max=10_000)
     refusals_pending: int = setting(20_000, "Refused frames waiting for the next refusal; "
                                     "at this many it goes out at once", min=1, max=1_000_000)
+    pace_interval_ms: float = setting(500.0, "How often each source is told the rate its "
+                                      "frames are taken at, on control/pace/<source> "
+                                      "(docs/wire.md, Pace); 0: never", min=0, max=60_000)
+    pace_target: float = setting(0.5, "The pace aims to keep this fraction of "
+                                 "OFFRAMP_ADMISSION_MAX_IN_FLIGHT of a source in flight",
+                                 min=0.05, max=0.95)
     first_hop: Literal["frames", "tensor"] = setting(
         "frames", "What the first worker gets: frames (the camera's bytes as they came, "
         "checked from their headers; the worker decodes them) or tensor (decoded and "

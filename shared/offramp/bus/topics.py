@@ -12,7 +12,8 @@ from typing import Literal
 
 from offramp.errors import TopicError
 
-TopicKind = Literal["ingest", "results", "act", "done", "state", "plan", "exit-policy", "source"]
+TopicKind = Literal["ingest", "results", "act", "done", "state", "plan", "exit-policy", "source",
+                    "pace"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ROLES = ("admission", "worker", "arbiter", "scheduler", "client")
@@ -58,6 +59,11 @@ class Topics:
     def results(self, source: str) -> str:
         return f"{self.prefix}/results/{check_name(source, 'source')}"
 
+    def replies(self, source: str, client: str) -> str:
+        """A client's own response topic for frames of ``source`` (MQTT v5 request/response;
+        the broker's ACL lets a camera read ``replies/<its source>/#``)."""
+        return f"{self.prefix}/replies/{check_name(source, 'source')}/{check_name(client, 'client')}"
+
     def done(self, source: str) -> str:
         """Completions reported by workers to the admission-controller that owns the frame."""
         return f"{self.prefix}/done/{check_name(source, 'source')}"
@@ -80,6 +86,10 @@ class Topics:
     def source(self, source: str) -> str:
         """Retained per-source registration (priority, rate, deadline)."""
         return f"{self.prefix}/control/source/{check_name(source, 'source')}"
+
+    def pace(self, source: str) -> str:
+        """Retained per-source pace: the rate the admission-controller takes its frames at."""
+        return f"{self.prefix}/control/pace/{check_name(source, 'source')}"
 
     # -- subscription filters ---------------------------------------------------------------
     def ingest_all(self) -> str:
@@ -131,6 +141,8 @@ class Topics:
                 return ParsedTopic("exit-policy", model=check_name(model, "model"))
             case ["control", "source", source]:
                 return ParsedTopic("source", source=check_name(source, "source"))
+            case ["control", "pace", source]:
+                return ParsedTopic("pace", source=check_name(source, "source"))
         raise TopicError(f"topic {topic!r} is not an offramp topic")
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from offramp.bus import Message, MessageBus, Subscription, Topics, from_payload
 from offramp.bus.outbox import Outbox
+from offramp.client.pace import PaceFollower
 from offramp.errors import BusError, WireError
 from offramp.wire import FrameEnvelope, Heartbeat, Plan, Result, Tensor, read_results
 
@@ -48,13 +49,16 @@ class Outgoing:
 
 async def publish_frames(bus: MessageBus, topic: str,
                          payloads: Iterable[bytes | Outgoing], rate: float, qos: int = 1,
-                         window: int = 32) -> float:
+                         window: int = 32, pace: PaceFollower | None = None) -> float:
     """Publish at ``rate`` frames per second (0: as fast as possible); return seconds taken.
     ``payloads`` is read one frame at a time, when that frame is due, so a generator can stamp
     each frame (its time, its deadline) as it is sent. Up to ``window`` QoS 1 publishes wait for
     their acknowledgement at once, as a camera's MQTT client keeps several in flight (paho:
-    20); one at a time would cap the rate at one frame per broker round trip. Raises the first
-    BusError once every publish has ended."""
+    20); one at a time would cap the rate at one frame per broker round trip. With ``pace``
+    (the source's, :func:`offramp.client.follow_pace`), each frame also waits until it fits
+    the pace: a list of images is sent at the lower of the two rates, none left out (a live
+    camera skips frames instead: :mod:`offramp.local.video`). Raises the first BusError once
+    every publish has ended."""
     failed: list[BusError] = []
 
     async def one(frame: Outgoing) -> None:
@@ -71,6 +75,8 @@ async def publish_frames(bus: MessageBus, topic: str,
                 delay = start + i / rate - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
+            if pace is not None:
+                await pace.wait()
             frame = next(frames, None)
             if frame is None:
                 break

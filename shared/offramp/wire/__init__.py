@@ -16,6 +16,7 @@ from offramp.wire.messages import (
     Refused,
     Sample,
 )
+from offramp.wire.pace import Pace
 from offramp.wire.reader import DEFAULT_MAX_BYTES, VERSION
 from offramp.wire.result import STATUSES, Refusal, Result, Status, read_results
 from offramp.wire.state import Grant, Heartbeat, SegmentLoad, SentCount, Want
@@ -24,7 +25,7 @@ from offramp.wire.tensor import CODECS, Codec, Tensor
 __all__ = [
     "CODECS", "CRITERIA", "DEFAULT_MAX_BYTES", "EXIT_REASONS", "STATUSES", "VERSION",
     "ActivationPacket", "Codec", "Completion", "Criterion", "DoneReport", "ExitPolicy", "ExitReason",
-    "Failed", "FrameEnvelope", "Grant", "Heartbeat", "Hop", "Moved", "Plan", "Refusal", "Refused",
+    "Failed", "FrameEnvelope", "Grant", "Heartbeat", "Hop", "Moved", "Pace", "Plan", "Refusal", "Refused",
     "Result", "Sample",
     "SegmentLoad", "SegmentRef", "SentCount", "Status", "Tensor", "Want", "read_results",
 ]
