@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml $(MEMBERS) | system-deps
 	@echo "== setup 3/4: $(TORCH_SPEC) (training and export only; the largest download)"
 	@$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
 	@echo "== setup 4/4: offramp, its services and the dev tools (editable)"
-	@$(PY) -m pip install -q $(TORCH_INDEX) -e 'shared[serve,images,cli,train,pretrained,testbed,tracing]' \
+	@$(PY) -m pip install -q $(TORCH_INDEX) -e 'shared[serve,images,cli,video,train,pretrained,testbed,tracing]' \
 	    $(SERVICES:%=-e services/%) --group dev
 	@touch $(STAMP)
 	@echo "== setup done"
@@ -58,6 +58,7 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 pytest: setup
+	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh test
 	$(PY) -m pytest -q
 
 test: lint typecheck pytest

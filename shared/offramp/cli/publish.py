@@ -1,12 +1,14 @@
-"""``offramp publish``: send a dataset's images, or a folder of JPEG/PNG files, to an ingest
-topic at a rate, as a camera would.
+"""``offramp publish``: send a dataset's images, a folder of JPEG/PNG files, or a camera's
+frames (``--video``, :mod:`offramp.cli.publish_video`) to an ingest topic, as a camera would.
 
 The images are those of the dataset the served model was trained on: the bundle's
 (``--bundle``), or the one the running exit-arbiter announces in its retained exit policy. A
 ``--dataset`` that differs from either is refused: a model answers another dataset's images
 with confident nonsense. Each envelope is stamped (time, deadline) when it is sent, not when
 the list is built. Files of ``--dir`` go as they are, their frame id as MQTT v5 correlation
-data, and the command prints which file got which id.
+data, and the command prints which file got which id. Unless ``--no-follow-rate``, the
+command follows the pace the admission-controller tells the source (docs/wire.md, "Pace"):
+images wait for it, a camera's frames above it are skipped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import TYPE_CHECKING
 
 from offramp.bus import Bus, MessageBus, Topics, from_payload
 from offramp.cli.args import add_bus_options, bus_settings
+from offramp.cli.publish_video import add_video_options, publish_video, video_options
+from offramp.client.pace import PaceFollower, follow_pace
 from offramp.errors import OfframpError
 from offramp.local.client import Outgoing, envelope, publish_frames
 from offramp.wire import ExitPolicy
@@ -33,8 +37,9 @@ if TYPE_CHECKING:
     from offramp.ml.data import Split
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-DESCRIPTION = ("Send a dataset's images (those the served model was trained on) or a folder "
-               "of JPEG/PNG files to ingest/<source> at a rate, as a camera would.")
+DESCRIPTION = ("Send a dataset's images (those the served model was trained on), a folder "
+               "of JPEG/PNG files, or a camera's frames (a video file, /dev/videoN, rtsp://) "
+               "to ingest/<source>, as a camera would, at the pace the system takes them.")
 ANNOUNCE_WAIT_S = 3.0  # how long to wait for the served model's retained exit policy
 
 
@@ -61,6 +66,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--rate", type=float, default=50.0, help="frames per second (0: at once)")
     p.add_argument("--deadline-ms", type=float, default=0.0,
                    help="each frame's deadline, counted from when it is sent (0: none)")
+    p.add_argument("--no-follow-rate", dest="follow_rate", action="store_false",
+                   help="send at --rate (or the camera's rate) even above the pace the "
+                        "admission-controller tells the source on control/pace/<source>; the "
+                        "frames above it are answered 'dropped'")
+    add_video_options(p)
     p.set_defaults(handler=cmd_publish)
 
 
@@ -180,13 +190,24 @@ def dataset_frames(split: Split, split_name: str, count: int | None, deadline_s:
                        label=int(split.labels[i]), deadline_s=deadline_s)
 
 
-def cmd_publish(args: argparse.Namespace) -> int:
-    settings = bus_settings(args)
+def _check(args: argparse.Namespace) -> None:
+    """One clear error for options that do not go together, before anything connects."""
     if args.deadline_ms < 0:
         raise OfframpError(f"--deadline-ms {args.deadline_ms}: milliseconds, 0 for none")
     if args.dir is not None and (args.bundle or args.dataset):
         raise OfframpError("--dir sends files; --bundle and --dataset choose dataset images")
+    if args.video is not None and (args.dir is not None or args.bundle or args.dataset):
+        raise OfframpError("--video sends a camera's frames; --dir, --bundle and --dataset "
+                           "choose images")
+    if args.count < 0:
+        raise OfframpError(f"--count {args.count}: a number of frames, 0 for all")
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    settings = bus_settings(args)
+    _check(args)
     files = _files(args.dir) if args.dir is not None else []
+    video = video_options(args) if args.video is not None else None  # checked before connecting
     bundle = _from_bundle(args)
     topics = Topics(args.prefix)
     run = _run_id()
@@ -201,22 +222,45 @@ def cmd_publish(args: argparse.Namespace) -> int:
     async def go() -> float:
         async with Bus(settings, f"offramp-publish-{os.getpid()}") as bus:
             await bus.wait_connected(10)
-            frames: Iterator[bytes] | Iterator[Outgoing]
-            if files:
-                frames = file_frames(files, _count(args, len(files), f"--dir {args.dir}"), run)
-            else:
-                wanted = choose_dataset(args, bundle,
-                                        await served_datasets(bus, topics, ANNOUNCE_WAIT_S))
-                from offramp.ml.data import load_dataset
+            if not args.follow_rate:
+                return await send(bus, None)
+            pace, reading, sub = await follow_pace(bus, topics, args.source)
+            try:
+                return await send(bus, pace)
+            finally:
+                reading.cancel()
+                await sub.close()
+                if pace.told:
+                    print(f"followed the pace: told {pace.told} times, {pace.skipped} frames "
+                          f"skipped, last {pace.rate_hz or 0:.1f} frames/s", file=sys.stderr)
 
-                split = load_dataset(wanted.name, wanted.data_dir, wanted.size,
-                                     splits=(args.split,)).split(args.split)
-                what = f"the {args.split} split of {wanted.name}"
-                print(f"sending {what} ({wanted.said_by})", file=sys.stderr)
-                frames = dataset_frames(split, args.split, _count(args, len(split), what),
-                                        args.deadline_ms / 1000 or None, run)
-            return await publish_frames(bus, topics.ingest(args.source), counted(frames),
-                                        args.rate)
+    async def send(bus: Bus, pace: PaceFollower | None) -> float:
+        nonlocal sent
+        if video is not None:
+            summary = await publish_video(
+                bus, topics, args.source, video, run=run, count=args.count,
+                deadline_s=args.deadline_ms / 1000 or None, pace=pace)
+            print(summary.json(), flush=True)
+            sent = summary.published
+            if not summary.kept and summary.last_error:
+                raise OfframpError(f"--video {args.video}: {summary.last_error}")
+            return summary.seconds
+        frames: Iterator[bytes] | Iterator[Outgoing]
+        if files:
+            frames = file_frames(files, _count(args, len(files), f"--dir {args.dir}"), run)
+        else:
+            wanted = choose_dataset(args, bundle,
+                                    await served_datasets(bus, topics, ANNOUNCE_WAIT_S))
+            from offramp.ml.data import load_dataset
+
+            split = load_dataset(wanted.name, wanted.data_dir, wanted.size,
+                                 splits=(args.split,)).split(args.split)
+            what = f"the {args.split} split of {wanted.name}"
+            print(f"sending {what} ({wanted.said_by})", file=sys.stderr)
+            frames = dataset_frames(split, args.split, _count(args, len(split), what),
+                                    args.deadline_ms / 1000 or None, run)
+        return await publish_frames(bus, topics.ingest(args.source), counted(frames),
+                                    args.rate, pace=pace)
 
     seconds = asyncio.run(go())
     print(f"published {sent} frames to {args.source} in {seconds:.1f} s", file=sys.stderr)
