@@ -21,10 +21,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+import structlog
 
 from offramp.bus import Bus, Message, Subscription, Topics, check_name
 from offramp.client.pace import PaceFollower, follow_pace
 from offramp.errors import OfframpError, WireError
+from offramp.node.log import configure_logging
 from offramp.settings import BusSettings
 from offramp.wire import FrameEnvelope, Result, Tensor, read_results
 
@@ -64,7 +66,8 @@ class Client:
     ``broker``: ``mqtt://host:port`` (or ``mqtts://``, with ``user:pass@``), or full
     :class:`~offramp.settings.BusSettings`; ``prefix``: the system's topic prefix;
     ``answers``: how many answers :meth:`stream` holds before the oldest are dropped (counted
-    in ``answers_dropped``)."""
+    in ``answers_dropped``). Unless the program configured structlog, the client logs its
+    warnings (a lost connection, say) to stderr."""
 
     def __init__(self, source: str, *, broker: str | BusSettings, prefix: str = "offramp/v1",
                  client_id: str | None = None, answers: int = 10_000,
@@ -81,6 +84,8 @@ class Client:
         self.pace: PaceFollower | None = None
         self.answers_dropped = 0
         self.undecodable = 0  # replies that were not a result or a refusal
+        if not structlog.is_configured():  # a program's stdout is its own: warnings to stderr
+            configure_logging("warning")
         self._bus = Bus(self.settings, self.client_id)
         self._ids = itertools.count()
         self._waiting: dict[str, asyncio.Future[Result]] = {}
