@@ -13,12 +13,13 @@ import pytest
 from rich.console import Console
 
 from offramp import __version__
+from offramp.bus import Message, Topics
 from offramp.cli.args import arguments, subcommands
+from offramp.cli.live import LiveView
 from offramp.cli.main import build_parser
-from offramp.cli.run import LiveView
 from offramp.local.broker import LocalBroker
 from offramp.ml.commands import COMMANDS
-from offramp.wire import Heartbeat, Result, SegmentLoad
+from offramp.wire import Heartbeat, Pace, Refusal, Result, SegmentLoad
 
 OFFRAMP = [sys.executable, "-m", "offramp.cli.main"]
 
@@ -121,6 +122,44 @@ def test_watch_prints_only_results_on_stdout_and_logs_on_stderr(broker: LocalBro
     assert "bus_connected" in err
 
 
+def test_watch_lines_fit_80_columns_and_filter_by_status(broker: LocalBroker,
+                                                         prefix: str) -> None:
+    """--lines: one line of 80 columns per frame, a refusal one per frame it lists; --status
+    keeps the chosen outcomes only."""
+    ok = Result(frame_id="frame-with-a-rather-long-name-17", task_id="t-1", source="cam-9",
+                status="ok", label=3, class_name="Ankle boot", confidence=0.91, exit_index=2,
+                latency_ms={"total": 12.5}, ts=1.8e9)
+    err = Result(frame_id="f-2", task_id="t-2", source="cam-9", status="error",
+                 error="not an image: " + "x" * 200, ts=1.8e9)
+    refusal = Refusal(source="cam-9", frames={"over the admitted rate": ["f-3", "f-4"]}, ts=1.8e9)
+    for wanted, expect in (("", 4), ("dropped,error", 3)):
+        with subprocess.Popen([*OFFRAMP, "watch", "--broker", broker.url, "--prefix", prefix,
+                               "--lines", "--status", wanted, "--count", str(expect)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline:
+                for payload in (ok.to_json(), err.to_json(), refusal.to_json()):
+                    subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-t",
+                                    f"{prefix}/results/cam-9", "-m", payload], check=True,
+                                   timeout=10)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=0.5)
+            out, errs = proc.communicate(timeout=30)
+        assert proc.returncode == 0, errs
+        lines = out.splitlines()
+        assert len(lines) >= expect and all(len(line) <= 80 for line in lines), lines
+        statuses = {line.split()[3] for line in lines}
+        if wanted:
+            assert statuses == {"dropped", "error"}, lines
+        else:
+            row = next(line for line in lines if " ok " in line)
+            assert "Ankle boot" in row and "exit 2" in row and "12.5 ms" in row, row
+            assert "frame-with-a-rat…" in row
+    bad = subprocess.run([*OFFRAMP, "watch", "--broker", broker.url, "--status", "fine"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert bad.returncode == 2 and "fine is not a status" in bad.stderr
+
+
 def _heartbeat(node: str, done: int, rate: float = 5000.0) -> Heartbeat:
     return Heartbeat(node=node, role="worker", online=True, device="cpu", segments=(
         SegmentLoad(model="m", segment=2, queued=3, backlog_s=0.004, service_rate=rate,
@@ -151,6 +190,27 @@ def test_live_view_fits_80_columns_and_shows_what_was_done() -> None:
     assert row.split()[5] == "120"  # 240 samples in 2 s
     assert "exit shares" in text and "1:0.50 2:0.50" in text
     assert "no result" not in text
+
+
+def test_live_view_shows_each_source_and_its_pace() -> None:
+    view = LiveView()
+    topics = Topics("t")
+    view.add_pace(topics, Message(topics.pace("cam-1"), Pace(source="cam-1", rate_hz=812.4,
+                                                             by="a", ts=1.0).to_json()))
+    view.add_pace(topics, Message(topics.pace("cam-gone"), Pace(source="cam-gone", rate_hz=5,
+                                                                by="a", ts=1.0).to_json()))
+    view.add_pace(topics, Message(topics.pace("cam-gone"), b""))  # withdrawn
+    view.add_pace(topics, Message(topics.pace("cam-2"), b"garbage"))  # ignored
+    for i in range(10):
+        view.add_result(Result(frame_id=f"f{i}", task_id="", source="cam-1",
+                               status="ok" if i < 6 else "dropped"), now=1.0)
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(view.render(now=2.0))
+    text = console.export_text()
+    row = next(line for line in text.splitlines() if line.strip().startswith("cam-1"))
+    assert row.split() == ["cam-1", "2.0", "1.2", "0.8", "0.0", "812"], row
+    assert "cam-gone" not in text and "cam-2" not in text
+    assert all(len(line) <= 80 for line in text.splitlines())
 
 
 def test_live_view_names_frames_that_get_no_result() -> None:

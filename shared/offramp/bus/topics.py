@@ -107,6 +107,9 @@ class Topics:
     def exit_policy_all(self) -> str:
         return f"{self.prefix}/control/exit-policy/+"
 
+    def pace_all(self) -> str:
+        return f"{self.prefix}/control/pace/+"
+
     def source_all(self) -> str:
         return f"{self.prefix}/control/source/+"
 

@@ -132,6 +132,10 @@ class LocalSystem:
             return {}
         return {m.node: int(m.env["OFFRAMP_HTTP_PORT"]) for m in self.group.members}
 
+    def exited(self) -> list[tuple[str, int | None]]:
+        """The services that stopped by themselves: (node, exit code)."""
+        return self.group.exited() if self.group is not None else []
+
     def member(self, node: str) -> ServiceProcess:
         assert self.group is not None
         return next(m for m in self.group.members if m.node == node)
