@@ -4,8 +4,13 @@ each with its frame id as correlation data. It is paced by the clock alone: a sl
 not slow it down (paho keeps up to ``--inflight`` publishes awaiting their acknowledgement and
 queues the rest), which is what a camera does.
 
+With ``--follow-rate`` it reads the pace the admission-controller tells its source
+(``control/pace/<source>``) and skips the frames above it, as a camera that follows the pace
+does (:class:`offramp.client.PaceFollower`); a skipped frame is never sent.
+
 It writes one JSON line per second to stdout: frames sent that second. At the end, the send
-time of every frame (``--sent FILE``, .npy of wall-clock seconds, index = frame number).
+time of every frame (``--sent FILE``, .npy of wall-clock seconds, index = frame number; NaN
+for a frame skipped for the pace).
 
     python -m bench.camera --port 1883 --prefix offramp/v1 --source cam-1 --rate 800 \\
         --seconds 60 --frames frames.npz --sent sent.npy
@@ -23,6 +28,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from offramp.bus import Message
+from offramp.client import PaceFollower
+
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.camera", description=__doc__.split("\n\n")[0],
@@ -39,15 +47,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inflight", type=int, default=1000,
                    help="publishes awaiting their acknowledgement before paho queues")
     p.add_argument("--sent", required=True, help="where to write each frame's send time (.npy)")
+    p.add_argument("--follow-rate", action="store_true",
+                   help="skip the frames above the pace told on control/pace/<source>")
+    p.add_argument("--share", type=float, default=1.0,
+                   help="with --follow-rate: the part of the source's pace this camera takes "
+                        "(1/n where n cameras send for one source)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     payloads = list(np.load(args.frames, allow_pickle=True)["payloads"])
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"camera-{args.source}",
-                         protocol=mqtt.MQTTv5)
+    # a client id of its own: cameras of one source with one id would take each other's
+    # connection over, again and again
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                         client_id=f"camera-{args.source}-{args.id_prefix}", protocol=mqtt.MQTTv5)
     client.max_inflight_messages_set(args.inflight)
+    pace = PaceFollower(share=args.share) if args.follow_rate else None
+    if pace is not None:
+        pace_topic = f"{args.prefix}/control/pace/{args.source}"
+        client.on_message = lambda _c, _u, msg: pace.read(Message(msg.topic, msg.payload))
+        client.on_connect = lambda c, *_: c.subscribe(pace_topic, qos=1)
     client.connect(args.host, args.port)
     client.loop_start()
     topic = f"{args.prefix}/ingest/{args.source}"
@@ -60,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         wait = due - time.time()
         if wait > 0:
             time.sleep(wait)
+        if pace is not None and not pace.take():
+            sent[n] = np.nan
+            continue
         props = Properties(PacketTypes.PUBLISH)
         props.CorrelationData = f"{args.id_prefix}{n}".encode()
         sent[n] = time.time()

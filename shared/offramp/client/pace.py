@@ -18,10 +18,14 @@ BURST_S = 0.1  # frames a follower may send at once, in seconds of the pace
 
 class PaceFollower:
     """The pace of one source and a token bucket at that rate. With no pace told (or one
-    that no longer holds: its controller stopped saying it) every frame may go."""
+    that no longer holds: its controller stopped saying it) every frame may go. ``share``: the
+    part of the source's frames this sender sends, where several send for one source."""
 
-    def __init__(self, burst_s: float = BURST_S) -> None:
+    def __init__(self, burst_s: float = BURST_S, share: float = 1.0) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"share {share}: a fraction in (0, 1]")
         self.burst_s = burst_s
+        self.share = share
         self.pace: Pace | None = None
         self._bucket: TokenBucket | None = None
         self.told = 0  # paces received
@@ -33,7 +37,8 @@ class PaceFollower:
     def rate_hz(self) -> float | None:
         """The rate followed now (None: none is told, every frame may go)."""
         pace = self.pace
-        return pace.rate_hz if pace is not None and pace.holds(time.time()) else None
+        return pace.rate_hz * self.share if pace is not None and pace.holds(time.time()) \
+            else None
 
     def tell(self, pace: Pace | None) -> None:
         """A pace received (None: withdrawn)."""
@@ -42,9 +47,9 @@ class PaceFollower:
         if pace is None:
             self._bucket = None
         elif self._bucket is None:
-            self._bucket = TokenBucket(pace.rate_hz, self.burst_s, time.monotonic())
+            self._bucket = TokenBucket(pace.rate_hz * self.share, self.burst_s, time.monotonic())
         else:
-            self._bucket.rate = pace.rate_hz
+            self._bucket.rate = pace.rate_hz * self.share
 
     def read(self, msg: Message) -> None:
         """A message of ``control/pace/<source>``: a pace, or empty (withdrawn)."""
