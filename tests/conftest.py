@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from offramp.bus import Topics
+from offramp.bus import Bus, Topics
 from offramp.local.broker import LocalBroker
+from offramp.local.client import wait_for_workers
+from offramp.local.system import LocalSystem
 from offramp.ml.build import Recipe, build
 from offramp.ml.train import TrainConfig
 from offramp.model.bundle import Bundle
@@ -78,3 +81,22 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_recipe: Recipe) -
     """A real ONNX bundle (4 segments, calibrated) trained and exported in this test session."""
     bundle, _ = build(tiny_recipe, tmp_path_factory.mktemp("bundle") / "tiny", progress=False)
     return bundle
+
+
+def _wait_up(system: LocalSystem) -> LocalSystem:
+    async def wait() -> None:
+        settings = BusSettings(broker_url=system.url, topic_prefix=system.prefix)
+        async with Bus(settings, f"test-wait-up-{os.getpid()}") as bus:
+            await bus.wait_connected(10)
+            await wait_for_workers(bus, Topics(system.prefix), system.workers, 60)
+
+    asyncio.run(wait())
+    return system
+
+
+@pytest.fixture
+def up() -> Callable[[LocalSystem], LocalSystem]:
+    """``up(system)``: ``system`` once it takes frames (its workers serve, an
+    admission-controller holds the ingest session), as a user's system is when a client
+    connects."""
+    return _wait_up

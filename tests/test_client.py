@@ -9,36 +9,23 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from offramp.bus import Bus, Topics
 from offramp.client import BlockingClient, Client, encode_frame
 from offramp.errors import OfframpError
 from offramp.local.broker import LocalBroker
-from offramp.local.client import png_bytes, wait_for_workers
+from offramp.local.client import png_bytes
 from offramp.local.system import LocalSystem
 from offramp.ml.data import load_digits
 from offramp.model.bundle import Bundle
-from offramp.settings import BusSettings
 
 TOP = Path(__file__).parent.parent
 DOC = TOP / "docs" / "client.md"
 README_BROKER = 'broker="mqtt://127.0.0.1:1883"'
-
-
-def _up(system: LocalSystem) -> LocalSystem:
-    """``system`` once it takes frames (what a user's system is when a client connects)."""
-    async def wait() -> None:
-        settings = BusSettings(broker_url=system.url, topic_prefix=system.prefix)
-        async with Bus(settings, f"test-client-wait-{os.getpid()}") as bus:
-            await bus.wait_connected(10)
-            await wait_for_workers(bus, Topics(system.prefix), system.workers, 60)
-
-    asyncio.run(wait())
-    return system
 
 
 def _examples() -> list[str]:
@@ -55,13 +42,14 @@ def _readme_example() -> str:
 
 
 def test_the_documented_examples_run_against_a_running_system(
-        tiny_bundle: Bundle, prefix: str, broker: LocalBroker, tmp_path: Path) -> None:
+        tiny_bundle: Bundle, prefix: str, broker: LocalBroker, tmp_path: Path,
+        up: Callable[[LocalSystem], LocalSystem]) -> None:
     examples = _examples()
     assert len(examples) == 2
     (tmp_path / "digit.png").write_bytes(png_bytes(load_digits().test.images[0]))
     env = {**os.environ, "OFFRAMP_BROKER_URL": broker.url, "OFFRAMP_TOPIC_PREFIX": prefix}
     with LocalSystem(tiny_bundle, 1, prefix=prefix, broker_url=broker.url) as system:
-        _up(system)
+        up(system)
         outputs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                   text=True, timeout=120, check=False, cwd=tmp_path)
                    for code in [*examples, "import os\n" + _readme_example()]]
@@ -77,10 +65,11 @@ def test_the_documented_examples_run_against_a_running_system(
 
 
 def test_each_frame_gets_its_own_answer_and_a_bad_frame_an_error(
-        tiny_bundle: Bundle, prefix: str, broker: LocalBroker) -> None:
+        tiny_bundle: Bundle, prefix: str, broker: LocalBroker,
+        up: Callable[[LocalSystem], LocalSystem]) -> None:
     images = load_digits().test
     with LocalSystem(tiny_bundle, 1, prefix=prefix, broker_url=broker.url) as system:
-        _up(system)
+        up(system)
         with BlockingClient("cam-c", broker=broker.url, prefix=prefix) as client:
             good = client.submit(images.images[0], frame_id="first",
                                  label=int(images.labels[0]))
@@ -96,7 +85,8 @@ def test_each_frame_gets_its_own_answer_and_a_bad_frame_an_error(
 
 
 def test_a_client_that_follows_the_pace_skips_frames_instead_of_having_them_dropped(
-        tiny_bundle: Bundle, prefix: str, broker: LocalBroker) -> None:
+        tiny_bundle: Bundle, prefix: str, broker: LocalBroker,
+        up: Callable[[LocalSystem], LocalSystem]) -> None:
     env = {"OFFRAMP_CONTROL_STRATEGY": "rate", "OFFRAMP_CONTROL_RATE_MAX": "100"}
     images = load_digits().test.images
 
@@ -123,7 +113,7 @@ def test_a_client_that_follows_the_pace_skips_frames_instead_of_having_them_drop
             return sent, statuses, pace.skipped
 
     with LocalSystem(tiny_bundle, 1, prefix=prefix, broker_url=broker.url, env=env) as system:
-        _up(system)
+        up(system)
         sent, statuses, skipped = asyncio.run(run())
     assert skipped >= 300 and sent <= 300, (sent, skipped)  # about 95 of 400 a second went
     assert statuses.get("dropped", 0) <= 0.05 * sent, statuses

@@ -84,8 +84,12 @@ def register(sub: Any) -> None:
                    "the first this many validation images (None: all)")
     p.set_defaults(handler=cmd_compress)
 
+    from offramp.cli.onnx_import import register as register_import
 
-def _acc_table(title: str, rows: dict[str, list[float]]) -> Table:
+    register_import(sub)
+
+
+def accuracy_table(title: str, rows: dict[str, list[float]]) -> Table:
     k = max(len(v) for v in rows.values())
     table = Table(title=title)
     table.add_column("run")
@@ -133,7 +137,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     bundle, metrics = build(recipe, out, force=args.force)
     state = "cached" if metrics["cached"] else f"trained in {metrics['train_seconds']} s"
     console.print(f"[bold]{recipe.name}[/] -> {out}: {state}")
-    console.print(_acc_table("per-exit accuracy", {"val": metrics["val_exit_accuracy"],
+    console.print(accuracy_table("per-exit accuracy", {"val": metrics["val_exit_accuracy"],
                                                    "test": metrics["test_exit_accuracy"]}))
     console.print(segments_table(bundle))
     calib = bundle.calibration()
@@ -165,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         rows[name] = result.test_accuracy
         if name == next(iter(runs)):
             steps.save_trained(args.out / "model.pt", model, recipe, data.classes)
-    console.print(_acc_table("test accuracy per exit", rows))
+    console.print(accuracy_table("test accuracy per exit", rows))
     return 0
 
 

@@ -24,9 +24,9 @@ class BlockingClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name="offramp-client",
                                         daemon=True)
         self._thread.start()
-        self._client: Client | None = None
+        self._async: Client | None = None
         try:
-            self._client = self._call(self._open(source, kwargs))
+            self._async = self._call(self._open(source, kwargs))
         except BaseException:
             self._stop_loop()
             raise
@@ -39,9 +39,9 @@ class BlockingClient:
 
     @property
     def client(self) -> Client:
-        if self._client is None:
+        if self._async is None:
             raise RuntimeError("the client is closed")
-        return self._client
+        return self._async
 
     def submit(self, frame: Frame, **kwargs: Any) -> Result:
         """:meth:`Client.submit`: publish a frame and return its answer."""
@@ -65,8 +65,8 @@ class BlockingClient:
                 return
 
     def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
+        if self._async is not None:
+            client, self._async = self._async, None
             self._call(client.__aexit__(None, None, None))
         self._stop_loop()
 

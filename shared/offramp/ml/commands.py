@@ -11,4 +11,5 @@ COMMANDS = {
     "export": "export a trained model.pt to a bundle of K segments",
     "calibrate": "calibrate a bundle and choose thresholds",
     "compress": "train cut autoencoders and compare wire codecs",
+    "import": "split any ONNX image classifier into segments and train exits on it",
 }
