@@ -10,7 +10,7 @@ STAMP       := $(VENV)/.installed
 SERVICES    := admission-controller segment-worker exit-arbiter priority-scheduler
 MEMBERS     := shared/pyproject.toml $(SERVICES:%=services/%/pyproject.toml)
 
-.PHONY: help setup system-deps demo test test-gpu test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control bench-overload bench-overhead bench-links bench-gpu clean
+.PHONY: help setup system-deps demo test test-gpu test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control bench-overload bench-overhead bench-video bench-links bench-gpu clean
 
 help:
 	@echo "make demo      run offramp locally (broker + services) and show it working"
@@ -23,6 +23,7 @@ help:
 	@echo "make bench-pipeline  the distributed system vs one ONNX session (bench/results/pipeline.json)"
 	@echo "make bench-control   admission strategies and priorities (bench/results/control.json)"
 	@echo "make bench-overload  open-loop cameras at 1x, 2x and 5x capacity: goodput, every frame answered (bench/results/overload.json)"
+	@echo "make bench-video     a 1280x720 H.264 camera for 60 s through publish --video: every frame answered once (bench/results/video.json)"
 	@echo "make bench-overhead  CPU per frame, process by process, just under capacity: how much is inference (bench/results/overhead.json)"
 	@echo "make bench-links     a 224x224 model over shaped links, per codec (root; bench/results/links.json)"
 	@echo "make bench-gpu       the worker's GPU path vs the monolithic model (needs a GPU; bench/results/gpu.json)"
@@ -91,6 +92,9 @@ bench-overload: setup
 
 bench-overhead: setup
 	$(PY) -m bench.overhead
+
+bench-video: setup
+	$(PY) -m bench.video
 
 bench-links: setup
 	$(PY) -m bench.links

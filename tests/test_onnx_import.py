@@ -113,9 +113,13 @@ def test_what_cannot_be_imported_is_one_clear_error(foreign: Path, tmp_path: Pat
     with pytest.raises(GraphError, match="10 outputs and imagefolder 3 classes"):
         import_onnx(ImportOptions(foreign, "imagefolder", tmp_path / "c",
                                   data_dir=str(folder)), show=False)
-    two = onnx.load(str(foreign))  # a second input: not an image classifier
+    two = onnx.load(str(foreign))  # a second input that counts: not an image classifier
     two.graph.input.append(onnx.helper.make_tensor_value_info(
         "extra", onnx.TensorProto.FLOAT, [1]))
+    two.graph.node.append(onnx.helper.make_node("Add", ["logits", "extra"], ["shifted"]))
+    del two.graph.output[:]
+    two.graph.output.append(onnx.helper.make_tensor_value_info(
+        "shifted", onnx.TensorProto.FLOAT, ["batch", 10]))
     onnx.save(two, str(tmp_path / "two.onnx"))
     with pytest.raises(GraphError, match="2 inputs"):
         read_graph(tmp_path / "two.onnx")

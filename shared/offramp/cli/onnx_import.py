@@ -44,8 +44,9 @@ def register(sub: Any) -> None:
                    "train the exits on (offramp datasets lists them)")
     p.add_argument("--data-dir", default=None, help="that dataset's folder, where it needs one")
     p.add_argument("--at", type=floats, default=(0.25, 0.5),
-                   help="cut at the points nearest these fractions of the model's FLOPs: one "
-                        "early exit each")
+                   help="cut near these fractions of the model's FLOPs, one early exit each "
+                        "(of the points within 0.05 of one, the one that sends the fewest "
+                        "bytes)")
     p.add_argument("--cut-at", type=names, default=(), metavar="TENSOR,...",
                    help="cut at these tensors instead (names from --list)")
     p.add_argument("--mean", type=floats, default=IMAGENET_MEAN,
@@ -75,8 +76,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         found, total = cuts(graph)
         table = Table(title=f"cut points of {args.model} ({total / 1e6:.1f} MFLOPs, "
                             f"{graph.classes} classes, input {graph.input_shape})")
-        for col in ("tensor", "shape", "MFLOPs to here", "share", "KiB a sample"):
-            table.add_column(col, justify="left" if col == "tensor" else "right")
+        table.add_column("tensor", overflow="fold")
+        for col in ("shape", "MFLOPs to here", "share", "KiB a sample"):
+            table.add_column(col, justify="right", no_wrap=True)
         for c in found:
             table.add_row(c.tensor, "x".join(map(str, c.shape)), f"{c.flops / 1e6:.1f}",
                           f"{c.flops / total:.2f}", f"{c.bytes / 1024:.1f}")

@@ -1,10 +1,18 @@
 """Reading a foreign ONNX classifier as a chain: where it can be cut, and its pieces.
 
-A cut point is a tensor through which everything flows: after the node that makes it, in the
-graph's topological order, it is the only computed tensor that later nodes still read
-(weights and constants aside). Cutting there loses nothing, so segment k is exactly the
-original graph between cut k-1 and cut k, extracted with ``onnx.utils.extract_model``. Only
-4-D activations (N, C, H, W) are offered, since an exit head pools them.
+Exporters compute padding and reshapes from the activations' shapes at run time
+(EfficientNet-Lite's "same" padding: a Shape, Gather, Sub, Div, Pad chain per convolution), so
+small shape tensors stay alive across whole stretches of the graph. They are folded first
+(:func:`fold_shapes`): ONNX Runtime computes each of them at two batch sizes, and the ones
+that do not depend on the batch become constants. (onnxslim folds them too, but changed
+EfficientNet-Lite0's logits by 1.7 in onnxslim 0.1.98; values computed by the runtime that
+serves the model cannot be wrong that way.) That leaves the activations flowing between
+layers. A cut point is then a tensor through which everything
+flows: after the node that makes it, in the graph's topological order, it is the only
+computed tensor that later nodes still read (weights and constants aside). Cutting there
+loses nothing, so segment k is exactly the simplified graph between cut k-1 and cut k,
+extracted with onnx's ``Extractor``. Only 4-D activations (N, C, H, W) are offered, since an
+exit head pools them.
 
 Exit heads are grafted onto a piece as plain ONNX nodes (AveragePool to a 2 x 2 grid, or
 GlobalAveragePool; Flatten, Gemm, Relu, Gemm, Softmax: every opset since 13 has them), so a
@@ -17,6 +25,7 @@ criterion compares between exits).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +47,7 @@ class GraphError(OfframpError):
 class Graph:
     """What the importer needs to know of a foreign classifier."""
 
-    model: onnx.ModelProto  # with shapes inferred
+    model: onnx.ModelProto  # simplified, with shapes inferred
     input: str
     output: str
     input_shape: tuple[int, ...]  # per sample: (C, H, W)
@@ -89,8 +98,71 @@ def read_graph(path: Path) -> Graph:
     if len(out) != 2 or out[1] <= 0:
         raise GraphError(f"{path}: output {model.graph.output[0].name} has shape {out}; "
                            "expected (batch, classes)")
+    model = onnx.shape_inference.infer_shapes(fold_shapes(model, inputs[0].name, shape[1:]))
     return Graph(model, inputs[0].name, model.graph.output[0].name, tuple(shape[1:]), out[1],
                  opset)
+
+
+SHAPE_SOURCES = ("Shape", "Size")
+
+
+def fold_shapes(model: onnx.ModelProto, input_name: str, per_sample: Sequence[int]
+                ) -> onnx.ModelProto:
+    """``model`` with every tensor computed from activations' shapes alone, and the same at
+    any batch size, replaced by a constant (the nodes that made only such tensors removed)."""
+    import onnxruntime as ort
+
+    g = model.graph
+    constant = {i.name for i in g.initializer}
+    for node in g.node:
+        if node.op_type == "Constant":
+            constant.update(node.output)
+    shape_only: list[str] = []
+    known = set(constant)
+    for node in g.node:
+        if node.op_type in SHAPE_SOURCES or (node.op_type != "Constant" and node.input and all(
+                not name or name in known for name in node.input)):
+            shape_only += [o for o in node.output if o]
+            known.update(node.output)
+    shape_only = [t for t in shape_only if t not in constant]
+    if not shape_only:
+        return model
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    types = {v.name: v for v in [*g.value_info, *g.output]}
+    missing = [t for t in shape_only if t not in types]
+    if missing:
+        raise GraphError(f"shape inference gave no type for {missing[:3]}: the graph cannot be "
+                         "split")
+    probe.graph.output.extend(types[t] for t in shape_only)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # not a warning per unused initializer of the probe
+    session = ort.InferenceSession(probe.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    values = []
+    for batch in (1, 2):
+        x = np.zeros((batch, *per_sample), np.float32)
+        values.append(dict(zip(shape_only, session.run(shape_only, {input_name: x}), strict=True)))
+    fixed = {t for t in shape_only if np.array_equal(values[0][t], values[1][t])}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.initializer.extend(numpy_helper.from_array(values[0][t], t) for t in sorted(fixed))
+    nodes = [n for n in out.graph.node if not (n.output and all(o in fixed for o in n.output
+                                                                 if o))]
+    used = {o.name for o in out.graph.output}
+    live = []
+    for node in reversed(nodes):  # what no output needs any more goes: the Shape nodes
+        if any(o in used for o in node.output):
+            live.append(node)
+            used.update(node.input)
+    del out.graph.node[:]
+    out.graph.node.extend(reversed(live))
+    kept = [i for i in out.graph.initializer if i.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    del out.graph.value_info[:]
+    onnx.checker.check_model(out)
+    return out
 
 
 def _dims(t: onnx.TypeProto) -> list[int]:
@@ -146,11 +218,10 @@ def node_flops(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     return 0
 
 
-def extract(source: Path, graph: Graph, start: str, end: str, out: Path) -> onnx.ModelProto:
-    """The piece of ``source`` from tensor ``start`` to tensor ``end`` (onnx's own extractor),
+def extract(graph: Graph, start: str, end: str, out: Path) -> onnx.ModelProto:
+    """The piece of the graph from tensor ``start`` to tensor ``end`` (onnx's own extractor),
     its input renamed ``x``, written to ``out``."""
-    onnx.utils.extract_model(str(source), str(out), [start], [end], check_model=False)
-    piece = onnx.load(str(out))
+    piece = onnx.utils.Extractor(graph.model).extract_model([start], [end])
     _rename_input(piece, start, "x")
     onnx.save(piece, str(out))
     return piece

@@ -3,7 +3,8 @@ without a torch model of its backbone.
 
 1. The graph's cut points (:mod:`offramp.ml.onnx_graph`); those nearest the asked FLOPs
    fractions (``at``), or the tensors named, become the cuts.
-2. The pieces between cuts are extracted with onnx's own tools and run over the dataset with
+2. The pieces between cuts (of the graph as onnxslim simplifies it) are extracted with onnx's
+   own tools and run over the dataset with
    ONNX Runtime, a batch at a time: at each cut, the activation's averages over a 2 x 2 grid
    (4 C floats a sample; a global average where the map's side is odd) are kept, and the
    model's own output, the teacher. Memory holds those, not the activations.
@@ -107,8 +108,15 @@ def choose_cuts(found: Sequence[Cut], total: int, at: Sequence[float],
     return sorted(chosen, key=lambda c: c.position)
 
 
+NEAR = 0.05  # cuts this close to an asked FLOPs share compete on the bytes they send
+
+
 def nearest(found: Sequence[Cut], total: int, fraction: float) -> Cut:
-    """The cut whose share of the FLOPs is nearest ``fraction``."""
+    """Of the cuts within :data:`NEAR` of ``fraction`` of the FLOPs, the one whose activation
+    is smallest (a block's output, not the wide tensor inside it); else the nearest."""
+    near = [c for c in found if abs(c.flops / total - fraction) <= NEAR]
+    if near:
+        return min(near, key=lambda c: (c.bytes, abs(c.flops / total - fraction)))
     return min(found, key=lambda c: abs(c.flops / total - fraction))
 
 
@@ -128,7 +136,7 @@ def import_onnx(o: ImportOptions, *, show: bool = True) -> Imported:
     spec = InputSpec(c, h, w, tuple(o.mean), tuple(o.std))
     o.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="offramp-import-") as tmp:
-        pieces = _pieces(o.model, graph, chosen, Path(tmp))
+        pieces = _pieces(graph, chosen, Path(tmp))
         with progress(show) as bar:
             kernels = [grid_kernel(c.shape) for c in chosen]
             feats = {s: _features(pieces, kernels, getattr(data, s), spec, o.batch, bar, s)
@@ -138,18 +146,18 @@ def import_onnx(o: ImportOptions, *, show: bool = True) -> Imported:
     plain_copy(graph, o.out / "full.onnx")
     write_rows_model(o.out / ROWS_MODEL)
     bundle = _write_manifest(o, graph, chosen, total, spec, data, val_acc, test_acc)
-    _verify(bundle, normalise(data.test.images[:16], spec))
+    _verify(bundle, o.model, normalise(data.test.images[:16], spec))
     calibrate_bundle(bundle, data.val)
     return Imported(load_bundle(o.out), chosen, total, val_acc, test_acc)
 
 
-def _pieces(source: Path, graph: Graph, chosen: list[Cut], tmp: Path) -> list[Path]:
+def _pieces(graph: Graph, chosen: list[Cut], tmp: Path) -> list[Path]:
     """The graph between consecutive cuts, as ONNX files: the trunk of each segment."""
     bounds = [graph.input, *(c.tensor for c in chosen), graph.output]
     paths = []
     for k, (start, end) in enumerate(itertools.pairwise(bounds), start=1):
         path = tmp / f"piece-{k}.onnx"
-        extract(source, graph, start, end, path)
+        extract(graph, start, end, path)
         paths.append(path)
     return paths
 
@@ -272,9 +280,15 @@ def _write_manifest(o: ImportOptions, graph: Graph, chosen: list[Cut], total: in
     return load_bundle(o.out)
 
 
-def _verify(bundle: Bundle, x: np.ndarray) -> None:
-    """The chained segments' final logits are the original model's, frame by frame."""
-    want = make_session(bundle.path("full.onnx")).run(None, {"x": x})[0]
+def _verify(bundle: Bundle, original: Path, x: np.ndarray) -> None:
+    """The chained segments' final logits, and ``full.onnx``'s, are the original file's,
+    frame by frame."""
+    session = make_session(original)
+    want = session.run(None, {session.get_inputs()[0].name: x})[0]
+    full = make_session(bundle.path("full.onnx")).run(None, {"x": x})[0]
+    if not np.allclose(full, want, atol=ATOL, rtol=1e-3):
+        raise OfframpError(f"full.onnx differs from the original model by "
+                           f"{float(np.abs(full - want).max()):.2e}")
     h = x
     for seg in bundle.manifest.segments:
         out = make_session(bundle.path(seg.file)).run(None, {"x": h})
