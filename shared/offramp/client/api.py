@@ -138,7 +138,7 @@ class Client:
                      timeout_s: float = 30.0) -> Result:
         """Publish one frame and return its answer: ``status`` ``ok`` with the prediction, or
         ``dropped``, ``expired`` or ``error`` with the reason. Raises TimeoutError when none
-        came within ``timeout_s`` (the frame may still be answered on ``results/``)."""
+        came within ``timeout_s``; an answer that comes after that goes to :meth:`stream`."""
         if self.pace is not None:
             await self.pace.wait()
         fid = frame_id or self._new_id()
