@@ -9,6 +9,7 @@ import asyncio
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,6 +95,41 @@ def test_an_imported_bundle_is_served(imported: Imported, prefix: str,
         up(system)
         statuses = asyncio.run(ask(system.url))
     assert statuses == ["ok"] * 20
+
+
+def test_a_residual_network_is_cut_between_its_blocks_and_kept_whole(
+        tmp_path: Path) -> None:
+    """A zoo ResNet-20 exported as a foreign file: the cut points are the blocks' outputs (no
+    tensor inside a block, where the skip connection carries a second one), and the imported
+    bundle's last exit is the original network frame by frame."""
+    import torch
+
+    from offramp.ml.export import FullModule
+    from offramp.ml.zoo import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "resnet20.onnx"
+    net = FullModule(create_model("resnet20", 10).eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on the zoo's shape arithmetic
+        torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(path), input_names=["x"],
+                          output_names=["logits"], dynamo=False,
+                          dynamic_axes={"x": {0: "b"}, "logits": {0: "b"}})
+    found, _ = cuts(read_graph(path))
+    residual = [c.tensor for c in found if c.tensor.startswith("/blocks.")
+                and not c.tensor.startswith("/blocks.0/")]  # blocks.0 is the stem
+    assert {t.split("/")[1] for t in residual} == {f"blocks.{i}" for i in range(1, 10)}
+    assert all(t.endswith(("/Add_output_0", "/Relu_output_0")) for t in residual), residual
+
+    done = import_onnx(ImportOptions(path, "digits", tmp_path / "bundle", at=(0.3, 0.6),
+                                     mean=(0.5,) * 3, std=(0.5,) * 3, **FAST), show=False)
+    x = normalise(load_digits().test.images[:64], done.bundle.manifest.input)
+    h, out = x, None
+    for seg in done.bundle.manifest.segments:
+        out = SegmentRunner(done.bundle, seg.index).run(h)
+        h = out.activation if out.activation is not None else h
+    assert out is not None and done.bundle.num_segments == 3
+    assert np.allclose(out.logits, make_session(path).run(None, {"x": x})[0], atol=1e-4)
 
 
 def test_what_cannot_be_imported_is_one_clear_error(foreign: Path, tmp_path: Path) -> None:
