@@ -47,7 +47,7 @@ from priority_scheduler.service import SchedulerSettings
 from priority_scheduler.service import run as scheduler_run
 from segment_worker.engine import Engine
 from segment_worker.hosting import Hosting
-from segment_worker.placer import Placer
+from segment_worker.placer import Outlet, Placer, Transmit
 from segment_worker.queue import Item
 from segment_worker.service import run as worker_run
 from segment_worker.settings import EngineConfig, WorkerSettings
@@ -244,6 +244,14 @@ class _Stages:
         self.left.append((segment, len(items)))
 
 
+def _placer(peers: PeerTable, stages: _Stages, transmit: Transmit, *,
+            cfg: EngineConfig | None = None, **outlet: Any) -> Placer:
+    """A placer on node w1 of model m, its packets going to ``transmit``."""
+    out = Outlet(transmit, lambda seg, node: f"act/m/{seg}/{node}", **outlet)
+    return Placer(cfg or EngineConfig(node="w1"), model="m", boot=0.0, peers=peers,
+                  stages=stages, out=out)
+
+
 def _items(n: int, priority: float = 1.0) -> list[Item]:
     return [Item(Sample(task_id=f"t{i}", source="cam", frame_id=f"f{i}", priority=priority),
                  np.zeros(16, np.float32), None, time.time()) for i in range(n)]
@@ -267,9 +275,7 @@ async def test_the_placer_sends_within_credit_and_keeps_the_rest() -> None:
     peers = PeerTable("w1")
     peers.update(_worker_beat("w2", 2, grant_to="w1", limit=5))
     stages = _Stages(local=None)
-    placer = Placer(EngineConfig(node="w1"), model="m", boot=0.0, peers=peers, stages=stages,
-                    transmit=transmit, act_topic=lambda seg, node: f"act/m/{seg}/{node}",
-                    nudge=lambda: nudges.append(1))
+    placer = _placer(peers, stages, transmit, nudge=lambda: nudges.append(1))
     await placer.forward(2, _items(8))
     assert sent == [("act/m/2/w2", 5)]
     assert placer.parked(2) == 3 and nudges  # asked for more at once
@@ -294,10 +300,8 @@ async def test_the_placer_hands_a_slow_link_only_half_a_second_at_once() -> None
     per_sample = items[0].x.nbytes
     peers = PeerTable("w1")
     peers.update(_worker_beat("w2", 2, grant_to="w1", limit=8))
-    placer = Placer(EngineConfig(node="w1"), model="m", boot=0.0, peers=peers,
-                    stages=_Stages(local=None), transmit=transmit,
-                    act_topic=lambda seg, node: f"act/m/{seg}/{node}", nudge=lambda: None,
-                    uplink=lambda: (10.0 * per_sample, 0.001), unsent=lambda: unsent[0])
+    placer = _placer(peers, _Stages(local=None), transmit,
+                     uplink=lambda: (10.0 * per_sample, 0.001), unsent=lambda: unsent[0])
     await placer.forward(2, items)
     assert sent == [5] and placer.parked(2) == 3
     await placer.retry()  # the connection still holds the first packet: nothing more
@@ -321,10 +325,7 @@ async def test_placements_at_once_never_spend_the_same_credit_twice() -> None:
 
     peers = PeerTable("w1")
     peers.update(_worker_beat("w2", 2, grant_to="w1", limit=5))
-    placer = Placer(EngineConfig(node="w1"), model="m", boot=0.0, peers=peers,
-                    stages=_Stages(local=None), transmit=transmit,
-                    act_topic=lambda seg, node: f"act/m/{seg}/{node}", nudge=lambda: None,
-                    encode=slow_encode)
+    placer = _placer(peers, _Stages(local=None), transmit, encode=slow_encode)
     await asyncio.gather(placer.forward(2, _items(4)), placer.forward(2, _items(4)))
     assert sum(sent) == 5 and placer.parked(2) == 3
 
@@ -344,9 +345,7 @@ async def test_a_batch_over_the_brokers_limit_goes_as_several_packets() -> None:
     peers = PeerTable("w1")
     peers.update(_worker_beat("w2", 2, grant_to="w1", limit=100))
     stages = _Stages(local=None)
-    placer = Placer(EngineConfig(node="w1"), model="m", boot=0.0, peers=peers, stages=stages,
-                    transmit=transmit, act_topic=lambda seg, node: f"act/m/{seg}/{node}",
-                    nudge=lambda: None, max_payload=lambda topic: 30_000)
+    placer = _placer(peers, stages, transmit, max_payload=lambda topic: 30_000)
     await placer.forward(2, big(20, 1000))
     assert sum(n for n, _ in sent) == 20 and len(sent) >= 3
     assert all(size <= 30_000 for _, size in sent)
@@ -366,9 +365,8 @@ async def test_the_placer_keeps_near_ties_local() -> None:
     peers = PeerTable("w1")
     peers.update(_worker_beat("w2", 2, grant_to="w1", limit=100))
     stages = _Stages(local=Candidate("w1", 0.0005, 0.001, local=True, credit=100))
-    placer = Placer(EngineConfig(node="w1", offload_margin_s=0.002), model="m", boot=0.0,
-                    peers=peers, stages=stages, transmit=transmit,
-                    act_topic=lambda seg, node: f"act/m/{seg}/{node}", nudge=lambda: None)
+    placer = _placer(peers, stages, transmit,
+                     cfg=EngineConfig(node="w1", offload_margin_s=0.002))
     await placer.forward(2, _items(4))
     assert stages.handed == [(2, 4)] and sent == []
 
@@ -382,9 +380,8 @@ async def test_a_batch_runs_through_here_only_where_the_placer_would_keep_it() -
 
     peers = PeerTable("w1")
     stages = _Stages(local=Candidate("w1", 0.0005, 0.001, local=True, credit=100))
-    placer = Placer(EngineConfig(node="w1", offload_margin_s=0.002), model="m", boot=0.0,
-                    peers=peers, stages=stages, transmit=transmit,
-                    act_topic=lambda seg, node: f"act/m/{seg}/{node}", nudge=lambda: None)
+    placer = _placer(peers, stages, transmit,
+                     cfg=EngineConfig(node="w1", offload_margin_s=0.002))
     assert placer.stays_here(2, 1.0, 4, 64)
     peers.update(_worker_beat("w2", 2, grant_to="w1", limit=100))  # a near tie: still here
     assert placer.stays_here(2, 1.0, 4, 64)

@@ -58,7 +58,7 @@ from offramp.wire import (
 )
 from segment_worker.codecs import Codecs
 from segment_worker.link import Link
-from segment_worker.placer import Placer
+from segment_worker.placer import Outlet, Placer
 from segment_worker.queue import Item, SegmentQueue
 from segment_worker.settings import EngineConfig
 from segment_worker.spans import record_batch
@@ -178,12 +178,12 @@ class Engine:
                              batch=cfg.batch_max, offload=self._offload, log=self.log)
         self.link = Link(self._send_packet, rate_bps=cfg.link_bits_per_s,
                          delay_s=cfg.link_delay_s)
+        out = Outlet(self.link.send, lambda seg, node: topics.act(self.model, seg, node),
+                     nudge=nudge, uplink=self.uplink, encode=self._encode,
+                     wire=self.codecs.wire, max_payload=max_payload, on_host=self._on_host,
+                     unsent=unsent)
         self.placer = Placer(cfg, model=self.model, boot=self.boot, peers=peers, stages=self,
-                             transmit=self.link.send,
-                             act_topic=lambda seg, node: topics.act(self.model, seg, node),
-                             nudge=nudge, uplink=self.uplink, encode=self._encode,
-                             wire=self.codecs.wire, max_payload=max_payload,
-                             on_host=self._on_host, unsent=unsent)
+                             out=out)
         self.warming: str | None = None  # what a segment being loaded is doing (readiness)
         self.transfers: Counter[str] = Counter()  # copies made by resident segments, all told
         self.draining = False  # the worker is stopping: nothing advertised, no credit

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -59,27 +59,31 @@ class Stages(Protocol):
         """``items`` left for ``node`` to run ``segment`` there."""
 
 
+@dataclass(frozen=True)
+class Outlet:
+    """How this node's packets leave it: the link, the codecs and the bus's limits, as the
+    engine provides them (defaults: an unmeasured link, raw tensors, no limit)."""
+
+    transmit: Transmit  # onto this node's link
+    act_topic: ActTopic
+    nudge: Callable[[], None] = lambda: None  # this node's heartbeat, early: a new request in it
+    uplink: Uplink = lambda: (0.0, 0.0)
+    encode: Encode = _raw
+    wire: Wire = lambda cut, rate: (1.0, 0.0)
+    max_payload: Callable[[str], int] = lambda topic: 0  # what the bus takes per message (0: any)
+    on_host: OnHost = field(default=_stack)  # device rows come to the host once, for a packet
+    unsent: Callable[[], int] = lambda: 0  # bytes published and not yet delivered
+
+
 class Placer:
     def __init__(self, cfg: EngineConfig, *, model: str, boot: float, peers: PeerTable,
-                 stages: Stages, transmit: Transmit, act_topic: ActTopic,
-                 nudge: Callable[[], None], uplink: Uplink = lambda: (0.0, 0.0),
-                 encode: Encode = _raw, wire: Wire = lambda cut, rate: (1.0, 0.0),
-                 max_payload: Callable[[str], int] = lambda topic: 0,
-                 on_host: OnHost = _stack, unsent: Callable[[], int] = lambda: 0) -> None:
+                 stages: Stages, out: Outlet) -> None:
         self.cfg = cfg
         self.model = model
         self.boot = boot
         self.peers = peers
         self.stages = stages
-        self.transmit = transmit
-        self.act_topic = act_topic
-        self.nudge = nudge  # this node's heartbeat, early: it carries a new request
-        self.uplink = uplink
-        self.encode = encode
-        self.wire = wire
-        self.max_payload = max_payload  # what the bus takes per message to a topic (0: any)
-        self.on_host = on_host  # device rows come to the host once, for a packet
-        self.unsent = unsent  # bytes published and not yet delivered (the send queue)
+        self.out = out
         self.window = SendWindow(cfg.node, boot)
         self.plan: Plan | None = None
         self._parked: dict[int, list[Item]] = {}
@@ -117,13 +121,13 @@ class Placer:
     def _paced_rate(self) -> float:
         """The link rate sends are paced by, bytes/s (0: pacing is off or the link is not
         known yet)."""
-        return self.uplink()[0] if self.cfg.send_queue_s else 0.0
+        return self.out.uplink()[0] if self.cfg.send_queue_s else 0.0
 
     def _send_budget(self) -> float:
         """Bytes the send queue may take now (``send_queue_s`` of the measured link, less
         what waits in it); infinite where sends are not paced."""
         rate = self._paced_rate()
-        return self.cfg.send_queue_s * rate - self.unsent() if rate > 0 else float("inf")
+        return self.cfg.send_queue_s * rate - self.out.unsent() if rate > 0 else float("inf")
 
     def _parked_for_link(self, segment: int) -> bool:
         """Whether the work parked for ``segment`` needs more than half the park timeout of
@@ -150,7 +154,7 @@ class Placer:
 
     # -- placing ----------------------------------------------------------------------------------
     def _candidates(self, segment: int, priority: float, count: int) -> list[Candidate]:
-        link_bps, rtt_s = self.uplink()
+        link_bps, rtt_s = self.out.uplink()
         cands = [self._by_codec(c, segment - 1) for c in self.peers.candidates(
             self.model, segment, count, priority=priority, window=self.window,
             link_bps=link_bps, rtt_s=rtt_s)]
@@ -159,7 +163,7 @@ class Placer:
 
     def _by_codec(self, c: Candidate, cut: int) -> Candidate:
         """``c`` with what the codec chosen for its link does to the transfer."""
-        ratio, codec_s = self.wire(cut, c.link_bytes_per_s)
+        ratio, codec_s = self.out.wire(cut, c.link_bytes_per_s)
         return replace(c, wire_ratio=ratio, codec_s_per_byte=codec_s)
 
     def estimate(self, segment: int, nbytes: int) -> float:
@@ -199,7 +203,7 @@ class Placer:
             parts = list(placement.parts)
             budget = self._send_budget()
             if budget != float("inf"):  # what the link takes soon; the rest waits parked
-                ratio = self.wire(segment - 1, self.uplink()[0])[0]
+                ratio = self.out.wire(segment - 1, self.out.uplink()[0])[0]
                 parts = paced(parts, self.cfg.node, per_sample * ratio, budget)
             for node, n in parts:
                 if node != self.cfg.node and n:  # before any await: a concurrent placement
@@ -218,7 +222,7 @@ class Placer:
                 parked.extend(held)
                 waiting = sum(1 for it in parked if it.sample.priority == prio)
                 if self._demand.untold((segment, prio), waiting):
-                    self.nudge()  # the hosts of ``segment`` do not know of this yet
+                    self.out.nudge()  # the hosts of ``segment`` do not know of this yet
 
     async def _send(self, segment: int, node: str, items: list[Item]) -> None:
         if node == self.cfg.node:
@@ -227,7 +231,7 @@ class Placer:
                 it.arrived = it.sent = now
             self.stages.hand_over(segment, items)
             return
-        topic = self.act_topic(segment, node)
+        topic = self.out.act_topic(segment, node)
         codecs: list[str] = []
 
         async def pack(part: Sequence[Item]) -> bytes:
@@ -236,11 +240,11 @@ class Placer:
             return payload
 
         async def send(part: Sequence[Item], payload: bytes) -> None:
-            await self.transmit(topic, payload)
+            await self.out.transmit(topic, payload)
             self.by_codec[codecs[-1]] += len(part)  # a part is sent right after it is packed
             await self.stages.passed_on(segment, node, list(part))
 
-        cap = self.max_payload(topic)
+        cap = self.out.max_payload(topic)
         packed = await send_within(items, cap, pack, send)
         self.split += packed.split
         if packed.split and (n := self._split_said.should_log()):
@@ -255,10 +259,10 @@ class Placer:
                                     "OFFRAMP_MAX_MESSAGE_BYTES, or a codec that sends less")
 
     async def _packet(self, segment: int, node: str, items: Sequence[Item]) -> tuple[bytes, str]:
-        act = await self.on_host([it.x for it in items])
+        act = await self.out.on_host([it.x for it in items])
         emb = np.stack([it.prev for it in items if it.prev is not None]) \
             if all(it.prev is not None for it in items) else None
-        tensor, codec = await self.encode(segment, node, act)
+        tensor, codec = await self.out.encode(segment, node, act)
         packet = ActivationPacket(model=self.model, segment=segment,
                                   samples=tuple(it.sample for it in items), tensor=tensor,
                                   embedding=None if emb is None else Tensor.encode(emb, "fp16"),
