@@ -21,9 +21,9 @@ from offramp.client import Client
 from offramp.local.client import png_bytes
 from offramp.local.system import LocalSystem
 from offramp.ml.calibrate import measure
-from offramp.ml.data import load_digits
+from offramp.ml.data import DATASETS, load_digits
 from offramp.ml.onnx_graph import GraphError, cuts, read_graph
-from offramp.ml.onnx_import import Imported, ImportOptions, import_onnx
+from offramp.ml.onnx_import import Imported, ImportOptions, import_onnx, resized
 from offramp.model.bundle import Bundle
 from offramp.model.inputs import normalise
 from offramp.model.sessions import SegmentRunner, make_session
@@ -130,6 +130,15 @@ def test_a_residual_network_is_cut_between_its_blocks_and_kept_whole(
         h = out.activation if out.activation is not None else h
     assert out is not None and done.bundle.num_segments == 3
     assert np.allclose(out.logits, make_session(path).run(None, {"x": x})[0], atol=1e-4)
+
+
+def test_images_held_at_the_datasets_own_size_are_the_same_images_once_resized() -> None:
+    """import keeps a dataset's images at the size they come at and resizes each batch as it
+    goes in: the pixels are those of loading at the model's size (memory is not: Fashion-MNIST's
+    training images at 224 px would be 8.3 GB)."""
+    native = load_digits(size=DATASETS["digits"].native_size).test.images
+    assert native.shape[1:] == (8, 8, 3)
+    assert np.array_equal(resized(native, 32, slice_=100), load_digits(size=32).test.images)
 
 
 def test_what_cannot_be_imported_is_one_clear_error(foreign: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         help_text = action.help or ""
-        if action.default is None or action.default is False or action.default == "" \
+        if action.default is None or action.default is False or action.default in ("", ()) \
                 or action.nargs == 0 or "%(default)" in help_text:  # a flag says it itself
             return help_text
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):

@@ -58,8 +58,10 @@ def register(sub: Any) -> None:
                    help="bundle directory (None: bundles/<file stem>)")
     p.add_argument("--name", default="", help="the model's name in the bundle (empty: the "
                    "file's stem)")
-    p.add_argument("--train-limit", type=positive, default=20_000,
-                   help="train the exit heads on this many training images, a seeded choice")
+    p.add_argument("--train-limit", type=positive, default=None,
+                   help="train the exit heads on this many training images, a seeded choice "
+                        "(default: all of them; the images are held at the size the dataset "
+                        "comes at and resized a batch at a time)")
     p.add_argument("--epochs", type=positive, default=40, help="exit head training epochs")
     p.add_argument("--distill", type=float, default=0.5,
                    help="weight of distillation from the model's output in the heads' loss "

@@ -256,16 +256,17 @@ class DatasetInfo:
     name: str
     description: str
     folder: str  # where it is looked for; "" when it ships with a Python package
+    native_size: int = 0  # the side its images come at (0: any); larger sizes are resized up
 
 
 DATASETS = {
     "digits": DatasetInfo("digits", "scikit-learn's 8x8 handwritten digits, 1,797 images, "
-                          "10 classes; seeded 60/20/20 split", ""),
+                          "10 classes; seeded 60/20/20 split", "", 8),
     "fashion-mnist": DatasetInfo("fashion-mnist", "Fashion-MNIST, 28x28 grey, 60,000 train / "
                                  "10,000 test, 10 classes; any MNIST-format idx folder with "
-                                 "--data-dir", f"{FASHION_DIR} ({FASHION_PACKAGE})"),
+                                 "--data-dir", f"{FASHION_DIR} ({FASHION_PACKAGE})", 28),
     "cifar10": DatasetInfo("cifar10", "CIFAR-10 in the python-pickle layout, 32x32, 50,000 "
-                           "train / 10,000 test", "--data-dir (required)"),
+                           "train / 10,000 test", "--data-dir (required)", 32),
     "imagefolder": DatasetInfo("imagefolder", "any folder of class sub-folders of images (or "
                                "train/ val/ test/ of them), any image size",
                                "--data-dir (required)"),
