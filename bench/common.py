@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,11 +39,47 @@ def percentile_ms(samples_s: list[float], q: float) -> float:
     return round(float(np.percentile(np.asarray(samples_s) * 1000.0, q)), 4)
 
 
-def write_result(name: str, payload: dict[str, Any]) -> None:
+def _utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _commit() -> str:
+    """The commit the benchmark ran on, ``-dirty`` after it when files differ from it."""
+    root = RESULTS.parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, text=True,
+                              capture_output=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, text=True, capture_output=True, check=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git checkout)"
+    return f"{head}-dirty" if dirty else head
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What a run starts under, taken before its first measurement and written beside its
+    figures: the commit, the time, and the machine's load average (1, 5 and 15 minutes: a
+    load left by a test or another benchmark shows there)."""
+
+    commit: str
+    started: str
+    loadavg: tuple[float, ...]
+
+    @classmethod
+    def now(cls) -> Conditions:
+        return cls(_commit(), _utc(), tuple(round(v, 2) for v in os.getloadavg()))
+
+
+def write_result(name: str, payload: dict[str, Any], conditions: Conditions) -> None:
     """Write bench/results/<name>.json and print it as the last line of output."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    doc = {"benchmark": name, "when": _utc(), "started": conditions.started,
+           "commit": conditions.commit,
+           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                       "loadavg_before": list(conditions.loadavg),
+                       "loadavg_after": [round(v, 2) for v in os.getloadavg()]},
            **payload}
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(doc, separators=(",", ":")))

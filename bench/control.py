@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import write_result
+from bench.common import Conditions, write_result
 from bench.pipeline import ROOT, three_segments
 from offramp.local import loadgen
 from offramp.local.loadgen import Run, Stream
@@ -163,6 +163,7 @@ def claims(bundle: Bundle, images: np.ndarray, labels: np.ndarray) -> dict[str, 
 
 
 def main() -> None:
+    conditions = Conditions.now()
     digits = claims(three_segments(), *_split(preset("mnv2-digits")))
     fashion_recipe = preset("effnet-fashion")
     fashion_bundle, _ = build(fashion_recipe, ROOT / "effnet-fashion-joint", progress=False)
@@ -181,7 +182,7 @@ def main() -> None:
         "goals": {"rate_gain_at_fixed_accuracy": ">= 2.0",
                   "accuracy_gain_at_fixed_rate": ">= +10 points",
                   "priority_latency_reduction": ">= 0.6"},
-    })
+    }, conditions)
     if unmet:
         raise SystemExit("bench-control: a claim's load condition was not met, so its figure "
                          f"says nothing: {'; '.join(unmet)}")

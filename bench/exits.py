@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import write_result
+from bench.common import Conditions, write_result
 from offramp.ml.build import build, load_data, preset
 from offramp.ml.calibrate import measure
 from offramp.ml.loss import LossConfig
@@ -115,6 +115,7 @@ def exit1_gain(row: dict[str, Any], ce: dict[str, Any]) -> tuple[float, float]:
 
 
 def main() -> None:
+    conditions = Conditions.now()
     chosen = [m.strip() for m in os.environ.get("OFFRAMP_BENCH_EXITS", ",".join(MODELS)).split(",")
               if m.strip()]
     unknown = sorted(set(chosen) - set(MODELS))
@@ -140,7 +141,7 @@ def main() -> None:
                  "fashion_joint_exit1_gain_points": ">= 2"},
         "teacher": {f"{m}/taught": str(bundle_dir(m, "ce") / "model.pt") for m in TAUGHT
                     if m in chosen},
-    })
+    }, conditions)
 
 
 if __name__ == "__main__":

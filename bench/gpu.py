@@ -47,7 +47,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from bench.common import rate, write_result
+from bench.common import Conditions, rate, write_result
 from bench.gpu_engine import engine_run
 from bench.gpu_exits import effnet_bundle, effnet_exits
 from bench.gpu_ready import ready_time
@@ -159,6 +159,7 @@ def ratio(num: Any, den: Any) -> float | None:
 
 
 def main() -> None:
+    conditions = Conditions.now()
     device = os.environ.get("OFFRAMP_BENCH_DEVICE", "cuda")
     seconds = float(os.environ.get("OFFRAMP_BENCH_SECONDS", "1.5"))
     models = _env_list("OFFRAMP_BENCH_GPU_MODELS", ",".join([*MODELS, "effnet-224"]))
@@ -223,7 +224,7 @@ def main() -> None:
                 "chain_* compute every exit head, monolithic only the final one; "
                 "b1_speedup_vs_plain = worker / chain_plain (MobileNetV2, batch 1), "
                 "b1_worker_vs_monolithic = worker / monolithic (same row)",
-    })
+    }, conditions)
     if failed:
         raise SystemExit(f"parts of the run failed: {', '.join(failed)} (see the JSON)")
 

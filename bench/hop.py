@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from bench.common import percentile_ms, write_result
+from bench.common import Conditions, percentile_ms, write_result
 from offramp.bus import Bus, Topics
 from offramp.local.broker import LocalBroker
 from offramp.settings import BusSettings
@@ -182,6 +182,7 @@ def main() -> None:
     """Each figure is the median of PAIRS runs, each offramp run timed right after its own
     bare-paho baseline (baseline, fast, library, baseline, fast, ...): this machine's speed
     drifts over seconds, and one pair at a time keeps the drift out of the ratios."""
+    conditions = Conditions.now()
     out: dict[ReadPath, dict[str, Any]] = {"fast": {"sizes": {}}, "library": {"sizes": {}}}
     with LocalBroker() as broker:
         for name, nbytes in SIZES.items():
@@ -214,7 +215,8 @@ def main() -> None:
         out[path]["ratio_p50_64KiB"] = out[path]["sizes"]["64KiB"]["ratio_p50"]
     write_result("hop", {"rounds": ROUNDS, "pairs": PAIRS, **out["fast"],
                          "library_read_path": out["library"],
-                         "goals": {"ratio_p50_at_64KiB": "<= 1.1", "throughput_ratio": ">= 0.75"}})
+                         "goals": {"ratio_p50_at_64KiB": "<= 1.1", "throughput_ratio": ">= 0.75"}},
+                 conditions)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import percentile_ms, write_result
+from bench.common import Conditions, percentile_ms, write_result
 from offramp.bus import Bus, Topics
 from offramp.cli.recipe_args import add_recipe_options, recipe_from_args
 from offramp.local.client import envelope, wait_for_workers
@@ -372,6 +372,7 @@ def figures(rows: list[dict[str, Any]], accuracy: dict[str, float]) -> dict[str,
 
 
 def main() -> None:
+    conditions = Conditions.now()
     if os.geteuid() != 0:
         raise SystemExit("bench-links needs root (network namespaces and tc)")
     bundle = ensure_bundle()
@@ -395,7 +396,7 @@ def main() -> None:
         "seconds": SECONDS,
         "repeats": REPEATS,
         "assignment": {"gw-1": [1], "worker-1": [2], "worker-2": [3, 4]},
-        **figures(rows, accuracy), "configs": rows, "runs": runs})
+        **figures(rows, accuracy), "configs": rows, "runs": runs}, conditions)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import write_result
+from bench.common import Conditions, write_result
 from bench.overload import demo_bundle, frames_file, run_phase
 from offramp.bus import Bus, Topics, from_payload
 from offramp.local.client import png_bytes
@@ -122,6 +122,7 @@ def _fashion_frames(folder: Path) -> Path:
 
 
 def main() -> None:
+    conditions = Conditions.now()
     part = os.environ.get("OFFRAMP_BENCH_OVERHEAD", "all")
     out: dict[str, Any] = {"load_share": LOAD, "seconds": SECONDS,
                            "cores": os.cpu_count()}
@@ -133,7 +134,7 @@ def main() -> None:
             from bench.links import ensure_bundle
 
             out["effnet_224"] = _run(ensure_bundle(), 3, _fashion_frames(folder), folder, 150.0)
-    write_result("overhead", out)
+    write_result("overhead", out, conditions)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import percentile_ms, write_result
+from bench.common import Conditions, percentile_ms, write_result
 from offramp.bus import Bus, Topics
 from offramp.local.client import png_bytes, wait_for_plan, wait_for_workers
 from offramp.local.system import LocalSystem
@@ -210,6 +210,7 @@ async def run_phase(system: LocalSystem, rate: float, seconds: float, frames: Pa
 
 
 def main() -> None:
+    conditions = Conditions.now()
     bundle = demo_bundle()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp, \
@@ -262,7 +263,7 @@ def main() -> None:
         "goals": {"goodput_at_2x": ">= 0.9", "goodput_at_5x": ">= 0.8",
                   "answered_at_2x": "1.0", "answered_at_5x": "1.0",
                   "ok_p99_ms_at_2x": "<= 1000", "dropped_share_at_2x_paced": "< 0.01"},
-    })
+    }, conditions)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Run, monolithic_rate, summarise, write_result
+from bench.common import Conditions, Run, monolithic_rate, summarise, write_result
 from offramp.bus import Bus, Topics
 from offramp.local.client import collect, envelope, publish_frames, wait_for_plan, wait_for_workers
 from offramp.local.system import LocalSystem
@@ -123,6 +123,7 @@ def fastest(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
+    conditions = Conditions.now()
     parts = [p.strip() for p in os.environ.get("OFFRAMP_BENCH_PIPELINE", "digits,224").split(",")]
     if unknown := set(parts) - {"digits", "224"}:
         raise SystemExit(f"OFFRAMP_BENCH_PIPELINE: unknown {sorted(unknown)}; digits and/or 224")
@@ -131,7 +132,7 @@ def main() -> None:
         from bench import pipeline_224
 
         out["effnet_224"] = pipeline_224.run()
-    write_result("pipeline", out)
+    write_result("pipeline", out, conditions)
 
 
 def digits() -> dict[str, Any]:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import Conditions, write_result
 from bench.common import rate as throughput
-from bench.common import write_result
 from offramp.ml.export import export_bundle
 from offramp.ml.zoo import create_model
 from offramp.model.bundle import load_bundle
@@ -35,6 +35,7 @@ def rate(fn: Callable[[], object]) -> float:
 
 
 def main() -> None:
+    conditions = Conditions.now()
     torch.manual_seed(0)
     model = create_model("mobilenetv2", 10, width=1.0).eval()
     x = np.random.default_rng(0).standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
@@ -78,7 +79,7 @@ def main() -> None:
         "goal": {"chain_ratio": ">= 0.95"},
         "note": "the chain computes every exit head; the monolithic model only the final one. "
                 "flops_bound_ratio is the chain_ratio that FLOPs alone would allow.",
-    })
+    }, conditions)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from typing import Any
 import av
 import numpy as np
 
-from bench.common import percentile_ms, write_result
+from bench.common import Conditions, percentile_ms, write_result
 from bench.overload import demo_bundle
 from offramp.bus import Bus, Topics
 from offramp.local.client import wait_for_plan, wait_for_workers
@@ -105,6 +105,7 @@ async def one_run(system: LocalSystem, clip: Path, source: str) -> dict[str, Any
 
 
 def main() -> None:
+    conditions = Conditions.now()
     bundle = demo_bundle()
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-video-") as tmp:
@@ -128,7 +129,7 @@ def main() -> None:
         "ok_share": statistics.median(ok),
         "p99_ms": statistics.median(p99), "p99_ms_spread": [min(p99), max(p99)],
         "goals": {"answered_once_share": "1.0"},
-    })
+    }, conditions)
 
 
 if __name__ == "__main__":
