@@ -22,7 +22,11 @@ and ``..._5x_paced`` (``dropped`` answers / frames sent) and ``uplink_share_at_2
 ``..._5x_paced`` (frames sent / frames the cameras had). Rates are over the
 whole phase, from its first frame sent to its last answer. Each camera process sends up to
 MAX_CAMERA_FPS; ``sending_fps`` says what the cameras achieved, since on two cores they compete
-with the system they load.
+with the system they load: ``cameras_core_share`` is the share of the machine's CPU the
+cameras and the answer reader took in each phase, and ``goodput_per_system_core_at_2x`` and
+``..._5x`` are the ``ok`` answers per CPU second of the system itself (services and broker)
+over the same at 1x: what refusing costs the system, apart from the cores the cameras take
+from it. ``admission_core_ms_per_frame``: the admission-controller's CPU per frame sent.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ PHASE_S = float(os.environ.get("OFFRAMP_BENCH_OVERLOAD_S", "60"))
 SETTLE_S = 15.0  # after the last frame of a phase, for its last answers
 MAX_CAMERA_FPS = 2500  # per camera process
 FACTORS = (1, 2, 5)
+CORES = os.cpu_count() or 1
+LOAD_GENERATOR = ("cameras", "bench_reader")  # processes of the bench, not of the system
 SATURATED = 0.05  # share of a ladder step's frames refused that says the system is saturated
 
 
@@ -209,6 +215,13 @@ async def run_phase(system: LocalSystem, rate: float, seconds: float, frames: Pa
     return phase
 
 
+def _ok_per_core(phase: dict[str, Any]) -> float:
+    """``ok`` answers per CPU second of the system itself (services and broker; not the
+    cameras nor the answer reader, which on this machine share its cores)."""
+    cpu = sum(v for k, v in phase["cpu_s"].items() if k not in LOAD_GENERATOR)
+    return float(phase["status"].get("ok", 0)) / max(cpu, 1e-9)
+
+
 def main() -> None:
     conditions = Conditions.now()
     bundle = demo_bundle()
@@ -247,6 +260,9 @@ def main() -> None:
                                  ("uplink_share", "uplink_share"))}
     paced.update({f"goodput_at_{f}x_paced": round(results[f"{f}x_paced"]["ok_fps"] / ok1, 3)
                   for f in FACTORS[1:]})
+    per_core = {f"goodput_per_system_core_at_{f}x": round(_ok_per_core(results[f"{f}x"])
+                                                         / _ok_per_core(results["1x"]), 3)
+                for f in FACTORS[1:]}
     write_result("overload", {
         "workers": WORKERS, "bundle": bundle.name, "capacity_fps": capacity,
         "ladder": ladder, "phases": results,
@@ -256,6 +272,14 @@ def main() -> None:
         "answered_at_5x": results["5x"]["answered_share"],
         "ok_p99_ms_at_2x": results["2x"]["p99_ok_ms"],
         **paced,
+        **per_core,
+        "admission_core_ms_per_frame": {
+            f"{f}x": round(1000 * results[f"{f}x"]["cpu_s"]["admission-1"]
+                           / results[f"{f}x"]["sent"], 4) for f in FACTORS},
+        "cameras_core_share": {
+            f"{f}x": round((results[f"{f}x"]["cpu_s"]["cameras"] + results[f"{f}x"]["cpu_s"]
+                            ["bench_reader"]) / (results[f"{f}x"]["span_s"] * CORES), 3)
+            for f in FACTORS},
         "cameras_kept_up": {f"{f}x": round(results[f"{f}x"]["sending_fps"]
                                            / results[f"{f}x"]["offered_fps"], 3)
                             for f in FACTORS},
