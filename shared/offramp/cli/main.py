@@ -72,6 +72,7 @@ def _register_ml(sub: argparse._SubParsersAction[argparse.ArgumentParser],
             sub.add_parser(name, help=helptext)
         return
     try:
+        from offramp.cli.onnx_import import register as register_import
         from offramp.cli.train import register
     except ImportError as exc:
         missing = exc.name or "torch"
@@ -86,6 +87,7 @@ def _register_ml(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                 handler=unavailable)
         return
     register(sub)
+    register_import(sub)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -98,7 +98,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                             train_limit=args.train_limit, epochs=args.epochs,
                             distill=args.distill)
     done = import_onnx(options)
-    from offramp.cli.train import accuracy_table, segments_table, thresholds_table
+    from offramp.cli.tables import accuracy_table, segments_table, thresholds_table
 
     console.print(f"[bold]{done.bundle.name}[/] imported from {args.model} -> {out}")
     console.print(accuracy_table("per-exit accuracy", {"val": done.val_accuracy,

@@ -13,10 +13,10 @@ from rich.table import Table
 
 from offramp.cli.args import positive
 from offramp.cli.recipe_args import add_recipe_options, default_out, ints, recipe_from_args
+from offramp.cli.tables import accuracy_table, segments_table, thresholds_table
 from offramp.ml.commands import COMMANDS
 from offramp.ml.zoo import REGISTRY
 from offramp.model.bundle import Bundle, BundleError, load_bundle
-from offramp.model.calibration import NEVER, Calibration
 from offramp.policy.scores import CRITERIA
 
 
@@ -83,49 +83,6 @@ def register(sub: Any) -> None:
     p.add_argument("--val-limit", type=positive, default=None, help="compare the codecs on "
                    "the first this many validation images (None: all)")
     p.set_defaults(handler=cmd_compress)
-
-    from offramp.cli.onnx_import import register as register_import
-
-    register_import(sub)
-
-
-def accuracy_table(title: str, rows: dict[str, list[float]]) -> Table:
-    k = max(len(v) for v in rows.values())
-    table = Table(title=title)
-    table.add_column("run")
-    for i in range(k):
-        table.add_column(f"exit {i + 1}", justify="right")
-    for name, accs in rows.items():
-        table.add_row(name, *[f"{a:.4f}" for a in accs])
-    return table
-
-
-def segments_table(bundle: Bundle) -> Table:
-    m = bundle.manifest
-    table = Table(title=f"bundle {m.name} ({bundle.root})")
-    for col in ("segment", "blocks", "MFLOPs", "activation KiB", "file"):
-        table.add_column(col)
-    for s in m.segments:
-        table.add_row(str(s.index), f"{s.first_block}-{s.last_block}", f"{s.flops / 1e6:.2f}",
-                      f"{s.activation_bytes / 1024:.1f}", s.file)
-    table.add_row("full", "all", f"{m.full_flops / 1e6:.2f}", "-", m.full_model)
-    return table
-
-
-def thresholds_table(calib: Calibration, criterion: str, thresholds: tuple[float, ...],
-                     title: str) -> Table:
-    out = calib.simulate(criterion, thresholds)
-    table = Table(title=title)
-    for col in ("exit", "threshold", "exit accuracy", "expected share"):
-        table.add_column(col, justify="right")
-    accs = calib.exit_accuracy()
-    for k in range(calib.num_exits):
-        thr = "always" if k == calib.num_exits - 1 else (
-            "never" if thresholds[k] >= NEVER else f"{thresholds[k]:.4f}")
-        table.add_row(str(k + 1), thr, f"{accs[k]:.4f}", f"{out.shares[k]:.3f}")
-    table.caption = (f"expected accuracy {out.accuracy:.4f}; expected FLOPs per sample "
-                     f"{out.flops_fraction:.3f} of the full model ({criterion})")
-    return table
 
 
 def cmd_build(args: argparse.Namespace) -> int:
