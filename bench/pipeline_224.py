@@ -19,6 +19,16 @@ per core, same run.
   size of the frames sent). Those runs carry the observer's extra traffic, so their rates are
   not reported.
 
+- ``imported``: the same model (the bundle's ``full.onnx``, as a user's file) through ``offramp
+  import``: exits trained on all 55,000 training images (their 2x2-grid features computed with
+  ONNX Runtime, distilled from the model's output), cut near the bundle's own FLOPs shares;
+  built once (about a quarter of an hour here) and cached under bundles/bench. Exits closed
+  and open, as above, in the same repeats.
+- ``system_vs_monolithic``: frames/s of the imported bundle with exits open (the arbiter's
+  thresholds: final accuracy - 1 point) / the session's, with ``accuracy_drop`` beside it
+  (the session's accuracy, that of the exits-closed run, minus the exits' realised one);
+  ``system_vs_monolithic_zoo`` the same for the bundle's own exits (3,000 images).
+
 The system runs with its own plan (the scheduler's, followed by the workers), as ``offramp
 up`` runs it; the bench sets only the load, the in-flight bounds and the micro-batch size.
 """
@@ -26,6 +36,7 @@ up`` runs it; the bench sets only the load, the in-flight bounds and the micro-b
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from collections import Counter
@@ -38,13 +49,14 @@ from offramp.bus import Bus, Topics
 from offramp.local.client import collect, envelope, publish_frames, wait_for_plan, wait_for_workers
 from offramp.local.system import LocalSystem
 from offramp.ml.data import load_fashion_mnist
-from offramp.model.bundle import Bundle
+from offramp.ml.onnx_import import ImportOptions, import_onnx
+from offramp.model.bundle import Bundle, load_bundle
 from offramp.model.images import image_to_input
 from offramp.settings import BusSettings
 from offramp.wire import ExitPolicy
 
 WORKERS = 3
-FRAMES = int(os.environ.get("OFFRAMP_BENCH_PIPELINE_224_FRAMES", "400"))
+FRAMES = int(os.environ.get("OFFRAMP_BENCH_PIPELINE_224_FRAMES", "1000"))
 REPEATS = 2
 BATCH = 8  # micro-batches of 8 x 294 KiB: 2.4 MB packets
 CODECS = ("raw", "fp16", "int8", "ae")
@@ -52,6 +64,31 @@ FIRST_HOP = ("frames", "raw", "fp16", "int8")  # the camera's bytes, or the tens
 ENV = {"OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "100000", "OFFRAMP_ADMISSION_INGEST_QUEUE": "100000",
        "OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "120",
        "OFFRAMP_ADMISSION_DISPATCH_BATCH": str(BATCH), "OFFRAMP_LOG_LEVEL": "warning"}
+IMPORTED_NAME = "fashion-effnet-224-imported"
+
+
+def ensure_imported(source: Bundle) -> Bundle:
+    """``source``'s model imported with exits trained on every training image, built once and
+    again when ``source``'s full.onnx changes."""
+    from bench.links import ROOT
+
+    out = ROOT / "bundles" / "bench" / "effnet-224-imported"
+    model = source.path(source.manifest.full_model)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()[:12]
+    if (out / "manifest.json").exists():
+        cached = load_bundle(out)
+        if cached.manifest.config.get("sha256") == digest and cached.manifest.calibration:
+            return cached
+    flops = np.cumsum([s.flops for s in source.manifest.segments[:-1]])
+    spec = source.manifest.input
+    print(f"importing {model} with exits trained on all of Fashion-MNIST's training images "
+          "(about a quarter of an hour on 2 cores)", flush=True)
+    return import_onnx(ImportOptions(
+        model, "fashion-mnist", out, at=tuple(float(f) / source.manifest.full_flops
+                                              for f in flops),
+        mean=tuple(spec.mean), std=tuple(spec.std), name=IMPORTED_NAME, train_limit=None)).bundle
+
+
 WORKER_ENV = {"OFFRAMP_WORKER_THREADS": "1", "OFFRAMP_WORKER_BATCH_MAX": str(BATCH)}
 
 
@@ -108,16 +145,18 @@ def run() -> dict[str, Any]:
     labels = {f"p{i}": int(v) for i, v in enumerate(y)}
     payloads = [envelope(f"p{i}", image=im) for i, im in enumerate(images)]
     x = np.stack([image_to_input(im, bundle.manifest.input) for im in images[:256]])
+    imported = ensure_imported(bundle)
     cores = os.cpu_count() or 1
     mono: list[float] = []
-    closed, opened = [], []
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ("closed", "open", "imp_closed",
+                                                             "imp_open")}
     for _ in range(REPEATS):
         mono.append(monolithic_rate(bundle, x, cores, batches=(8, 16)))
-        closed.append(summarise(_system(bundle, payloads, exits=False)[0], labels))
-        opened.append(summarise(_system(bundle, payloads, exits=True)[0], labels))
+        for key, b, exits in (("closed", bundle, False), ("open", bundle, True),
+                              ("imp_closed", imported, False), ("imp_open", imported, True)):
+            runs[key].append(summarise(_system(b, payloads, exits=exits)[0], labels))
     mono.append(monolithic_rate(bundle, x, cores, batches=(8, 16)))
-    efficiency = [c["fps"] / ((mono[i] + mono[i + 1]) / 2) for i, c in enumerate(closed)]
-    speedup = [o["fps"] / c["fps"] for c, o in zip(closed, opened, strict=True)]
+    closed, opened = runs["closed"], runs["open"]
     wire: dict[str, Any] = {}
     for codec in CODECS:
         if codec == "ae" and not bundle.manifest.autoencoders:
@@ -139,6 +178,29 @@ def run() -> dict[str, Any]:
         "frames": FRAMES, "batch": BATCH,
         "activation_bytes": [s.activation_bytes for s in bundle.manifest.segments[:-1]],
         "monolithic_fps": round(max(mono), 2), "monolithic_fps_runs": [round(m, 2) for m in mono],
+        **_closed_and_open(closed, opened, mono),
+        "imported": _imported(imported, runs["imp_closed"], runs["imp_open"], mono),
+        **_versus(runs["imp_open"], runs["imp_closed"], mono, ""),
+        **_versus(opened, closed, mono, "_zoo"),
+        "wire_bytes_per_frame": wire,
+        "first_hop_bytes_per_frame": first_hop,
+        "first_hop_bytes": first_hop["frames"]["into_1"],
+        "encoded_bytes_per_frame": round(float(np.mean([len(p) for p in payloads]))),
+    }
+
+
+def _per_repeat(runs: list[dict[str, Any]], mono: list[float]) -> list[float]:
+    """Each run's frames/s over the session's, timed just before and just after it."""
+    return [r["fps"] / ((mono[i] + mono[i + 1]) / 2) for i, r in enumerate(runs)]
+
+
+def _closed_and_open(closed: list[dict[str, Any]], opened: list[dict[str, Any]],
+                     mono: list[float]) -> dict[str, Any]:
+    """The fastest run of each, every run's rate, and the paired ratios: closed over the
+    session (``pipeline_efficiency``), open over closed (``exit_speedup``)."""
+    efficiency = _per_repeat(closed, mono)
+    speedup = [o["fps"] / c["fps"] for c, o in zip(closed, opened, strict=True)]
+    return {
         "exits_closed": {**max(closed, key=lambda r: float(r["fps"])),
                          "fps_runs": [c["fps"] for c in closed]},
         "exits_open": {**max(opened, key=lambda r: float(r["fps"])),
@@ -147,8 +209,29 @@ def run() -> dict[str, Any]:
         "pipeline_efficiency_runs": [round(e, 3) for e in efficiency],
         "exit_speedup": round(float(np.mean(speedup)), 3),
         "exit_speedup_runs": [round(s, 3) for s in speedup],
-        "wire_bytes_per_frame": wire,
-        "first_hop_bytes_per_frame": first_hop,
-        "first_hop_bytes": first_hop["frames"]["into_1"],
-        "encoded_bytes_per_frame": round(float(np.mean([len(p) for p in payloads]))),
+    }
+
+
+def _versus(opened: list[dict[str, Any]], closed: list[dict[str, Any]], mono: list[float],
+            suffix: str) -> dict[str, Any]:
+    ratios = _per_repeat(opened, mono)
+    drop = max(c["accuracy"] for c in closed) - min(o["accuracy"] for o in opened)
+    return {f"system_vs_monolithic{suffix}": round(float(np.median(ratios)), 3),
+            f"system_vs_monolithic{suffix}_runs": [round(r, 3) for r in ratios],
+            f"accuracy_drop{suffix}": round(drop, 4)}
+
+
+def _imported(bundle: Bundle, closed: list[dict[str, Any]], opened: list[dict[str, Any]],
+              mono: list[float]) -> dict[str, Any]:
+    calib = bundle.calibration()
+    target = calib.exit_accuracy()[-1] - 0.01
+    expected = calib.simulate("confidence", calib.thresholds_for_accuracy("confidence", target))
+    return {
+        "model": f"{bundle.name}: offramp import of the same full.onnx, exits trained on "
+                 f"{bundle.manifest.metrics.get('train_images')} images",
+        "cut_flops_shares": [round(float(v), 3) for v in np.cumsum(
+            [s.flops for s in bundle.manifest.segments[:-1]]) / bundle.manifest.full_flops],
+        "val_exit_accuracy": bundle.manifest.metrics.get("val_exit_accuracy"),
+        "expected_flops_fraction": round(float(expected.flops_fraction), 3),
+        **_closed_and_open(closed, opened, mono),
     }
