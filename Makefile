@@ -10,7 +10,7 @@ STAMP       := $(VENV)/.installed
 SERVICES    := admission-controller segment-worker exit-arbiter priority-scheduler
 MEMBERS     := shared/pyproject.toml $(SERVICES:%=services/%/pyproject.toml)
 
-.PHONY: help setup system-deps demo test test-gpu test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control bench-overload bench-overhead bench-video bench-links bench-gpu clean
+.PHONY: help setup system-deps demo test test-gpu test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control bench-overload bench-overhead bench-video bench-links bench-gpu report clean
 
 help:
 	@echo "make demo      run offramp locally (broker + services) and show it working"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench-overhead  CPU per frame, process by process, just under capacity: how much is inference (bench/results/overhead.json)"
 	@echo "make bench-links     a 224x224 model over shaped links, per codec (root; bench/results/links.json)"
 	@echo "make bench-gpu       the worker's GPU path vs the monolithic model (needs a GPU; bench/results/gpu.json)"
+	@echo "make report          docs/reproduction.md and its plots, from the committed bench results"
 
 system-deps:
 	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh
@@ -101,6 +102,9 @@ bench-links: setup
 
 bench-gpu: setup
 	$(PY) -m bench.gpu
+
+report: setup
+	$(PY) -m bench.report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
