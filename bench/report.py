@@ -253,7 +253,8 @@ def generate(results: Path, out: Path, *, plots: bool = True) -> Path:
     live = r["pipeline"] is not None
     if live:
         text += ("\n## The running system\n\nWhere frames left the system with exits open, and "
-                 "their latency in a saturated run (`make bench-pipeline`).\n\n"
+                 "the latency of digits frames at 50% and 90% of the system's capacity "
+                 "(`make bench-pipeline`).\n\n"
                  f"![the running system]({FIGURES}/live_system.png)\n")
     out.mkdir(parents=True, exist_ok=True)
     page = out / "reproduction.md"
