@@ -3,8 +3,9 @@
 For each model (trained jointly, and again with distillation and feature transfer off, the
 DistrEE ablation): per-exit test accuracy, final-exit accuracy, and at the thresholds chosen on
 the validation split for target = final validation accuracy - 1 point, the realised test
-accuracy, exit shares and mean FLOPs per sample as a fraction of the full model; for the joint
-model, the same under the feature-difference criterion beside confidence.
+accuracy, exit shares and mean FLOPs per sample as a fraction of the full model (and
+``curve``: realised test accuracy against mean FLOPs as the budget moves from 0.1 to 1); for
+the joint model, the same under the feature-difference criterion beside confidence.
 
 For MobileNetV2 on Fashion-MNIST also the joint loss with a separately trained teacher (the
 cross-entropy-only model of the same run, ``--teacher``), DistrEE's own setting: the ``taught``
@@ -25,10 +26,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.common import Conditions, write_result
 from offramp.ml.build import build, load_data, preset
 from offramp.ml.calibrate import measure
 from offramp.ml.loss import LossConfig
+from offramp.model.calibration import Calibration
 
 ROOT = Path("bundles/bench")
 MODELS = ("demo", "mnv2-digits", "mnv2-fashion", "effnet-fashion")
@@ -81,7 +85,21 @@ def evaluate(preset_name: str, variant: str) -> dict[str, Any]:
             "flops_fraction": round(realised.flops_fraction, 4),
         }
     row["flops_fraction"] = row["confidence"]["flops_fraction"]
+    row["curve"] = tradeoff(val, test, "confidence")
     return row
+
+
+def tradeoff(val: Calibration, test: Calibration, criterion: str) -> list[dict[str, float]]:
+    """Accuracy against mean FLOPs as the exits' budget moves from 0.1 to 1 of the full model:
+    the best thresholds on the validation split for each budget, realised on the test split
+    (the papers' accuracy-computation curve; ``make report`` draws it)."""
+    points = []
+    for budget in np.linspace(0.1, 1.0, 10):
+        realised = test.simulate(criterion, val.thresholds_for_budget(criterion, float(budget)))
+        points.append({"budget": round(float(budget), 2),
+                       "flops_fraction": round(realised.flops_fraction, 4),
+                       "accuracy": round(realised.accuracy, 4)})
+    return points
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:
