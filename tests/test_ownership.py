@@ -16,7 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from test_system import LATER_HOPS_ENV, _frames, _run, later_hop_workers
 
-from offramp.bus import Bus, Message, Subscription
+from offramp.bus import Bus, Message, Subscription, Topics
 from offramp.local.client import envelope, png_bytes
 from offramp.local.system import LocalSystem
 from offramp.model.bundle import Bundle
@@ -57,16 +57,19 @@ def test_a_standby_takes_over_when_the_admission_controller_is_killed_mid_stream
 def test_a_silent_worker_holding_later_hops_has_its_work_sent_again_at_once(
         tiny_bundle: Bundle, prefix: str) -> None:
     """worker-2 runs segment 1 and passes the rest on to worker-1 (or, slower, worker-3).
-    worker-1 is stopped (SIGSTOP) mid-stream: its heartbeat goes silent, and the frames it
-    holds, which it was not the first hop of, are dispatched again within a second instead of
-    waiting out the 5 s progress timeout. Resumed, its late completions are duplicates."""
+    worker-1 is stopped (SIGSTOP) mid-stream, as soon as work is sent to it: its heartbeat
+    goes silent, and the frames it holds, which it was not the first hop of, are dispatched
+    again within a second instead of waiting out the 5 s progress timeout. Resumed, its late
+    completions are duplicates."""
     _, payloads = _frames(300)
     with LocalSystem(tiny_bundle, 0, prefix=prefix, env=LATER_HOPS_ENV) as system:
         later_hop_workers(system)
         stalled = system.member("worker-1")
 
         async def stall(bus: Bus) -> None:
-            await asyncio.sleep(1.0)
+            # stopped once work is on its way to it (under load it may join the flow late)
+            to_it = await bus.subscribe(Topics(prefix).act(system.bundle.name, 2, "worker-1"))
+            await asyncio.wait_for(to_it.get(), 20)
             stalled.signal(signal.SIGSTOP)
             await asyncio.sleep(2.5)
             stalled.signal(signal.SIGCONT)
