@@ -22,7 +22,7 @@ per core, same run.
 - ``imported``: the same model (the bundle's ``full.onnx``, as a user's file) through ``offramp
   import``: exits trained on all 55,000 training images (their 2x2-grid features computed with
   ONNX Runtime, distilled from the model's output), cut near the bundle's own FLOPs shares;
-  built once (about a quarter of an hour here) and cached under bundles/bench. Exits closed
+  built once (about 18 minutes here) and cached under bundles/bench. Exits closed
   and open, as above, in the same repeats.
 - ``system_vs_monolithic``: frames/s of the imported bundle with exits open (the arbiter's
   thresholds: final accuracy - 1 point) / the session's, with ``accuracy_drop`` beside it
@@ -82,7 +82,7 @@ def ensure_imported(source: Bundle) -> Bundle:
     flops = np.cumsum([s.flops for s in source.manifest.segments[:-1]])
     spec = source.manifest.input
     print(f"importing {model} with exits trained on all of Fashion-MNIST's training images "
-          "(about a quarter of an hour on 2 cores)", flush=True)
+          "(about 18 minutes on 2 cores)", flush=True)
     return import_onnx(ImportOptions(
         model, "fashion-mnist", out, at=tuple(float(f) / source.manifest.full_flops
                                               for f in flops),
