@@ -23,8 +23,9 @@ from offramp.local.system import LocalSystem
 from offramp.ml.calibrate import measure
 from offramp.ml.data import DATASETS, load_digits
 from offramp.ml.onnx_graph import GraphError, cuts, read_graph
-from offramp.ml.onnx_import import Imported, ImportOptions, import_onnx, resized
+from offramp.ml.onnx_import import Imported, ImportOptions, import_onnx
 from offramp.model.bundle import Bundle
+from offramp.model.images import resize_uint8
 from offramp.model.inputs import normalise
 from offramp.model.sessions import SegmentRunner, make_session
 
@@ -138,7 +139,7 @@ def test_images_held_at_the_datasets_own_size_are_the_same_images_once_resized()
     training images at 224 px would be 8.3 GB)."""
     native = load_digits(size=DATASETS["digits"].native_size).test.images
     assert native.shape[1:] == (8, 8, 3)
-    assert np.array_equal(resized(native, 32, slice_=100), load_digits(size=32).test.images)
+    assert np.array_equal(resize_uint8(native, 32, 32), load_digits(size=32).test.images)
 
 
 def test_what_cannot_be_imported_is_one_clear_error(foreign: Path, tmp_path: Path) -> None:

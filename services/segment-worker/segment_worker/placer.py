@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -71,7 +71,7 @@ class Outlet:
     encode: Encode = _raw
     wire: Wire = lambda cut, rate: (1.0, 0.0)
     max_payload: Callable[[str], int] = lambda topic: 0  # what the bus takes per message (0: any)
-    on_host: OnHost = field(default=_stack)  # device rows come to the host once, for a packet
+    on_host: OnHost = _stack  # device rows come to the host once, for a packet
     unsent: Callable[[], int] = lambda: 0  # bytes published and not yet delivered
 
 

@@ -151,19 +151,9 @@ def import_onnx(o: ImportOptions, *, show: bool = True) -> Imported:
     plain_copy(graph, o.out / "full.onnx")
     write_rows_model(o.out / ROWS_MODEL)
     bundle = _write_manifest(o, graph, chosen, total, spec, data, val_acc, test_acc)
-    _verify(bundle, o.model, normalise(resized(data.test.images[:16], h), spec))
-    calibrate_bundle(bundle, Split(resized(data.val.images, h), data.val.labels))
+    _verify(bundle, o.model, normalise(resize_uint8(data.test.images[:16], h, h), spec))
+    calibrate_bundle(bundle, Split(resize_uint8(data.val.images, h, h), data.val.labels))
     return Imported(load_bundle(o.out), chosen, total, val_acc, test_acc)
-
-
-def resized(images: np.ndarray, size: int, slice_: int = 1024) -> np.ndarray:
-    """(N, H, W, 3) uint8 images at ``size`` x ``size``, resized a slice at a time."""
-    if images.shape[1:3] == (size, size):
-        return images
-    out = np.empty((len(images), size, size, 3), np.uint8)
-    for s in range(0, len(images), slice_):
-        out[s:s + slice_] = resize_uint8(images[s:s + slice_], size, size)
-    return out
 
 
 def _pieces(graph: Graph, chosen: list[Cut], tmp: Path) -> list[Path]:
@@ -190,7 +180,8 @@ def _features(pieces: list[Path], kernels: list[int], split: Split, spec: InputS
     logits: list[np.ndarray] = []
     task = bar.add_task(f"{name} split through the model", total=len(split.images))
     for start in range(0, len(split.images), batch):
-        x = normalise(resized(split.images[start:start + batch], spec.height), spec)
+        x = normalise(resize_uint8(split.images[start:start + batch], spec.height, spec.width),
+                      spec)
         for k, session in enumerate(sessions):
             x = session.run(None, {"x": x})[0]
             if k < len(pooled):

@@ -87,11 +87,14 @@ def refuse_by_budget_only() -> None:
 
 
 def resize_uint8(images: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize (N, H, W, 3) uint8 images with bilinear filtering."""
+    """Resize (N, H, W, 3) uint8 images with bilinear filtering, each written straight into
+    the result (no list of resized copies beside it)."""
     if images.shape[1:3] == (height, width):
         return images
-    return np.stack([np.asarray(Image.fromarray(im).resize((width, height), Image.Resampling.BILINEAR))
-                     for im in images])
+    out = np.empty((len(images), height, width, *images.shape[3:]), np.uint8)
+    for i, im in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(im).resize((width, height), Image.Resampling.BILINEAR))
+    return out
 
 
 def image_to_input(image: np.ndarray, spec: InputSpec) -> np.ndarray:
