@@ -51,8 +51,17 @@ class Claim:
 
 
 def load(results: Path, name: str) -> dict[str, Any] | None:
+    """A result file's figures; None where it is missing (its claims are 'not measured')."""
     path = results / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"bench.report: {path} cannot be read as a result file: {exc}") from None
+    if not isinstance(doc, dict):
+        raise SystemExit(f"bench.report: {path} holds no object of figures")
+    return doc
 
 
 def _get(doc: dict[str, Any] | None, *keys: str) -> Any:

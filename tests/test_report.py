@@ -9,6 +9,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 from bench.report import FIGURES, RESULTS, ROOT, generate
 
 DOCS = ROOT / "docs"
@@ -42,6 +44,14 @@ def test_a_missing_result_file_leaves_its_claims_not_measured(tmp_path: Path) ->
     row = next(line for line in text.splitlines() if line.startswith("| Compute cut"))
     assert "not measured" in row
     assert "distree_exits.png" not in text  # no plot without its figures
+
+
+def test_a_result_file_that_is_not_json_is_one_clear_error(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "control.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"control\.json cannot be read as a result file"):
+        generate(results, tmp_path / "out", plots=False)
 
 
 def test_a_claim_below_its_goal_is_said_to_be_unmet(tmp_path: Path) -> None:
