@@ -22,7 +22,7 @@ from offramp.model.bundle import Bundle
 from offramp.model.providers import GpuOptions
 from offramp.node.peers import PeerTable
 from offramp.wire import DoneReport, ExitPolicy, Sample
-from segment_worker.engine import Engine
+from segment_worker.engine import Engine, Port
 from segment_worker.queue import Item
 from segment_worker.settings import EngineConfig
 
@@ -65,10 +65,10 @@ async def _engine_run(bundle: Bundle, device: str, batch: int, x: np.ndarray, se
                        device=device, threads=os.cpu_count() or 1,
                        resident=device != "cpu", gpu=GpuOptions())
     loop = asyncio.get_running_loop()
-    async with Engine(bundle, cfg, Topics("bench"), PeerTable("bench"), publish) as engine:
+    async with Engine(bundle, cfg, PeerTable("bench"), Port(Topics("bench"), publish)) as engine:
         for s in bundle.manifest.segments:
             engine.host(s.index, await loop.run_in_executor(None, engine.load, s.index))
-        engine.policy = policy
+        engine.apply_policy(policy)
         stop = asyncio.Event()
         servers = [asyncio.create_task(engine.serve(s.index, stop))
                    for s in bundle.manifest.segments]
@@ -83,7 +83,7 @@ async def _engine_run(bundle: Bundle, device: str, batch: int, x: np.ndarray, se
             items = [Item(Sample(task_id=f"t{i}", source="bench", frame_id=f"f{i}",
                                  created=now), x[i % len(x)], None, now) for i in range(n)]
             t0 = time.perf_counter()
-            engine.enqueue(1, items)
+            engine.segments.enqueue(1, items)
             await asyncio.wait_for(finished.wait(), 600)
             return time.perf_counter() - t0
 

@@ -45,7 +45,7 @@ from offramp.wire import (
 )
 from priority_scheduler.service import SchedulerSettings
 from priority_scheduler.service import run as scheduler_run
-from segment_worker.engine import Engine
+from segment_worker.engine import Engine, Port
 from segment_worker.hosting import Hosting
 from segment_worker.placer import Outlet, Placer, Transmit
 from segment_worker.queue import Item
@@ -141,7 +141,7 @@ async def engine(tiny_bundle: Bundle, request: pytest.FixtureRequest,
 
         cfg = EngineConfig(node="w1", batch_max=8, batch_wait_s=0.0, resident=resident,
                            run_through=run_through)
-        async with Engine(tiny_bundle, cfg, topics, PeerTable("w1"), publish) as eng:
+        async with Engine(tiny_bundle, cfg, PeerTable("w1"), Port(topics, publish)) as eng:
             await _bundle_ready(eng, tiny_bundle)
             yield eng, bus, topics
 
@@ -172,7 +172,7 @@ async def _serve_all(eng: Engine, k: int, until: Callable[[], Awaitable[Any]]) -
 async def test_one_engine_hosting_every_segment_answers_like_the_chain(
         engine: tuple[Engine, MemoryBus, Topics], tiny_bundle: Bundle) -> None:
     eng, bus, topics = engine
-    eng.policy = make_policy(ArbiterSettings(), tiny_bundle.calibration(), tiny_bundle.name, 1)
+    eng.apply_policy(make_policy(ArbiterSettings(), tiny_bundle.calibration(), tiny_bundle.name, 1))
     done = await bus.subscribe(topics.done_all(), decode=from_payload(DoneReport.decode))
     images, packet = _packet(tiny_bundle, 24)
     assert await eng.accept(packet, 1 << 24) == 24
@@ -193,7 +193,7 @@ async def test_one_engine_hosting_every_segment_answers_like_the_chain(
         assert all(h.node == "w1" and h.arrived <= h.started <= h.finished for h in c.hops)
         assert all(a.finished <= b.arrived for a, b in itertools.pairwise(c.hops))
     assert eng.idle()
-    stats = {seg: h.stats for seg, h in eng.hosted.items()}
+    stats = {seg: h.stats for seg, h in eng.segments.items()}
     assert stats[1].samples == 24 and stats[1].exited + stats[1].forwarded + \
         stats[2].handed_over == 24
     assert all(stats[k].samples == stats[k - 1].samples - stats[k - 1].exited for k in (2, 3, 4))
@@ -215,11 +215,11 @@ async def test_bad_and_misrouted_packets_are_counted_not_raised(
 async def test_a_draining_engine_advertises_nothing_and_grants_no_credit(
         engine: tuple[Engine, MemoryBus, Topics]) -> None:
     eng, _, _ = engine
-    assert [s.segment for s in eng.loads(time.monotonic())] == [1, 2, 3, 4]
+    assert [s.segment for s in eng.advertiser.loads(time.monotonic())] == [1, 2, 3, 4]
     eng.drain()
-    assert eng.loads(time.monotonic()) == () and eng.serving() == []
-    assert not eng.credit_due()
-    assert eng.local_candidate(2, 1.0) is not None  # its own work still moves on here
+    assert eng.advertiser.loads(time.monotonic()) == () and eng.serving() == []
+    assert not eng.advertiser.credit_due()
+    assert eng.segments.local_candidate(2, 1.0) is not None  # its own work still moves on here
     peers = PeerTable("w2")
     load = SegmentLoad(model="m", segment=1, service_rate=100.0,
                        credits={"w2": Grant(boot=0.0, limit=10)})
@@ -240,14 +240,15 @@ class _Stages:
     def hand_over(self, segment: int, items: list[Item]) -> None:
         self.handed.append((segment, len(items)))
 
-    async def passed_on(self, segment: int, node: str, items: list[Item]) -> None:
+    async def went(self, segment: int, node: str, items: list[Item]) -> None:
+        """The outlet's ``left``: after each packet sent."""
         self.left.append((segment, len(items)))
 
 
 def _placer(peers: PeerTable, stages: _Stages, transmit: Transmit, *,
             cfg: EngineConfig | None = None, **outlet: Any) -> Placer:
     """A placer on node w1 of model m, its packets going to ``transmit``."""
-    out = Outlet(transmit, lambda seg, node: f"act/m/{seg}/{node}", **outlet)
+    out = Outlet(transmit, lambda seg, node: f"act/m/{seg}/{node}", left=stages.went, **outlet)
     return Placer(cfg or EngineConfig(node="w1"), model="m", boot=0.0, peers=peers,
                   stages=stages, out=out)
 
@@ -489,7 +490,7 @@ async def test_hosting_follows_a_plan_unloads_what_it_lost_and_takes_it_back(
         await hosting.follow(Plan(epoch=1, ts=0.0, nodes={"w1": tuple(ref)}), {1, 2, 3, 4})
         assert eng.serving() == [1, 2]
         async with asyncio.timeout(5):
-            while set(eng.hosted) != {1, 2}:  # noqa: ASYNC110 - the unloads run in the group
+            while eng.hosts() != {1, 2}:  # noqa: ASYNC110 - the unloads run in the group
                 await asyncio.sleep(0.01)
         await hosting.follow(Plan(epoch=1, ts=0.0, nodes={"w1": ()}), {1, 2, 3, 4})
         assert eng.serving() == [1, 2]  # not newer: ignored
@@ -610,19 +611,19 @@ async def test_credit_covers_half_a_second_of_work_not_the_whole_queue(
     served 84 frames/s of 800 flooded, 94 with this). At least two micro-batches, at most the
     queue bound; a segment not measured yet gets the bound."""
     eng, _, _ = engine
-    assert eng.credit_bound(1) == eng.cfg.queue_max  # nothing measured yet
-    for k, h in eng.hosted.items():
+    assert eng.segments.credit_bound(1) == eng.cfg.queue_max  # nothing measured yet
+    for k, h in eng.segments.items():
         h.stats.service_s = 0.01 * k  # 10, 20, 30, 40 ms a sample
     through = eng.cfg.run_through  # a micro-batch runs on through the later segments here
     # 0.5 s / 0.1 s (all four) = 5 samples: two micro-batches of 8; or 0.5 s / 10 ms = 50
-    assert eng.credit_bound(1) == (16 if through else 50)
-    assert eng.credit_bound(4) == 16  # 0.5 s / 40 ms = 13
-    for h in eng.hosted.values():
+    assert eng.segments.credit_bound(1) == (16 if through else 50)
+    assert eng.segments.credit_bound(4) == 16  # 0.5 s / 40 ms = 13
+    for _, h in eng.segments.items():
         h.stats.service_s = 0.0005
-    assert eng.credit_bound(1) == (250 if through else 512)  # 0.5 s / 2 ms; the bound
-    assert eng.credit_bound(4) == 512
+    assert eng.segments.credit_bound(1) == (250 if through else 512)  # 0.5 s / 2 ms; the bound
+    assert eng.segments.credit_bound(4) == 512
     want = Want(model=eng.model, segment=1, priority=1.0, count=10_000)
     eng.placer.peers.update(Heartbeat(role="admission", node="adm", boot=1.0, wants=(want,)),
                             time.monotonic())
-    [load_1] = [s for s in eng.loads(time.monotonic()) if s.segment == 1]
-    assert load_1.credits["adm"].limit == eng.credit_bound(1)
+    [load_1] = [s for s in eng.advertiser.loads(time.monotonic()) if s.segment == 1]
+    assert load_1.credits["adm"].limit == eng.segments.credit_bound(1)

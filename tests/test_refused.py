@@ -13,7 +13,7 @@ from offramp.bus.memory import MemoryBroker, MemoryBus
 from offramp.model.bundle import Bundle
 from offramp.node.peers import PeerTable
 from offramp.wire import DoneReport, Refused
-from segment_worker.engine import Engine
+from segment_worker.engine import Engine, Port
 from segment_worker.settings import EngineConfig
 
 
@@ -32,14 +32,14 @@ async def test_a_full_queue_reports_what_it_turned_away(tiny_bundle: Bundle) -> 
 
         done = await bus.subscribe(topics.done_all(), decode=from_payload(DoneReport.decode))
         cfg = EngineConfig(node="w1", batch_max=8, queue_max=4)
-        async with Engine(tiny_bundle, cfg, topics, PeerTable("w1"), publish) as eng:
+        async with Engine(tiny_bundle, cfg, PeerTable("w1"), Port(topics, publish)) as eng:
             await _bundle_ready(eng, tiny_bundle)
             _, packet = _packet(tiny_bundle, 10)
             assert await eng.accept(packet, 1 << 24) == 4
             report = await asyncio.wait_for(done.get(), 5)
     assert [r.task_id for r in report.refused] == [f"t{i}" for i in range(4, 10)]
     assert all("queue on w1 is full" in r.reason for r in report.refused)
-    assert eng.counters.queue_overflow == 6
+    assert eng.segments.queue_overflow == 6
 
 
 def test_the_owner_takes_back_only_the_dispatch_that_was_refused() -> None:
@@ -144,14 +144,14 @@ async def test_frames_being_decoded_hold_their_room_while_credit_is_granted(
             await bus.publish(topic, payload, qos=qos)
 
         cfg = EngineConfig(node="w1", batch_max=8, queue_max=4)
-        async with Engine(tiny_bundle, cfg, topics, PeerTable("w1"), publish) as eng:
+        async with Engine(tiny_bundle, cfg, PeerTable("w1"), Port(topics, publish)) as eng:
             await _bundle_ready(eng, tiny_bundle)
             want = Want(model=tiny_bundle.name, segment=1, priority=1.0, count=100)
             eng.placer.peers.update(Heartbeat(role="admission", node="adm", boot=1.0,
                                               wants=(want,)), time.monotonic())
 
             def granted() -> int:
-                [load_1] = [s for s in eng.loads(time.monotonic()) if s.segment == 1]
+                [load_1] = [s for s in eng.advertiser.loads(time.monotonic()) if s.segment == 1]
                 return load_1.credits["adm"].limit
 
             assert granted() == 4
@@ -166,10 +166,10 @@ async def test_frames_being_decoded_hold_their_room_while_credit_is_granted(
             accepting = asyncio.create_task(eng.accept(packet.encode(), 1 << 24))
             for _ in range(100):
                 await asyncio.sleep(0.01)
-                if eng.hosted[1].arriving:
+                if eng.segments[1].arriving:
                     break
-            assert eng.hosted[1].arriving == 4
+            assert eng.segments[1].arriving == 4
             assert granted() == 4  # no room given twice
             hold.set()
             assert await accepting == 4
-    assert eng.counters.queue_overflow == 0
+    assert eng.segments.queue_overflow == 0

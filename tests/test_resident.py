@@ -23,7 +23,7 @@ from offramp.model.providers import GpuOptions, SegmentShape, engine_folder, pro
 from offramp.model.resident import DeviceRows, Row
 from offramp.model.sessions import SegmentRunner
 from offramp.settings import load
-from segment_worker.engine import Engine
+from segment_worker.engine import Engine, Port
 from segment_worker.settings import EngineConfig, WorkerSettings
 
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -264,7 +264,7 @@ async def test_the_engine_says_what_it_builds_while_a_segment_loads(
     from offramp.node.peers import PeerTable
 
     monkeypatch.setattr(SegmentRunner, "run_rows", slow)
-    async with Engine(tiny_bundle, cfg, Topics("t"), PeerTable("w1"), publish) as eng:
+    async with Engine(tiny_bundle, cfg, PeerTable("w1"), Port(Topics("t"), publish)) as eng:
         assert eng.warming is None
         loading = asyncio.get_running_loop().run_in_executor(None, eng.load, 1, (2, 3))
         assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)

@@ -62,13 +62,13 @@ class Hosting:
     async def follow(self, plan: Plan, loadable: set[int]) -> None:
         """Make the hosted set what ``plan`` asks of this node (if it names this node and is
         newer than the last one followed)."""
-        node, model = self.engine.cfg.node, self.engine.model
+        node, model = self.engine.node, self.engine.model
         if plan.epoch <= self.plan_epoch or node not in plan.nodes:
             return
         assert self._tg is not None, "Hosting.follow before Hosting.start"
         self.plan_epoch = plan.epoch
         wanted = {r.segment for r in plan.nodes[node] if r.model == model} & loadable
-        current = set(self.engine.hosted)
+        current = self.engine.hosts()
         new = sorted(wanted - current)
         for segment in sorted(wanted):
             unloading = self._unloading.get(segment)
@@ -79,10 +79,10 @@ class Hosting:
                 continue
             if unloading is not None:  # past the point of no return: let it go, load it again
                 await asyncio.wait({unloading})
-            if segment not in self.engine.hosted:
+            if segment not in self.engine.hosts():
                 await self.load(segment, (new.index(segment) + 1 if segment in new else 1,
                                           len(new) or 1))
-        current &= set(self.engine.hosted)
+        current &= self.engine.hosts()
         for segment in sorted(current - wanted):
             if segment not in self._unloading:
                 self.engine.release(segment)

@@ -36,10 +36,15 @@ ActTopic = Callable[[int, str], str]  # segment, node -> the topic of that node'
 # cut, link bytes/s -> (wire bytes per raw byte, codec seconds per raw byte) by its codec there
 Wire = Callable[[int, float], tuple[float, float]]
 OnHost = Callable[[list[Activation]], Awaitable[np.ndarray]]  # queued activations -> one array
+Left = Callable[[int, str, list[Item]], Awaitable[None]]  # segment, node, the items sent there
 
 
 async def _stack(xs: list[Activation]) -> np.ndarray:
     return on_host(xs)
+
+
+async def _left(segment: int, node: str, items: list[Item]) -> None:
+    return None
 
 
 async def _raw(segment: int, node: str, x: np.ndarray) -> tuple[Tensor, str]:
@@ -47,16 +52,14 @@ async def _raw(segment: int, node: str, x: np.ndarray) -> tuple[Tensor, str]:
 
 
 class Stages(Protocol):
-    """What the placer needs of the segments this node hosts (the engine provides it)."""
+    """What the placer needs of the segments this node hosts (the worker's hosted-segment
+    table, :class:`~segment_worker.segments.Segments`, provides it)."""
 
     def local_candidate(self, segment: int, priority: float) -> Candidate | None:
         """This node as a candidate for ``segment``, or None when it does not take it now."""
 
     def hand_over(self, segment: int, items: list[Item]) -> None:
         """Queue ``items`` for ``segment`` here, in memory."""
-
-    async def passed_on(self, segment: int, node: str, items: list[Item]) -> None:
-        """``items`` left for ``node`` to run ``segment`` there."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Outlet:
     max_payload: Callable[[str], int] = lambda topic: 0  # what the bus takes per message (0: any)
     on_host: OnHost = _stack  # device rows come to the host once, for a packet
     unsent: Callable[[], int] = lambda: 0  # bytes published and not yet delivered
+    left: Left = _left  # after each packet: its items went to that node (owners are told)
 
 
 class Placer:
@@ -242,7 +246,7 @@ class Placer:
         async def send(part: Sequence[Item], payload: bytes) -> None:
             await self.out.transmit(topic, payload)
             self.by_codec[codecs[-1]] += len(part)  # a part is sent right after it is packed
-            await self.stages.passed_on(segment, node, list(part))
+            await self.out.left(segment, node, list(part))
 
         cap = self.out.max_payload(topic)
         packed = await send_within(items, cap, pack, send)

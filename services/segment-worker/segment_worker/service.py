@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from functools import partial
 
-from offramp.bus import MessageBus, Subscription, from_payload
+from offramp.bus import Subscription, from_payload
 from offramp.errors import SettingsError
 from offramp.model.bundle import load_bundle
 from offramp.model.images import refuse_by_budget_only
@@ -28,12 +27,11 @@ from offramp.model.sessions import installed_providers
 from offramp.node.allocator import return_large_blocks
 from offramp.node.cpushare import lower_priority
 from offramp.node.entry import ServiceSpec
-from offramp.node.metrics import Reading
 from offramp.node.peers import PeerTable
 from offramp.node.runtime import BusFactory, Runtime
 from offramp.policy.bundles import conflicts
 from offramp.wire import ExitPolicy, Heartbeat, Plan, SegmentRef
-from segment_worker.engine import Engine
+from segment_worker.engine import Engine, Port
 from segment_worker.hosting import Hosting
 from segment_worker.settings import DEVICE_HINT, PREFIX, EngineConfig, WorkerSettings
 
@@ -70,12 +68,15 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
     async def publish(topic: str, payload: bytes, qos: int) -> None:
         await bus.publish(topic, payload, qos=qos)
 
-    engine = Engine(bundle, cfg, topics, PeerTable(cfg.node, runtime.bundle), publish,
-                    metrics=runtime.metrics, tracing=runtime.tracing, nudge=runtime.beat_soon,
-                    max_payload=bus.max_payload, unsent=bus.unsent_bytes)
-    runtime.heartbeat_with(partial(_beat, engine=engine, settings=settings, loadable=loadable,
-                                   bus=bus))
-    runtime.metrics.on_collect(lambda reading: _read(reading, engine))
+    port = Port(topics, publish, nudge=runtime.beat_soon, max_payload=bus.max_payload,
+                unsent=bus.unsent_bytes)
+    engine = Engine(bundle, cfg, PeerTable(cfg.node, runtime.bundle), port,
+                    metrics=runtime.metrics, tracing=runtime.tracing)
+    loadable_refs = tuple(SegmentRef(model=bundle.name, segment=s) for s in loadable)
+    runtime.heartbeat_with(lambda hb: replace(engine.heartbeat(hb, bus.tcp_info()),
+                                              loadable=loadable_refs,
+                                              max_segments=settings.max_segments))
+    runtime.metrics.on_collect(engine.read)
     runtime.require(lambda: engine.warming)  # "building TensorRT engines, segment 2 of 3"
     runtime.require(lambda: None if engine.serving() else "hosts no segment")
     runtime.require(lambda: None if engine.policy else "no exit policy yet")
@@ -87,7 +88,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
             await hosting.load(seg, (i, len(segments)))
         runtime.log.info("worker_ready", model=bundle.name, segments=list(segments),
                          providers=engine.providers, nice=settings.nice,
-                         resident=cfg.resident, static_batch=_static_batch(engine))
+                         resident=cfg.resident, static_batch=engine.static_batch)
         if not_done:
             runtime.log.warning("nice_not_applied", nice=settings.nice, problems=not_done)
         if engine.device != settings.device:
@@ -119,105 +120,37 @@ async def _drain(settings: WorkerSettings, cfg: EngineConfig, runtime: Runtime, 
     engine.drain()
     runtime.drain()
     intake_s = cfg.drain_intake_s(settings.drain_intake_s)
-    runtime.log.info("worker_draining", queued=sum(len(h.queue) for h in engine.hosted.values()),
-                     intake_s=intake_s)
+    runtime.log.info("worker_draining", queued=engine.queued(), intake_s=intake_s)
     deadline = time.monotonic() + settings.drain_s
     await asyncio.sleep(intake_s)
     hosting.stop_intake()
     while not engine.idle() and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
-        await engine.placer.retry()
-        if engine.placer.stranded() and engine.busy() == 0:
+        if not await engine.settle():
             # the next segment's hosts are all gone or stopping too (the whole system stops):
             # the owner of that work dispatches it again or answers it; waiting cannot help
-            runtime.log.warning("drain_stranded", parked=engine.placer.parked())
+            runtime.log.warning("drain_stranded", parked=engine.parked())
             break
     hosting.finish()
-
-
-def _static_batch(engine: Engine) -> int:
-    return next((h.runner.static_batch for h in engine.hosted.values()), 0)
-
-
-def _beat(hb: Heartbeat, *, engine: Engine, settings: WorkerSettings,
-          loadable: tuple[int, ...], bus: MessageBus) -> Heartbeat:
-    """The worker's heartbeat: what it can host, and (once loaded) what it serves, its queues,
-    credit grants and requests, and its link as measured."""
-    if (tcp := bus.tcp_info()) is not None:
-        engine.meter.observe(tcp.bytes_acked, tcp.busy_us, tcp.rtt_us)
-    link_bps, link_rtt_s = engine.uplink()
-    queue_s = engine.sample_queue()
-    c = engine.counters
-    stats = {"bad_packets": c.bad_packets, "misrouted": c.misrouted, "expired": c.expired,
-             "queue_overflow": c.queue_overflow, "completions": c.completions,
-             "without_credit": c.without_credit, "publish_failed": c.publish_failed,
-             "undecodable": c.undecodable, "infer_cpu_s": c.infer_cpu_s,
-             "decode_cpu_s": c.decode_cpu_s,
-             "parked": engine.placer.parked(), "park_expired": engine.placer.park_expired}
-    return replace(hb, segments=engine.loads(time.monotonic()),
-                   stats={k: float(v) for k, v in stats.items()}, boot=engine.boot,
-                   flops_per_s=engine.flops_per_s(), wants=engine.placer.wants(),
-                   sent=engine.placer.sent(), link_bps=link_bps, link_rtt_s=link_rtt_s,
-                   paths={k: round(v) for k, v in engine.paths.rates().items()},
-                   loadable=tuple(SegmentRef(model=engine.model, segment=s) for s in loadable),
-                   max_segments=settings.max_segments, device=engine.device,
-                   queue_s=round(queue_s, 3))
-
-
-def _read(r: Reading, engine: Engine) -> None:
-    for seg, h in engine.hosted.items():
-        r.gauge("offramp_queue_length", "Samples queued, by segment", len(h.queue), segment=seg)
-        r.gauge("offramp_queue_backlog_seconds", "Queued work in seconds, by segment",
-                len(h.queue) * h.stats.service_s, segment=seg)
-        r.counter("offramp_samples_total", "Samples computed, by segment", h.stats.samples,
-                  segment=seg)
-        r.counter("offramp_samples_exited_total", "Samples that exited, by segment",
-                  h.stats.exited, segment=seg)
-        r.gauge("offramp_credit_outstanding", "Credit granted to senders and not yet used, by "
-                "segment", h.ledger.outstanding(), segment=seg)
-    r.gauge("offramp_parked", "Samples waiting for a neighbour's credit", engine.placer.parked())
-    rate, rtt = engine.uplink()
-    r.gauge("offramp_link_bytes_per_second", "This node's link as measured (0: not yet)", rate)
-    r.gauge("offramp_link_rtt_seconds", "Round trip to the broker as measured", rtt)
-    for codec, n in sorted(engine.placer.by_codec.items()):
-        r.counter("offramp_codec_samples_total", "Samples sent to other nodes, by codec", n,
-                  codec=codec)
-    transfers = engine.transfers
-    for kind in ("to_device", "to_host", "on_device"):
-        r.counter("offramp_device_copies_total", "Batches copied by the resident path: "
-                  "to_device, to_host, or gathered on the device (exited rows dropped)",
-                  transfers[kind], kind=kind)
-    r.counter("offramp_packets_split_total", "Batches sent as several packets because one "
-              "would not fit the broker's packet limit", engine.placer.split)
-    c = engine.counters
-    for reason, n in (("queue-overflow", c.queue_overflow), ("bad-packet", c.bad_packets),
-                      ("misrouted", c.misrouted), ("expired", c.expired),
-                      ("park-timeout", engine.placer.park_expired),
-                      ("too-large", engine.placer.too_large)):
-        r.counter("offramp_drops_total", "Samples given up here, by reason (their frame is "
-                  "dispatched again by the admission-controller)", n, reason=reason)
 
 
 async def _states(states: Subscription[Heartbeat], engine: Engine, runtime: Runtime) -> None:
     conflicting: set[str] = set()  # said once per peer, until it serves this bundle again
     async for hb in states:
-        peers = engine.placer.peers
-        if peers.update(hb):
-            engine.forget(hb.node)
-        if hb.node in peers.conflicting and hb.node not in conflicting:
-            runtime.log.error("bundle_conflict", peer=hb.node, theirs=hb.bundle,
-                              ours=runtime.bundle, detail="no activation is sent to it; start "
-                              "every service on the same bundle")
-        conflicting = set(peers.conflicting)
-        await engine.placer.retry()
-        if hb.wants and engine.credit_due():
-            engine.nudge()
+        if await engine.observe(hb):
+            if hb.node not in conflicting:
+                runtime.log.error("bundle_conflict", peer=hb.node, theirs=hb.bundle,
+                                  ours=runtime.bundle, detail="no activation is sent to it; "
+                                  "start every service on the same bundle")
+            conflicting.add(hb.node)
+        else:
+            conflicting.discard(hb.node)
 
 
 async def _policies(policies: Subscription[ExitPolicy], engine: Engine,
                     runtime: Runtime) -> None:
     async for policy in policies:
-        expected = engine.bundle.num_segments - 1
+        expected = engine.segment_count - 1
         if conflicts(runtime.bundle, policy.bundle):
             runtime.log.error("exit_policy_mismatch", theirs=policy.bundle, ours=runtime.bundle,
                               detail="the exit-arbiter serves other graphs of this model; "
@@ -227,10 +160,8 @@ async def _policies(policies: Subscription[ExitPolicy], engine: Engine,
             runtime.log.warning("exit_policy_mismatch", got=len(policy.thresholds),
                                 expected=expected)
             continue
-        if engine.policy is not None and policy.epoch < engine.policy.epoch \
-                and policy.ts <= engine.policy.ts:
+        if not engine.apply_policy(policy):
             continue  # an older policy (redelivered retained message)
-        engine.policy = policy
         runtime.log.debug("exit_policy_applied", epoch=policy.epoch, criterion=policy.criterion,
                           thresholds=list(policy.thresholds))
 
@@ -240,9 +171,7 @@ async def _plans(plans: Subscription[Plan], engine: Engine, hosting: Hosting, lo
     """Every plan gives the placer its routes (the fallback when heartbeats are stale); with
     ``OFFRAMP_WORKER_FOLLOW_PLAN`` the hosted segments follow it too."""
     async for plan in plans:
-        current = engine.placer.plan
-        if current is None or plan.epoch > current.epoch:
-            engine.placer.plan = plan
+        engine.apply_plan(plan)
         if follow:
             await hosting.follow(plan, loadable)
 
