@@ -103,6 +103,29 @@ class Dispatcher:
     def wake(self) -> None:
         self._event.set()
 
+    def observe(self, hb: Heartbeat) -> bool:
+        """A worker's heartbeat: its credit, backlog and the bundle it serves. Returns True
+        when the worker went offline: the credit it granted goes, and what it held is the
+        caller's to send again."""
+        gone = self.peers.update(hb)
+        if gone:
+            self.window.forget(hb.node)
+        self.wake()
+        return gone
+
+    def apply_plan(self, plan: Plan) -> None:
+        """The plan's routes: the fallback when heartbeats are stale."""
+        self.plan = plan
+
+    def silent(self, node: str) -> bool:
+        """Whether ``node``'s heartbeat has not come for three periods."""
+        return self.peers.silent(node, self.stale_after_s)
+
+    def worker_bundles(self, fresh: bool = True) -> dict[str, str]:
+        """The bundle each worker serves: of those heard from lately, or (``fresh`` False) of
+        every worker seen since this one started."""
+        return self.peers.bundles("worker", self.stale_after_s if fresh else float("inf"))
+
     async def run(self) -> None:
         wait = self.cfg.wait_s
         while True:

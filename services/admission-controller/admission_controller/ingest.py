@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -33,7 +34,7 @@ import numpy as np
 from admission_controller.frames import Arrival, BadEnvelope, read_frame, to_forwards, to_inputs
 from admission_controller.gate import Gate
 from admission_controller.refusals import Refusals
-from admission_controller.results import INVALID, UNTRACKED, Results
+from admission_controller.results import INVALID, UNTRACKED, Owed, Results
 from admission_controller.settings import AdmissionSettings
 from admission_controller.sources import SourceTable
 from admission_controller.tracker import Task, Tracker
@@ -41,9 +42,8 @@ from offramp.bus import Message, Subscription, Topics
 from offramp.bus.inbox import RateLimitedWarning
 from offramp.errors import TopicError
 from offramp.model.inputs import FrameError, InputSpec
-from offramp.node.metrics import Metrics
 from offramp.node.sources import SourceRegistry
-from offramp.node.tracing import Tracing
+from offramp.node.telemetry import Telemetry
 from offramp.wire import Status
 
 DECODE_BATCH = 32  # frames per hand-off to the decode thread
@@ -64,26 +64,45 @@ def correlated_id(msg: Message) -> str | None:
     return text if text.isprintable() and len(text) <= 256 else data.hex()
 
 
+@dataclass(frozen=True)
+class Books:
+    """What the admission-controller keeps of sources and frames, which intake writes each
+    frame it takes into, and how it names them."""
+
+    registry: SourceRegistry  # declared sources and their priorities
+    sources: SourceTable  # the sources tracked (bounded)
+    gate: Gate[Task]  # each source's admitted rate
+    tracker: Tracker  # frames owned until answered
+    new_id: Callable[[], str]  # a task id of this incarnation
+
+
+@dataclass(frozen=True)
+class Replies:
+    """The two ways a frame is answered: its own result, or its id in a source's refusal."""
+
+    results: Results
+    refusals: Refusals
+
+
 class Ingest:
-    def __init__(self, settings: AdmissionSettings, spec: InputSpec, *, topics: Topics,
-                 registry: SourceRegistry, tracker: Tracker, gate: Gate[Task],
-                 submit: Callable[[list[Task]], None], results: Results, refusals: Refusals,
-                 sources: SourceTable, new_id: Callable[[], str], metrics: Metrics, log: Any,
-                 tracing: Tracing | None = None) -> None:
+    def __init__(self, settings: AdmissionSettings, spec: InputSpec, *, books: Books,
+                 replies: Replies, topics: Topics, submit: Callable[[list[Task]], None],
+                 telemetry: Telemetry) -> None:
         self.s = settings
         self.spec = spec
         self.topics = topics
-        self.registry = registry
-        self.tracker = tracker
-        self.gate = gate
+        self.registry = books.registry
+        self.tracker = books.tracker
+        self.gate = books.gate
+        self.sources = books.sources
+        self.new_id = books.new_id
         self.submit = submit
-        self.results = results
-        self.refusals = refusals
-        self.sources = sources
-        self.new_id = new_id
-        self.tracing = tracing
-        self.log = log
-        self.counts = results.counts
+        self.results = replies.results
+        self.refusals = replies.refusals
+        self.tracing = telemetry.tracing
+        self.log = telemetry.log
+        metrics = telemetry.metrics
+        self.counts = self.results.counts
         self.in_hand: deque[Message] = deque()  # taken from the inbox, not yet answered
         self.stopping = threading.Event()  # tells the decode thread to leave the rest
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
@@ -150,9 +169,10 @@ class Ingest:
         task_id = self.new_id()
         if source is None:
             if msg.response_topic is not None:  # it can still be answered there
-                await self.results.answer(task_id, self._raw_source(msg), self._frame_id(
-                    msg, None, msg.topic, task_id), "error", error="invalid source name",
-                    origin=msg, label=INVALID)
+                raw = self._raw_source(msg)
+                await self.results.answer(Owed(task_id, raw, self._frame_id(
+                    msg, None, msg.topic, task_id), origin=msg), "error",
+                    error="invalid source name", label=INVALID)
             else:
                 self.results.acknowledge(msg)
             return None
@@ -165,9 +185,8 @@ class Ingest:
             arrival = read_frame(msg.payload, max_bytes=self.s.common.bus.max_message_bytes)
         except FrameError as exc:  # a broken envelope is answered under the id it names
             named = exc.frame_id if isinstance(exc, BadEnvelope) else None
-            await self.results.answer(task_id, source, self._frame_id(msg, named, source,
-                                                                      task_id),
-                                      "error", error=str(exc), created=now, origin=msg)
+            await self.results.answer(Owed(task_id, source, self._frame_id(
+                msg, named, source, task_id), now, msg), "error", error=str(exc))
             return None
         frame_id = self._frame_id(msg, arrival.frame_id, source, task_id)
         if self.duplicate(source, frame_id if arrival.frame_id or msg.correlation_data
@@ -176,9 +195,9 @@ class Ingest:
             return None
         info = self.registry.lookup(source)
         if info is None:
-            await self.results.answer(task_id, source, frame_id, "error", created=now,
+            await self.results.answer(Owed(task_id, source, frame_id, now, msg), "error",
                                       error=f"unknown source {source!r} "
-                                            "(OFFRAMP_SOURCES_UNKNOWN=reject)", origin=msg)
+                                            "(OFFRAMP_SOURCES_UNKNOWN=reject)")
             return None
         if not self.tracker.can_admit(source):
             self.m_drops.labels(reason="in-flight-bound").inc()
@@ -220,12 +239,12 @@ class Ingest:
         if n := self._source_limit.should_log():
             self.log.warning("source_limit", source=source[:128], tracked=len(self.sources),
                              count=n)
+        frame_id = self._frame_id(msg, self._claimed_id(msg), source, task_id)
         await self.results.answer(
-            task_id, source, self._frame_id(msg, self._claimed_id(msg), source, task_id),
-            "error", error=f"{len(self.sources)} sources are active, the most this "
+            Owed(task_id, source, frame_id, time.time(), msg), "error",
+            error=f"{len(self.sources)} sources are active, the most this "
             "admission-controller tracks (OFFRAMP_ADMISSION_MAX_SOURCES); a source idle for "
-            "OFFRAMP_ADMISSION_SOURCE_IDLE_S gives its place up", created=time.time(),
-            origin=msg, label=UNTRACKED)
+            "OFFRAMP_ADMISSION_SOURCE_IDLE_S gives its place up", label=UNTRACKED)
         return False
 
     def _busy(self, source: str) -> bool:
@@ -248,9 +267,7 @@ class Ingest:
             return  # answered meanwhile (its deadline passed)
         if isinstance(x, FrameError):
             self.tracker.complete(task.task_id)
-            await self.results.answer(task.task_id, task.source, task.frame_id, "error",
-                                      error=str(x), created=task.created, origin=task.origin,
-                                      trace=task.trace)
+            await self.results.answer(task.owed(), "error", error=str(x))
             return
         assert isinstance(x, np.ndarray | bytes)
         task.x = x
@@ -376,8 +393,8 @@ class Ingest:
                 self.results.acknowledge(msg)
                 continue
             task_id = self.new_id()
-            await self.results.answer(task_id, source, self._given_id(msg, source, task_id),
-                                      status, error=error, origin=msg)
+            await self.results.answer(Owed(task_id, source, self._given_id(
+                msg, source, task_id), origin=msg), status, error=error)
 
     def _given_id(self, msg: Message, source: str, task_id: str) -> str:
         """An unread frame's own id, else one made up from ``task_id``."""

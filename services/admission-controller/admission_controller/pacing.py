@@ -22,7 +22,7 @@ Publish = Callable[[str, bytes], Awaitable[None]]
 class Pacing:
     def __init__(self, pacer: Pacer, *, gate: Gate[Any], in_flight: Callable[[str], int],
                  publish: Publish, topics: Topics, node: str, active: Callable[[], bool],
-                 log: Any, valid_s: float) -> None:
+                 log: Any) -> None:
         self.pacer = pacer
         self.gate = gate
         self.in_flight = in_flight
@@ -31,7 +31,6 @@ class Pacing:
         self.node = node
         self.active = active
         self.log = log
-        self.valid_s = valid_s
         self.told = 0  # paces published
         self.withdrawn = 0
 
@@ -46,7 +45,7 @@ class Pacing:
             rate = self.pacer.update(source, load, now, self.gate.rate(source))
             if rate is not None:
                 pace = Pace(source=source, rate_hz=rate, by=self.node, ts=wall,
-                            valid_s=self.valid_s)
+                            valid_s=self.pacer.c.valid_s)
                 out.append((source, pace.to_json()))
         for source in self.pacer.sources():
             if source not in sources and self.pacer.forget(source):

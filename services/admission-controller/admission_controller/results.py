@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Self
 
@@ -26,6 +26,28 @@ Publish = Callable[[str, bytes, bytes | None], Awaitable[None]]  # topic, payloa
 Acknowledge = Callable[[Message], None]  # the ingest message, to the broker
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """How an answer leaves: published (on the service's connection), then the frame it
+    answers acknowledged (on the ingest session's)."""
+
+    publish: Publish
+    acknowledge: Acknowledge = lambda msg: None
+
+
+@dataclass(frozen=True)
+class Owed:
+    """A frame owed its one answer: its ids, since when it waits (for its latency), the
+    ingest message (its response topic, what to acknowledge) and its span, if traced."""
+
+    task_id: str
+    source: str
+    frame_id: str
+    created: float | None = None
+    origin: Message | None = None
+    trace: Any = None
+
+
 # The source label of frames from sources the controller keeps no state for, so that a
 # client naming a new source per frame cannot add a label per frame.
 UNTRACKED = "(untracked)"
@@ -36,16 +58,14 @@ class Results:
     """Use as ``async with Results(...) as results:``; on the way out the results still in
     flight get a few seconds to reach the broker."""
 
-    def __init__(self, *, classes: Sequence[str], topics: Topics, publish: Publish,
-                 metrics: Metrics, log: Any, in_flight: int,
-                 acknowledge: Acknowledge = lambda msg: None,
-                 tracing: Tracing | None = None, answers: Answers | None = None) -> None:
+    def __init__(self, *, classes: Sequence[str], topics: Topics, delivery: Delivery,
+                 metrics: Metrics, log: Any, in_flight: int, tracing: Tracing | None = None,
+                 answers: Answers | None = None) -> None:
         self.classes = classes
         self.answers = answers
         self.tracing = tracing
         self.topics = topics
-        self.publish = publish
-        self.acknowledge = acknowledge
+        self.delivery = delivery
         self.log = log
         self.outbox = Outbox(in_flight)
         self.counts: Counter[str] = Counter()
@@ -73,16 +93,14 @@ class Results:
                         tb: TracebackType | None) -> None:
         await self.outbox.__aexit__(exc_type, exc, tb)
 
-    async def answer(self, task_id: str, source: str, frame_id: str, status: Status, *,
-                     error: str | None = None, done: Completion | None = None,
-                     created: float | None = None, origin: Message | None = None,
-                     trace: Any = None, label: str | None = None) -> None:
+    async def answer(self, owed: Owed, status: Status, *, error: str | None = None,
+                     done: Completion | None = None, label: str | None = None) -> None:
         """Publish the result of one frame: from its completion (``ok``), or with ``error``
-        saying why it got none; ``created`` gives its latency, ``origin`` (the ingest
-        message) its response topic and what to acknowledge once it is answered, ``trace``
-        the frame's span, which ends once the answer is out. ``label``: the source the
-        metrics count it under, where that is not one the controller tracks (an invalid or
-        untracked source would add a label per name)."""
+        saying why it got none; its span ends once the answer is out. ``label``: the source
+        the metrics count it under, where that is not one the controller tracks (an invalid
+        or untracked source would add a label per name)."""
+        task_id, source, frame_id = owed.task_id, owed.source, owed.frame_id
+        created, origin, trace = owed.created, owed.origin, owed.trace
         now = time.time()
         result = Result(task_id=task_id, source=source, frame_id=frame_id, status=status,
                         error=error, ts=now)
@@ -101,6 +119,10 @@ class Results:
         if trace is not None and self.tracing is not None:
             publish = self._traced(publish, trace, now, status)
         await self.outbox.send(publish)
+
+    def acknowledge(self, origin: Message) -> None:
+        """Acknowledge a frame answered by other means (a refusal, a frame taken once)."""
+        self.delivery.acknowledge(origin)
 
     def told(self, source: str, frame_id: str) -> Told | None:
         """What the frame was answered within the dedup window, if that is still kept."""
@@ -156,7 +178,7 @@ class Results:
         frame acknowledged: sending it again would be refused again."""
         reply = origin.response_topic if origin is not None else None
         try:
-            await self.publish(self.topics.results(source), payload, None)
+            await self.delivery.publish(self.topics.results(source), payload, None)
         except TopicError as exc:  # a source no results topic can be made of
             if reply is None:
                 self.log.error("result_not_published", task_id=task_id, error=str(exc))
@@ -167,11 +189,11 @@ class Results:
             return
         if reply is not None and origin is not None:
             try:
-                await self.publish(reply, payload, origin.correlation_data)
+                await self.delivery.publish(reply, payload, origin.correlation_data)
             except RefusedError as exc:
                 self.log.warning("reply_refused", task_id=task_id, topic=reply, error=str(exc))
             except OfframpError as exc:
                 self.log.error("reply_not_published", task_id=task_id, error=str(exc))
                 return
         if origin is not None:
-            self.acknowledge(origin)
+            self.delivery.acknowledge(origin)

@@ -25,11 +25,11 @@ from functools import partial
 from admission_controller.answers import Answers
 from admission_controller.dispatch import DispatchConfig, Dispatcher
 from admission_controller.gate import Gate
-from admission_controller.ingest import Ingest
+from admission_controller.ingest import Books, Ingest, Replies
 from admission_controller.leadership import Leadership
 from admission_controller.pacing import Pacing
 from admission_controller.refusals import Refusals
-from admission_controller.results import UNTRACKED, Results
+from admission_controller.results import UNTRACKED, Delivery, Results
 from admission_controller.session import IngestSession
 from admission_controller.settings import PREFIX, AdmissionSettings
 from admission_controller.sources import SourceTable
@@ -49,7 +49,6 @@ from offramp.policy.pace import PaceConfig, Pacer
 from offramp.wire import DoneReport, Heartbeat, Plan, read_results
 
 WATCH_TICK_S = 0.05  # how soon a change of leadership is seen by the watch of others' answers
-PACE_VALID_S = 15.0  # a pace holds this long unless said again (three refreshes)
 
 
 class Admission:
@@ -89,8 +88,10 @@ class Admission:
             max_payload=lambda node: bus.max_payload(topics.act(model, 1, node)),
             refuse=self._refuse)
         self.answers = Answers(settings.dedup_s, settings.answers_kept)
+        # the ingest session, made below, acknowledges each frame once its answer is out
+        delivery = Delivery(publish_result, lambda msg: self.session.ack(msg))  # noqa: PLW0108
         self.results = Results(classes=bundle.manifest.classes, topics=topics,
-                               publish=publish_result, metrics=runtime.metrics, log=runtime.log,
+                               delivery=delivery, metrics=runtime.metrics, log=runtime.log,
                                in_flight=settings.results_in_flight, tracing=runtime.tracing,
                                answers=self.answers)
         self.counts = self.results.counts
@@ -106,21 +107,21 @@ class Admission:
                 source if source in self.sources else UNTRACKED, "dropped", n),
             log=runtime.log, interval_s=settings.refusal_interval_ms / 1000,
             max_pending=settings.refusals_pending, answers=self.answers)
-        self.ingest = Ingest(settings, bundle.manifest.input, topics=topics,
-                             registry=self.registry, tracker=self.tracker, gate=self.gate,
-                             submit=self.dispatcher.submit, results=self.results,
-                             refusals=self.refusals, sources=self.sources, new_id=self.new_id,
-                             metrics=runtime.metrics, log=runtime.log, tracing=runtime.tracing)
+        replies = Replies(self.results, self.refusals)
+        self.ingest = Ingest(settings, bundle.manifest.input,
+                             books=Books(self.registry, self.sources, self.gate, self.tracker,
+                                         self.new_id),
+                             replies=replies, topics=topics, submit=self.dispatcher.submit,
+                             telemetry=runtime.telemetry)
         hb = settings.common.heartbeat_s
         # A primary waits one heartbeat period: the group's retained heartbeats, which say
         # whether another member is active, arrive as soon as it subscribes.
         self.leadership = Leadership(runtime.node, stale_s=3 * hb, started=time.monotonic(),
                                      wait_s=settings.takeover_s if settings.standby else hb)
-        self.session = IngestSession(make_ingest_bus, ingest=self.ingest, results=self.results,
-                                     refusals=self.refusals, tracker=self.tracker,
-                                     leadership=self.leadership,
+        self.session = IngestSession(make_ingest_bus, ingest=self.ingest, replies=replies,
+                                     tracker=self.tracker, leadership=self.leadership,
                                      topics=topics, queue=settings.ingest_queue, log=runtime.log)
-        self.results.acknowledge = self.session.ack
+
         async def publish_pace(topic: str, payload: bytes) -> None:
             await bus.publish(topic, payload, qos=1, retain=True)
 
@@ -128,7 +129,7 @@ class Admission:
             Pacer(PaceConfig(bound=settings.max_in_flight, target=settings.pace_target)),
             gate=self.gate, in_flight=self.tracker.in_flight, publish=publish_pace,
             topics=topics, node=runtime.node, active=lambda: self.leadership.active,
-            log=runtime.log, valid_s=PACE_VALID_S)
+            log=runtime.log)
         self.group_key = f"group:{settings.group}"
         self.broker = BrokerFigures()
         runtime.metrics.on_collect(self._read)
@@ -140,19 +141,16 @@ class Admission:
 
     async def _refuse(self, task: Task, why: str) -> None:
         if self.tracker.complete(task.task_id) is not None:
-            await self.results.answer(task.task_id, task.source, task.frame_id, "error",
-                                      error=why, created=task.created, origin=task.origin,
-                                      trace=task.trace)
+            await self.results.answer(task.owed(), "error", error=why)
 
     def _workers(self) -> str | None:
-        return None if self.dispatcher.peers.bundles("worker", float("inf")) \
+        return None if self.dispatcher.worker_bundles(fresh=False) \
             else "no segment-worker seen yet"
 
     def unserved(self) -> str | None:
         """Why no online worker can serve this bundle's frames (None: one can, or none is
         online and frames wait for one)."""
-        return unserved(self.rt.bundle, self.dispatcher.peers.bundles(
-            "worker", self.dispatcher.stale_after_s))
+        return unserved(self.rt.bundle, self.dispatcher.worker_bundles())
 
     async def _answer_unserved(self) -> None:
         """Frames that no online worker can serve are answered ``error`` naming the bundles,
@@ -210,8 +208,7 @@ class Admission:
             for done in report.completions:
                 task = self.tracker.complete(done.task_id)
                 if task is not None:
-                    await self.results.answer(task.task_id, task.source, task.frame_id, "ok",
-                                              done=done, origin=task.origin, trace=task.trace)
+                    await self.results.answer(task.owed(), "ok", done=done)
                 elif not done.task_id.startswith(self.id_prefix):
                     self.counts["stale_completions"] += 1  # an earlier incarnation's task
             again = []
@@ -230,16 +227,12 @@ class Admission:
             for failed in report.failed:  # its frame did not decode at the first worker
                 task = self.tracker.complete(failed.task_id)
                 if task is not None:
-                    await self.results.answer(task.task_id, task.source, task.frame_id, "error",
-                                              error=failed.error, created=task.created,
-                                              origin=task.origin, trace=task.trace)
+                    await self.results.answer(task.owed(), "error", error=failed.error)
 
     async def states(self, states: Subscription[Heartbeat]) -> None:
         async for hb in states:
-            if self.dispatcher.peers.update(hb):
-                self.dispatcher.window.forget(hb.node)
+            if self.dispatcher.observe(hb):
                 self._redispatch(hb.node, "offline")
-            self.dispatcher.wake()
 
     def _redispatch(self, node: str, why: str) -> None:
         """Send again, at once, every task ``node`` holds (its first hop, or a later one its
@@ -303,27 +296,23 @@ class Admission:
 
     async def plans(self, plans: Subscription[Plan]) -> None:
         async for plan in plans:
-            self.dispatcher.plan = plan
+            self.dispatcher.apply_plan(plan)
 
     async def sweeper(self) -> None:
         while True:
             await asyncio.sleep(0.05)
             sweep = self.tracker.sweep(time.time(), self.dispatcher.path_backlog(0.0))
             for t in sweep.expired:
-                await self.results.answer(t.task_id, t.source, t.frame_id, "expired",
-                                          created=t.created, error="deadline passed",
-                                          origin=t.origin, trace=t.trace)
+                await self.results.answer(t.owed(), "expired", error="deadline passed")
             for t in sweep.failed:
-                await self.results.answer(t.task_id, t.source, t.frame_id, "error",
-                                          created=t.created, origin=t.origin, trace=t.trace,
+                await self.results.answer(t.owed(), "error",
                                           error=f"no result after {t.attempt} dispatches")
             if sweep.redispatch:
                 self.counts["redispatched"] += len(sweep.redispatch)
                 self.dispatcher.submit(sweep.redispatch)
             await self._answer_unserved()
-            stale = self.dispatcher.stale_after_s
             for node in self.tracker.holders():
-                if self.dispatcher.peers.silent(node, stale):
+                if self.dispatcher.silent(node):
                     self._redispatch(node, "silent")
 
     async def control(self) -> None:

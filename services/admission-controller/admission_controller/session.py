@@ -19,10 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from admission_controller.ingest import Ingest
+from admission_controller.ingest import Ingest, Replies
 from admission_controller.leadership import Leadership
-from admission_controller.refusals import Refusals
-from admission_controller.results import Results
 from admission_controller.tracker import Tracker
 from offramp.bus import Message, MessageBus, Subscription, Topics
 
@@ -30,13 +28,13 @@ TICK_S = 0.05
 
 
 class IngestSession:
-    def __init__(self, make_bus: Callable[[], MessageBus], *, ingest: Ingest, results: Results,
-                 refusals: Refusals, tracker: Tracker, leadership: Leadership, topics: Topics,
-                 queue: int, log: Any) -> None:
+    def __init__(self, make_bus: Callable[[], MessageBus], *, ingest: Ingest, replies: Replies,
+                 tracker: Tracker, leadership: Leadership, topics: Topics, queue: int,
+                 log: Any) -> None:
         self.make_bus = make_bus
         self.ingest = ingest
-        self.results = results
-        self.refusals = refusals
+        self.results = replies.results
+        self.refusals = replies.refusals
         self.tracker = tracker
         self.leadership = leadership
         self.topics = topics
@@ -116,9 +114,7 @@ class IngestSession:
             self.log.warning("frames_left_to_standby", frames=left)
         else:
             for task in self.tracker.drain():
-                await self.results.answer(task.task_id, task.source, task.frame_id, "error",
-                                          created=task.created, origin=task.origin,
-                                          trace=task.trace,
+                await self.results.answer(task.owed(), "error",
                                           error="admission-controller stopped")
             if self.sub is not None:
                 await self.ingest.stop(self.sub)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from admission_controller.results import Owed
+
 
 @dataclass
 class Task:
@@ -34,6 +36,11 @@ class Task:
     trace: Any = None  # the frame's span, when the frame is traced (offramp.node.tracing)
     traceparent: str | None = None  # ... and its context, for the sample headers
     queued_at: float = 0.0  # when it last waited for credit (wall clock)
+
+    def owed(self) -> Owed:
+        """What its answer needs of it."""
+        return Owed(self.task_id, self.source, self.frame_id, self.created, self.origin,
+                    self.trace)
 
 
 @dataclass

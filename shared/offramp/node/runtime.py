@@ -19,6 +19,7 @@ from offramp.bus import Bus, MessageBus, Topics, Will, check_name
 from offramp.errors import OfframpError, SettingsError
 from offramp.node.health import HealthServer, Readiness
 from offramp.node.metrics import Metrics, Reading
+from offramp.node.telemetry import Telemetry
 from offramp.node.tracing import Tracing
 from offramp.settings import CommonSettings
 from offramp.wire import Heartbeat
@@ -65,6 +66,7 @@ class Runtime:
         self.early_beats = 0
         self.metrics = Metrics()
         self.tracing = Tracing(common.trace, role, self.node)
+        self.telemetry = Telemetry(self.log, self.metrics, self.tracing)
         self._checks: list[Readiness] = []
         self.http: HealthServer | None = None
         self.metrics.on_collect(self._read_bus)

@@ -52,6 +52,7 @@ class PaceConfig:
     smoothing: float = 0.5  # EWMA weight of the newest interval's served rate
     change: float = 0.05  # a new advice is told when it differs this much (relative) ...
     refresh_s: float = 5.0  # ... or when the last was told this long ago
+    valid_s: float = 15.0  # a told pace holds this long unless told again (three refreshes)
 
 
 @dataclass
