@@ -41,7 +41,7 @@ from offramp.local import loadgen
 from offramp.local.loadgen import Run, Stream
 from offramp.local.system import LocalSystem
 from offramp.ml.build import build, preset
-from offramp.ml.data import load_dataset
+from offramp.ml.data import Split, load_dataset
 from offramp.model.bundle import Bundle
 
 SPEEDS = (1, 2, 4)  # relative speed of the three workers
@@ -60,7 +60,7 @@ def scenario(bundle: Bundle, env: dict[str, str], streams: list[Stream],
                 "OFFRAMP_WORKER_BATCH_MAX": "16", "OFFRAMP_WORKER_QUEUE_MAX": "256"})
         system.workers = len(SPEEDS)
         return asyncio.run(loadgen.drive(system.url, system.prefix, system.workers, streams,
-                                         images, labels, settle_s=60, warmup_s=3.0))
+                                         Split(images, labels), settle_s=60, warmup_s=3.0))
 
 
 def served(run: Run, source: str | None = None) -> float:

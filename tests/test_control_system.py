@@ -24,6 +24,8 @@ from offramp.local.system import LocalSystem
 from offramp.ml.data import load_digits
 from offramp.model.bundle import Bundle
 
+pytestmark = pytest.mark.tier("broker")
+
 SLOWDOWN = 30.0
 BASE = {"OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "3", "OFFRAMP_RECONNECT_MAX_S": "0.5",
         "OFFRAMP_SCHEDULER_SETTLE_S": "0.5", "OFFRAMP_SCHEDULER_MIN_INTERVAL_S": "0.5",
@@ -53,8 +55,7 @@ def drive(system: LocalSystem, streams: list[tuple[str, float, float]], *,
           during: Hook | None = None) -> Run:
     test = load_digits().test
     return asyncio.run(loadgen.drive(system.url, system.prefix, system.workers,
-                                     [Stream(*s) for s in streams], test.images, test.labels,
-                                     during=during))
+                                     [Stream(*s) for s in streams], test, during=during))
 
 
 def exactly_once(run: Run) -> Counter[str]:

@@ -10,7 +10,7 @@ import pytest
 
 from admission_controller.tracker import Task, Tracker
 from offramp.local.system import split_segments
-from offramp.policy.exits import decide
+from offramp.policy.exits import Deadlines, decide
 from offramp.policy.offload import Candidate, choose
 from offramp.wire import Sample
 from segment_worker.queue import Item, SegmentQueue
@@ -33,8 +33,8 @@ def test_closed_exits_and_the_final_exit() -> None:
 
 def test_deadline_rule_exits_samples_that_would_miss_their_deadline() -> None:
     deadlines = np.array([10.5, math.nan, 20.0])
-    d = decide("confidence", 0.99, np.array([UNSURE, UNSURE, UNSURE]), deadlines=deadlines,
-               now=10.0, time_to_next_s=1.0)
+    d = decide("confidence", 0.99, np.array([UNSURE, UNSURE, UNSURE]),
+               deadlines=Deadlines(deadlines, now=10.0, to_next_s=1.0))
     assert d.exits.tolist() == [True, False, False]
     assert d.reasons[0] == "deadline"
 

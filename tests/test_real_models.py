@@ -35,6 +35,8 @@ from offramp.model.bundle import Bundle, BundleError
 from offramp.model.images import resize_uint8
 from offramp.model.inputs import InputSpec, normalise
 
+pytestmark = pytest.mark.tier("inproc")
+
 
 def _idx(path: Path, array: np.ndarray, *, compress: bool = True) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
@@ -180,7 +182,7 @@ def test_a_frozen_backbone_trains_only_the_heads_on_features_computed_once(
     """The backbone of the session's trained bundle (an offramp model.pt as --weights) with
     new heads trained on top of it."""
     from offramp.ml.build import load_data, make_model
-    from offramp.ml.train import train
+    from offramp.ml.train import Saved, train
 
     recipe = replace(tiny_recipe, weights=str(tiny_bundle.path("model.pt")),
                      train=TrainConfig(epochs=4, lr=6e-3, augment=False, freeze_backbone=True))
@@ -188,7 +190,7 @@ def test_a_frozen_backbone_trains_only_the_heads_on_features_computed_once(
     model = make_model(recipe, 10)
     loaded = {k: v.clone() for k, v in model.state_dict().items()}
     ckpt = tmp_path / "run.pt"
-    result = train(model, data, InputSpec(), recipe.train, checkpoint=ckpt, progress=False)
+    result = train(model, data, InputSpec(), recipe.train, saved=Saved(ckpt), progress=False)
     after = model.state_dict()
     assert all(torch.equal(loaded[k], after[k]) for k in loaded if k.startswith("blocks."))
     assert any(not torch.equal(loaded[k], after[k]) for k in loaded if k.startswith("heads."))
@@ -201,7 +203,7 @@ def test_a_frozen_backbone_trains_only_the_heads_on_features_computed_once(
 
     monkeypatch.setattr(FeatureCache, "compute", no_backbone_pass)
     longer = replace(recipe.train, epochs=5)
-    train(make_model(recipe, 10), data, InputSpec(), longer, checkpoint=ckpt, resume=False,
+    train(make_model(recipe, 10), data, InputSpec(), longer, saved=Saved(ckpt, resume=False),
           progress=False)
 
 

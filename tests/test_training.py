@@ -28,10 +28,12 @@ from offramp.ml.compress import (
     record_codecs,
     train_autoencoder,
 )
-from offramp.ml.train import TrainConfig, TrainResult, memory_layout, train
+from offramp.ml.train import Saved, TrainConfig, TrainResult, memory_layout, train
 from offramp.model.bundle import Bundle, BundleError, load_bundle
 from offramp.model.inputs import InputSpec
 from offramp.model.sessions import make_session
+
+pytestmark = pytest.mark.tier("inproc")
 
 QUICK = Recipe("quick", "mobilenetv2", {"width": 0.25, "stem_stride": 2},
                train=TrainConfig(epochs=2, batch_size=128))
@@ -40,7 +42,7 @@ QUICK = Recipe("quick", "mobilenetv2", {"width": 0.25, "stem_stride": 2},
 def _run(cfg: TrainConfig, ckpt: Path | None = None) -> tuple[dict[str, torch.Tensor], TrainResult]:
     recipe = replace(QUICK, train=cfg)
     model = make_model(recipe, 10)
-    result = train(model, load_data(recipe), InputSpec(), cfg, checkpoint=ckpt, progress=False)
+    result = train(model, load_data(recipe), InputSpec(), cfg, saved=Saved(ckpt), progress=False)
     return model.state_dict(), result
 
 

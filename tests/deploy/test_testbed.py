@@ -72,8 +72,7 @@ def test_testbed_up_serves_frames_with_profile_limits_and_down_removes_it(engine
 
         test = load_digits().test
         run = asyncio.run(loadgen.drive(f"mqtt://127.0.0.1:{port}", "offramp/v1", 2,
-                                        [Stream("cam-1", 20.0, 4.0)], test.images,
-                                        test.labels, settle_s=60))
+                                        [Stream("cam-1", 20.0, 4.0)], test, settle_s=60))
         per_frame = Counter(r.frame_id for r in run.results)
         assert len(per_frame) == sum(run.offered.values()) and set(per_frame.values()) == {1}
         assert Counter(r.status for r in run.results) == Counter(ok=len(per_frame))

@@ -22,7 +22,7 @@ from offramp.model.bundle import Bundle
 from offramp.model.resident import Activation, Batch, Outputs, stack_on_host
 from offramp.model.sessions import SegmentRunner
 from offramp.node.tracing import Tracing
-from offramp.policy.exits import ExitDecision, decide
+from offramp.policy.exits import Deadlines, ExitDecision, decide
 from offramp.wire import Completion, ExitPolicy, ExitReason, Hop, Sample
 from segment_worker.placer import Placer
 from segment_worker.queue import Item
@@ -142,8 +142,7 @@ class BatchRunner:
         for j, runner in enumerate(runners):
             out, started, finished = self.infer(runner, xs)
             d = decide(rule.criterion, rule.threshold, out.logits, out.embedding, rule.prev,
-                       last=rule.last, deadlines=rule.deadlines, now=finished,
-                       time_to_next_s=rule.to_next)
+                       last=rule.last, deadlines=Deadlines(rule.deadlines, finished, rule.to_next))
             stay = [i for i in range(len(d.exits)) if not d.exits[i]]
             if not stay or out.activation is None or j == len(runners) - 1:
                 kept = runner.keep(out.activation, stay) if stay and out.activation is not None \

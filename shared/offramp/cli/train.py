@@ -107,7 +107,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from offramp.ml import build as steps
-    from offramp.ml.train import train
+    from offramp.ml.train import Saved, train
     from offramp.model.inputs import InputSpec
 
     console = Console()
@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name, run_cfg in runs.items():
         model = steps.make_model(recipe, len(data.classes))
         console.print(f"[bold]{name}[/]")
-        result = train(model, data, spec, run_cfg, checkpoint=args.out / f"{name}.ckpt",
+        result = train(model, data, spec, run_cfg, saved=Saved(args.out / f"{name}.ckpt"),
                        teacher=teacher)
         rows[name] = result.test_accuracy
         if name == next(iter(runs)):

@@ -12,11 +12,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from offramp.bus import Bus, Topics, from_payload
 from offramp.bus.outbox import Outbox
 from offramp.local.client import png_bytes, wait_for_workers
+from offramp.ml.data import Split
 from offramp.settings import BusSettings
 from offramp.wire import FrameEnvelope, Heartbeat, Plan, Result, read_results
 
@@ -56,12 +55,12 @@ Hook = Callable[[Bus, Run], Awaitable[None]]
 WINDOW = 64  # QoS 1 publishes of a stream awaiting their acknowledgement at once
 
 
-async def drive(url: str, prefix: str, workers: int, streams: Sequence[Stream],
-                images: np.ndarray, labels: np.ndarray, *, during: Hook | None = None,
-                settle_s: float = 20.0, warmup_s: float = 1.5, qos: int = 1) -> Run:
-    """Publish every stream (paced, at ``qos``: with 1, every frame reaches the broker and
-    is owed a result), then wait until each frame is answered or
-    ``settle_s`` passes; returns everything seen."""
+async def drive(url: str, prefix: str, workers: int, streams: Sequence[Stream], frames: Split,
+                *, during: Hook | None = None, settle_s: float = 20.0,
+                warmup_s: float = 1.5) -> Run:
+    """Publish every stream (paced, QoS 1: every frame reaches the broker and is owed a
+    result), cycling through ``frames`` (their labels say which answers are right), then
+    wait until each frame is answered or ``settle_s`` passes; returns everything seen."""
     topics = Topics(prefix)
     settings = BusSettings(broker_url=url, topic_prefix=prefix, session_expiry_s=60,
                            reconnect_max_s=0.5, publish_timeout_s=30)
@@ -88,7 +87,7 @@ async def drive(url: str, prefix: str, workers: int, streams: Sequence[Stream],
             async for plan in plans:
                 run.plans.append((time.monotonic(), plan))
 
-        camera = _Camera(bus, topics, run, images, labels, qos)
+        camera = _Camera(bus, topics, run, frames)
 
         async with asyncio.TaskGroup() as tg:
             readers = [tg.create_task(c) for c in (read(), watch(), watch_plans())]
@@ -113,19 +112,17 @@ class _Camera:
     """The streams' publisher: digits envelopes with frame ids unique across runs (no
     redelivery dedup), each image PNG-encoded once (the camera's CPU is not what is measured)."""
 
-    def __init__(self, bus: Bus, topics: Topics, run: Run, images: np.ndarray,
-                 labels: np.ndarray, qos: int) -> None:
+    def __init__(self, bus: Bus, topics: Topics, run: Run, frames: Split) -> None:
         self.bus = bus
         self.topics = topics
         self.run = run
-        self.images = images
-        self.labels = labels
-        self.qos = qos
+        self.images = frames.images
+        self.labels = frames.labels
         self.tag = f"{time.time_ns():x}"
         self.pngs: dict[int, bytes] = {}
 
     async def _one(self, topic: str, payload: bytes) -> None:
-        await self.bus.publish(topic, payload, qos=self.qos)
+        await self.bus.publish(topic, payload, qos=1)
 
     async def publish(self, s: Stream) -> None:
         """Paced, with up to WINDOW publishes awaiting their acknowledgement at once (a camera's

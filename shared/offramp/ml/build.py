@@ -17,7 +17,7 @@ from offramp.ml.compress import record_wire_codecs
 from offramp.ml.data import DATASETS, Dataset, DatasetError, load_dataset
 from offramp.ml.export import export_bundle
 from offramp.ml.loss import LossConfig
-from offramp.ml.train import TrainConfig, TrainResult, train
+from offramp.ml.train import Saved, TrainConfig, TrainResult, train
 from offramp.ml.transfer import load_weights
 from offramp.ml.zoo import REGISTRY, ZOO_VERSION, MultiExitNet, create_model
 from offramp.model.bundle import Bundle, BundleError, load_bundle
@@ -185,10 +185,10 @@ def build(recipe: Recipe, out: Path, *, force: bool = False, progress: bool = Tr
     model = make_model(recipe, len(data.classes))
     teacher = load_teacher(recipe, len(data.classes))
     t0 = time.monotonic()
-    result: TrainResult = train(model, data, spec, recipe.train,
-                                checkpoint=out / ".train" / f"{recipe.digest()}.pt",
-                                progress=progress, teacher=teacher,
-                                features=out.parent / ".features" / f"{recipe.backbone_digest()}.pt")
+    saved = Saved(out / ".train" / f"{recipe.digest()}.pt",
+                  features=out.parent / ".features" / f"{recipe.backbone_digest()}.pt")
+    result: TrainResult = train(model, data, spec, recipe.train, saved=saved,
+                                progress=progress, teacher=teacher)
     seconds = round(time.monotonic() - t0, 1)
     metrics = {"recipe": recipe.digest(), "preset_name": recipe.name, "dataset": recipe.dataset,
                "data_dir": recipe.data_dir,

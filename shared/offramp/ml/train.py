@@ -61,6 +61,18 @@ class TrainConfig:
         return d
 
 
+@dataclass(frozen=True)
+class Saved:
+    """Where a run keeps its state: ``checkpoint`` saved every epoch (None: nothing kept) and
+    resumed from unless ``resume`` is off; ``features``: a frozen backbone's cached features
+    (None: beside the checkpoint). Runs that differ only in their training terms can share
+    one features file."""
+
+    checkpoint: Path | None = None
+    resume: bool = True
+    features: Path | None = None
+
+
 @dataclass
 class TrainResult:
     val_accuracy: list[float]
@@ -131,12 +143,10 @@ def exit_accuracy(model: MultiExitNet, x: Inputs | torch.Tensor, y: torch.Tensor
 
 
 def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig, *,
-          checkpoint: Path | None = None, resume: bool = True,
-          teacher: MultiExitNet | None = None, progress: bool = True,
-          features: Path | None = None) -> TrainResult:
-    """Train all exits jointly; with ``checkpoint`` set, save every epoch and resume from it.
-    ``features``: where a frozen backbone's features are cached (None: beside the
-    checkpoint); runs that differ only in their training terms can share one file."""
+          saved: Saved = Saved(), teacher: MultiExitNet | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train all exits jointly, keeping and resuming state as ``saved`` says."""
+    checkpoint, resume, features = saved.checkpoint, saved.resume, saved.features
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(os.cpu_count() or 1)
     device = resolve_device(cfg.device)
@@ -170,7 +180,7 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
         for epoch in range(start, cfg.epochs):
             (model.heads if cache is not None else model).train()
             history.append(_epoch(criterion, opt, sched, _steps(
-                model, cache, x_train, y_train, cfg, epoch, device, layout, teacher)))
+                model, cache, (x_train, y_train), cfg, epoch, device, teacher)))
             bar.update(task, advance=1, description=f"train loss {history[-1]['loss']:.3f}")
             if checkpoint is not None:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +192,8 @@ def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig,
         model.blocks.requires_grad_(True)
         tune = replace(cfg, epochs=cfg.finetune_epochs, lr=cfg.lr / 10, freeze_backbone=False,
                        finetune_epochs=0)
-        tuned = train(model, data, spec, tune, resume=resume, progress=progress,
-                      checkpoint=checkpoint.with_suffix(".finetune.pt") if checkpoint else None)
+        tuned = train(model, data, spec, tune, progress=progress, saved=Saved(
+            checkpoint.with_suffix(".finetune.pt") if checkpoint else None, resume))
         return TrainResult(tuned.val_accuracy, tuned.test_accuracy, history + tuned.history,
                            start)
     x_val, y_val = to_tensors(data.val, spec)
@@ -246,10 +256,12 @@ def memory_layout(device: torch.device, cfg: TrainConfig) -> torch.memory_format
     return torch.contiguous_format
 
 
-def _steps(model: MultiExitNet, cache: FeatureCache | None, x: Inputs, y: torch.Tensor,
-           cfg: TrainConfig, epoch: int, device: torch.device, layout: torch.memory_format,
+def _steps(model: MultiExitNet, cache: FeatureCache | None, xy: tuple[Inputs, torch.Tensor],
+           cfg: TrainConfig, epoch: int, device: torch.device,
            teacher: MultiExitNet | None) -> Iterator[Step]:
     """Each batch's exit outputs (and the teacher's final output) with its labels."""
+    x, y = xy
+    layout = memory_layout(device, cfg)
     if cache is not None:
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         order = torch.randperm(len(y), generator=gen)

@@ -152,12 +152,12 @@ class Bound:
 
     def __init__(self, session: ort.InferenceSession, *, input_name: str,
                  per_sample: tuple[int, ...], outputs: tuple[str | None, str, str],
-                 output_shapes: dict[str, tuple[int, ...]],
-                 device: str, device_id: int, rows: RowSelector, fixed_batch: int = 0) -> None:
+                 output_shapes: dict[str, tuple[int, ...]], rows: RowSelector,
+                 fixed_batch: int = 0) -> None:
         self.session = session
         self.input_name = input_name
         self.act_name, self.logits_name, self.emb_name = outputs
-        self.device, self.device_id = device, device_id
+        self.device, self.device_id = rows.device, rows.device_id  # where the rows live
         self.rows = rows
         self.transfers = rows.transfers
         self.fixed = fixed_batch

@@ -184,8 +184,7 @@ class SegmentRunner:
                                output_shapes={t.name: t.per_sample for t in (
                                    self.spec.activation, self.spec.logits, self.spec.embedding)
                                    if t is not None},
-                               device=place, device_id=gpu.device_id, rows=rows,
-                               fixed_batch=self.static_batch)
+                               rows=rows, fixed_batch=self.static_batch)
 
     @property
     def transfers(self) -> Counter[str]:

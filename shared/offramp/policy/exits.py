@@ -16,6 +16,16 @@ from offramp.policy.scores import score, softmax
 
 
 @dataclass(frozen=True)
+class Deadlines:
+    """The QoS rule's inputs: each sample's deadline (absolute, NaN where it has none), the
+    time now, and the expected time to the next exit."""
+
+    at: np.ndarray
+    now: float
+    to_next_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class ExitDecision:
     exits: np.ndarray  # (N,) bool
     reasons: list[str]  # per sample: threshold / final / deadline / feature-difference / ""
@@ -25,10 +35,8 @@ class ExitDecision:
 
 def decide(criterion: str, threshold: float | None, logits: np.ndarray,
            embedding: np.ndarray | None = None, previous: np.ndarray | None = None, *,
-           last: bool = False, deadlines: np.ndarray | None = None, now: float = 0.0,
-           time_to_next_s: float = 0.0) -> ExitDecision:
-    """Decide for each row of ``logits``. ``threshold`` None means exits are closed here.
-    ``deadlines`` holds absolute times, NaN where a sample has none."""
+           last: bool = False, deadlines: Deadlines | None = None) -> ExitDecision:
+    """Decide for each row of ``logits``. ``threshold`` None means exits are closed here."""
     n = logits.shape[0]
     probs = softmax(logits.astype(np.float32))
     labels = probs.argmax(axis=-1)
@@ -41,7 +49,8 @@ def decide(criterion: str, threshold: float | None, logits: np.ndarray,
     reasons = [("feature-difference" if criterion == "feature-difference" else "threshold")
                if e else "" for e in exits]
     if deadlines is not None:
-        late = ~exits & ~np.isnan(deadlines) & (now + time_to_next_s > deadlines)
+        at = deadlines.at
+        late = ~exits & ~np.isnan(at) & (deadlines.now + deadlines.to_next_s > at)
         for i in np.flatnonzero(late):
             reasons[i] = "deadline"
         exits = exits | late

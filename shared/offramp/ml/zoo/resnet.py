@@ -5,6 +5,7 @@ stage ends."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,11 +45,22 @@ class Bottleneck(nn.Module):
         return F.relu(self.body(x) + self.short(x))
 
 
-def _build(arch: str, block: type[BasicBlock] | type[Bottleneck], depths: Sequence[int],
-           widths: Sequence[int], stem: nn.Module, stem_info: FeatureInfo, num_classes: int,
-           exits: Sequence[int] | None, embed_dim: int, config: dict[str, object],
-           head_grid: int) -> MultiExitNet:
-    blocks: list[nn.Module] = [stem]
+@dataclass(frozen=True)
+class _Layout:
+    """A ResNet's shape: its stem, then stages of ``depths[i]`` blocks of ``widths[i]``
+    planes (the first of each stage after the first halving the resolution)."""
+
+    block: type[BasicBlock] | type[Bottleneck]
+    depths: Sequence[int]
+    widths: Sequence[int]
+    stem: nn.Module
+    stem_info: FeatureInfo
+
+
+def _build(arch: str, layout: _Layout, num_classes: int, exits: Sequence[int] | None,
+           embed_dim: int, config: dict[str, object], head_grid: int) -> MultiExitNet:
+    block, depths, widths, stem_info = layout.block, layout.depths, layout.widths, layout.stem_info
+    blocks: list[nn.Module] = [layout.stem]
     info = [stem_info]
     cin, reduction, stage_ends = stem_info.channels, stem_info.reduction, []
     for si, (n, planes) in enumerate(zip(depths, widths, strict=True)):
@@ -70,8 +82,9 @@ def resnet_cifar(depth: int, num_classes: int, exits: Sequence[int] | None = Non
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
     n = (depth - 2) // 6
-    return _build(f"resnet{depth}", BasicBlock, [n, n, n], [16, 32, 64], conv_bn(3, 16),
-                  FeatureInfo("stem", 16, 1), num_classes, exits, embed_dim,
+    layout = _Layout(BasicBlock, [n, n, n], [16, 32, 64], conv_bn(3, 16),
+                     FeatureInfo("stem", 16, 1))
+    return _build(f"resnet{depth}", layout, num_classes, exits, embed_dim,
                   {"depth": depth, "input_size": input_size}, head_grid)
 
 
@@ -85,6 +98,6 @@ def resnet_imagenet(depth: int, num_classes: int, exits: Sequence[int] | None = 
         raise ValueError(f"ImageNet ResNet depth must be one of {sorted(layouts)}, got {depth}")
     block, depths = layouts[depth]
     stem = nn.Sequential(conv_bn(3, 64, 7, 2), nn.MaxPool2d(3, 2, 1))
-    return _build(f"resnet{depth}", block, depths, [64, 128, 256, 512], stem,
-                  FeatureInfo("stem", 64, 4), num_classes, exits, embed_dim,
+    layout = _Layout(block, depths, [64, 128, 256, 512], stem, FeatureInfo("stem", 64, 4))
+    return _build(f"resnet{depth}", layout, num_classes, exits, embed_dim,
                   {"depth": depth, "input_size": input_size}, head_grid)
