@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from tiers import Tiers
 
 from offramp.bus import Bus, Topics
 from offramp.local.broker import LocalBroker
@@ -21,6 +22,10 @@ from offramp.settings import BusSettings
 
 # tests/deploy needs root, podman and the images `make test-deploy` builds; it runs them
 collect_ignore = [] if os.environ.get("OFFRAMP_TEST_DEPLOY") else ["deploy"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(Tiers(), "offramp-tiers")
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,8 @@ from offramp.model import sessions
 from offramp.model.bundle import Bundle
 from offramp.model.inputs import normalise
 
+pytestmark = pytest.mark.tier("inproc")
+
 
 def test_every_variant_is_measured_or_says_why_not(tmp_path: Path) -> None:
     bundle = gpu.make_bundle("mnv2-32", tmp_path)

@@ -24,6 +24,8 @@ from offramp.node.runtime import Runtime
 from offramp.settings import BusSettings, CommonSettings
 from offramp.wire import Heartbeat
 
+pytestmark = pytest.mark.tier("broker")
+
 
 def test_missing_mosquitto_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")

@@ -19,6 +19,8 @@ from offramp.model.bundle import Bundle, BundleError, load_bundle
 from offramp.model.inputs import InputSpec, normalise
 from offramp.model.sessions import FullModelRunner, SegmentRunner, cuda_available
 
+pytestmark = pytest.mark.tier("inproc")
+
 CLASSES = [str(i) for i in range(10)]
 
 

@@ -8,6 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from offramp.local.broker import free_run
 from offramp.local.system import LocalSystem
 from offramp.model.bundle import Bundle, load_bundle
@@ -15,6 +17,8 @@ from offramp.node.health import probe
 from offramp.node.peers import PeerTable
 from offramp.policy.bundles import conflicts, model_of, unserved
 from offramp.wire import Heartbeat, SegmentLoad
+
+pytestmark = pytest.mark.tier("inproc")
 
 
 def _variant(bundle: Bundle, root: Path, **manifest: object) -> Bundle:

@@ -11,6 +11,8 @@ from offramp.model.bundle import Bundle
 from offramp.model.calibration import NEVER, Calibration
 from offramp.policy.scores import score
 
+pytestmark = pytest.mark.tier("inproc")
+
 
 def _synthetic(n: int = 400, seed: int = 0) -> Calibration:
     """Later exits are more accurate; confidence predicts correctness."""

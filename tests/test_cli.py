@@ -21,6 +21,8 @@ from offramp.local.broker import LocalBroker
 from offramp.ml.commands import COMMANDS
 from offramp.wire import Heartbeat, Pace, Refusal, Result, SegmentLoad
 
+pytestmark = pytest.mark.tier("broker")
+
 OFFRAMP = [sys.executable, "-m", "offramp.cli.main"]
 
 

@@ -23,6 +23,8 @@ from offramp.local.system import LocalSystem
 from offramp.ml.data import load_digits
 from offramp.model.bundle import Bundle
 
+pytestmark = pytest.mark.tier("broker")
+
 TOP = Path(__file__).parent.parent
 DOC = TOP / "docs" / "client.md"
 README_BROKER = 'broker="mqtt://127.0.0.1:1883"'
@@ -41,6 +43,23 @@ def _readme_example() -> str:
                             "prefix=os.environ['OFFRAMP_TOPIC_PREFIX']")
 
 
+def _readme_paho_example(url: str, prefix: str) -> str:
+    """The README's paho-mqtt example, on the test's broker and prefix; its endless
+    ``loop_forever`` runs for 10 s instead."""
+    found = [code for code in re.findall(r"```python\n(.*?)```", (TOP / "README.md").read_text(),
+                                         flags=re.S) if "paho.mqtt" in code]
+    assert len(found) == 1
+    host, port = url.removeprefix("mqtt://").split(":")
+    code = found[0]
+    for written, here in (('"127.0.0.1", 1883', f'"{host}", {port}'),
+                          ('"offramp/v1/', f'"{prefix}/'),
+                          ("client.loop_forever()", "import time\nclient.loop_start()\n"
+                           "time.sleep(10)\nclient.loop_stop()")):
+        assert written in code, written
+        code = code.replace(written, here)
+    return code
+
+
 def test_the_documented_examples_run_against_a_running_system(
         tiny_bundle: Bundle, prefix: str, broker: LocalBroker, tmp_path: Path,
         up: Callable[[LocalSystem], LocalSystem]) -> None:
@@ -52,10 +71,15 @@ def test_the_documented_examples_run_against_a_running_system(
         up(system)
         outputs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                   text=True, timeout=120, check=False, cwd=tmp_path)
-                   for code in [*examples, "import os\n" + _readme_example()]]
-    blocking, streaming, readme = outputs
+                   for code in [*examples, "import os\n" + _readme_example(),
+                                _readme_paho_example(broker.url, prefix)]]
+    blocking, streaming, readme, paho = outputs
     assert readme.returncode == 0, readme.stderr
     assert readme.stdout.split()[0] == "ok", readme.stdout
+    assert paho.returncode == 0, paho.stderr
+    [answer] = paho.stdout.splitlines()  # one frame sent, one answer: id, status, label, exit
+    _, status, label, exit_index = answer.split()
+    assert status == "ok" and 0 <= int(label) < 10 and int(exit_index) >= 1, answer
     assert blocking.returncode == 0, blocking.stderr
     lines = blocking.stdout.splitlines()
     assert len(lines) == 5 and all(line.split()[1] == "ok" for line in lines), lines

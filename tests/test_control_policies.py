@@ -281,7 +281,9 @@ def test_plan_respects_capacity_and_gives_idle_nodes_work() -> None:
     assert all(len(segs) == 1 for segs in alloc.nodes.values())
     assert sorted(k for segs in alloc.nodes.values() for k in segs) == [1, 2, 3]
     many = plan(MODEL, _nodes(1000.0, 1000.0, 1000.0, 1000.0), [SourceLoad("cam", 1.0, 3.0)])
-    assert all(many.nodes.values())  # nobody idles
+    assert sorted(many.nodes) == ["n1", "n2", "n3", "n4"]
+    assert all(many.nodes.values()), many.nodes  # nobody idles: the fourth holds a replica
+    assert sorted({k for segs in many.nodes.values() for k in segs}) == [1, 2, 3]
     assert plan(MODEL, [], [SourceLoad("cam", 1.0, 1.0)]).routes == {}
 
 

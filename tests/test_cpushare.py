@@ -13,6 +13,8 @@ import pytest
 from offramp.local.system import stage_nices
 from offramp.node.cpushare import autogroup_nice
 
+pytestmark = pytest.mark.tier("broker")
+
 PROBE = """
 import json, os, threading
 from pathlib import Path

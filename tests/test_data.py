@@ -11,6 +11,8 @@ from PIL import Image
 
 from offramp.ml.data import DatasetError, load_dataset, load_digits
 
+pytestmark = pytest.mark.tier("inproc")
+
 
 def test_digits_split_is_fixed_and_complete() -> None:
     a, b = load_digits(), load_digits()

@@ -23,6 +23,8 @@ from packaging.version import Version
 
 from offramp.local.broker import free_port
 
+pytestmark = pytest.mark.tier("deploy")
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from offramp.bus import Bus, Topics
@@ -24,6 +25,8 @@ from offramp.model.frames import decode_frame
 from offramp.model.sessions import FullModelRunner
 from offramp.settings import BusSettings
 from offramp.wire import ActivationPacket, FrameEnvelope, Result
+
+pytestmark = pytest.mark.tier("broker")
 
 ENV = {"OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "3", "OFFRAMP_ARBITER_DISABLE_EXITS": "true"}
 

@@ -19,6 +19,8 @@ from offramp.node.health import HealthServer, probe
 from offramp.node.metrics import Metrics
 from offramp.settings import BusSettings
 
+pytestmark = pytest.mark.tier("inproc")
+
 
 def test_metrics_render_in_prometheus_text_format() -> None:
     reg = Metrics()

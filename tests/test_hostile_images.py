@@ -27,6 +27,8 @@ from offramp.model.frames import check_frame
 from offramp.model.images import decode_image, refuse_by_budget_only
 from offramp.model.inputs import FrameError, InputSpec
 
+pytestmark = pytest.mark.tier("inproc")
+
 SPEC = InputSpec()
 
 

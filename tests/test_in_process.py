@@ -52,6 +52,8 @@ from segment_worker.queue import Item
 from segment_worker.service import run as worker_run
 from segment_worker.settings import EngineConfig, WorkerSettings
 
+pytestmark = pytest.mark.tier("inproc")
+
 LOG = structlog.get_logger("test")
 
 

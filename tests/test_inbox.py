@@ -8,6 +8,8 @@ import pytest
 
 from offramp.bus.inbox import Inbox, RateLimitedWarning
 
+pytestmark = pytest.mark.tier("inproc")
+
 
 def test_drop_oldest_keeps_the_newest_and_reports_each_drop() -> None:
     dropped: list[int] = []

@@ -33,6 +33,8 @@ from offramp.policy.links import LinkMeter, PathMeter, QueuePeak, paced
 from offramp.policy.offload import Candidate, choose
 from offramp.wire import Heartbeat, SegmentLoad
 
+pytestmark = pytest.mark.tier("broker")
+
 HELPERS = Path(__file__).parent / "helpers"
 
 

@@ -22,6 +22,8 @@ from offramp.model.bundle import Bundle
 from offramp.settings import BusSettings
 from offramp.wire import Heartbeat
 
+pytestmark = pytest.mark.tier("broker")
+
 HELPERS = Path(__file__).parent / "helpers"
 OFFRAMP = [sys.executable, "-m", "offramp.cli"]
 

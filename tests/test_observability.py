@@ -8,7 +8,10 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.tier("inproc")
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "compose/observability/grafana/dashboards/offramp.json"

@@ -29,6 +29,8 @@ from offramp.model.images import resize_uint8
 from offramp.model.inputs import normalise
 from offramp.model.sessions import SegmentRunner, make_session
 
+pytestmark = pytest.mark.tier("inproc")
+
 FAST = {"train_limit": 800, "epochs": 15}
 
 

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from test_system import LATER_HOPS_ENV, _frames, _run, later_hop_workers
@@ -22,6 +23,8 @@ from offramp.local.system import LocalSystem
 from offramp.model.bundle import Bundle
 from offramp.settings import BusSettings
 from offramp.wire import Result, read_results
+
+pytestmark = pytest.mark.tier("broker")
 
 
 def test_a_standby_takes_over_when_the_admission_controller_is_killed_mid_stream(

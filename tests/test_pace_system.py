@@ -7,6 +7,8 @@ import asyncio
 import os
 import sys
 
+import pytest
+
 from offramp.bus import Bus, Topics
 from offramp.local.broker import LocalBroker
 from offramp.local.client import collect, wait_for_workers
@@ -14,6 +16,8 @@ from offramp.local.system import LocalSystem
 from offramp.model.bundle import Bundle
 from offramp.settings import BusSettings
 from offramp.wire import Pace, Result
+
+pytestmark = pytest.mark.tier("broker")
 
 # The rate strategy with a low admitted rate: a camera at 4x it is refused 3 frames in 4
 # unless it follows the pace, whatever this machine's speed.

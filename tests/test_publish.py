@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from offramp.bus import Bus, Topics
 from offramp.local.client import collect, png_bytes, wait_for_workers
 from offramp.local.system import LocalSystem
@@ -16,6 +18,8 @@ from offramp.ml.data import load_digits
 from offramp.model.bundle import Bundle
 from offramp.settings import BusSettings
 from offramp.wire import Result
+
+pytestmark = pytest.mark.tier("broker")
 
 FAST = {"OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "1.5", "OFFRAMP_ARBITER_REPUBLISH_S": "0.5"}
 

@@ -22,6 +22,8 @@ from offramp.bus.read_path import FastReadPath, Incoming
 from offramp.errors import BusError
 from offramp.settings import BusSettings
 
+pytestmark = pytest.mark.tier("inproc")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -18,6 +18,8 @@ from offramp.bus import Message, Topics
 from offramp.errors import BusError
 from offramp.wire import read_results
 
+pytestmark = pytest.mark.tier("inproc")
+
 
 def _msg(i: int, reply: str | None = None) -> Message:
     return Message(topic="p/ingest/cam", payload=b"", response_topic=reply,

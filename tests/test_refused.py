@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from test_in_process import _bundle_ready, _packet
 
 from admission_controller.tracker import Task, Tracker
@@ -15,6 +16,8 @@ from offramp.node.peers import PeerTable
 from offramp.wire import DoneReport, Refused
 from segment_worker.engine import Engine, Port
 from segment_worker.settings import EngineConfig
+
+pytestmark = pytest.mark.tier("inproc")
 
 
 def test_a_refused_sample_crosses_the_wire() -> None:

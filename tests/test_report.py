@@ -13,6 +13,8 @@ import pytest
 
 from bench.report import FIGURES, RESULTS, ROOT, generate
 
+pytestmark = pytest.mark.tier("inproc")
+
 DOCS = ROOT / "docs"
 
 

@@ -26,6 +26,8 @@ from offramp.settings import load
 from segment_worker.engine import Engine, Port
 from segment_worker.settings import EngineConfig, WorkerSettings
 
+pytestmark = pytest.mark.tier("inproc")
+
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 

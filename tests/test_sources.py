@@ -10,6 +10,8 @@ import re
 import urllib.request
 from collections import Counter
 
+import pytest
+
 from admission_controller.gate import Gate
 from admission_controller.sources import SourceTable, Tracked
 from admission_controller.tracker import Task, Tracker
@@ -21,6 +23,8 @@ from offramp.model.bundle import Bundle
 from offramp.policy.admission import ControlSettings
 from offramp.settings import BusSettings
 from offramp.wire import Heartbeat
+
+pytestmark = pytest.mark.tier("inproc")
 
 
 def test_a_new_source_takes_the_place_of_the_one_idle_longest_or_is_refused() -> None:

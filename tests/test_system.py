@@ -31,6 +31,8 @@ from offramp.policy.exits import decide
 from offramp.settings import BusSettings
 from offramp.wire import ExitPolicy, Heartbeat, Result
 
+pytestmark = pytest.mark.tier("broker")
+
 FAST = {"OFFRAMP_ADMISSION_PROGRESS_TIMEOUT_S": "1.5", "OFFRAMP_ARBITER_REPUBLISH_S": "0.5",
         "OFFRAMP_RECONNECT_MAX_S": "0.5"}
 

@@ -22,6 +22,8 @@ from offramp.node.tracing import Tracing
 from offramp.settings import TraceSettings, load
 from offramp.wire import ActivationPacket, Sample, Tensor
 
+pytestmark = pytest.mark.tier("inproc")
+
 
 def _time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()

@@ -27,6 +27,8 @@ from offramp.local.video import Captured, VideoOptions, VideoReader, parse_size
 from offramp.model.bundle import Bundle
 from offramp.settings import BusSettings
 
+pytestmark = pytest.mark.tier("inproc")  # the RTSP camera's test is a process test, marked below
+
 HERE = Path(__file__).parent
 
 
@@ -114,6 +116,7 @@ def rtsp_port() -> Iterator[int]:
     yield _free_port()
 
 
+@pytest.mark.tier("broker")
 def test_an_rtsp_camera_that_drops_is_opened_again_and_what_it_missed_counted(
         rtsp_port: int) -> None:
     camera = _camera(rtsp_port)

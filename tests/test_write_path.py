@@ -11,11 +11,14 @@ import random
 from collections import deque
 from typing import Any
 
+import pytest
 from paho.mqtt.enums import MQTTErrorCode
 
 from offramp.bus import Bus
 from offramp.bus.write_path import DISCONNECT, PUBLISH, FastWritePath
 from offramp.settings import BusSettings
+
+pytestmark = pytest.mark.tier("inproc")
 
 PUBACK = 0x40
 

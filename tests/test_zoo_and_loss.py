@@ -12,6 +12,8 @@ from offramp.ml.flops import count_flops
 from offramp.ml.loss import JointLoss, LossConfig
 from offramp.ml.zoo import REGISTRY, create_model
 
+pytestmark = pytest.mark.tier("inproc")
+
 SIZES = {"resnet18": 64, "resnet50": 64}
 
 
