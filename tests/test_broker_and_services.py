@@ -294,7 +294,7 @@ async def test_frames_taken_but_not_yet_decoded_are_answered_when_admission_stop
         proc.start()
         try:
             async with asyncio.timeout(20):  # up, and holding the ingest session
-                while not (await admission.get()).stats.get("active_since"):
+                while not (await admission.get()).active_since:
                     pass
             for p in payloads:
                 await bus.publish(topics.ingest("cam-1"), p, qos=1)

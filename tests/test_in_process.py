@@ -539,8 +539,8 @@ async def test_a_standby_does_not_answer_again_what_the_member_before_it_answere
         _start_arbiter_and_worker(tg, env, stop, connect)
         try:
             async with MemoryBus(broker, "others") as bus:
-                active = Heartbeat(role="admission", node="admission-1",
-                                   stats={"group:admission": 1.0, "active_since": time.time()})
+                active = Heartbeat(role="admission", node="admission-1", group="admission",
+                                   active_since=time.time())
                 state = topics.state("admission", "admission-1")
                 await bus.publish(state, active.encode(), retain=True)
                 tg.create_task(admission_run(load(AdmissionSettings, "OFFRAMP_ADMISSION_", {
@@ -548,7 +548,7 @@ async def test_a_standby_does_not_answer_again_what_the_member_before_it_answere
                     "OFFRAMP_ADMISSION_TAKEOVER_S": "0.3"}), stop, connect=connect))
                 standby = await bus.subscribe(topics.state("admission", "admission-2"),
                                               decode=from_payload(Heartbeat.decode))
-                while (await asyncio.wait_for(standby.get(), 10)).stats.get("active_since"):
+                while (await asyncio.wait_for(standby.get(), 10)).active_since:
                     pytest.fail("the standby took the session while the active member lived")
                 answered = Result(task_id="admission-1-x-0", source="cam-1", frame_id="f1",
                                   status="ok", label=1)
@@ -558,7 +558,7 @@ async def test_a_standby_does_not_answer_again_what_the_member_before_it_answere
                 await asyncio.sleep(0.3)  # the standby has seen both
                 await bus.publish(state, replace(active, online=False).encode(), retain=True)
                 async with asyncio.timeout(10):
-                    while not (await standby.get()).stats.get("active_since"):
+                    while not (await standby.get()).active_since:
                         pass
                 results = await bus.subscribe(topics.results_all(), maxsize=100)
                 for fid in ("f1", "f2", "f3"):  # as the broker hands the unacknowledged over

@@ -7,8 +7,8 @@ from offramp.wire import Heartbeat
 
 
 def beat(node: str, active_since: float, *, online: bool = True) -> Heartbeat:
-    return Heartbeat(role="admission", node=node, online=online,
-                     stats={"group:admission": 1.0, "active_since": active_since})
+    return Heartbeat(role="admission", node=node, online=online, group="admission",
+                     active_since=active_since)
 
 
 def test_a_primary_takes_the_session_when_nobody_holds_it_and_a_standby_waits() -> None:

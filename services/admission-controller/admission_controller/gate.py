@@ -90,15 +90,21 @@ class Gate(Generic[T]):
         """Drop an idle source's state (its next frame starts it afresh)."""
         self._sources.pop(source, None)
 
+    def _busiest(self, limit: int | None) -> list[tuple[str, _Source[T]]]:
+        """Every source, or the ``limit`` with the most arrivals (what a heartbeat says)."""
+        if limit is None:
+            return list(self._sources.items())
+        return sorted(self._sources.items(), key=lambda kv: kv[1].arrivals, reverse=True)[:limit]
+
+    def arrivals(self, limit: int | None = None) -> dict[str, float]:
+        """Frames received per source since it was tracked (the ``limit`` busiest)."""
+        return {name: float(src.arrivals) for name, src in self._busiest(limit)}
+
     def stats(self, limit: int | None = None) -> dict[str, float]:
-        """Per source: admitted rate, arrivals, admitted, dropped and waiting; for the
-        ``limit`` sources with the most arrivals only, when given (what a heartbeat says)."""
+        """Per source: admitted rate, admitted, dropped and waiting (the ``limit`` busiest)."""
         out: dict[str, float] = {}
-        chosen = self._sources.items() if limit is None else sorted(
-            self._sources.items(), key=lambda kv: kv[1].arrivals, reverse=True)[:limit]
-        for name, src in chosen:
+        for name, src in self._busiest(limit):
             out[f"admitted_rate:{name}"] = round(src.bucket.rate if self.adaptive else 0.0, 3)
-            out[f"arrivals:{name}"] = float(src.arrivals)
             out[f"admitted:{name}"] = float(src.admitted)
             out[f"gate_dropped:{name}"] = float(src.dropped)
             out[f"waiting:{name}"] = float(len(src.waiting))

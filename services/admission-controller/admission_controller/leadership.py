@@ -4,7 +4,7 @@ The frames of a group (``OFFRAMP_ADMISSION_GROUP``) come through one MQTT sessio
 client id is the group's: whoever connects with it gets the frames, and the broker hands it
 every frame the last holder received and did not acknowledge. So exactly one member should
 hold it. Each member says in its heartbeat whether it is active and since when
-(``stats["active_since"]``); a member takes the session when no other member has been heard
+(``active_since``); a member takes the session when no other member has been heard
 active for ``wait_s`` (a standby waits longer than a primary, so that at a cold start the
 primary wins, and a restarted primary finds its standby active and stands by in its turn).
 A member not heard from for ``stale_s``, or whose will said it is gone, is not active. An
@@ -43,7 +43,7 @@ class Leadership:
         """A heartbeat of another member of the group (role admission)."""
         if hb.node == self.node:
             return
-        since = float(hb.stats.get("active_since", 0.0)) if hb.online else 0.0
+        since = hb.active_since if hb.online else 0.0
         self._peers[hb.node] = _Peer(now, since, hb.online)
         if since > 0:
             self._last_active = max(self._last_active, now)

@@ -130,7 +130,6 @@ class Admission:
             gate=self.gate, in_flight=self.tracker.in_flight, publish=publish_pace,
             topics=topics, node=runtime.node, active=lambda: self.leadership.active,
             log=runtime.log)
-        self.group_key = f"group:{settings.group}"
         self.broker = BrokerFigures()
         runtime.metrics.on_collect(self._read)
         runtime.metrics.on_collect(self.broker.read)
@@ -285,7 +284,7 @@ class Admission:
     async def members(self, states: Subscription[Heartbeat]) -> None:
         """The other admission-controllers of this group, for the leadership."""
         async for hb in states:
-            if hb.online is False or self.group_key in hb.stats:
+            if hb.online is False or hb.group == self.s.group:
                 self.leadership.observe(hb, time.monotonic())
 
     async def registrations(self, registrations: Subscription[Registration]) -> None:
@@ -335,8 +334,6 @@ class Admission:
 
     def heartbeat(self, hb: Heartbeat) -> Heartbeat:
         stats = {k: float(v) for k, v in self.counts.items()}
-        stats[self.group_key] = 1.0
-        stats["active_since"] = self.leadership.active_since
         stats["handed_over"] = float(self.session.handed_over)
         stats["in_flight"] = float(len(self.tracker))
         stats["duplicates"] = float(self.tracker.duplicates)
@@ -348,7 +345,9 @@ class Admission:
         stats["answers_forgotten"] = float(self.answers.evicted)
         stats["paces_told"] = float(self.pacing.told)
         stats.update(self.gate.stats(self.s.heartbeat_sources))
-        return self.dispatcher.heartbeat(replace(hb, stats=stats))
+        return self.dispatcher.heartbeat(replace(
+            hb, stats=stats, group=self.s.group, active_since=self.leadership.active_since,
+            arrivals=self.gate.arrivals(self.s.heartbeat_sources)))
 
 
 

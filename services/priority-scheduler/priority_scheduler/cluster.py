@@ -39,11 +39,9 @@ class ClusterView:
         """Record a heartbeat; True when a worker went offline (will or clean stop)."""
         if hb.role == "admission":
             said = set()
-            for key, value in hb.stats.items():
-                if key.startswith("arrivals:"):
-                    source = key.split(":", 1)[1]
-                    said.add((hb.node, source))
-                    self._observed.setdefault((hb.node, source), _Observed()).add(now, value)
+            for source, value in hb.arrivals.items():
+                said.add((hb.node, source))
+                self._observed.setdefault((hb.node, source), _Observed()).add(now, value)
             # the sources a controller no longer reports (idle, or out of its most active):
             # bounded by what the heartbeats say now, not by every source ever seen
             for gone in [k for k in self._observed if k[0] == hb.node and k not in said]:

@@ -196,7 +196,7 @@ async def wait_for_workers(bus: MessageBus, topics: Topics, nodes: int, timeout:
             hb = await asyncio.wait_for(sub.get(), max(0.01, deadline - time.monotonic()))
             if hb.role == "worker" and hb.online and hb.segments:
                 seen.add(hb.node)
-            elif hb.role == "admission" and hb.online and hb.stats.get("active_since", 0) > 0:
+            elif hb.role == "admission" and hb.online and hb.active_since > 0:
                 admission = True
     finally:
         await sub.close()

@@ -117,6 +117,9 @@ class Heartbeat(WireMessage):
     the others wait that much longer before they call the node silent.
     ``bundle``: the model bundle the service serves, as ``name@digest``
     (:attr:`offramp.model.bundle.Bundle.identity`; empty when it serves none or does not say).
+    An admission-controller's: ``group``, its ingest group; ``active_since``, when it took the
+    ingest session (Unix seconds, 0: standing by); ``arrivals``, frames received per source
+    since it was tracked, for its most active sources only (the scheduler plans for them).
     """
 
     KIND: ClassVar[str] = "hb"
@@ -140,6 +143,9 @@ class Heartbeat(WireMessage):
     paths: dict[str, float] = field(default_factory=dict)
     queue_s: float = 0.0
     bundle: str = ""
+    group: str = ""
+    active_since: float = 0.0
+    arrivals: dict[str, float] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return {"role": self.role, "node": self.node, "online": self.online, "seq": self.seq,
@@ -151,7 +157,10 @@ class Heartbeat(WireMessage):
                 "loadable": [[s.model, s.segment] for s in self.loadable],
                 "max_segs": self.max_segments, "device": self.device,
                 "draining": self.draining, "paths": self.paths, "queue_s": self.queue_s,
-                **({"bundle": self.bundle} if self.bundle else {})}
+                **({"bundle": self.bundle} if self.bundle else {}),
+                **({"group": self.group} if self.group else {}),
+                **({"active": self.active_since} if self.active_since else {}),
+                **({"arrivals": self.arrivals} if self.arrivals else {})}
 
     @classmethod
     def from_wire(cls, r: Reader) -> Heartbeat:
@@ -166,6 +175,7 @@ class Heartbeat(WireMessage):
         loadable = tuple(SegmentRef(model=row[0].text("_"), segment=row[1].integer("_"))
                          for row in r.rows("loadable", 2))
         paths = r.opt_map("paths")
+        arrivals = r.opt_map("arrivals")
         return cls(role=r.text("role"), node=r.text("node"), online=r.flag("online"),
                    seq=r.integer("seq"), ts=r.number("ts"),
                    segments=tuple(SegmentLoad.from_wire(s) for s in r.maps("segments")),
@@ -177,4 +187,7 @@ class Heartbeat(WireMessage):
                    draining=r.flag("draining") if r.has("draining") else False,
                    paths={k: paths.number(k) for k in paths} if paths is not None else {},
                    queue_s=r.number("queue_s") if r.has("queue_s") else 0.0,
-                   bundle=r.opt_text("bundle") or "")
+                   bundle=r.opt_text("bundle") or "", group=r.opt_text("group") or "",
+                   active_since=r.number("active") if r.has("active") else 0.0,
+                   arrivals={k: arrivals.number(k) for k in arrivals}
+                   if arrivals is not None else {})
