@@ -22,6 +22,7 @@ from prometheus_client import disable_created_metrics
 from offramp.bus import check_name
 from offramp.errors import OfframpError, SettingsError
 from offramp.node.log import configure_logging
+from offramp.node.runtime import BusFactory
 from offramp.settings import CommonSettings, load
 
 ENTRY_POINTS = "offramp.services"
@@ -35,6 +36,15 @@ class ServiceSettings(Protocol):
 
 
 S = TypeVar("S", bound=ServiceSettings)
+S_contra = TypeVar("S_contra", bound=ServiceSettings, contravariant=True)
+
+
+class RunService(Protocol[S_contra]):
+    """A service's ``run``: works until ``stop`` is set, on buses ``connect`` makes (default:
+    MQTT to the broker its settings name; in memory for a system in one process)."""
+
+    def __call__(self, settings: S_contra, stop: asyncio.Event, *,
+                 connect: BusFactory | None = None) -> Awaitable[None]: ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,7 @@ class ServiceSpec(Generic[S]):
     module: str  # what ``python -m`` runs: "segment_worker"
     settings: type[S]
     prefix: str  # its own variables: "OFFRAMP_WORKER_"
-    run: Callable[[S, asyncio.Event], Awaitable[None]]
+    run: RunService[S]
 
 
 def main(service: ServiceSpec[S]) -> int:
