@@ -10,7 +10,7 @@ release` stops advertising it while its queue drains, :meth:`Segments.unload` re
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import ItemsView, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,8 +82,8 @@ class Segments:
     def get(self, segment: int) -> Hosted | None:
         return self.hosted.get(segment)
 
-    def items(self) -> list[tuple[int, Hosted]]:
-        return list(self.hosted.items())
+    def items(self) -> ItemsView[int, Hosted]:
+        return self.hosted.items()
 
     # -- coming and going -----------------------------------------------------------------------
     def host(self, segment: int, hosted: Hosted) -> None:
