@@ -100,12 +100,14 @@ class InProcessSystem:
     by), on one :class:`MemoryBroker`. Use as ``async with InProcessSystem(...) as system``."""
 
     def __init__(self, bundle: Bundle, workers: int = 2, *, prefix: str = "inproc",
-                 env: Mapping[str, str] | None = None, standby: bool = False) -> None:
+                 env: Mapping[str, str] | None = None, standby: bool = False,
+                 http_base: int = 0) -> None:
         self.bundle = bundle
         self.workers = workers
         self.prefix = prefix
         self.env = dict(env or {})
         self.standby = standby
+        self.http_base = http_base  # first port of the members' /metrics, one each (0: none)
         self.broker = MemoryBroker()
         self.members: list[Member] = []
         self.assignment: list[tuple[int, ...]] = []
@@ -131,8 +133,11 @@ class InProcessSystem:
             raise OfframpError(f"no service named {service!r}; installed: {sorted(self._specs)}")
         if any(m.node == node for m in self.members):
             raise OfframpError(f"a member named {node!r} is already in the system")
+        http = {"OFFRAMP_HTTP_PORT": str(self.http_base + len(self.members))} \
+            if self.http_base else {}
         member = Member(self._specs[service], node,
-                        {**self.base_env(), "OFFRAMP_NODE": node, **(env or {})}, self.broker)
+                        {**self.base_env(), "OFFRAMP_NODE": node, **http, **(env or {})},
+                        self.broker)
         self.members.append(member)
         member.start()
         return member
