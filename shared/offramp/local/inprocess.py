@@ -171,9 +171,15 @@ class InProcessSystem:
 
     async def stop(self) -> None:
         """Stop every running member as on SIGTERM, the admission-controllers first (they
-        answer what they hold), then the rest at once."""
+        answer what they hold), then the rest at once; every one is stopped before the first
+        failure among them is raised."""
         running = [m for m in self.members if m.running]
-        for m in running:
-            if m.spec.name == "admission-controller":
-                await m.stop()
-        await asyncio.gather(*(m.stop() for m in running if m.running))
+        first = [m for m in running if m.spec.name == "admission-controller"]
+        outcomes: list[BaseException | None] = []
+        for m in first:  # one at a time: what the active one leaves, its standby takes and answers
+            outcomes += await asyncio.gather(m.stop(), return_exceptions=True)
+        outcomes += await asyncio.gather(*(m.stop() for m in running if m not in first),
+                                         return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
