@@ -23,7 +23,7 @@ from offramp.bus import MessageBus, Will
 from offramp.bus.memory import MemoryBroker, MemoryBus
 from offramp.errors import OfframpError
 from offramp.local.services import service_specs
-from offramp.local.system import split_segments
+from offramp.local.system import bundle_env, split_segments
 from offramp.model.bundle import Bundle
 from offramp.node.entry import ServiceSpec
 from offramp.settings import load
@@ -122,10 +122,8 @@ class InProcessSystem:
         await self.stop()
 
     def base_env(self) -> dict[str, str]:
-        root = str(self.bundle.root)
         return {"OFFRAMP_TOPIC_PREFIX": self.prefix, "OFFRAMP_LOG_LEVEL": "warning",
-                "OFFRAMP_ADMISSION_BUNDLE": root, "OFFRAMP_WORKER_BUNDLE": root,
-                "OFFRAMP_ARBITER_BUNDLE": root, "OFFRAMP_SCHEDULER_BUNDLE": root, **self.env}
+                **bundle_env(str(self.bundle.root)), **self.env}
 
     def add(self, service: str, node: str, env: Mapping[str, str] | None = None) -> Member:
         """Start ``service`` as ``node`` (``env`` on top of the system's)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from offramp.local.broker import LocalBroker
 from offramp.local.launcher import ProcessGroup
 from offramp.local.netbed import Plan, create, netns_exec, remove
-from offramp.local.system import split_segments
+from offramp.local.system import bundle_env, split_segments
 from offramp.model.bundle import Bundle
 
 PORT = 1883
@@ -51,9 +51,7 @@ def running(plan: Plan, bundle: Bundle, logdir: Path, *, prefix: str = "offramp/
         root = str(bundle.root.resolve())
         group = ProcessGroup(logdir, {
             "OFFRAMP_BROKER_URL": broker.url, "OFFRAMP_TOPIC_PREFIX": prefix,
-            "OFFRAMP_LOG_FORMAT": "json", "OFFRAMP_ADMISSION_BUNDLE": root,
-            "OFFRAMP_WORKER_BUNDLE": root, "OFFRAMP_ARBITER_BUNDLE": root,
-            "OFFRAMP_SCHEDULER_BUNDLE": root, **(env or {})})
+            "OFFRAMP_LOG_FORMAT": "json", **bundle_env(root), **(env or {})})
         group.add("exit-arbiter", "arbiter-1", wrap=gw)
         group.add("priority-scheduler", "scheduler-1", wrap=gw)
         places = [(f"gw-{i + 1}", gw) for i in range(on_gateway)] + [

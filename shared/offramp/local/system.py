@@ -16,6 +16,12 @@ from offramp.model.bundle import Bundle
 from offramp.node.cpushare import NICEST
 
 
+def bundle_env(root: str) -> dict[str, str]:
+    """Every service's bundle setting, naming the bundle at ``root``."""
+    return {f"OFFRAMP_{role}_BUNDLE": root for role in ("ADMISSION", "WORKER", "ARBITER",
+                                                        "SCHEDULER")}
+
+
 def split_segments(flops: list[int], workers: int) -> list[tuple[int, ...]]:
     """Contiguous groups of segments (1-based), one per worker, balanced by FLOPs. With more
     workers than segments, the extra workers host copies of the heaviest groups."""
@@ -88,10 +94,7 @@ class LocalSystem:
 
     def base_env(self) -> dict[str, str]:
         return {"OFFRAMP_BROKER_URL": self.url, "OFFRAMP_TOPIC_PREFIX": self.prefix,
-                "OFFRAMP_LOG_FORMAT": "json", "OFFRAMP_ADMISSION_BUNDLE": str(self.bundle.root),
-                "OFFRAMP_WORKER_BUNDLE": str(self.bundle.root),
-                "OFFRAMP_ARBITER_BUNDLE": str(self.bundle.root),
-                "OFFRAMP_SCHEDULER_BUNDLE": str(self.bundle.root), **self.env}
+                "OFFRAMP_LOG_FORMAT": "json", **bundle_env(str(self.bundle.root)), **self.env}
 
     def start(self) -> None:
         if self.logdir is None:

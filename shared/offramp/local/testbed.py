@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from offramp.errors import SettingsError
+from offramp.local.system import bundle_env
 
 LABEL = "io.offramp.testbed"
 DEFAULT_NAME = "offramp-testbed"
@@ -59,8 +60,6 @@ PROFILES: Mapping[str, NodeProfile] = {p.name: p for p in (
 )}
 
 SERVICES = ("admission-controller", "exit-arbiter", "priority-scheduler")
-_BUNDLE_ENV = ("OFFRAMP_ADMISSION_BUNDLE", "OFFRAMP_WORKER_BUNDLE", "OFFRAMP_ARBITER_BUNDLE",
-               "OFFRAMP_SCHEDULER_BUNDLE")
 
 
 def parse_nodes(spec: str) -> list[tuple[str, NodeProfile]]:
@@ -151,7 +150,7 @@ def containers(spec: TestbedSpec, conf_dir: Path) -> list[ContainerSpec]:
         f"mqtt://{broker}:1883"
     bundle = f"/bundles/{spec.bundle.name}"
     common = {"OFFRAMP_BROKER_URL": inside, "OFFRAMP_TOPIC_PREFIX": spec.prefix,
-              "OFFRAMP_LOG_FORMAT": "json", **{k: bundle for k in _BUNDLE_ENV}}
+              "OFFRAMP_LOG_FORMAT": "json", **bundle_env(bundle)}
     mounts = {str(spec.bundle.resolve()): {"bind": bundle, "mode": "ro"}}
     out = [ContainerSpec(
         broker, spec.broker_image, "broker",
