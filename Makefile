@@ -7,6 +7,10 @@ PY          := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP       := $(VENV)/.installed
+# pytest-xdist workers for `make test`: most system tests wait on the broker and the services
+# rather than compute, so two share even a 2-core machine; tests marked `exclusive` (they
+# measure time or rates) run alone (tests/sharing.py). TEST_JOBS=0 runs them in one process.
+TEST_JOBS   ?= 2
 SERVICES    := admission-controller segment-worker exit-arbiter priority-scheduler
 MEMBERS     := shared/pyproject.toml $(SERVICES:%=services/%/pyproject.toml)
 
@@ -61,7 +65,7 @@ typecheck: setup
 
 pytest: setup
 	@PYTHON=$(PYTHON) scripts/ensure-system-deps.sh test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS)
 
 test: lint typecheck pytest
 

@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from filelock import FileLock
+from sharing import Machine, share_cores, shared_dir
 from tiers import Tiers
 
 from offramp.bus import Bus, Topics
@@ -26,6 +28,8 @@ collect_ignore = [] if os.environ.get("OFFRAMP_TEST_DEPLOY") else ["deploy"]
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(Tiers(), "offramp-tiers")
+    config.pluginmanager.register(Machine(), "offramp-machine")
+    share_cores()
 
 
 @pytest.fixture(autouse=True)
@@ -83,8 +87,11 @@ def tiny_recipe() -> Recipe:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_recipe: Recipe) -> Bundle:
-    """A real ONNX bundle (4 segments, calibrated) trained and exported in this test session."""
-    bundle, _ = build(tiny_recipe, tmp_path_factory.mktemp("bundle") / "tiny", progress=False)
+    """A real ONNX bundle (4 segments, calibrated) trained and exported in this test session:
+    by the first xdist worker to ask; the others wait for it and load it."""
+    shared = shared_dir(tmp_path_factory)
+    with FileLock(shared / "tiny-bundle.lock"):
+        bundle, _ = build(tiny_recipe, shared / "tiny-bundle", progress=False)
     return bundle
 
 

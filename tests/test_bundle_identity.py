@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from sharing import port_base
 
 from offramp.local.broker import free_run
 from offramp.local.system import LocalSystem
@@ -98,7 +99,7 @@ def test_an_admission_controller_on_another_bundle_answers_error_and_is_not_read
 
     other = _variant(tiny_bundle, tmp_path / "other",
                      classes=[f"c{i}" for i in range(len(tiny_bundle.manifest.classes))])
-    http = free_run(5, 19400)
+    http = free_run(5, port_base(19400))
     env = {**FAST, "OFFRAMP_ADMISSION_BUNDLE": str(other.root)}
     _, payloads = _frames(10)
     with LocalSystem(tiny_bundle, 2, prefix=prefix, env=env, http_base=http) as system:

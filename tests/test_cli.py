@@ -11,6 +11,7 @@ import time
 
 import pytest
 from rich.console import Console
+from sharing import port_base
 
 from offramp import __version__
 from offramp.bus import Message, Topics
@@ -254,7 +255,7 @@ def test_watch_gives_up_on_a_broker_that_is_not_there() -> None:
     """As publish does: one line naming the broker, not retries for ever."""
     from offramp.local.broker import free_run
 
-    port = free_run(1, 19700)
+    port = free_run(1, port_base(19700))
     done = subprocess.run([*OFFRAMP, "watch", "--broker", f"127.0.0.1:{port}",
                            "--connect-timeout", "1"], check=False, capture_output=True,
                           text=True, timeout=30)

@@ -108,6 +108,7 @@ def test_each_frame_gets_its_own_answer_and_a_bad_frame_an_error(
         client.submit(images.images[0])
 
 
+@pytest.mark.exclusive
 def test_a_client_that_follows_the_pace_skips_frames_instead_of_having_them_dropped(
         tiny_bundle: Bundle, prefix: str, broker: LocalBroker,
         up: Callable[[LocalSystem], LocalSystem]) -> None:

@@ -237,6 +237,7 @@ def _helper(namespace: str, *args: str) -> list[str]:
     return [*netns_exec(namespace), sys.executable, str(HELPERS / args[0]), *args[1:]]
 
 
+@pytest.mark.exclusive
 def test_the_bus_measures_the_shaped_link_it_sends_over() -> None:
     """A client in a worker's namespace publishes over the 20 Mbit/s link to the broker: its
     meter, fed by the bus's connection counters, lands within 10% of what TCP carries. Just
@@ -252,6 +253,7 @@ def test_the_bus_measures_the_shaped_link_it_sends_over() -> None:
     assert queued >= 3_000_000 and after < 64 * 1024, (queued, after)
 
 
+@pytest.mark.exclusive
 def test_a_receiver_measures_the_path_from_its_sender() -> None:
     """The sender in the gateway's namespace, next to the broker (its own link is fast), the
     receiver behind the 20 Mbit/s link: only the receiver can see the path's rate, and its

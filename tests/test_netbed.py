@@ -22,7 +22,7 @@ from offramp.model.bundle import Bundle
 from offramp.settings import BusSettings
 from offramp.wire import Heartbeat
 
-pytestmark = pytest.mark.tier("broker")
+pytestmark = [pytest.mark.tier("broker"), pytest.mark.exclusive]  # times and rates
 
 HELPERS = Path(__file__).parent / "helpers"
 OFFRAMP = [sys.executable, "-m", "offramp.cli"]

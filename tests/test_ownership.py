@@ -57,6 +57,7 @@ def test_a_standby_takes_over_when_the_admission_controller_is_killed_mid_stream
     assert '"ingest_session_taken"' in logs
 
 
+@pytest.mark.exclusive
 def test_a_silent_worker_holding_later_hops_has_its_work_sent_again_at_once(
         tiny_bundle: Bundle, prefix: str) -> None:
     """worker-2 runs segment 1 and passes the rest on to worker-1 (or, slower, worker-3).

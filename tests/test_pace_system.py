@@ -17,7 +17,7 @@ from offramp.model.bundle import Bundle
 from offramp.settings import BusSettings
 from offramp.wire import Pace, Result
 
-pytestmark = pytest.mark.tier("broker")
+pytestmark = [pytest.mark.tier("broker"), pytest.mark.exclusive]  # times and rates
 
 # The rate strategy with a low admitted rate: a camera at 4x it is refused 3 frames in 4
 # unless it follows the pace, whatever this machine's speed.

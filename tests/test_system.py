@@ -340,6 +340,7 @@ def _drained_in_time(system: LocalSystem, victim: str, results: list[Result], se
     return logs
 
 
+@pytest.mark.exclusive
 def test_a_worker_stopped_mid_stream_says_so_first_and_no_frame_waits(
         tiny_bundle: Bundle, prefix: str) -> None:
     """The rolling-update case. worker-2 runs segment 1 and sends the rest on to worker-1 (or,
@@ -363,6 +364,7 @@ def test_a_worker_stopped_mid_stream_says_so_first_and_no_frame_waits(
     assert any("worker-1" in r.nodes for r in results)  # it did serve until it stopped
 
 
+@pytest.mark.exclusive
 def test_a_rolling_update_under_the_plan_keeps_every_frame_under_a_second(
         tiny_bundle: Bundle, prefix: str) -> None:
     """#28.4 as `offramp up` runs it: two workers following the plan (each hosts the whole

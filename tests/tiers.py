@@ -43,10 +43,10 @@ def tier_of(item: pytest.Item) -> str:
 
 class Tiers:
     """Gives each collected test its tier's marker (before ``-m`` selects) and adds up the
-    time each tier took (set-up, call and tear-down), printed at the end of the run."""
+    time each tier took (set-up, call and tear-down), printed at the end of the run. Under
+    xdist the sums are of the workers' times, so they add up to more than the wall time."""
 
     def __init__(self) -> None:
-        self.tier: dict[str, str] = {}
         self.seconds: Counter[str] = Counter()
         self.tests: Counter[str] = Counter()
         self.started = time.monotonic()
@@ -56,10 +56,11 @@ class Tiers:
         for item in items:
             tier = tier_of(item)
             item.add_marker(tier)
-            self.tier[item.nodeid] = tier
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        tier = self.tier.get(report.nodeid)
+        # the marker given at collection is among the report's keywords, which is how it
+        # reaches xdist's controller (it collects nothing itself)
+        tier = next((t for t in TIERS if t in report.keywords), None)
         if tier is None:
             return
         self.seconds[tier] += report.duration

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -198,8 +197,10 @@ def _train_heads(feats: dict[str, Features], kernels: list[int], data: Dataset,
     from torch import nn
     from torch.nn import functional as F
 
+    from offramp.ml.train import cpu_threads
+
     torch.manual_seed(o.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpu_threads())
     classes = feats["train"].logits.shape[1]
     teacher = torch.from_numpy(feats["train"].logits)
     labels = torch.from_numpy(data.train.labels)

@@ -142,13 +142,23 @@ def exit_accuracy(model: MultiExitNet, x: Inputs | torch.Tensor, y: torch.Tensor
     return [round(float(h) / max(1, len(y)), 5) for h in hits]
 
 
+def cpu_threads() -> int:
+    """Threads for training on the CPU: every core, unless OMP_NUM_THREADS says fewer (as it
+    does where other work shares the machine, such as parallel test workers)."""
+    cores = os.cpu_count() or 1
+    try:
+        return max(1, min(cores, int(os.environ["OMP_NUM_THREADS"])))
+    except (KeyError, ValueError):
+        return cores
+
+
 def train(model: MultiExitNet, data: Dataset, spec: InputSpec, cfg: TrainConfig, *,
           saved: Saved = Saved(), teacher: MultiExitNet | None = None,
           progress: bool = True) -> TrainResult:
     """Train all exits jointly, keeping and resuming state as ``saved`` says."""
     checkpoint, resume, features = saved.checkpoint, saved.resume, saved.features
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpu_threads())
     device = resolve_device(cfg.device)
     layout = memory_layout(device, cfg)
     _place(device, layout, model)
