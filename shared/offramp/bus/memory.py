@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from paho.mqtt.client import topic_matches_sub
+from paho.mqtt.matcher import MQTTMatcher
 
 from offramp.bus.subscription import MessageBus, Subscription, Will
 from offramp.errors import BusError
@@ -33,6 +34,9 @@ class MemoryAddress:
         return f"memory://{self.name}"
 
 
+_Entries = dict[tuple["MemoryBus", str], tuple[int, bool]]
+
+
 class MemoryBroker:
     """Routes messages between the :class:`MemoryBus` clients attached to it and keeps
     retained messages, as one broker would."""
@@ -42,13 +46,35 @@ class MemoryBroker:
         self.retained: dict[str, bytes] = {}
         self._clients: dict[str, MemoryBus] = {}
         self._turns = count()
+        # topic filter -> {(bus, MQTT filter): (order subscribed, shared)}: one trie walk per
+        # message finds every subscription it goes to, however many there are
+        self._subs = MQTTMatcher()  # type: ignore[no-untyped-call]
+        self._order = count()
 
     def attach(self, bus: MemoryBus) -> None:
         if bus.client_id in self._clients:
             self._clients[bus.client_id].crash()  # a client id takes over the older session
         self._clients[bus.client_id] = bus
 
+    def subscribe(self, bus: MemoryBus, topic_filter: str, mqtt_filter: str) -> None:
+        try:
+            entries: _Entries = self._subs[topic_filter]
+        except KeyError:
+            entries = self._subs[topic_filter] = {}
+        entries.setdefault((bus, mqtt_filter), (next(self._order), mqtt_filter != topic_filter))
+
+    def unsubscribe(self, bus: MemoryBus, topic_filter: str, mqtt_filter: str) -> None:
+        try:
+            entries: _Entries = self._subs[topic_filter]
+        except KeyError:
+            return
+        entries.pop((bus, mqtt_filter), None)
+        if not entries:
+            del self._subs[topic_filter]  # type: ignore[no-untyped-call]
+
     def detach(self, bus: MemoryBus, *, clean: bool) -> None:
+        for topic_filter, mqtt_filter in bus.remote:
+            self.unsubscribe(bus, topic_filter, mqtt_filter)
         if self._clients.get(bus.client_id) is bus:
             del self._clients[bus.client_id]
             if not clean and bus.will is not None:
@@ -62,16 +88,18 @@ class MemoryBroker:
                 self.retained[topic] = payload
             else:
                 self.retained.pop(topic, None)  # an empty retained message clears the topic
+        first: dict[MemoryBus, tuple[int, bool, str]] = {}  # each bus's first matching filter
+        entries: _Entries
+        for entries in self._subs.iter_match(topic):  # type: ignore[no-untyped-call]
+            for (bus, mqtt_filter), (order, shared) in entries.items():
+                if bus not in first or order < first[bus][0]:
+                    first[bus] = (order, shared, mqtt_filter)
         groups: dict[str, list[MemoryBus]] = {}
-        for bus in list(self._clients.values()):
-            for topic_filter, mqtt_filter in bus.remote:
-                if not topic_matches_sub(topic_filter, topic):
-                    continue
-                if mqtt_filter != topic_filter:  # $share/<group>/...: one member of a group
-                    groups.setdefault(mqtt_filter, []).append(bus)
-                else:
-                    bus.router.deliver(topic, payload, False, response_topic, correlation_data)
-                break
+        for bus, (_, shared, mqtt_filter) in first.items():
+            if shared:  # $share/<group>/...: one member of a group
+                groups.setdefault(mqtt_filter, []).append(bus)
+            else:
+                bus.router.deliver(topic, payload, False, response_topic, correlation_data)
         for members in groups.values():
             members[next(self._turns) % len(members)].router.deliver(
                 topic, payload, False, response_topic, correlation_data)
@@ -139,8 +167,10 @@ class MemoryBus(MessageBus):
         if self.connected.is_set():
             if (sub.filter, sub.mqtt_filter) not in self.remote:
                 self.remote.append((sub.filter, sub.mqtt_filter))
+            self.broker.subscribe(self, sub.filter, sub.mqtt_filter)
             self.broker.replay_retained(self, sub.filter)
 
     async def _remote_unsubscribe(self, sub: Subscription[Any]) -> None:
         if (sub.filter, sub.mqtt_filter) in self.remote:
             self.remote.remove((sub.filter, sub.mqtt_filter))
+            self.broker.unsubscribe(self, sub.filter, sub.mqtt_filter)
