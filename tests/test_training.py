@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from offramp.cli.main import main
 from offramp.errors import OfframpError
 from offramp.ml.build import (
     Recipe,
@@ -201,31 +201,47 @@ def test_an_autoencoder_whose_activations_would_not_fit_in_memory_asks_for_a_lim
         train_autoencoder(load_trained(bundle.path("model.pt")), bundle, data, cut, 4)
 
 
-def _offramp(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "offramp.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=300, check=False)
+Offramp = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def test_calibrate_cli_prints_thresholds_and_expected_cost(tiny_bundle: Bundle) -> None:
-    out = _offramp("calibrate", str(tiny_bundle.root), "--target-accuracy", "0.85")
+@pytest.fixture
+def offramp(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Offramp:
+    """``offramp(*args)``: the ``offramp`` command run in this process (the model code is
+    imported already; a process of its own spends seconds importing torch), with its exit
+    status, stdout and stderr. tests/test_cli.py runs the command as a process."""
+    monkeypatch.setenv("COLUMNS", "200")  # rich's tables, unwrapped
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors
+            code = int(exc.code or 0)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["offramp", *args], code, out.out, out.err)
+    return run
+
+
+def test_calibrate_cli_prints_thresholds_and_expected_cost(tiny_bundle: Bundle,
+                                                           offramp: Offramp) -> None:
+    out = offramp("calibrate", str(tiny_bundle.root), "--target-accuracy", "0.85")
     assert out.returncode == 0, out.stderr
     assert "thresholds for target accuracy 0.8500" in out.stdout
     assert "expected FLOPs per sample" in out.stdout
-    out = _offramp("calibrate", str(tiny_bundle.root), "--flops-budget", "0.5")
+    out = offramp("calibrate", str(tiny_bundle.root), "--flops-budget", "0.5")
     assert out.returncode == 0 and "within 0.50" in out.stdout
 
 
 def test_export_cli_makes_two_segments_from_a_four_exit_model(tiny_bundle: Bundle,
-                                                              tmp_path: Path) -> None:
-    out = _offramp("export", str(tiny_bundle.path("model.pt")), "--out", str(tmp_path / "two"),
+                                                              tmp_path: Path, offramp: Offramp) -> None:
+    out = offramp("export", str(tiny_bundle.path("model.pt")), "--out", str(tmp_path / "two"),
                    "--cuts", "2")
     assert out.returncode == 0, out.stderr
     assert load_bundle(tmp_path / "two").num_segments == 2
 
 
 def test_a_re_exported_model_keeps_the_dataset_and_classes_it_was_trained_on(
-        tiny_bundle: Bundle, tmp_path: Path) -> None:
+        tiny_bundle: Bundle, tmp_path: Path, offramp: Offramp) -> None:
     """A model.pt carries its dataset and class names into every bundle exported from it; one
     that does not say is refused rather than labelled as digits."""
     import torch
@@ -234,7 +250,7 @@ def test_a_re_exported_model_keeps_the_dataset_and_classes_it_was_trained_on(
     assert saved["dataset"] == "digits" and saved["classes"] == tiny_bundle.manifest.classes
     clothes = [f"garment-{i}" for i in range(10)]
     torch.save({**saved, "dataset": "fashion-mnist", "classes": clothes}, tmp_path / "f.pt")
-    out = _offramp("export", str(tmp_path / "f.pt"), "--out", str(tmp_path / "again"),
+    out = offramp("export", str(tmp_path / "f.pt"), "--out", str(tmp_path / "again"),
                    "--cuts", "2")
     assert out.returncode == 0, out.stderr
     again = load_bundle(tmp_path / "again")
@@ -242,23 +258,24 @@ def test_a_re_exported_model_keeps_the_dataset_and_classes_it_was_trained_on(
     assert again.manifest.metrics["dataset"] == "fashion-mnist"
     old = {k: v for k, v in saved.items() if k not in ("dataset", "classes")}
     torch.save(old, tmp_path / "old.pt")
-    out = _offramp("export", str(tmp_path / "old.pt"), "--out", str(tmp_path / "x"))
+    out = offramp("export", str(tmp_path / "old.pt"), "--out", str(tmp_path / "x"))
     assert out.returncode == 2 and "--dataset" in out.stderr and "Traceback" not in out.stderr
-    out = _offramp("export", str(tmp_path / "f.pt"), "--out", str(tmp_path / "y"),
+    out = offramp("export", str(tmp_path / "f.pt"), "--out", str(tmp_path / "y"),
                    "--dataset", "digits")
     assert out.returncode == 2 and "trained on fashion-mnist, not digits" in out.stderr
-    out = _offramp("export", str(tmp_path / "old.pt"), "--out", str(tmp_path / "z"),
+    out = offramp("export", str(tmp_path / "old.pt"), "--out", str(tmp_path / "z"),
                    "--dataset", "digits", "--cuts", "2")
     assert out.returncode == 0, out.stderr
     assert load_bundle(tmp_path / "z").manifest.classes == [str(i) for i in range(10)]
 
 
-def test_compress_cli_records_what_each_codec_costs(tiny_bundle: Bundle, tmp_path: Path) -> None:
+def test_compress_cli_records_what_each_codec_costs(tiny_bundle: Bundle, tmp_path: Path,
+                                                    offramp: Offramp) -> None:
     import shutil
 
     root = tmp_path / "b"
     shutil.copytree(tiny_bundle.root, root)
-    out = _offramp("compress", str(root), "--ratios", "2", "--epochs", "1", "--train-limit",
+    out = offramp("compress", str(root), "--ratios", "2", "--epochs", "1", "--train-limit",
                    "200", "--val-limit", "100")
     assert out.returncode == 0, out.stderr
     bundle = load_bundle(root)
@@ -268,29 +285,29 @@ def test_compress_cli_records_what_each_codec_costs(tiny_bundle: Bundle, tmp_pat
         assert f"codecs at cut {cut}" in out.stdout
     assert "ae-r2" in out.stdout
     for bad, message in ((["--cuts", "9"], "--cuts [9]"), (["--ratios", "1"], "--ratios")):
-        out = _offramp("compress", str(root), *bad)
+        out = offramp("compress", str(root), *bad)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
-def test_cli_errors_are_one_line(tmp_path: Path) -> None:
-    out = _offramp("calibrate", str(tmp_path / "nothing"))
+def test_cli_errors_are_one_line(tmp_path: Path, offramp: Offramp) -> None:
+    out = offramp("calibrate", str(tmp_path / "nothing"))
     assert out.returncode == 2
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_train_cli_saves_a_model_that_teaches_the_ablation(tmp_path: Path) -> None:
+def test_train_cli_saves_a_model_that_teaches_the_ablation(tmp_path: Path, offramp: Offramp) -> None:
     quick = ("--preset", "demo", "--model-opt", "width=0.25", "--epochs", "1", "--train-limit",
              "384")
-    out = _offramp("train", *quick, "--out", str(tmp_path / "teacher"))
+    out = offramp("train", *quick, "--out", str(tmp_path / "teacher"))
     assert out.returncode == 0, out.stderr
     teacher = tmp_path / "teacher" / "model.pt"
     assert load_trained(teacher).num_exits == 4
-    out = _offramp("train", *quick, "--out", str(tmp_path / "student"), "--teacher", str(teacher),
+    out = offramp("train", *quick, "--out", str(tmp_path / "student"), "--teacher", str(teacher),
                    "--ablation")
     assert out.returncode == 0, out.stderr
     for run in ("joint (CE+KD+FT)", "no distillation", "no feature transfer", "CE only"):
         assert run in out.stdout
-    out = _offramp("train", *quick, "--input-size", "48", "--out", str(tmp_path / "bad"),
+    out = offramp("train", *quick, "--input-size", "48", "--out", str(tmp_path / "bad"),
                    "--teacher", str(teacher))
     assert out.returncode == 2 and "trained at 32 px" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "bad").exists()
