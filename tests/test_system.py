@@ -348,14 +348,22 @@ def test_a_worker_stopped_mid_stream_says_so_first_and_no_frame_waits(
     draining before it stops reading, so worker-2 stops sending to it at once, and packets
     already on their way are still served. Every frame is answered, none slower than 1 s: a
     packet lost on that later hop would wait for the admission-controller's 5 s progress
-    timeout, since worker-1 was not the frame's first hop."""
-    _, payloads = _frames(360)
+    timeout, since worker-1 was not the frame's first hop. The signal goes once worker-1 has
+    served a frame (which of the two worker-2 picks first is up to its estimates), with
+    frames still flowing."""
+    _, payloads = _frames(540)
     with LocalSystem(tiny_bundle, 0, prefix=prefix, env=LATER_HOPS_ENV) as system:
         later_hop_workers(system)
         victim = system.member("worker-1")
 
         async def rolling_update(bus: Bus) -> None:
-            await asyncio.sleep(1.2)
+            async with Bus(BusSettings(broker_url=system.url), "victim-watcher") as watcher:
+                answers = await watcher.subscribe(Topics(system.prefix).results_all(),
+                                                  decode=from_payload(Result.from_json))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        while "worker-1" not in (await answers.get()).nodes:
+                            pass
             victim.signal(signal.SIGTERM)
 
         results = asyncio.run(_run(system, payloads, rate=180, during=rolling_update))
