@@ -56,11 +56,12 @@ class Tiers:
         for item in items:
             tier = tier_of(item)
             item.add_marker(tier)
+            item.user_properties.append(("tier", tier))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        # the marker given at collection is among the report's keywords, which is how it
-        # reaches xdist's controller (it collects nothing itself)
-        tier = next((t for t in TIERS if t in report.keywords), None)
+        # user properties travel with the report to xdist's controller, which collects
+        # nothing itself (a keyword would also match a test or parameter named "broker")
+        tier = dict(report.user_properties).get("tier")
         if tier is None:
             return
         self.seconds[tier] += report.duration
