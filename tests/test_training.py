@@ -28,7 +28,7 @@ from offramp.ml.compress import (
     record_codecs,
     train_autoencoder,
 )
-from offramp.ml.train import Saved, TrainConfig, TrainResult, memory_layout, train
+from offramp.ml.train import Saved, TrainConfig, TrainResult, cpu_threads, memory_layout, train
 from offramp.model.bundle import Bundle, BundleError, load_bundle
 from offramp.model.inputs import InputSpec
 from offramp.model.sessions import make_session
@@ -95,6 +95,16 @@ def test_a_cpu_trains_channels_last_and_hands_back_the_default_layout() -> None:
     weights = _train(replace(QUICK.train, epochs=1))
     convs = [w for w in weights.values() if w.dim() == 4]
     assert convs and all(w.is_contiguous() for w in convs)  # what export expects
+
+
+def test_training_takes_every_core_unless_omp_num_threads_says_fewer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads() == 8
+    for given, threads in (("3", 3), ("64", 8), ("0", 1), ("many", 8)):
+        monkeypatch.setenv("OMP_NUM_THREADS", given)
+        assert cpu_threads() == threads, given
 
 
 def test_a_separately_trained_teacher_is_distilled_from_and_checked(tmp_path: Path) -> None:
