@@ -223,3 +223,44 @@ async def test_qos1_publishes_across_a_broker_restart_neither_fail_nor_wedge_the
         assert sent[0] > at_restart > 0  # publishing went on after the restart
         await pub.publish(topic, b"after", qos=1)
     assert pub.stats.reconnects >= 1
+
+
+def test_no_delay_turns_nagle_off_on_tcp_and_leaves_other_sockets_alone() -> None:
+    """A small packet written while an earlier one waits for its acknowledgement must not wait
+    for it (up to 40 ms of delayed ACK per hop on Linux): every connection to the broker is
+    set TCP_NODELAY."""
+    import socket
+
+    from offramp.bus.tcp_info import no_delay
+
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            socket.create_connection(server.getsockname()) as sock:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        no_delay(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    left, right = socket.socketpair()  # not TCP: nothing to set, and no error
+    with left, right:
+        no_delay(left)
+    no_delay(None)
+
+
+async def test_a_connected_bus_sends_without_nagle(bus_settings: BusSettings) -> None:
+    async with Bus(bus_settings, "nagle") as bus:
+        await bus.wait_connected(5)
+        info = bus.tcp_info()
+        assert info is not None and info.no_delay
+
+
+def test_every_broker_offramp_configures_sends_without_nagle(broker: LocalBroker) -> None:
+    """Mosquitto leaves Nagle on unless told: the private broker (running here, so Mosquitto
+    took the option), the testbed's, and the compose and k3s configs all say set_tcp_nodelay."""
+    from offramp.local.testbed import TestbedSpec, mosquitto_conf, parse_nodes
+
+    root = Path(__file__).resolve().parent.parent
+    assert broker.running
+    confs = {"local": broker.config_path.read_text(),
+             "testbed": mosquitto_conf(TestbedSpec("t", parse_nodes("nano"), Path("/srv/b"))),
+             "compose": (root / "compose/mosquitto.conf").read_text(),
+             "k3s": (root / "k3s/base/mosquitto.conf").read_text()}
+    for name, conf in confs.items():
+        assert "\nset_tcp_nodelay true\n" in conf, name

@@ -337,6 +337,7 @@ class Bus(MessageBus):
                     paho.manual_ack()
                 paho.wrap_on_connect(self._connack)
                 async with client:
+                    tcp_info.no_delay(paho.socket())
                     self._acks.install(paho)
                     self._connection, self._paho = client, paho
                     for sub in list(self.router.subs):

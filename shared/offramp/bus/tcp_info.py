@@ -1,4 +1,5 @@
-"""The kernel's accounting of a TCP connection (Linux ``TCP_INFO``), for link measurement.
+"""The kernel's side of a TCP connection: its accounting (Linux ``TCP_INFO``), for link
+measurement, and whether Nagle's algorithm is off (:func:`no_delay`).
 
 ``struct tcp_info`` only ever grows at its end, so the fields read here sit at fixed offsets:
 ``tcpi_snd_mss`` and ``tcpi_unacked`` (segments sent and not yet acknowledged), ``tcpi_rtt``
@@ -10,6 +11,7 @@ older kernel, a socket that is not TCP) :func:`read` returns None and the link s
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ class TcpInfo:
     rtt_us: int  # smoothed round trip now
     notsent_bytes: int = 0  # in the socket's send buffer, not yet sent
     unacked_bytes: int = 0  # sent and not acknowledged yet: in queues on the way, or lost
+    no_delay: bool = False  # TCP_NODELAY: each packet sent as it is written
 
 
 def read(sock: socket.socket | None) -> TcpInfo | None:
@@ -39,6 +42,7 @@ def read(sock: socket.socket | None) -> TcpInfo | None:
         return None
     try:
         raw = sock.getsockopt(socket.IPPROTO_TCP, option, 256)
+        nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
     except (OSError, ValueError):  # closed, not TCP, or not a real socket
         return None
     if len(raw) < _NEEDED:
@@ -48,4 +52,17 @@ def read(sock: socket.socket | None) -> TcpInfo | None:
                      rtt_us=_RTT.unpack_from(raw, 68)[0],
                      notsent_bytes=_NOTSENT.unpack_from(raw, 144)[0],
                      unacked_bytes=_U32.unpack_from(raw, _UNACKED)[0]
-                     * _U32.unpack_from(raw, _SND_MSS)[0])
+                     * _U32.unpack_from(raw, _SND_MSS)[0],
+                     no_delay=nodelay)
+
+
+def no_delay(sock: socket.socket | None) -> None:
+    """Send each packet as it is written (TCP_NODELAY). With Nagle's algorithm on, a small
+    packet written while an earlier one is unacknowledged waits for that acknowledgement, which
+    a receiver with nothing to answer delays by up to 40 ms (Linux's delayed ACK): at 100
+    frames/s a frame's hop to its worker took 23 ms on average instead of 0.5. paho, like
+    Mosquitto, leaves Nagle on. A socket that is not TCP is left alone."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # a websocket wrapper, a pipe
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
