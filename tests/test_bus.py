@@ -226,9 +226,9 @@ async def test_qos1_publishes_across_a_broker_restart_neither_fail_nor_wedge_the
 
 
 def test_no_delay_turns_nagle_off_on_tcp_and_leaves_other_sockets_alone() -> None:
-    """A small packet written while an earlier one waits for its acknowledgement must not wait
-    for it (up to 40 ms of delayed ACK per hop on Linux): every connection to the broker is
-    set TCP_NODELAY."""
+    """A service's small packet written while an earlier one waits for its acknowledgement is
+    sent at once, not held for it (up to 40 ms of delayed ACK on Linux): every connection to
+    the broker is set TCP_NODELAY."""
     import socket
 
     from offramp.bus.tcp_info import no_delay
@@ -251,9 +251,10 @@ async def test_a_connected_bus_sends_without_nagle(bus_settings: BusSettings) ->
         assert info is not None and info.no_delay
 
 
-def test_every_broker_offramp_configures_sends_without_nagle(broker: LocalBroker) -> None:
-    """Mosquitto leaves Nagle on unless told: the private broker (running here, so Mosquitto
-    took the option), the testbed's, and the compose and k3s configs all say set_tcp_nodelay."""
+def test_every_broker_offramp_configures_keeps_nagle_on_and_says_so(broker: LocalBroker) -> None:
+    """Mosquitto's set_tcp_nodelay is a trade of capacity for latency at low load (README, "The
+    broker and Nagle's algorithm"): every broker offramp configures states the same choice,
+    Nagle on, and Mosquitto takes the option (the private broker is running with it)."""
     from offramp.local.testbed import TestbedSpec, mosquitto_conf, parse_nodes
 
     root = Path(__file__).resolve().parent.parent
@@ -263,4 +264,4 @@ def test_every_broker_offramp_configures_sends_without_nagle(broker: LocalBroker
              "compose": (root / "compose/mosquitto.conf").read_text(),
              "k3s": (root / "k3s/base/mosquitto.conf").read_text()}
     for name, conf in confs.items():
-        assert "\nset_tcp_nodelay true\n" in conf, name
+        assert "\nset_tcp_nodelay false\n" in conf, name

@@ -61,9 +61,9 @@ def no_delay(sock: socket.socket | None) -> None:
     algorithm on, under which a small packet written while an earlier one is unacknowledged
     waits for that acknowledgement: up to 40 ms where the receiver has nothing to answer and
     delays it. Offered 1,500 frames/s on a 2-core machine, the system served 1,053-1,104
-    frames/s with it on the services' connections against 965-1,016 without (the broker's
-    side, Mosquitto's ``set_tcp_nodelay``, is what cuts the latency). A socket that is not TCP
-    is left alone."""
+    frames/s with it on the services' connections against 965-1,016 without. (The broker's
+    side, Mosquitto's ``set_tcp_nodelay``, is what would cut the latency at low load; it costs
+    capacity, and the README says when to set it.) A socket that is not TCP is left alone."""
     if sock is None:
         return
     with contextlib.suppress(OSError, AttributeError):  # a websocket wrapper, a pipe

@@ -98,7 +98,7 @@ def render_config(port: int, *, max_packet_bytes: int = 64 * 1024 * 1024,
         "max_queued_bytes 268435456",
         "sys_interval 5",
         "max_keepalive 3600",
-        "set_tcp_nodelay true",  # no Nagle: a small packet would wait up to 40 ms (connection.py)
+        "set_tcp_nodelay false",  # Nagle on, as in compose/mosquitto.conf (README says why)
         "log_dest stderr",
         "log_type error",
         "log_type warning",

@@ -139,7 +139,7 @@ def mosquitto_conf(spec: TestbedSpec) -> str:
     return (f"# offramp testbed {spec.name}: a rehearsal broker, reachable from this host only\n"
             f"{listener}\nallow_anonymous true\npersistence false\nmax_packet_size 67108864\n"
             "max_queued_messages 10000\nmax_queued_bytes 268435456\nsys_interval 5\n"
-            "set_tcp_nodelay true\n"
+            "set_tcp_nodelay false\n"
             "log_dest stdout\nlog_type error\nlog_type warning\n")
 
 
