@@ -123,10 +123,11 @@ def search_capacity(go: Go, env: dict[str, str], offer: float) -> dict[str, Any]
     best = 0.0
     for _ in range(SEARCH_STEPS):
         run = go(env, [Stream("cam", offer, SECONDS)])
-        best = max(best, served(run))
-        ladder.append({"offered_fps": round(offer, 1), "served_fps": round(served(run), 1)})
-        print(f"bench-control: capacity search, offered {offer:.0f}/s, served "
-              f"{served(run):.0f}/s", file=sys.stderr, flush=True)
+        rate = served(run)
+        best = max(best, rate)
+        ladder.append({"offered_fps": round(offer, 1), "served_fps": round(rate, 1)})
+        print(f"bench-control: capacity search, offered {offer:.0f}/s, served {rate:.0f}/s",
+              file=sys.stderr, flush=True)
         if overloaded(run):
             return {"fps": best, "ladder": ladder, "saturated": True}
         offer *= STEP

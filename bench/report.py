@@ -85,6 +85,13 @@ def _runs(values: list[float] | None, fmt: str) -> str:
     return f"{len(values)} runs: " + ", ".join(fmt.format(v) for v in values)
 
 
+def _repeated(label: str, doc: dict[str, Any] | None, key: str, fmt: str, goal: str,
+              ok: Callable[[float], bool | None]) -> Figure:
+    """A figure a bench measured several times: the median under ``key``, its runs under
+    ``key``_runs."""
+    return _fig(label, _get(doc, key), _runs(_get(doc, f"{key}_runs"), fmt), goal, ok)
+
+
 def _capacity_gain(control: dict[str, Any] | None) -> str:
     """What the exits did to each model's unthrottled capacity in the run behind the page: the
     most the rate strategy can turn into served frames."""
@@ -113,13 +120,10 @@ def claims(r: dict[str, dict[str, Any] | None]) -> list[Claim]:
               "Emulated nodes on one machine share its two cores and one broker, where the "
               "paper's nodes have their own; the models are trained here on digits and "
               "Fashion-MNIST." + _capacity_gain(control),
-              (_fig("digits, MobileNetV2 32x32", _get(control, "rate_gain_at_fixed_accuracy"),
-                    _runs(_get(control, "rate_gain_at_fixed_accuracy_runs"), "{:.3f}"),
-                    ">= 2", lambda v: v >= 2.0),
-               _fig("Fashion-MNIST, EfficientNet-Lite0 96x96",
-                    _get(control, "fashion_rate_gain_at_fixed_accuracy"),
-                    _runs(_get(control, "fashion_rate_gain_at_fixed_accuracy_runs"), "{:.3f}"),
-                    ">= 2", lambda v: v >= 2.0)),
+              (_repeated("digits, MobileNetV2 32x32", control,
+                         "rate_gain_at_fixed_accuracy", "{:.3f}", ">= 2", lambda v: v >= 2.0),
+               _repeated("Fashion-MNIST, EfficientNet-Lite0 96x96", control,
+                         "fashion_rate_gain_at_fixed_accuracy", "{:.3f}", ">= 2", lambda v: v >= 2.0)),
               "mdi_exit_load.png", "make bench-control"),
         Claim("accuracy", "Higher accuracy at a fixed rate", "MDI-Exit", ">= +10 points",
               "As above: higher accuracy at a fixed data rate.",
@@ -128,13 +132,10 @@ def claims(r: dict[str, dict[str, Any] | None]) -> list[Claim]:
               "same thresholds fixed.",
               "Accuracy is counted over offered frames, so shedding costs accuracy; the paper's "
               "exact accounting could not be read from its summary.",
-              (_fig("digits (points)", _get(control, "accuracy_gain_at_fixed_rate"),
-                    _runs(_get(control, "accuracy_gain_at_fixed_rate_runs"), "{:.2f}"),
-                    ">= +10", lambda v: v >= 10),
-               _fig("Fashion-MNIST (points)",
-                    _get(control, "fashion_accuracy_gain_at_fixed_rate"),
-                    _runs(_get(control, "fashion_accuracy_gain_at_fixed_rate_runs"), "{:.2f}"),
-                    ">= +10", lambda v: v >= 10)),
+              (_repeated("digits (points)", control,
+                         "accuracy_gain_at_fixed_rate", "{:.2f}", ">= +10", lambda v: v >= 10),
+               _repeated("Fashion-MNIST (points)", control,
+                         "fashion_accuracy_gain_at_fixed_rate", "{:.2f}", ">= +10", lambda v: v >= 10)),
               "mdi_exit_load.png", "make bench-control"),
         Claim("priority", "High-priority latency cut", "PA-MDI", ">= 0.75 (paper: up to 0.753)",
               "Five Jetson Xavier over about 20 Mbit/s Wi-Fi: the time-sensitive source's mean "
@@ -149,21 +150,16 @@ def claims(r: dict[str, dict[str, Any] | None]) -> list[Claim]:
               "The cut depends on the time-sensitive source's share of the load: what it waits "
               "behind with priorities is mostly its own frames and the micro-batch running "
               "when it arrives, which priorities cannot remove.",
-              (_fig("digits, 4 sources", _get(control, "priority_latency_reduction"),
-                    _runs(_get(control, "priority_latency_reduction_runs"), "{:.3f}"),
-                    ">= 0.75", lambda v: v >= 0.75),
-               _fig("Fashion-MNIST, 4 sources",
-                    _get(control, "fashion_priority_latency_reduction"),
-                    _runs(_get(control, "fashion_priority_latency_reduction_runs"), "{:.3f}"),
-                    ">= 0.75", lambda v: v >= 0.75),
-               _fig("digits, 2 sources", _get(control, "priority_latency_reduction_two_sources"),
-                    _runs(_get(control, "priority_latency_reduction_two_sources_runs"), "{:.3f}"),
-                    "(for comparison)", lambda v: None),
-               _fig("Fashion-MNIST, 2 sources",
-                    _get(control, "fashion_priority_latency_reduction_two_sources"),
-                    _runs(_get(control, "fashion_priority_latency_reduction_two_sources_runs"),
-                          "{:.3f}"),
-                    "(for comparison)", lambda v: None)),
+              (_repeated("digits, 4 sources", control,
+                         "priority_latency_reduction", "{:.3f}", ">= 0.75", lambda v: v >= 0.75),
+               _repeated("Fashion-MNIST, 4 sources", control,
+                         "fashion_priority_latency_reduction", "{:.3f}", ">= 0.75", lambda v: v >= 0.75),
+               _repeated("digits, 2 sources", control,
+                         "priority_latency_reduction_two_sources", "{:.3f}", "(for comparison)",
+                         lambda v: None),
+               _repeated("Fashion-MNIST, 2 sources", control,
+                         "fashion_priority_latency_reduction_two_sources", "{:.3f}",
+                         "(for comparison)", lambda v: None)),
               "pa_mdi_latency.png", "make bench-control"),
         Claim("compute", "Compute cut within 1 point", "DistrEE", "<= 0.6 of the FLOPs",
               "WideResNet on CIFAR-10, simulated: accuracy within about 2 points of full "
