@@ -14,7 +14,7 @@ TEST_JOBS   ?= 2
 SERVICES    := admission-controller segment-worker exit-arbiter priority-scheduler
 MEMBERS     := shared/pyproject.toml $(SERVICES:%=services/%/pyproject.toml)
 
-.PHONY: help setup system-deps demo test test-gpu test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control bench-overload bench-overhead bench-video bench-links bench-gpu report clean
+.PHONY: help setup system-deps demo test test-gpu test-deploy lint typecheck pytest bench-hop bench-exits bench-segments bench-pipeline bench-control bench-overload bench-overhead bench-video bench-distree bench-links bench-gpu report clean
 
 help:
 	@echo "make demo      run offramp locally (broker + services) and show it working"
@@ -100,6 +100,9 @@ bench-overhead: setup
 
 bench-video: setup
 	$(PY) -m bench.video
+
+bench-distree: setup
+	$(PY) -m bench.distree
 
 bench-links: setup
 	$(PY) -m bench.links
