@@ -315,7 +315,10 @@ class Admission:
                     self._redispatch(node, "silent")
 
     async def control(self) -> None:
-        """The rate strategy's loop: adapt admitted rates, let waiting frames through."""
+        """The rate strategy's loop: adapt admitted rates, let waiting frames through. Under
+        any other strategy no frame waits at the gate and no rate adapts: nothing to wake for."""
+        if not self.gate.adaptive:
+            return
         tick = self.s.control.tick_s
         next_tick = time.monotonic()
         while True:
