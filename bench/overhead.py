@@ -14,6 +14,11 @@ CPU time) and in decoding frames (``decode_cpu_s``). Per ok answer:
 - ``overhead_fraction`` = (total - inference) / total: what the plumbing costs beside the
   model, decoding included.
 
+Before any frame, each process's CPU at rest for IDLE_S (``idle_core_ms_per_s``, and its
+``total``): heartbeats, timers and the others' heartbeats read. It is spent whatever the load,
+so at a low frame rate it weighs on every frame (``idle_share``: its part of the steady run's
+CPU).
+
 Two models: the demo bundle (MobileNetV2 on 32x32 digits, 2 workers, as ``offramp up``) and the
 224x224 EfficientNet-Lite0 on Fashion-MNIST that ``make bench-links`` builds (``effnet_224``,
 3 workers), its frames sent as 28x28 PNG, the camera's own size. ``OFFRAMP_BENCH_OVERHEAD=
@@ -32,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from bench.common import Conditions, write_result
-from bench.overload import demo_bundle, frames_file, run_phase
+from bench.overload import cpu_seconds, demo_bundle, frames_file, run_phase, service_pids
 from offramp.bus import Bus, Topics, from_payload
-from offramp.local.client import png_bytes
+from offramp.local.client import png_bytes, wait_for_plan
 from offramp.local.system import LocalSystem
 from offramp.model.bundle import Bundle
 from offramp.settings import BusSettings
@@ -43,6 +48,7 @@ from offramp.wire import Heartbeat
 LOAD = 0.8  # share of the measured capacity offered in the steady run
 SECONDS = float(os.environ.get("OFFRAMP_BENCH_OVERHEAD_SECONDS", "20"))
 PROBE_S = 8.0  # the run far over capacity that measures it
+IDLE_S = 10.0  # the system at rest, its plan applied
 ENV = {"OFFRAMP_ADMISSION_MAX_IN_FLIGHT": "100000", "OFFRAMP_ADMISSION_INGEST_QUEUE": "100000",
        "OFFRAMP_LOG_LEVEL": "warning"}
 
@@ -67,8 +73,24 @@ class WorkerStats:
         return sum(s.get(key, 0.0) for s in self.latest.values())
 
 
+async def _idle(system: LocalSystem) -> dict[str, float]:
+    """Each process's CPU per second of wall time, no frame sent, after its plan is applied
+    and a few heartbeats more (ms per s)."""
+    async with Bus(BusSettings(broker_url=system.url), f"bench-overhead-idle-{os.getpid()}") as bus:
+        await bus.wait_connected(10)
+        await wait_for_plan(bus, Topics(system.prefix), 60)
+    await asyncio.sleep(3.0)
+    pids = service_pids(system)
+    before = {k: cpu_seconds(p) for k, p in pids.items()}
+    await asyncio.sleep(IDLE_S)
+    spent = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
+    return {**{k: round(1000 * v / IDLE_S, 2) for k, v in sorted(spent.items())},
+            "total": round(1000 * sum(spent.values()) / IDLE_S, 2)}
+
+
 async def _measure(system: LocalSystem, frames: Path, folder: Path, probe_fps: float
                    ) -> dict[str, Any]:
+    idle = await _idle(system)
     stats = WorkerStats()
     follower = asyncio.create_task(stats.follow(system))
     try:
@@ -102,6 +124,8 @@ async def _measure(system: LocalSystem, frames: Path, folder: Path, probe_fps: f
         "load_generator_core_ms_per_frame": {k: round(1000 * v / ok, 4)
                                              for k, v in generator.items()},
         "cores_busy": round(total / float(steady["span_s"]), 3),
+        "idle_core_ms_per_s": idle,
+        "idle_share": round(idle["total"] / 1000 * float(steady["span_s"]) / total, 4),
     }
 
 

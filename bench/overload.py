@@ -145,6 +145,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def service_pids(system: LocalSystem) -> dict[str, int]:
+    """The process id of every service of ``system`` by node name, and of its broker."""
+    pids = {m.node: m.proc.pid for m in (system.group.members if system.group else [])
+            if m.proc is not None}
+    if system.broker is not None and system.broker.pid:
+        pids["broker"] = system.broker.pid
+    return pids
+
+
 def demo_bundle() -> Bundle:
     recipe: Recipe = preset("demo")
     bundle, _ = build(recipe, ROOT / "bundles" / "demo", progress=True)
@@ -178,10 +187,7 @@ async def run_phase(system: LocalSystem, rate: float, seconds: float, frames: Pa
                 answered.update(fid for fid, *_ in got)
 
         reader = asyncio.create_task(read())
-        pids = {m.node: m.proc.pid for m in (system.group.members if system.group else [])
-                if m.proc is not None}
-        if system.broker is not None and system.broker.pid:
-            pids["broker"] = system.broker.pid
+        pids = service_pids(system)
         before = {k: cpu_seconds(p) for k, p in pids.items()}
         reader_before = cpu_seconds(os.getpid())
         port = system.url.rsplit(":", 1)[1]
