@@ -23,6 +23,7 @@ help:
 	@echo "make test-deploy     build the images with podman, run docker-compose.yml, send frames"
 	@echo "make bench-hop one bus hop vs bare paho-mqtt (bench/results/hop.json)"
 	@echo "make bench-exits     early-exit savings on digits and Fashion-MNIST (bench/results/exits.json)"
+	@echo "make bench-distree   DistrEE's joint training swept over its weights and 3 seeds: exit 1's gain (bench/results/distree.json)"
 	@echo "make bench-segments  chained segments vs monolithic ONNX (bench/results/segments.json)"
 	@echo "make bench-pipeline  the distributed system vs one ONNX session (bench/results/pipeline.json)"
 	@echo "make bench-control   admission strategies and priorities (bench/results/control.json)"

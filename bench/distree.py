@@ -92,9 +92,14 @@ class Budget:
                       train=TrainConfig(epochs=self.epochs, batch_size=128, seed=seed, loss=loss))
 
 
+def _one_thread() -> None:
+    """A pool process's start: train() takes its thread count from here, and the sweep runs
+    one process per core."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
 def run_one(recipe: Recipe) -> dict[str, Any]:
-    """Train one recipe (one thread: the sweep runs one per core) and return its figures."""
-    os.environ["OMP_NUM_THREADS"] = "1"  # read by train(); this is a pool's own process
+    """Train one recipe and return its figures."""
     t0 = time.monotonic()
     data = load_data(recipe)
     model = make_model(recipe, len(data.classes))
@@ -123,15 +128,23 @@ def sweep(budget: Budget, settings: Sequence[tuple[str, LossConfig]], cache: Pat
     say(f"distree sweep: {len(runs)} runs ({len(settings)} settings x {budget.seeds} seeds), "
         f"{len(done)} kept from an earlier sweep, {len(todo)} to train, {jobs} at once")
     t0 = time.monotonic()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        pending = {pool.submit(trainer, runs[key]): key for key in todo}
-        for n, future in enumerate(as_completed(pending), 1):
-            key = pending[future]
-            done[key] = future.result()
-            (cache / f"{runs[key].digest()}.json").write_text(json.dumps(done[key]) + "\n")
-            say(f"[{n}/{len(todo)}] {key[0]}, seed {key[1]}: exit accuracy "
-                f"{done[key]['test_exit_accuracy']} in {done[key]['seconds']} s "
-                f"({time.monotonic() - t0:.0f} s so far)")
+
+    def keep(n: int, key: tuple[str, int], figures: dict[str, Any]) -> None:
+        done[key] = figures
+        (cache / f"{runs[key].digest()}.json").write_text(json.dumps(figures) + "\n")
+        say(f"[{n}/{len(todo)}] {key[0]}, seed {key[1]}: exit accuracy "
+            f"{figures['test_exit_accuracy']} in {figures['seconds']} s "
+            f"({time.monotonic() - t0:.0f} s so far)")
+
+    if jobs <= 1:  # in this process, with every thread it has
+        for n, key in enumerate(todo, 1):
+            keep(n, key, trainer(runs[key]))
+    else:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
+                                 initializer=_one_thread) as pool:
+            pending = {pool.submit(trainer, runs[key]): key for key in todo}
+            for n, future in enumerate(as_completed(pending), 1):
+                keep(n, pending[future], future.result())
     return {name: [done[(name, seed)] for seed in range(budget.seeds)] for name, _ in settings}
 
 
