@@ -116,6 +116,37 @@ def distree_exits(exits: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+def distree_sweep(distree: dict[str, Any], path: Path) -> None:
+    """Each setting's gain over cross-entropy only under the same seed, in points: at exit 1
+    with every seed's difference and the mean's standard error, and the mean at every exit."""
+    rows = [r for r in distree["settings"] if "gain_by_exit" in r]
+    fig, (one, every) = _figure((10, 3.8), 1, 2)
+    ys = range(len(rows))
+    first = [r["gain_by_exit"][0] for r in rows]
+    one.errorbar([g["points"] for g in first], ys, xerr=[g["se_points"] or 0 for g in first],
+                 fmt="o", color=COLOURS["open"], capsize=3, label="mean +/- s.e.")
+    for y, g in zip(ys, first, strict=True):
+        one.scatter(g["runs"], [y] * len(g["runs"]), s=10, color=COLOURS["closed"], zorder=3)
+    one.axvline(0, color="#444444", linewidth=0.8)
+    one.axvline(2, color="#999999", linestyle=":", linewidth=1, label="goal +2")
+    one.set_yticks(list(ys), [r["setting"] for r in rows], fontsize=7)
+    one.set_xlabel("exit 1: accuracy over cross-entropy only, points (dots: seeds)")
+    one.legend(fontsize=7)
+    for r in rows:
+        gains = [g["points"] for g in r["gain_by_exit"]]
+        every.plot(range(1, len(gains) + 1), gains, marker="o", linewidth=1, label=r["setting"])
+    every.axhline(0, color="#444444", linewidth=0.8)
+    every.set_xticks(range(1, len(rows[0]["gain_by_exit"]) + 1))
+    every.set_xlabel("exit")
+    every.set_ylabel("mean gain over seeds, points")
+    every.legend(fontsize=6)
+    budget = distree.get("budget", {})
+    fig.suptitle(f"{distree.get('model', '')}, {distree.get('dataset', '')}: "
+                 f"{budget.get('seeds', '?')} seeds, {budget.get('epochs', '?')} epochs on "
+                 f"{budget.get('train_images', 0):,} images", fontsize=9)
+    _save(fig, path)
+
+
 def links_codecs(links: dict[str, Any], path: Path) -> None:
     """Frames/s against the links' bandwidth, one line per codec, exits closed and open."""
     fig, axes = _figure((10, 3.8), 1, 2, sharey=True)
