@@ -9,7 +9,17 @@ from typing import Any
 
 import pytest
 
-from bench.distree import BASELINE, DEFAULT, SETTINGS, Budget, paired_gain, run_one, summarise, sweep
+from bench.distree import (
+    BASELINE,
+    DEFAULT,
+    SETTINGS,
+    Budget,
+    env_number,
+    paired_gain,
+    run_one,
+    summarise,
+    sweep,
+)
 from offramp.ml.build import Recipe
 from offramp.ml.loss import LossConfig
 
@@ -34,6 +44,7 @@ def test_the_headline_is_the_best_setting_and_the_defaults_are_given_beside_it()
     results = {BASELINE: [_figures([0.80, 0.9]), _figures([0.70, 0.9])],
                DEFAULT: [_figures([0.79, 0.9]), _figures([0.70, 0.9])],
                "temperature 6": [_figures([0.83, 0.9]), _figures([0.71, 0.9])]}
+    assert "digits_joint_exit1_gain_points" in summarise(results, settings, "digits")
     out = summarise(results, settings)
     assert out["best_setting"] == "temperature 6"
     assert out["fashion_joint_exit1_gain_points"] == 2.0
@@ -71,17 +82,26 @@ def test_every_run_is_trained_once_and_read_back_by_its_recipe(tmp_path: Path) -
     ({"OFFRAMP_BENCH_DISTREE_SEEDS": "1"}, "SEEDS=1: must be >= 2"),
     ({"OFFRAMP_BENCH_DISTREE_EPOCHS": "six"}, "EPOCHS='six': not a whole number"),
     ({"OFFRAMP_BENCH_DISTREE_TRAIN_LIMIT": "-5"}, "TRAIN_LIMIT=-5: must be >= 0"),
+    ({"OFFRAMP_BENCH_DISTREE_JOBS": "0"}, "JOBS=0: must be >= 1"),
 ])
 def test_a_wrong_setting_is_one_clear_error(env: dict[str, str], message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         Budget.from_env(env)
+        env_number(env, "JOBS", 2, 1)
+
+
+def test_an_unknown_dataset_is_one_clear_error_before_any_run() -> None:
+    with pytest.raises(SystemExit, match="bench-distree: unknown dataset 'mnist'"):
+        Budget.from_env({"OFFRAMP_BENCH_DISTREE_DATASET": "mnist"})
 
 
 def test_the_budget_comes_from_the_environment() -> None:
-    assert Budget.from_env({}) == Budget()
+    assert Budget.from_env({}) == Budget() and Budget().key == "fashion"
     budget = Budget.from_env({"OFFRAMP_BENCH_DISTREE_TRAIN_LIMIT": "0",
-                              "OFFRAMP_BENCH_DISTREE_SEEDS": "5"})
+                              "OFFRAMP_BENCH_DISTREE_SEEDS": "5",
+                              "OFFRAMP_BENCH_DISTREE_DATASET": "digits"})
     assert budget.train_limit is None and budget.seeds == 5  # 0: every training image
+    assert budget.key == "digits"  # another dataset's sweep never reads as Fashion-MNIST's
 
 
 @pytest.mark.tier("inproc")
