@@ -605,6 +605,33 @@ async def test_a_frame_sent_again_is_told_its_answer_again(tiny_bundle: Bundle) 
     assert len({r.task_id for r in twice}) == 1
 
 
+@pytest.mark.parametrize(("strategy", "wakes"), [("none", False), ("threshold", False),
+                                                  ("rate", True)])
+async def test_the_gate_is_polled_only_under_the_rate_strategy(
+        tiny_bundle: Bundle, monkeypatch: pytest.MonkeyPatch, strategy: str, wakes: bool) -> None:
+    """Under any strategy but ``rate`` nothing waits at the gate, so the admission-controller
+    does not wake ten times a second to look (its CPU at rest, bench-overhead)."""
+    from admission_controller.gate import Gate
+
+    calls: list[float] = []
+    release = Gate.release
+
+    def counted(self: Gate[Any], now: float) -> list[tuple[str, Any]]:
+        calls.append(now)
+        return release(self, now)
+
+    monkeypatch.setattr(Gate, "release", counted)
+    env = {**_services_env(tiny_bundle, f"gate-{strategy}"), "OFFRAMP_NODE": "admission-1",
+           "OFFRAMP_CONTROL_STRATEGY": strategy, "OFFRAMP_CONTROL_TICK_S": "0.05"}
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(admission_run(load(AdmissionSettings, "OFFRAMP_ADMISSION_", env), stop,
+                                     connect=_connect(MemoryBroker())))
+        await asyncio.sleep(0.6)
+        stop.set()
+    assert (len(calls) >= 3) if wakes else not calls, calls
+
+
 async def test_credit_covers_half_a_second_of_work_not_the_whole_queue(
         engine: tuple[Engine, MemoryBus, Topics]) -> None:
     """A node grants credit for OFFRAMP_WORKER_CREDIT_QUEUE_S of work at the time a sample
