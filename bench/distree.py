@@ -184,11 +184,11 @@ def summarise(results: dict[str, list[dict[str, Any]]],
     exits = len(baseline[0]["test_exit_accuracy"])
     rows = []
     for name, loss in settings:
-        runs = results[name]
+        runs, weights = results[name], loss.to_dict()
         row: dict[str, Any] = {
             "setting": name,
-            "loss": {k: loss.to_dict()[k] for k in ("alpha", "temperature", "gamma", "distill",
-                                                   "feature")},
+            "loss": {k: weights[k] for k in ("alpha", "temperature", "gamma", "distill",
+                                             "feature")},
             "test_exit_accuracy_mean": [
                 round(statistics.fmean(r["test_exit_accuracy"][k] for r in runs), 4)
                 for k in range(exits)],
