@@ -632,6 +632,50 @@ async def test_the_gate_is_polled_only_under_the_rate_strategy(
     assert (len(calls) >= 3) if wakes else not calls, calls
 
 
+async def test_an_idle_active_admission_controller_does_not_tick(
+        tiny_bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holding the ingest session with no frame in flight and none refused, nothing can
+    expire, be lost or be due: the sweeper, the leadership and the refusals wait for their
+    event (a frame, another member's heartbeat, a refusal) or a slow tick, where each woke
+    twenty or ten times a second (the service's CPU at rest, bench-overhead)."""
+    from admission_controller.leadership import Leadership
+    from admission_controller.refusals import Refusals
+    from admission_controller.tracker import Tracker
+
+    sweeps: list[float] = []
+    steps: list[bool] = []
+    flushes: list[float] = []
+    sweep, step, flush = Tracker.sweep, Leadership.step, Refusals.flush
+
+    def counted_sweep(self: Tracker, now: float, backlog_s: float = 0.0) -> Any:
+        sweeps.append(now)
+        return sweep(self, now, backlog_s)
+
+    def counted_step(self: Leadership, now: float, wall: float) -> str | None:
+        steps.append(self.active)
+        return step(self, now, wall)
+
+    async def counted_flush(self: Refusals) -> None:
+        flushes.append(time.monotonic())
+        await flush(self)
+
+    monkeypatch.setattr(Tracker, "sweep", counted_sweep)
+    monkeypatch.setattr(Leadership, "step", counted_step)
+    monkeypatch.setattr(Refusals, "flush", counted_flush)
+    env = {**_services_env(tiny_bundle, "idle-admission"), "OFFRAMP_NODE": "admission-1"}
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(admission_run(load(AdmissionSettings, "OFFRAMP_ADMISSION_", env), stop,
+                                     connect=_connect(MemoryBroker())))
+        await asyncio.sleep(1.6)
+        stopped = time.monotonic()
+        stop.set()
+    assert True in steps, "it never held the session"
+    assert steps.count(True) <= 4, steps  # one a second, and each of its own decisions
+    assert len(sweeps) <= 4, sweeps  # was 32
+    assert all(t >= stopped for t in flushes), flushes  # only on the way out; 16 before
+
+
 async def test_credit_covers_half_a_second_of_work_not_the_whole_queue(
         engine: tuple[Engine, MemoryBus, Topics]) -> None:
     """A node grants credit for OFFRAMP_WORKER_CREDIT_QUEUE_S of work at the time a sample

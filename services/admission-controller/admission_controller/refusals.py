@@ -55,6 +55,7 @@ class Refusals:
         self._pending: dict[str, _Pending] = {}
         self._size = 0
         self._full = asyncio.Event()
+        self._some = asyncio.Event()  # set while some refusal is pending
         self.failed = 0  # ... that could not be (their frames stay unacknowledged)
 
     def __len__(self) -> int:
@@ -76,12 +77,15 @@ class Refusals:
                 p.by_reply.setdefault(origin.response_topic, {}).setdefault(
                     reason, []).append(frame_id)
         self._size += 1
+        self._some.set()
         if self._size >= self.max_pending:
             self._full.set()
 
     async def run(self) -> None:
-        """Flush every ``interval_s``, or at once when ``max_pending`` frames wait."""
+        """Flush ``interval_s`` after the first refusal pending, or at once when
+        ``max_pending`` frames wait. With none pending it sleeps: no timer while not refusing."""
         while True:
+            await self._some.wait()
             try:
                 async with asyncio.timeout(self.interval_s):
                     await self._full.wait()
@@ -93,6 +97,7 @@ class Refusals:
         """Publish what is pending, then acknowledge its frames."""
         pending, self._pending, self._size = self._pending, {}, 0
         self._full.clear()
+        self._some.clear()
         now = time.time()
         for source, p in pending.items():
             sent = await self._send(self.topics.results(source), source, p.by_reason, now)
@@ -107,6 +112,7 @@ class Refusals:
         """Drop what is pending unanswered and unacknowledged: another member holds the
         ingest session now, and the broker hands these frames to it."""
         self._pending, self._size = {}, 0
+        self._some.clear()
 
     async def _send(self, topic: str, source: str, frames: dict[str, list[str]],
                     now: float) -> bool:

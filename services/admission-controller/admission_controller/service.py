@@ -48,6 +48,8 @@ from offramp.policy.bundles import unserved
 from offramp.policy.pace import PaceConfig, Pacer
 from offramp.wire import DoneReport, Heartbeat, Plan, read_results
 
+SWEEP_S = 0.05  # how often frames in flight are looked at (deadlines, silent workers)
+IDLE_SWEEP_S = 1.0  # ... and how often when none is
 WATCH_TICK_S = 0.05  # how soon a change of leadership is seen by the watch of others' answers
 
 
@@ -249,8 +251,7 @@ class Admission:
         listened to while this member is active (its own answers are known to it)."""
         bus, topics = self.rt.bus, self.rt.topics
         while True:
-            while not self._standing_by():  # noqa: ASYNC110 - the session task decides it
-                await asyncio.sleep(WATCH_TICK_S)
+            await self.session.until(active=False)
             answers = await bus.subscribe(topics.results_all(), maxsize=100_000,
                                           overflow="drop-oldest")
             try:
@@ -284,8 +285,10 @@ class Admission:
     async def members(self, states: Subscription[Heartbeat]) -> None:
         """The other admission-controllers of this group, for the leadership."""
         async for hb in states:
-            if hb.online is False or hb.group == self.s.group:
+            if hb.node != self.leadership.node and (hb.online is False
+                                                    or hb.group == self.s.group):
                 self.leadership.observe(hb, time.monotonic())
+                self.session.heard()
 
     async def registrations(self, registrations: Subscription[Registration]) -> None:
         async for reg in registrations:
@@ -299,7 +302,7 @@ class Admission:
 
     async def sweeper(self) -> None:
         while True:
-            await asyncio.sleep(0.05)
+            await self._sweep_due()
             sweep = self.tracker.sweep(time.time(), self.dispatcher.path_backlog(0.0))
             for t in sweep.expired:
                 await self.results.answer(t.owed(), "expired", error="deadline passed")
@@ -313,6 +316,17 @@ class Admission:
             for node in self.tracker.holders():
                 if self.dispatcher.silent(node):
                     self._redispatch(node, "silent")
+
+    async def _sweep_due(self) -> None:
+        """Sweep every SWEEP_S while frames are in flight. With none, nothing can expire or
+        be lost: wait for the first one, sweeping every IDLE_SWEEP_S all the same (a worker
+        set that serves no bundle is reported while idle too)."""
+        if len(self.tracker):
+            await asyncio.sleep(SWEEP_S)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(IDLE_SWEEP_S):
+                await self.tracker.occupied()
 
     async def control(self) -> None:
         """The rate strategy's loop: adapt admitted rates, let waiting frames through. Under

@@ -24,7 +24,8 @@ from admission_controller.leadership import Leadership
 from admission_controller.tracker import Tracker
 from offramp.bus import Message, MessageBus, Subscription, Topics
 
-TICK_S = 0.05
+TICK_S = 0.05  # how often a standing-by member looks whether it should take the session
+ACTIVE_TICK_S = 1.0  # ... and the active one, besides on every heartbeat of another member
 
 
 class IngestSession:
@@ -45,6 +46,18 @@ class IngestSession:
         self.handed_over = 0  # frames left to the standby at the last stop
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
+        self._heard = asyncio.Event()  # another member's heartbeat came
+        self._role = asyncio.Event()  # this member took or gave the session
+
+    def heard(self) -> None:
+        """Another member's heartbeat was observed: the leadership may decide now."""
+        self._heard.set()
+
+    async def until(self, *, active: bool) -> None:
+        """Return once this member holds the session (``active``) or does not."""
+        while self.leadership.active != active:
+            self._role.clear()
+            await self._role.wait()
 
     def ack(self, msg: Message) -> None:
         if self.bus is not None:
@@ -55,14 +68,29 @@ class IngestSession:
         (see :meth:`leave`). Runs as one task: it opens and closes the ingest connection."""
         try:
             while True:
+                self._heard.clear()
                 action = self.leadership.step(time.monotonic(), time.time())
                 if action == "take":
                     await self._take(tg)
                 elif action == "give":
                     await self._give()
-                await asyncio.sleep(TICK_S)
+                if action is not None:
+                    self._role.set()
+                await self._next_step()
         finally:
             await self.leave()
+
+    async def _next_step(self) -> None:
+        """Wait for the next leadership step. Standing by, the clock alone can make it take
+        the session (no other member heard active for a while): a short tick. Active, only
+        another member's heartbeat can make it give the session up: that heartbeat, or a
+        slow tick, so that an idle active member does not wake 20 times a second."""
+        if not self.leadership.active:
+            await asyncio.sleep(TICK_S)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ACTIVE_TICK_S):
+                await self._heard.wait()
 
     async def _take(self, tg: asyncio.TaskGroup) -> None:
         self.bus = await self._stack.enter_async_context(self.make_bus())
@@ -123,6 +151,7 @@ class IngestSession:
 
     async def _close(self) -> None:
         self.leadership.active_since = 0.0
+        self._role.set()
         for task in self._tasks:
             task.cancel()
         await self._stack.aclose()

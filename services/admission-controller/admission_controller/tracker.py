@@ -9,6 +9,7 @@ without progress; the duplicate completion that may follow is dropped by task id
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,7 @@ class Tracker:
         self.max_attempts = max_attempts
         self._tasks: dict[str, Task] = {}
         self._per_source: dict[str, int] = {}  # sources with frames in flight only
+        self._occupied = asyncio.Event()  # set while some task is tracked
         self.duplicates = 0
 
     def __len__(self) -> int:
@@ -75,9 +77,14 @@ class Tracker:
     def can_admit(self, source: str) -> bool:
         return self._per_source.get(source, 0) < self.max_in_flight
 
+    async def occupied(self) -> None:
+        """Return once some task is tracked (at once if one is)."""
+        await self._occupied.wait()
+
     def add(self, task: Task) -> None:
         self._tasks[task.task_id] = task
         self._per_source[task.source] = self._per_source.get(task.source, 0) + 1
+        self._occupied.set()
 
     def dispatched(self, task: Task, now: float, target: str | None) -> None:
         task.attempt += 1
@@ -92,6 +99,8 @@ class Tracker:
                 self._per_source[task.source] = left
             else:
                 del self._per_source[task.source]
+            if not self._tasks:
+                self._occupied.clear()
         return task
 
     def complete(self, task_id: str) -> Task | None:

@@ -157,6 +157,11 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event, *,
             except OfframpError as exc:
                 runtime.log.warning("plan_not_published", error=str(exc))
 
+        # Whether a plan is due changes with heartbeats (loads, nodes heard) and with the
+        # clock (a node unheard for 3 periods): looked at once a heartbeat period, and at
+        # once on a will or a new source.
+        poll_s = min(settings.common.heartbeat_s, settings.min_interval_s)
+
         async def planner() -> None:
             last_publish = time.monotonic()
             while True:
@@ -164,7 +169,7 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event, *,
                 # timeout comes out as TimeoutError, which this loop would swallow, and the
                 # service would never stop (seen: SIGKILLed after its grace).
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.1):
+                    async with asyncio.timeout(poll_s):
                         await wake.wait()
                 wake.clear()
                 now = time.monotonic()
