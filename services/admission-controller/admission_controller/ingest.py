@@ -5,8 +5,11 @@ read_frame`: its kind, and an envelope's frame id, deadline and label; a raw ima
 may come as MQTT v5 correlation data). A redelivered frame is recognised; a frame over its
 source's in-flight bound or above its admitted rate is refused (``dropped``) without decoding
 it, listed by its own frame id in its source's next refusal
-(:mod:`admission_controller.refusals`). Only admitted frames are decoded and preprocessed, off the
-event loop, a batch per hand-off; one that does not decode is answered ``error``.
+(:mod:`admission_controller.refusals`). Only admitted frames go further: by default their
+header is checked on the event loop (bounded work, no pixel decoded) and the bytes go to the
+first worker as they came; with ``OFFRAMP_ADMISSION_FIRST_HOP=tensor`` they are decoded and
+preprocessed here, off the event loop, a batch per hand-off. One that fails is answered
+``error``.
 
 Frames come on a connection of their own with manual acknowledgement: a frame is
 acknowledged to the broker only once it is answered (:mod:`admission_controller.results`),
@@ -145,11 +148,17 @@ class Ingest:
                       slot: asyncio.Semaphore) -> None:
         try:
             started = time.time()
-            prepare = to_forwards if self.s.first_hop == "frames" else to_inputs
-            inputs: list[Any] = await asyncio.get_running_loop().run_in_executor(
-                self.decoder, partial(prepare, spec=self.spec,
-                                      max_pixels=self.s.common.max_pixels, stop=self.stopping),
-                [a for _, a in admitted])
+            arrivals = [a for _, a in admitted]
+            if self.s.first_hop == "frames":
+                # header checks only, a few microseconds each in bounded work (model.headers):
+                # cheaper here than the hand-off to the decode thread and back
+                inputs: list[Any] = to_forwards(arrivals, spec=self.spec,
+                                                max_pixels=self.s.common.max_pixels)
+            else:
+                inputs = await asyncio.get_running_loop().run_in_executor(
+                    self.decoder, partial(to_inputs, spec=self.spec,
+                                          max_pixels=self.s.common.max_pixels,
+                                          stop=self.stopping), arrivals)
             self._trace_decode([t for t, _ in admitted], started, time.time())
             for (task, _), x in zip(admitted, inputs, strict=False):
                 await self._decoded(task, x)

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from offramp.model.headers import image_size
 from offramp.model.inputs import FrameError, InputSpec, normalise
 
 FORMATS = ("JPEG", "PNG")  # what ingest accepts; Pillow tries no other decoder
@@ -32,7 +33,11 @@ def decode_image(data: bytes, *, max_pixels: int = UHD_PIXELS,
     is refused there, so a few bytes that claim 9000x9000 cost nothing. A JPEG is decoded at a
     reduced scale (DCT scaling) when ``reduce_to`` (width, height) is much smaller than it.
     The error is raised outside the handler: an exception's context would keep Pillow's
-    decoder and its canvas alive until the next garbage collection."""
+    decoder and its canvas alive until the next garbage collection. The header is walked
+    first in bounded work (:func:`~offramp.model.headers.image_size`), so Pillow never reads
+    one of thousands of segments."""
+    if problem := header_problem(data, max_pixels):
+        raise FrameError(problem)
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             problem = size_problem(*img.size, max_pixels)
@@ -70,12 +75,12 @@ def size_problem(width: int, height: int, budget: int) -> str:
 
 
 def header_problem(data: bytes, budget: int) -> str:
-    """What is wrong with JPEG/PNG bytes, read from their header alone ('': nothing)."""
+    """What is wrong with JPEG/PNG bytes, read from their header alone ('': nothing), in
+    bounded work (:mod:`offramp.model.headers`); their pixels are the decoder's to judge."""
     try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
-            return size_problem(*img.size, budget)
-    except UNREADABLE as exc:
-        return _unreadable(exc, budget)
+        return size_problem(*image_size(data), budget)
+    except FrameError as exc:
+        return str(exc)
 
 
 def refuse_by_budget_only() -> None:
