@@ -676,6 +676,31 @@ async def test_an_idle_active_admission_controller_does_not_tick(
     assert all(t >= stopped for t in flushes), flushes  # only on the way out; 16 before
 
 
+async def test_a_worker_hears_the_heartbeats_of_workers_and_admission_controllers_only(
+        tiny_bundle: Bundle) -> None:
+    """Credit, loads and wants come from those two roles; the scheduler's and the arbiter's
+    heartbeats (a quarter of all, each decoded at ~0.1 ms) are not sent to every worker."""
+    heard: list[tuple[str, str]] = []
+
+    class Recording(MemoryBroker):
+        def subscribe(self, bus: MemoryBus, topic_filter: str, mqtt_filter: str) -> None:
+            heard.append((bus.client_id, topic_filter))
+            super().subscribe(bus, topic_filter, mqtt_filter)
+
+    env = {**_services_env(tiny_bundle, "heard"), "OFFRAMP_NODE": "worker-1"}
+    topics = Topics("heard")
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(worker_run(load(WorkerSettings, "OFFRAMP_WORKER_", env), stop,
+                                  connect=_connect(Recording())))
+        async with asyncio.timeout(30):
+            while topics.plan() not in {f for _, f in heard}:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        stop.set()
+    states = {f for _, f in heard if f.startswith(topics.state_all().rsplit("/", 2)[0])}
+    assert states == {topics.state_all("worker"), topics.state_all("admission")}, heard
+
+
 async def test_credit_covers_half_a_second_of_work_not_the_whole_queue(
         engine: tuple[Engine, MemoryBus, Topics]) -> None:
     """A node grants credit for OFFRAMP_WORKER_CREDIT_QUEUE_S of work at the time a sample

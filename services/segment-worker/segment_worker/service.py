@@ -95,15 +95,18 @@ async def run(settings: WorkerSettings, stop: asyncio.Event, *,
             runtime.log.warning("device_unavailable", asked=settings.device, using=engine.device,
                                 available=installed_providers(), hint=DEVICE_HINT,
                                 libraries=engine.gpu_libraries or None)
-        states = await bus.subscribe(topics.state_all(), maxsize=1024,
-                                     decode=from_payload(Heartbeat.decode))
+        # the nodes that send to this worker or that it sends to (credit, loads, wants);
+        # the scheduler's and the arbiter's heartbeats say nothing a worker acts on
+        states = [await bus.subscribe(topics.state_all(role), maxsize=1024,
+                                      decode=from_payload(Heartbeat.decode))
+                  for role in ("worker", "admission")]
         policies = await bus.subscribe(topics.exit_policy(bundle.name), maxsize=8,
                                        decode=from_payload(ExitPolicy.decode))
         plans = await bus.subscribe(topics.plan(), maxsize=8, overflow="drop-oldest",
                                     decode=from_payload(Plan.decode))
         async with asyncio.TaskGroup() as tg:
             hosting.start(tg)
-            control = [tg.create_task(_states(states, engine, runtime)),
+            control = [*(tg.create_task(_states(sub, engine, runtime)) for sub in states),
                        tg.create_task(_policies(policies, engine, runtime)),
                        tg.create_task(_plans(plans, engine, hosting, set(loadable),
                                              settings.follow_plan))]
