@@ -275,6 +275,8 @@ def _tamper(**changes: object) -> bytes:
     ({"tensor__shape": [2, -3, -4]}, "negative dimension"),
     ({"samples": []}, "at least one sample"),
     ({"sent": float("nan")}, "act.sent: must be finite"),
+    ({"sent": float("-inf")}, "act.sent: must be finite"),
+    ({"sent": True}, "act.sent: expected a number, got bool"),
     ({"samples__0__prio": 0}, "priority must be > 0"),
     ({"samples__0__hops": [["n", 1, 0.0]]}, "a hop has 5 fields"),
     ({"samples__0__hops": [["n", 1, 0.0, 0.0, 0.0], ["n", True, 0.0, 0.0, 0.0]]},
