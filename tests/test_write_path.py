@@ -114,9 +114,35 @@ async def test_over_a_broker_messages_arrive_once_in_order_from_few_sends(
         assert tx.outbound.sends < len(sent) / 10, (tx.outbound.sends, tx.outbound.packets)
 
 
+async def test_a_write_waits_for_no_writer_registration_unless_the_socket_is_full(
+        bus_settings: BusSettings) -> None:
+    """QoS 1 publishes one after another (each waits for its PUBACK): each is written on
+    the next loop turn, and the socket is never registered as a writer. A flood larger than
+    the socket buffer fills it: the writer is registered then, and every message arrives, in
+    order."""
+    async with Bus(bus_settings, "tx-soon") as tx, Bus(bus_settings, "rx-soon") as rx:
+        await tx.wait_connected(5)
+        await rx.wait_connected(5)
+        sub = await rx.subscribe("soon/#", qos=1, maxsize=10_000)
+        await asyncio.sleep(0.2)
+        soon = tx.write_soon
+        assert soon is not None
+        flushes, waits = soon.flushes, soon.waits
+        for i in range(200):
+            await tx.publish("soon/one", f"m{i}".encode(), qos=1)
+        assert soon.flushes - flushes >= 200 and soon.waits == waits
+        got = [await asyncio.wait_for(sub.get(), 10) for _ in range(200)]
+        assert [m.payload for m in got] == [f"m{i}".encode() for i in range(200)]
+        big = [bytes([i]) * (1 << 20) for i in range(48)]  # 48 MB at once
+        await asyncio.gather(*(tx.publish("soon/big", b, qos=0) for b in big))
+        got = [await asyncio.wait_for(sub.get(), 30) for _ in big]
+        assert [m.payload for m in got] == big
+        assert soon.waits > waits
+
+
 async def test_the_library_path_leaves_writes_to_paho(bus_settings: BusSettings) -> None:
     library = dataclasses.replace(bus_settings, bus_read_path="library")
     async with Bus(library, "tx-library") as tx:
         await tx.wait_connected(5)
         await tx.publish("batched/x", b"y", qos=1)
-        assert tx.outbound is None
+        assert tx.outbound is None and tx.write_soon is None

@@ -33,7 +33,7 @@ from offramp.bus.paho_internals import PahoHandle, paho_of
 from offramp.bus.read_path import FastReadPath, Incoming
 from offramp.bus.subscription import Message, MessageBus, Subscription, Will
 from offramp.bus.tcp_info import TcpInfo
-from offramp.bus.write_path import FastWritePath
+from offramp.bus.write_path import FastWritePath, WriteSoon
 from offramp.errors import BusError, RefusedError
 from offramp.settings import BrokerAddress, BusSettings
 
@@ -141,6 +141,7 @@ class Bus(MessageBus):
         self.broker_max_packet = 0
         self.inbound: FastReadPath | None = None  # the fast read path of the current connection
         self.outbound: FastWritePath | None = None  # ... and its fast write path
+        self.write_soon: WriteSoon | None = None  # ... and when that path writes
         self._task: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
         self._closing = False
@@ -333,6 +334,8 @@ class Bus(MessageBus):
                     self.inbound.install()  # before it connects: CONNACK comes this way too
                     self.outbound = FastWritePath(paho)
                     self.outbound.install()
+                    self.write_soon = WriteSoon(paho, asyncio.get_running_loop())
+                    self.write_soon.install()
                 elif self.manual_ack:
                     paho.manual_ack()
                 paho.wrap_on_connect(self._connack)

@@ -119,6 +119,21 @@ class PahoHandle:
         info: mqtt.MQTTMessageInfo = self.paho.publish(topic, payload, qos, retain, props)
         return info
 
+    def wrap_write_registration(self, wrap: Callable[[Any, Any], tuple[Any, Any]]) -> None:
+        """Replace paho's socket write (un)registration callbacks (aiomqtt's: add and remove
+        the socket as a writer of its event loop) with ``wrap(register, unregister)``."""
+        self.paho.on_socket_register_write, self.paho.on_socket_unregister_write = wrap(
+            self.paho.on_socket_register_write, self.paho.on_socket_unregister_write)
+
+    def write_pending(self) -> bool:
+        """Whether paho has bytes queued that the socket did not take yet."""
+        return bool(self.paho.want_write())
+
+    def loop_write(self) -> MQTTErrorCode:
+        """paho's write of its queued packets (through :class:`FastWritePath` when taken over)."""
+        rc: MQTTErrorCode = self.paho.loop_write()
+        return rc
+
     def manual_ack(self) -> None:
         """paho's own read path leaves QoS 1 acknowledgements to :meth:`send_puback`."""
         self.paho.manual_ack_set(True)

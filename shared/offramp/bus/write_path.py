@@ -10,12 +10,21 @@ does what paho does: a QoS 0 PUBLISH is reported published (``on_publish``), and
 of the last packet out is set. A DISCONNECT at the head of the queue is left to paho's own
 write, which closes the connection after it.
 
+:class:`WriteSoon` decides when that write happens. aiomqtt registers the socket as a writer
+of the event loop whenever paho queues a packet (from any thread, so through the loop's
+self-pipe) and removes it once the queue is written: two selector changes, two epoll_ctl calls
+and a loop turn or two per write, a sixth of a busy worker's event loop in a profile. WriteSoon
+writes on the next turn of the loop instead, everything queued by then in one send, and
+registers the writer only while the socket takes no more.
+
 The private names of paho it uses are reached through :class:`~offramp.bus.paho_internals.
-PahoHandle`; ``OFFRAMP_BUS_READ_PATH=library`` leaves writes to paho as well.
+PahoHandle`; ``OFFRAMP_BUS_READ_PATH=library`` leaves writes to paho and aiomqtt as well.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections import deque
 from typing import Any
 
@@ -78,3 +87,54 @@ class FastWritePath:
                     paho.published(packet)
         paho.mark_sent()
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+class WriteSoon:
+    """Schedules paho's writes on one connection; see the module docstring."""
+
+    def __init__(self, paho: PahoHandle, loop: asyncio.AbstractEventLoop) -> None:
+        self._paho = paho
+        self._loop = loop
+        self._thread = threading.get_ident()  # the event loop's
+        self._scheduled = False
+        self._writer = False  # aiomqtt's writer is registered (the socket was full)
+        self._register: Any = None
+        self._unregister: Any = None
+        self.flushes = 0  # writes made on a loop turn
+        self.waits = 0  # ... that left bytes for the writer
+
+    def install(self) -> None:
+        self._paho.wrap_write_registration(self._wrap)
+
+    def _wrap(self, register: Any, unregister: Any) -> tuple[Any, Any]:
+        self._register, self._unregister = register, unregister
+        return self._on_register, self._on_unregister
+
+    def _on_register(self, client: Any, userdata: Any, sock: Any) -> None:
+        if threading.get_ident() != self._thread:  # paho's connect, on aiomqtt's thread
+            self._writer = True
+            self._register(client, userdata, sock)
+        elif not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush, client, userdata, sock)
+
+    def _flush(self, client: Any, userdata: Any, sock: Any) -> None:
+        self._scheduled = False
+        if self._writer:  # the writer is on: it writes when the socket takes more
+            return
+        self.flushes += 1
+        try:
+            self._paho.loop_write()
+        except Exception:  # aiomqtt's writer meets it again and reports it
+            failed = True
+        else:
+            failed = False
+        if failed or (self._paho.write_pending() and self._paho.socket() is sock):
+            self.waits += 1
+            self._writer = True
+            self._register(client, userdata, sock)
+
+    def _on_unregister(self, client: Any, userdata: Any, sock: Any) -> None:
+        if self._writer:
+            self._writer = False
+            self._unregister(client, userdata, sock)
