@@ -676,10 +676,12 @@ async def test_an_idle_active_admission_controller_does_not_tick(
     assert all(t >= stopped for t in flushes), flushes  # only on the way out; 16 before
 
 
-async def test_a_worker_hears_the_heartbeats_of_workers_and_admission_controllers_only(
-        tiny_bundle: Bundle) -> None:
-    """Credit, loads and wants come from those two roles; the scheduler's and the arbiter's
-    heartbeats (a quarter of all, each decoded at ~0.1 ms) are not sent to every worker."""
+@pytest.mark.parametrize("service", ["worker", "scheduler"])
+async def test_workers_and_the_scheduler_hear_workers_and_admission_controllers_only(
+        tiny_bundle: Bundle, service: str) -> None:
+    """A worker's credit, loads and wants, and the scheduler's nodes and source rates, come
+    from those two roles; the scheduler's and the arbiter's heartbeats (a quarter of all,
+    each decoded at 20-70 us) are not sent to them."""
     heard: list[tuple[str, str]] = []
 
     class Recording(MemoryBroker):
@@ -687,14 +689,21 @@ async def test_a_worker_hears_the_heartbeats_of_workers_and_admission_controller
             heard.append((bus.client_id, topic_filter))
             super().subscribe(bus, topic_filter, mqtt_filter)
 
-    env = {**_services_env(tiny_bundle, "heard"), "OFFRAMP_NODE": "worker-1"}
+    env = {**_services_env(tiny_bundle, "heard"), "OFFRAMP_NODE": f"{service}-1",
+           "OFFRAMP_SCHEDULER_BUNDLE": str(tiny_bundle.root)}
     topics = Topics("heard")
     stop = asyncio.Event()
+    connect = _connect(Recording())
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(worker_run(load(WorkerSettings, "OFFRAMP_WORKER_", env), stop,
-                                  connect=_connect(Recording())))
+        if service == "worker":
+            tg.create_task(worker_run(load(WorkerSettings, "OFFRAMP_WORKER_", env), stop,
+                                      connect=connect))
+        else:
+            tg.create_task(scheduler_run(load(SchedulerSettings, "OFFRAMP_SCHEDULER_", env),
+                                         stop, connect=connect))
+        last = topics.plan() if service == "worker" else topics.exit_policy(tiny_bundle.name)
         async with asyncio.timeout(30):
-            while topics.plan() not in {f for _, f in heard}:  # noqa: ASYNC110
+            while last not in {f for _, f in heard}:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         stop.set()
     states = {f for _, f in heard if f.startswith(topics.state_all().rsplit("/", 2)[0])}

@@ -143,8 +143,11 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event, *,
     runtime.heartbeat_with(sched.heartbeat)
     async with runtime:
         bus, topics = runtime.bus, runtime.topics
-        states = await bus.subscribe(topics.state_all(), maxsize=4096,
-                                     decode=from_payload(Heartbeat.decode))
+        # workers (the nodes it plans for) and admission-controllers (the sources' rates);
+        # its own heartbeat and the arbiter's say nothing it plans with
+        states = [await bus.subscribe(topics.state_all(role), maxsize=4096,
+                                      decode=from_payload(Heartbeat.decode))
+                  for role in ("worker", "admission")]
         sources = await bus.subscribe(topics.source_all(), qos=1, maxsize=1024,
                                       decode=registration(topics))
         policies = await bus.subscribe(topics.exit_policy(bundle.name), maxsize=8,
@@ -195,8 +198,8 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event, *,
 
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c) for c in (
-                planner(), _states(states, sched, wake), _sources(sources, sched, wake),
-                _policies(policies, sched))]
+                planner(), *(_states(sub, sched, wake) for sub in states),
+                _sources(sources, sched, wake), _policies(policies, sched))]
             await stop.wait()
             for t in tasks:
                 t.cancel()
