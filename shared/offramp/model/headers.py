@@ -67,9 +67,10 @@ def _png_size(data: bytes) -> tuple[int, int]:
 def _jpeg_size(data: bytes) -> tuple[int, int]:
     pos, size = 2, None
     for _ in range(MAX_SEGMENTS):
-        if pos >= len(data) or data[pos] != 0xFF:
-            break
-        found = _NOT_FILL.search(data, pos)  # fill bytes (0xFF) may precede a marker
+        # bytes other than 0xFF between segments are skipped, as Pillow does, and fill bytes
+        # (0xFF) may precede a marker: both found in C, whatever their length
+        start = data.find(b"\xff", pos)
+        found = _NOT_FILL.search(data, start) if start >= 0 else None
         if found is None:
             break
         marker, pos = data[found.start()], found.start() + 1
