@@ -133,8 +133,8 @@ async def test_a_write_waits_for_no_writer_registration_unless_the_socket_is_ful
         assert soon.flushes - flushes >= 200 and soon.waits == waits
         got = [await asyncio.wait_for(sub.get(), 10) for _ in range(200)]
         assert [m.payload for m in got] == [f"m{i}".encode() for i in range(200)]
-        big = [bytes([i]) * (1 << 20) for i in range(48)]  # 48 MB at once
-        await asyncio.gather(*(tx.publish("soon/big", b, qos=0) for b in big))
+        big = [bytes([i]) * (1 << 20) for i in range(64)]  # 64 MB at once
+        await asyncio.gather(*(tx.publish("soon/big", b, qos=1) for b in big))
         got = [await asyncio.wait_for(sub.get(), 30) for _ in big]
         assert [m.payload for m in got] == big
         assert soon.waits > waits
