@@ -15,7 +15,10 @@ CPU time) and in decoding frames (``decode_cpu_s``). Per ok answer:
   model, decoding included.
 
 Before any frame, each process's CPU at rest for IDLE_S (``idle_core_ms_per_s``, and its
-``total``): heartbeats, timers and the others' heartbeats read. It is spent whatever the load,
+``total``): heartbeats, timers and the others' heartbeats read. It is taken once the workers
+host the plan and the exit-arbiter has published its exit policy (its start, which hashes the
+bundle's graphs and sets the thresholds, took 4 s of CPU at 224x224 and once fell inside the
+window). It is spent whatever the load,
 so at a low frame rate it weighs on every frame (``idle_share``: its part of the steady run's
 CPU).
 
@@ -76,9 +79,12 @@ class WorkerStats:
 async def _idle(system: LocalSystem) -> dict[str, float]:
     """Each process's CPU per second of wall time, no frame sent, after its plan is applied
     and a few heartbeats more (ms per s)."""
+    topics = Topics(system.prefix)
     async with Bus(BusSettings(broker_url=system.url), f"bench-overhead-idle-{os.getpid()}") as bus:
         await bus.wait_connected(10)
-        await wait_for_plan(bus, Topics(system.prefix), 60)
+        await wait_for_plan(bus, topics, 60)
+        policy = await bus.subscribe(topics.exit_policy(system.bundle.name), maxsize=8)
+        await asyncio.wait_for(policy.get(), 60)  # retained: here as soon as it is published
     await asyncio.sleep(3.0)
     pids = service_pids(system)
     before = {k: cpu_seconds(p) for k, p in pids.items()}
