@@ -129,7 +129,9 @@ class WriteSoon:
             failed = True
         else:
             failed = False
-        if failed or (self._paho.write_pending() and self._paho.socket() is sock):
+        if self._paho.socket() is not sock:  # closed meanwhile: nothing to write to
+            return
+        if failed or self._paho.write_pending():
             self.waits += 1
             self._writer = True
             self._register(client, userdata, sock)
