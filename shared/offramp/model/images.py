@@ -40,6 +40,8 @@ def decode_image(data: bytes, *, max_pixels: int = UHD_PIXELS,
         raise FrameError(problem)
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            # Pillow's own reading of the size, checked too: the budget holds even where the
+            # walk above and Pillow would ever disagree on a malformed header
             problem = size_problem(*img.size, max_pixels)
             if not problem:
                 if reduce_to is not None and img.format == "JPEG":
